@@ -1,0 +1,171 @@
+"""Composition root: pick the catalog model, derive BentoML resources, mount the APIs, run the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator
+from pathlib import Path
+from typing import Annotated, Any
+
+import bentoml
+from pydantic import BaseModel, Field
+
+from shardbento.catalog import select_spec
+from shardbento.engine.base import ChatMessage
+from shardbento.errors import InvalidRequest
+from shardbento.http.errors import ErrorShapeMiddleware, typed_errors, typed_stream_errors
+from shardbento.images import decode_image
+from shardbento.protocol import ChatInput, GenerateInput, ModelCard, TextOutput, Usage
+from shardbento.serving import Completion, Serving, new_request_id
+
+logger = logging.getLogger("shardbento.service")
+
+
+class ServiceArgs(BaseModel):
+    model: str | None = None
+
+
+SPEC = select_spec(bentoml.use_arguments(ServiceArgs).model)
+
+
+def _messages(messages: list[Any]) -> list[ChatMessage]:
+    return [ChatMessage(role=m.role, text=m.content) for m in messages]
+
+
+def _output(completion: Completion) -> TextOutput:
+    usage = Usage(
+        prompt_tokens=completion.prompt_tokens,
+        completion_tokens=completion.completion_tokens,
+        total_tokens=completion.total_tokens,
+    )
+    return TextOutput(
+        model=SPEC.name, text=completion.text, finish_reason=completion.finish_reason, usage=usage
+    )
+
+
+@bentoml.service(
+    name="shardbento",
+    resources=SPEC.resources(),
+    traffic={"timeout": 600},
+    labels={"model": SPEC.name, "kind": SPEC.kind, "gpus": str(SPEC.gpus)},
+)
+class ShardBento:
+    """Serves one catalog model through typed APIs; see docs/structure.md for a request's path."""
+
+    def __init__(self) -> None:
+        self.serving = Serving(SPEC)
+        self._loader: asyncio.Task[None] | None = None
+
+    @bentoml.on_startup
+    async def start_engine(self) -> None:
+        """Load in the background so /readyz answers (503) while weights load."""
+        self._loader = asyncio.create_task(self._load())
+
+    async def _load(self) -> None:
+        from shardbento.engine import create_engine
+
+        try:
+            self.serving.attach(await asyncio.to_thread(create_engine, SPEC))
+            logger.info("model %s is ready", SPEC.name)
+        except Exception as exc:
+            self.serving.load_error = f"{type(exc).__name__}: {exc}"
+            logger.exception("model %s failed to load", SPEC.name)
+
+    @bentoml.on_shutdown
+    def stop_engine(self) -> None:
+        if self.serving.engine is not None:
+            self.serving.engine.close()
+
+    def __is_ready__(self) -> bool:
+        return self.serving.is_ready()
+
+    def __is_alive__(self) -> bool:
+        return self.serving.load_error is None
+
+    async def _complete(self, prompt_task: Any, sampling: dict[str, Any]) -> TextOutput:
+        prompt = await prompt_task
+        params = self.serving.sampling(prompt, **sampling)
+        return _output(await self.serving.complete(prompt, params, new_request_id()))
+
+    async def _stream(self, prompt_task: Any, sampling: dict[str, Any]) -> AsyncGenerator[str, None]:
+        prompt = await prompt_task
+        params = self.serving.sampling(prompt, **sampling)
+        async for delta in self.serving.stream(prompt, params, new_request_id()):
+            if delta.text:
+                yield delta.text
+
+    @bentoml.api(input_spec=ChatInput)
+    @typed_errors
+    async def chat(self, messages: list[Any], **sampling: Any) -> TextOutput:
+        """Chat messages in, the assistant's whole answer out."""
+        return await self._complete(self.serving.chat_prompt(_messages(messages)), sampling)
+
+    @bentoml.api(input_spec=ChatInput)
+    @typed_stream_errors
+    async def chat_stream(self, messages: list[Any], **sampling: Any) -> AsyncGenerator[str, None]:
+        """Chat messages in, text deltas out as they are generated."""
+        async for text in self._stream(self.serving.chat_prompt(_messages(messages)), sampling):
+            yield text
+
+    @bentoml.api(input_spec=GenerateInput)
+    @typed_errors
+    async def generate(self, prompt: str, **sampling: Any) -> TextOutput:
+        """Raw completion of a prompt, no chat template (for base models)."""
+        return await self._complete(self.serving.text_prompt(prompt), sampling)
+
+    @bentoml.api
+    @typed_errors
+    async def vision(
+        self,
+        image: Path,
+        prompt: Annotated[str, Field(min_length=1)],
+        max_tokens: Annotated[int | None, Field(ge=1)] = None,
+        temperature: Annotated[float | None, Field(ge=0.0, le=2.0)] = None,
+        top_p: Annotated[float | None, Field(gt=0.0, le=1.0)] = None,
+        top_k: Annotated[int | None, Field(ge=0)] = None,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+    ) -> TextOutput:
+        """An image and a question in, the answer out."""
+        sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        return await self._complete(self._vision_prompt(image, prompt), {**sampling, "stop": stop or []})
+
+    @bentoml.api
+    @typed_stream_errors
+    async def vision_stream(
+        self,
+        image: Path,
+        prompt: Annotated[str, Field(min_length=1)],
+        max_tokens: Annotated[int | None, Field(ge=1)] = None,
+        temperature: Annotated[float | None, Field(ge=0.0, le=2.0)] = None,
+        seed: int | None = None,
+    ) -> AsyncGenerator[str, None]:
+        """An image and a question in, text deltas out."""
+        sampling = dict(max_tokens=max_tokens, temperature=temperature, seed=seed)
+        async for text in self._stream(self._vision_prompt(image, prompt), sampling):
+            yield text
+
+    async def _vision_prompt(self, image: Any, prompt: str) -> Any:
+        if image is None:
+            raise InvalidRequest("an image is required", param="image")
+        message = ChatMessage(role="user", text=prompt, images=(decode_image(image.read_bytes()),))
+        return await self.serving.chat_prompt([message])
+
+    @bentoml.api
+    async def models(self) -> ModelCard:
+        """The served model, its catalog spec, and whether it is ready."""
+        info = self.serving.engine.info if self.serving.engine else None
+        return ModelCard(
+            name=SPEC.name,
+            kind=SPEC.kind,
+            ready=self.serving.is_ready(),
+            engine=info.engine if info else SPEC.engine,
+            parallel=info.parallel if info else SPEC.parallel,
+            devices=list(info.devices) if info else [],
+            max_model_len=SPEC.max_model_len,
+            spec=SPEC.model_dump(mode="json"),
+        )
+
+
+ShardBento.add_asgi_middleware(ErrorShapeMiddleware)

@@ -1,0 +1,1 @@
+"""shardbento: serve chat and vision language models sharded across GPUs, packaged as Bentos."""

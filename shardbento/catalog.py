@@ -1,0 +1,161 @@
+"""The model catalog: one YAML file per model under models/, validated by ModelSpec."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CATALOG_DIR = Path(__file__).resolve().parent.parent / "models"
+DEFAULT_MODEL = "tiny-llama"
+GENERATED_PREFIX = "generated:"
+
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+ParallelMode = Literal["auto", "layers", "tensor"]
+EngineName = Literal["transformers", "vllm", "auto"]
+# The GPU names BentoML accepts for resources.gpu_type (BentoCloud instance types).
+GPU_TYPES = (
+    "nvidia-tesla-t4",
+    "nvidia-tesla-v100",
+    "nvidia-tesla-p4",
+    "nvidia-tesla-k80",
+    "nvidia-tesla-a100",
+    "nvidia-a100-80gb",
+    "nvidia-a10g",
+    "nvidia-l4",
+    "nvidia-h100-80gb",
+    "nvidia-h200-141gb",
+    "nvidia-b200",
+)
+
+
+class CatalogError(ValueError):
+    """A catalog file is missing or invalid; the message names the file and the field."""
+
+
+class GenerationDefaults(BaseModel):
+    """Sampling defaults a request inherits when it leaves a field out."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+
+
+class ModelSpec(BaseModel):
+    """One served model. `gpus` is the single knob for BentoML's GPU resources and the parallel size."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="The catalog name clients use; the YAML file stem.")
+    description: str = ""
+    source: str = Field(description="Hub id, local path, or 'generated:<recipe>' for an offline tiny model.")
+    revision: str = "main"
+    kind: Literal["text", "vision"]
+    engine: EngineName = "transformers"
+    dtype: Dtype = "auto"
+    gpus: int = Field(0, ge=0, le=64, description="0 = CPU; N = N GPUs and parallel size N.")
+    gpu_type: str | None = None
+    parallel: ParallelMode = "auto"
+    device_map: dict[str, int | str] | None = None
+    max_model_len: int = Field(4096, ge=16)
+    max_images: int = Field(1, ge=0, description="Images one request may carry (vision models).")
+    generation: GenerationDefaults = GenerationDefaults()
+    stop: list[str] = Field(default_factory=list, description="Extra stop strings, trimmed from output.")
+    eos_token_ids: list[int] = Field(default_factory=list, description="Extra EOS ids besides the model's.")
+    chat_template: str | None = None
+    trust_remote_code: bool = False
+
+    @field_validator("gpu_type")
+    @classmethod
+    def _known_gpu_type(cls, value: str | None) -> str | None:
+        if value is not None and value not in GPU_TYPES:
+            raise ValueError(f"unknown gpu_type {value!r}; allowed: {', '.join(GPU_TYPES)}")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _non_empty_stops(cls, value: list[str]) -> list[str]:
+        if any(not s for s in value):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelSpec:
+        if self.gpus == 0 and self.gpu_type is not None:
+            raise ValueError("gpu_type is set but gpus is 0; set gpus to the number of GPUs")
+        if self.device_map is not None and self.parallel == "tensor":
+            raise ValueError("device_map is a layer split; it cannot be combined with parallel: tensor")
+        if self.kind == "text" and self.max_images != 1:
+            raise ValueError("max_images applies to vision models only")
+        return self
+
+    @property
+    def is_generated(self) -> bool:
+        return self.source.startswith(GENERATED_PREFIX)
+
+    @property
+    def recipe(self) -> str:
+        return self.source.removeprefix(GENERATED_PREFIX)
+
+    def resources(self) -> dict[str, object]:
+        """BentoML `resources` for this model: the GPU count is `gpus`, never a second number."""
+        if self.gpus == 0:
+            return {"cpu": "2"}
+        resources: dict[str, object] = {"gpu": self.gpus}
+        if self.gpu_type:
+            resources["gpu_type"] = self.gpu_type
+        return resources
+
+
+def _format_error(path: Path, error: ValidationError) -> str:
+    lines = [f"{path}: invalid model spec"]
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "(file)"
+        lines.append(f"  field {field!r}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def catalog_dir() -> Path:
+    return Path(os.environ.get("SHARDBENTO_CATALOG", CATALOG_DIR))
+
+
+def load_spec_file(path: Path) -> ModelSpec:
+    """Read and validate one catalog file; the name is the file stem."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise CatalogError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CatalogError(f"{path}: expected a mapping of fields, got {type(data).__name__}")
+    if "name" in data and data["name"] != path.stem:
+        raise CatalogError(f"{path}: field 'name': must equal the file stem {path.stem!r} or be left out")
+    try:
+        return ModelSpec(**{**data, "name": path.stem})
+    except ValidationError as exc:
+        raise CatalogError(_format_error(path, exc)) from None
+
+
+def list_names(directory: Path | None = None) -> list[str]:
+    return sorted(p.stem for p in (directory or catalog_dir()).glob("*.yaml"))
+
+
+def load_spec(name: str, directory: Path | None = None) -> ModelSpec:
+    """The spec called `name`; an unknown name lists the ones that exist."""
+    directory = directory or catalog_dir()
+    path = directory / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(list_names(directory)) or "(none)"
+        raise CatalogError(f"no model {name!r} in the catalog {directory}; known: {known}")
+    return load_spec_file(path)
+
+
+def select_spec(name: str | None = None) -> ModelSpec:
+    """The served model: the `--arg model=NAME` value, else $SHARDBENTO_MODEL, else the default."""
+    return load_spec(name or os.environ.get("SHARDBENTO_MODEL") or DEFAULT_MODEL)

@@ -1,0 +1,94 @@
+"""The typed interface between the HTTP layer and an engine; imports no torch."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Per-request generation settings, already validated and merged with the spec's defaults."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; N: the chosen token plus N alternatives
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    """One message after validation; `images` are decoded PIL images in content order."""
+
+    role: Literal["system", "user", "assistant"]
+    text: str
+    images: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """A tokenized prompt; `inputs` is the engine's own payload (tensors, pixel values)."""
+
+    token_ids: tuple[int, ...]
+    inputs: Any = None
+    num_images: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(slots=True)
+class Delta:
+    """What one engine step adds to a request: new text (possibly empty), tokens, and the end."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    model: str
+    kind: Literal["text", "vision"]
+    max_model_len: int
+    engine: str
+    parallel: str
+    devices: tuple[str, ...]
+
+
+class Engine(Protocol):
+    """What the HTTP layer needs from any engine (transformers, tensor-parallel, vLLM)."""
+
+    info: EngineInfo
+
+    def render_chat(self, messages: list[ChatMessage]) -> Prompt: ...
+
+    def encode(self, text: str | list[int]) -> Prompt: ...
+
+    def stream(self, prompt: Prompt, params: SamplingParams, request_id: str) -> AsyncIterator[Delta]: ...
+
+    def is_ready(self) -> bool: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,94 @@
+"""Per-request token selection inside generate(): penalties, sampling with the request's own generator."""
+
+from __future__ import annotations
+
+import secrets
+from collections import deque
+from collections.abc import Callable
+
+import torch
+
+from shardbento.engine.base import SamplingParams, TokenLogprob
+
+
+def request_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator owned by one request: seeded ones reproduce, others never touch global RNG state."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+    return generator
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask logits outside the top-k and outside the smallest set whose probability reaches top_p."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # keep the token that crosses top_p
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    return logits
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen_ids: torch.Tensor, penalty: float) -> torch.Tensor:
+    if penalty == 1.0:
+        return logits
+    scores = torch.gather(logits, -1, seen_ids)
+    scores = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return logits.scatter(-1, seen_ids, scores)
+
+
+class RequestSampler:
+    """A logits processor that picks the next token itself and forces generate() to take it.
+
+    generate() runs greedy; this processor returns scores where only its chosen token is finite,
+    so sampling uses the request's own torch.Generator (reproducible per seed, never global state)
+    and the chosen token's log-probability is known for `logprobs`.
+    """
+
+    def __init__(
+        self,
+        params: SamplingParams,
+        eos_ids: set[int],
+        decode: Callable[[int], str],
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self._params = params
+        self._eos_ids = sorted(eos_ids)
+        self._decode = decode
+        self._generator = None if params.greedy else request_generator(params.seed, device)
+        self._num_generated = 0
+        self._logprobs: deque[TokenLogprob] = deque()
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logits = scores.float()
+        raw_logprobs = logits.log_softmax(dim=-1) if self._params.logprobs is not None else None
+        logits = apply_repetition_penalty(logits, input_ids, self._params.repetition_penalty)
+        if self._num_generated < self._params.min_tokens and self._eos_ids:
+            logits[:, self._eos_ids] = float("-inf")
+        chosen = self._choose(logits)
+        self._num_generated += 1
+        if raw_logprobs is not None:
+            self._logprobs.append(self._logprob(raw_logprobs[0], int(chosen[0])))
+        forced = torch.full_like(scores, float("-inf"))
+        return forced.scatter(-1, chosen[:, None], 0.0)
+
+    def _choose(self, logits: torch.Tensor) -> torch.Tensor:
+        if self._generator is None:
+            return logits.argmax(dim=-1)
+        logits = apply_top_k_top_p(logits / self._params.temperature, self._params.top_k, self._params.top_p)
+        probs = logits.softmax(dim=-1)
+        if self._generator.device != probs.device:
+            probs = probs.to(self._generator.device)
+        return torch.multinomial(probs, 1, generator=self._generator).reshape(-1).to(logits.device)
+
+    def _logprob(self, logprobs: torch.Tensor, token_id: int) -> TokenLogprob:
+        top: tuple[tuple[str, float], ...] = ()
+        if self._params.logprobs:
+            values, ids = torch.topk(logprobs, self._params.logprobs)
+            top = tuple((self._decode(int(i)), float(v)) for v, i in zip(values, ids, strict=True))
+        return TokenLogprob(token=self._decode(token_id), logprob=float(logprobs[token_id]), top=top)
+
+    def pop_logprob(self) -> TokenLogprob | None:
+        return self._logprobs.popleft() if self._logprobs else None

@@ -1,0 +1,61 @@
+"""Wire models of the typed BentoML APIs (chat, chat_stream, generate, vision, models)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_STOP_STRINGS = 8
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class SamplingFields(BaseModel):
+    """Fields every generating API takes; unset ones come from the catalog entry's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: Annotated[int | None, Field(ge=1)] = None
+    temperature: Annotated[float | None, Field(ge=0.0, le=2.0)] = None
+    top_p: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
+    top_k: Annotated[int | None, Field(ge=0)] = None
+    seed: int | None = None
+    stop: Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP_STRINGS)] = []
+
+
+class ChatInput(SamplingFields):
+    messages: list[Message]
+
+
+class GenerateInput(SamplingFields):
+    prompt: Annotated[str, Field(min_length=1)]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TextOutput(BaseModel):
+    model: str
+    text: str
+    finish_reason: Literal["stop", "length"]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    name: str
+    kind: Literal["text", "vision"]
+    ready: bool
+    engine: str
+    parallel: str
+    devices: list[str]
+    max_model_len: int
+    spec: dict[str, Any]
