@@ -1,0 +1,51 @@
+"""Shared fixtures: generated tiny models, loaded engines, and real servers (one per session)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from servers import Server, serve  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def text_engine():
+    from shardbento.catalog import load_spec
+    from shardbento.engine.hf import HFEngine
+
+    engine = HFEngine.load(load_spec("tiny-llama"))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def vision_engine():
+    from shardbento.catalog import load_spec
+    from shardbento.engine.hf import HFEngine
+
+    engine = HFEngine.load(load_spec("tiny-llava"))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def text_server(log_dir: Path) -> Iterator[Server]:
+    """The default tiny text model behind a real `bentoml serve`."""
+    with serve("tiny-llama", log_dir) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def vision_server(log_dir: Path) -> Iterator[Server]:
+    with serve("tiny-llava", log_dir) as server:
+        yield server
