@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -48,6 +48,56 @@ class GenerationDefaults(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0.0)
 
 
+class ServingLimits(BaseModel):
+    """Batching and admission bounds: the one place they are set (BentoML's traffic limit derives from them)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_num_seqs: int = Field(32, ge=1, description="Sequences decoded together in one step (the running set).")
+    max_waiting: int = Field(64, ge=0, description="Requests queued beyond the running set; more get a 429.")
+    max_prefill_tokens: int = Field(512, ge=16, description="Prompt tokens prefilled per step (chunked prefill).")
+
+    def max_concurrency(self, headroom: int = 16) -> int:
+        """BentoML's `traffic.max_concurrency`: above our own 429 so clients see ours, not a 503."""
+        return self.max_num_seqs + self.max_waiting + headroom
+
+
+# Engine arguments the catalog sets through its own fields; extra_args may not repeat them.
+VLLM_MANAGED_ARGS = (
+    "model",
+    "tokenizer",
+    "revision",
+    "dtype",
+    "max_model_len",
+    "tensor_parallel_size",
+    "pipeline_parallel_size",
+    "gpu_memory_utilization",
+    "quantization",
+    "trust_remote_code",
+    "distributed_executor_backend",
+)
+
+
+class VLLMOptions(BaseModel):
+    """Settings only the vLLM engine reads; the tensor parallel size is `gpus`, never set here."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    quantization: str | None = None
+    pipeline_parallel_size: int = Field(1, ge=1, le=64, description="Pipeline stages, one per node.")
+    distributed_executor_backend: Literal["auto", "mp", "ray"] = "auto"
+    extra_args: dict[str, Any] = Field(default_factory=dict, description="More vLLM engine arguments.")
+
+    @field_validator("extra_args")
+    @classmethod
+    def _not_managed(cls, value: dict[str, Any]) -> dict[str, Any]:
+        managed = sorted(set(value) & set(VLLM_MANAGED_ARGS))
+        if managed:
+            raise ValueError(f"{', '.join(managed)} must be set through the catalog fields, not extra_args")
+        return value
+
+
 class ModelSpec(BaseModel):
     """One served model. `gpus` is the single knob for BentoML's GPU resources and the parallel size."""
 
@@ -59,6 +109,7 @@ class ModelSpec(BaseModel):
     revision: str = "main"
     kind: Literal["text", "vision"]
     engine: EngineName = "transformers"
+    vllm: VLLMOptions = VLLMOptions()
     dtype: Dtype = "auto"
     gpus: int = Field(0, ge=0, le=64, description="0 = CPU; N = N GPUs and parallel size N.")
     gpu_type: str | None = None
@@ -67,6 +118,7 @@ class ModelSpec(BaseModel):
     max_model_len: int = Field(4096, ge=16)
     max_images: int = Field(1, ge=0, description="Images one request may carry (vision models).")
     generation: GenerationDefaults = GenerationDefaults()
+    limits: ServingLimits = ServingLimits()
     stop: list[str] = Field(default_factory=list, description="Extra stop strings, trimmed from output.")
     eos_token_ids: list[int] = Field(default_factory=list, description="Extra EOS ids besides the model's.")
     chat_template: str | None = None
@@ -92,6 +144,8 @@ class ModelSpec(BaseModel):
             raise ValueError("gpu_type is set but gpus is 0; set gpus to the number of GPUs")
         if self.device_map is not None and self.parallel == "tensor":
             raise ValueError("device_map is a layer split; it cannot be combined with parallel: tensor")
+        if self.vllm.pipeline_parallel_size > 1 and self.gpus == 0:
+            raise ValueError("vllm.pipeline_parallel_size > 1 needs gpus >= 1 (GPUs per node)")
         if self.kind == "text" and self.max_images != 1:
             raise ValueError("max_images applies to vision models only")
         return self
