@@ -53,9 +53,13 @@ class ServingLimits(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_num_seqs: int = Field(32, ge=1, description="Sequences decoded together in one step (the running set).")
+    max_num_seqs: int = Field(
+        32, ge=1, description="Sequences decoded together in one step (the running set)."
+    )
     max_waiting: int = Field(64, ge=0, description="Requests queued beyond the running set; more get a 429.")
-    max_prefill_tokens: int = Field(512, ge=16, description="Prompt tokens prefilled per step (chunked prefill).")
+    max_prefill_tokens: int = Field(
+        512, ge=16, description="Prompt tokens prefilled per step (chunked prefill)."
+    )
 
     def max_concurrency(self, headroom: int = 16) -> int:
         """BentoML's `traffic.max_concurrency`: above our own 429 so clients see ours, not a 503."""
