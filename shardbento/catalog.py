@@ -102,42 +102,6 @@ class VLLMOptions(BaseModel):
         return value
 
 
-# Engine arguments the catalog sets through its own fields; extra_args may not repeat them.
-VLLM_MANAGED_ARGS = (
-    "model",
-    "tokenizer",
-    "revision",
-    "dtype",
-    "max_model_len",
-    "tensor_parallel_size",
-    "pipeline_parallel_size",
-    "gpu_memory_utilization",
-    "quantization",
-    "trust_remote_code",
-    "distributed_executor_backend",
-)
-
-
-class VLLMOptions(BaseModel):
-    """Settings only the vLLM engine reads; the tensor parallel size is `gpus`, never set here."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
-    quantization: str | None = None
-    pipeline_parallel_size: int = Field(1, ge=1, le=64, description="Pipeline stages, one per node.")
-    distributed_executor_backend: Literal["auto", "mp", "ray"] = "auto"
-    extra_args: dict[str, Any] = Field(default_factory=dict, description="More vLLM engine arguments.")
-
-    @field_validator("extra_args")
-    @classmethod
-    def _not_managed(cls, value: dict[str, Any]) -> dict[str, Any]:
-        managed = sorted(set(value) & set(VLLM_MANAGED_ARGS))
-        if managed:
-            raise ValueError(f"{', '.join(managed)} must be set through the catalog fields, not extra_args")
-        return value
-
-
 class ModelSpec(BaseModel):
     """One served model. `gpus` is the single knob for BentoML's GPU resources and the parallel size."""
 
@@ -149,7 +113,6 @@ class ModelSpec(BaseModel):
     revision: str = "main"
     kind: Literal["text", "vision"]
     engine: EngineName = "transformers"
-    vllm: VLLMOptions = VLLMOptions()
     vllm: VLLMOptions = VLLMOptions()
     dtype: Dtype = "auto"
     gpus: int = Field(0, ge=0, le=64, description="0 = CPU; N = N GPUs and parallel size N.")
@@ -185,8 +148,6 @@ class ModelSpec(BaseModel):
             raise ValueError("gpu_type is set but gpus is 0; set gpus to the number of GPUs")
         if self.device_map is not None and self.parallel == "tensor":
             raise ValueError("device_map is a layer split; it cannot be combined with parallel: tensor")
-        if self.vllm.pipeline_parallel_size > 1 and self.gpus == 0:
-            raise ValueError("vllm.pipeline_parallel_size > 1 needs gpus >= 1 (GPUs per node)")
         if self.vllm.pipeline_parallel_size > 1 and self.gpus == 0:
             raise ValueError("vllm.pipeline_parallel_size > 1 needs gpus >= 1 (GPUs per node)")
         if self.kind == "text" and self.max_images != 1:
