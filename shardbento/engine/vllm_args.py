@@ -1,0 +1,95 @@
+"""vLLM engine arguments and auto-selection checks from a catalog spec; imports no vllm or torch."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any
+
+from shardbento.catalog import ModelSpec
+
+# Compute capability below which auto prefers transformers: Volta (7.0) and Turing (7.5) lack the
+# kernels vLLM's fast paths need (FlashAttention-2, "no kernel image is available").
+MIN_AUTO_CAPABILITY = (8, 0)
+
+
+class VLLMArgumentError(ValueError):
+    """A catalog entry asks vLLM for something it does not accept; the message names the field."""
+
+
+def engine_kwargs(spec: ModelSpec, model_path: str, known_args: set[str] | None = None) -> dict[str, Any]:
+    """AsyncEngineArgs keyword arguments: parallel sizes from `gpus`, the rest from the spec.
+
+    `gpus` is the tensor parallel size (GPUs per node, what BentoML reserves); pipeline stages
+    span nodes, so a spec uses gpus x vllm.pipeline_parallel_size GPUs in all.
+    """
+    options = spec.vllm
+    if known_args is not None:
+        check_extra_args(options.extra_args, known_args)
+    kwargs: dict[str, Any] = {
+        "model": model_path,
+        "tokenizer": model_path,
+        "dtype": _dtype(spec),
+        "max_model_len": spec.max_model_len,
+        "tensor_parallel_size": max(spec.gpus, 1),
+        "pipeline_parallel_size": options.pipeline_parallel_size,
+        "gpu_memory_utilization": options.gpu_memory_utilization,
+        "trust_remote_code": spec.trust_remote_code,
+        "seed": 0,
+    }
+    if not Path(model_path).is_dir():
+        kwargs["revision"] = spec.revision
+    if options.quantization is not None:
+        kwargs["quantization"] = options.quantization
+    backend = executor_backend(spec)
+    if backend is not None:
+        kwargs["distributed_executor_backend"] = backend
+    return {**kwargs, **options.extra_args}
+
+
+def executor_backend(spec: ModelSpec) -> str | None:
+    """Ray when the model spans nodes (pipeline stages), else what the spec says (None: vLLM's choice)."""
+    options = spec.vllm
+    if options.distributed_executor_backend != "auto":
+        return options.distributed_executor_backend
+    return "ray" if options.pipeline_parallel_size > 1 else None
+
+
+def check_extra_args(extra_args: dict[str, Any], known_args: set[str]) -> None:
+    for name in extra_args:
+        if name not in known_args:
+            close = difflib.get_close_matches(name, sorted(known_args), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise VLLMArgumentError(f"vllm.extra_args: {name!r} is not a vLLM engine argument{hint}")
+
+
+def _dtype(spec: ModelSpec) -> str:
+    if spec.dtype != "auto":
+        return spec.dtype
+    return "float32" if spec.gpus == 0 else "auto"
+
+
+def model_architectures(model_path: str) -> list[str]:
+    """The architectures named by a local model's config.json (empty for hub ids not yet downloaded)."""
+    config = Path(model_path) / "config.json"
+    if not config.is_file():
+        return []
+    return list(json.loads(config.read_text()).get("architectures") or [])
+
+
+def static_refusal(spec: ModelSpec) -> str | None:
+    """Why this engine cannot serve the spec, knowable without vLLM; None when nothing is known."""
+    if spec.kind == "vision":
+        return "the vLLM engine serves text models only (vision requests need the transformers engine)"
+    return None
+
+
+def gpu_refusal(capability: tuple[int, int] | None) -> str | None:
+    if capability is None:
+        return None
+    if capability < MIN_AUTO_CAPABILITY:
+        found = ".".join(map(str, capability))
+        wanted = ".".join(map(str, MIN_AUTO_CAPABILITY))
+        return f"GPU compute capability {found} is below {wanted} (Volta/Turing lack vLLM's fast kernels)"
+    return None
