@@ -1,0 +1,308 @@
+"""Memory arithmetic before a byte loads: weights, KV cache, headroom, GPU count and the layer split."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+GIB = 1024**3
+GB = 1000**3
+DTYPE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0}
+# Bytes per weight of a quantized linear layer; embeddings, norms and lm_head keep the dtype.
+QUANT_BYTES = {"none": None, "int8": 1.0, "int4": 0.5}
+ACTIVATION_FRACTION = 0.10  # activations and allocator slack, over weights + KV cache
+CUDA_CONTEXT_BYTES = 1 * GIB  # per GPU: CUDA context, cuBLAS workspaces, NCCL buffers
+CONCURRENT_SEQUENCES = 4
+
+# name: (memory in bytes as sold, compute capability)
+GPU_KINDS: dict[str, tuple[int, tuple[int, int]]] = {
+    "T4-16GB": (16 * GB, (7, 5)),
+    "V100-16GB": (16 * GB, (7, 0)),
+    "V100-32GB": (32 * GB, (7, 0)),
+    "A10G-24GB": (24 * GB, (8, 6)),
+    "L4-24GB": (24 * GB, (8, 9)),
+    "A100-40GB": (40 * GB, (8, 0)),
+    "A100-80GB": (80 * GB, (8, 0)),
+    "H100-80GB": (80 * GB, (9, 0)),
+    "H200-141GB": (141 * GB, (9, 0)),
+    "B200-192GB": (192 * GB, (10, 0)),
+}
+# BentoML gpu_type → our GPU kind.
+BENTO_GPU_KINDS = {
+    "nvidia-tesla-t4": "T4-16GB",
+    "nvidia-tesla-v100": "V100-16GB",
+    "nvidia-tesla-a100": "A100-40GB",
+    "nvidia-a100-80gb": "A100-80GB",
+    "nvidia-a10g": "A10G-24GB",
+    "nvidia-l4": "L4-24GB",
+    "nvidia-h100-80gb": "H100-80GB",
+    "nvidia-h200-141gb": "H200-141GB",
+    "nvidia-b200": "B200-192GB",
+}
+Mode = Literal["layers", "tensor"]
+
+
+class PlanError(ValueError):
+    """The model cannot be served as asked; the message has the numbers and the fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class GpuKind:
+    name: str
+    memory_bytes: int
+    capability: tuple[int, int]
+
+
+def parse_gpus(text: str) -> tuple[int | None, GpuKind]:
+    """'4xA100-80GB' → (4, A100-80GB); 'H100-80GB' → (None, H100-80GB); bentoml names accepted too."""
+    match = re.fullmatch(r"(?:(\d+)\s*[xX×]\s*)?(.+)", text.strip())
+    count, name = (int(match[1]) if match and match[1] else None), (match[2] if match else text)
+    name = BENTO_GPU_KINDS.get(name.lower(), name)
+    for known, (memory, capability) in GPU_KINDS.items():
+        if known.lower() == name.lower():
+            return count, GpuKind(known, memory, capability)
+    raise PlanError(f"unknown GPU {name!r}; known: {', '.join(GPU_KINDS)} (e.g. 4xA100-80GB)")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelShape:
+    """The numbers of a config.json that memory depends on (text decoder, cross-attention, vision tower)."""
+
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_cross_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tied: bool
+    qkv_bias: bool
+    vision_params: int
+    vision_layer_params: int
+    vision_heads: int
+    image_kv_tokens: int  # tokens each image adds to the cross-attention KV cache (0: none)
+
+    @property
+    def layer_params(self) -> int:
+        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        attn = h * q + 2 * h * kv + q * h + ((q + 2 * kv) if self.qkv_bias else 0)
+        return attn + 3 * h * self.intermediate_size + 2 * h
+
+    @property
+    def embed_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def num_params(self) -> int:
+        heads = 1 if self.tied else 2
+        layers = (self.num_layers) * self.layer_params
+        return layers + heads * self.embed_params + self.hidden_size + self.vision_params
+
+
+def _vision(vision: dict[str, Any], text_hidden: int) -> tuple[int, int, int, int]:
+    """(params, params per layer, heads, cross-attention tokens per image) of a vision tower."""
+    if not vision:
+        return 0, 0, 0, 0
+    hidden = vision["hidden_size"]
+    inner = vision.get("intermediate_size", 4 * hidden)
+    gated = 3 if vision.get("hidden_act") == "silu" else 2
+    depth = vision.get("num_hidden_layers", vision.get("depth", 0)) + vision.get("num_global_layers", 0)
+    layer = 4 * hidden * hidden + gated * hidden * inner
+    out = vision.get("vision_output_dim") or vision.get("out_hidden_size") or hidden
+    patches = (vision.get("image_size", 0) // max(vision.get("patch_size", 1), 1)) ** 2
+    image_tokens = vision.get("max_num_tiles", 0) * (patches + 1)
+    heads = vision.get("num_heads", vision.get("attention_heads", 0))
+    return depth * layer + out * text_hidden, layer, heads, image_tokens
+
+
+def model_shape(config: dict[str, Any]) -> ModelShape:
+    """Read a config.json (Llama-like, ChatGLM, Mllama, Qwen-VL); unknown keys are ignored."""
+    text = config.get("text_config") or config
+    hidden = text["hidden_size"]
+    heads = text["num_attention_heads"]
+    layers = text.get("num_hidden_layers", text.get("num_layers"))
+    cross = len(text.get("cross_attention_layers") or [])
+    if config.get("model_type") == "mllama" and not cross:
+        cross = layers // 5  # every fifth text layer attends to the image (3, 8, ..., 98)
+    vision_params, vision_layer, vision_heads, image_tokens = _vision(
+        config.get("vision_config") or {}, hidden
+    )
+    return ModelShape(
+        model_type=config.get("model_type", "?"),
+        hidden_size=hidden,
+        intermediate_size=text.get("intermediate_size", text.get("ffn_hidden_size")),
+        num_layers=layers,
+        num_cross_layers=cross,
+        num_heads=heads,
+        num_kv_heads=text.get("num_key_value_heads", text.get("multi_query_group_num", heads)),
+        head_dim=text.get("head_dim") or text.get("kv_channels") or hidden // heads,
+        vocab_size=text.get("vocab_size", text.get("padded_vocab_size")),
+        tied=bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", False))),
+        qkv_bias=bool(
+            text.get(
+                "attention_bias", text.get("add_qkv_bias", config.get("model_type", "").startswith("qwen2"))
+            )
+        ),
+        vision_params=vision_params,
+        vision_layer_params=vision_layer,
+        vision_heads=vision_heads,
+        image_kv_tokens=image_tokens if cross else 0,
+    )
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    return {k: v for k, v in json.loads(Path(path).read_text()).items() if not k.startswith("_")}
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """What one deployment needs, in bytes, before per-GPU overhead."""
+
+    dtype: str
+    quantization: str
+    num_params: int
+    weight_bytes: int
+    kv_bytes_per_token: int
+    kv_bytes_per_image: int
+    kv_bytes: int
+    activation_bytes: int
+    max_model_len: int
+    num_seqs: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.kv_bytes + self.activation_bytes
+
+    def needed_bytes(self, num_gpus: int) -> int:
+        return self.total_bytes + num_gpus * CUDA_CONTEXT_BYTES
+
+
+def weight_bytes_per_param(dtype: str, quantization: str) -> tuple[float, float]:
+    """(bytes per quantizable layer weight, bytes per embedding/head weight)."""
+    base = DTYPE_BYTES[dtype]
+    return (QUANT_BYTES[quantization] or base), base
+
+
+def budget(
+    shape: ModelShape,
+    *,
+    dtype: str,
+    quantization: str = "none",
+    max_model_len: int,
+    num_seqs: int = CONCURRENT_SEQUENCES,
+    max_images: int = 1,
+) -> Budget:
+    layer_b, embed_b = weight_bytes_per_param(dtype, quantization)
+    heads = 1 if shape.tied else 2
+    embed_params = heads * shape.embed_params + shape.hidden_size
+    weights = (shape.num_params - embed_params) * layer_b + embed_params * embed_b
+    kv_size = shape.num_kv_heads * shape.head_dim * 2 * DTYPE_BYTES[dtype]
+    per_token = int((shape.num_layers - shape.num_cross_layers) * kv_size)
+    per_image = int(shape.num_cross_layers * kv_size * shape.image_kv_tokens)
+    kv = num_seqs * (max_model_len * per_token + max_images * per_image)
+    return Budget(
+        dtype=dtype,
+        quantization=quantization,
+        num_params=shape.num_params,
+        weight_bytes=int(weights),
+        kv_bytes_per_token=per_token,
+        kv_bytes_per_image=per_image,
+        kv_bytes=kv,
+        activation_bytes=int(ACTIVATION_FRACTION * (weights + kv)),
+        max_model_len=max_model_len,
+        num_seqs=num_seqs,
+    )
+
+
+def fits(need: Budget, num_gpus: int, gpu: GpuKind) -> bool:
+    return need.needed_bytes(num_gpus) <= num_gpus * gpu.memory_bytes
+
+
+def tp_divides(shape: ModelShape, size: int) -> str | None:
+    """Why `size` ranks cannot split the heads, or None when they can."""
+    for what, heads in (("attention", shape.num_heads), ("KV", shape.num_kv_heads)):
+        if heads % size:
+            return f"{size} does not divide the {heads} {what} heads"
+    if shape.vision_heads and shape.vision_heads % size:
+        return f"{size} does not divide the {shape.vision_heads} vision heads"
+    return None
+
+
+def tp_sizes(shape: ModelShape, limit: int = 64) -> list[int]:
+    return [n for n in range(1, limit + 1) if tp_divides(shape, n) is None]
+
+
+def min_gpus(need: Budget, gpu: GpuKind, shape: ModelShape, mode: Mode, limit: int = 64) -> int | None:
+    """The fewest GPUs of this kind that hold the budget in `mode`, or None above `limit`."""
+    for n in range(1, limit + 1):
+        if fits(need, n, gpu) and (mode == "layers" or tp_divides(shape, n) is None):
+            return n
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class GpuShare:
+    gpu: int
+    first_layer: int | None
+    last_layer: int | None
+    other: tuple[str, ...]
+    weight_bytes: int
+
+
+@dataclass(slots=True)
+class _Fill:
+    blocks: list[tuple[str, int]] = field(default_factory=list)
+
+
+def layer_blocks(shape: ModelShape, dtype: str, quantization: str) -> list[tuple[str, int]]:
+    """The model as accelerate walks it: vision tower, embeddings, decoder layers, norm, lm_head."""
+    layer_b, embed_b = weight_bytes_per_param(dtype, quantization)
+    blocks: list[tuple[str, int]] = []
+    if shape.vision_params:
+        blocks.append(("vision", int(shape.vision_params * layer_b)))
+    blocks.append(("embed", int(shape.embed_params * embed_b)))
+    blocks += [(f"layer.{i}", int(shape.layer_params * layer_b)) for i in range(shape.num_layers)]
+    blocks.append(("norm", int(shape.hidden_size * embed_b)))
+    if not shape.tied:
+        blocks.append(("lm_head", int(shape.embed_params * embed_b)))
+    return blocks
+
+
+def split_layers(blocks: list[tuple[str, int]], max_memory: list[int]) -> list[GpuShare]:
+    """Fill GPUs in order like accelerate.infer_auto_device_map: GPU 0 keeps room for the largest
+    block (its buffer for offloaded layers); a block that does not fit moves to the next GPU."""
+    largest = max(size for name, size in blocks if name != "vision")
+    fills = [_Fill() for _ in max_memory]
+    gpu, used = 0, 0
+    for name, size in blocks:
+        while True:
+            room = max_memory[gpu] - (largest if gpu == 0 else 0)
+            if used + size <= room or gpu == len(max_memory) - 1:
+                break
+            gpu, used = gpu + 1, 0
+        if used + size > max_memory[gpu] - (largest if gpu == 0 else 0):
+            raise PlanError(f"{name} ({size / GIB:.1f} GiB) does not fit on any of {len(max_memory)} GPU(s)")
+        fills[gpu].blocks.append((name, size))
+        used += size
+    return [_share(i, fill.blocks) for i, fill in enumerate(fills)]
+
+
+def _share(gpu: int, blocks: list[tuple[str, int]]) -> GpuShare:
+    layers = [int(name.split(".")[1]) for name, _ in blocks if name.startswith("layer.")]
+    return GpuShare(
+        gpu=gpu,
+        first_layer=min(layers) if layers else None,
+        last_layer=max(layers) if layers else None,
+        other=tuple(name for name, _ in blocks if not name.startswith("layer.")),
+        weight_bytes=sum(size for _, size in blocks),
+    )
+
+
+def ceil_gib(num_bytes: int) -> int:
+    return math.ceil(num_bytes / GIB)
