@@ -117,6 +117,13 @@ class ModelSpec(BaseModel):
     dtype: Dtype = "auto"
     gpus: int = Field(0, ge=0, le=64, description="0 = CPU; N = N GPUs and parallel size N.")
     gpu_type: str | None = None
+    device: Literal["cuda", "cpu"] = Field(
+        "cuda",
+        description="cpu with gpus: N and parallel: tensor runs N CPU ranks over gloo (tests, no GPU).",
+    )
+    quantization: Literal["none", "int8", "int4"] = Field(
+        "none", description="Weight bytes the planner counts."
+    )
     parallel: ParallelMode = "auto"
     device_map: dict[str, int | str] | None = None
     max_model_len: int = Field(4096, ge=16)
@@ -152,7 +159,19 @@ class ModelSpec(BaseModel):
             raise ValueError("vllm.pipeline_parallel_size > 1 needs gpus >= 1 (GPUs per node)")
         if self.kind == "text" and self.max_images != 1:
             raise ValueError("max_images applies to vision models only")
+        if self.device == "cpu" and self.gpus > 1 and self.parallel != "tensor":
+            raise ValueError("device: cpu with gpus > 1 is a CPU tensor-parallel world; set parallel: tensor")
         return self
+
+    @property
+    def world_size(self) -> int:
+        """Processes the engine runs: `gpus` (CPU ranks when device is cpu), at least 1."""
+        return max(self.gpus, 1)
+
+    @property
+    def num_gpus(self) -> int:
+        """GPUs this model occupies (0 on CPU, even when gpus sets a CPU world size)."""
+        return 0 if self.device == "cpu" else self.gpus
 
     @property
     def is_generated(self) -> bool:
@@ -164,8 +183,8 @@ class ModelSpec(BaseModel):
 
     def resources(self) -> dict[str, object]:
         """BentoML `resources` for this model: the GPU count is `gpus`, never a second number."""
-        if self.gpus == 0:
-            return {"cpu": "2"}
+        if self.num_gpus == 0:
+            return {"cpu": str(max(2, self.gpus))}
         resources: dict[str, object] = {"gpu": self.gpus}
         if self.gpu_type:
             resources["gpu_type"] = self.gpu_type
