@@ -12,6 +12,7 @@ import bentoml
 from pydantic import BaseModel, Field
 
 from shardbento.catalog import select_spec
+from shardbento.deploy.bento import bento_labels, hub_weights, image_for
 from shardbento.engine.base import ChatMessage
 from shardbento.errors import InvalidRequest
 from shardbento.http.errors import ErrorShapeMiddleware, typed_errors, typed_stream_errors
@@ -27,6 +28,7 @@ class ServiceArgs(BaseModel):
 
 
 SPEC = select_spec(bentoml.use_arguments(ServiceArgs).model)
+HUB_WEIGHTS = hub_weights(SPEC)
 
 
 def _messages(messages: list[Any]) -> list[ChatMessage]:
@@ -48,10 +50,14 @@ def _output(completion: Completion) -> TextOutput:
     name="shardbento",
     resources=SPEC.resources(),
     traffic={"timeout": 600},
-    labels={"model": SPEC.name, "kind": SPEC.kind, "gpus": str(SPEC.gpus)},
+    labels=bento_labels(SPEC),
+    image=image_for(SPEC),
 )
 class ShardBento:
     """Serves one catalog model through typed APIs; see docs/structure.md for a request's path."""
+
+    # Hub weights, declared the BentoML way so a built Bento and its image carry them; None otherwise.
+    weights = HUB_WEIGHTS
 
     def __init__(self) -> None:
         self.serving = Serving(SPEC)
@@ -66,11 +72,17 @@ class ShardBento:
         from shardbento.engine import create_engine
 
         try:
-            self.serving.attach(await asyncio.to_thread(create_engine, SPEC))
+            self.serving.attach(await asyncio.to_thread(lambda: create_engine(self._local_spec())))
             logger.info("model %s is ready", SPEC.name)
         except Exception as exc:
             self.serving.load_error = f"{type(exc).__name__}: {exc}"
             logger.exception("model %s failed to load", SPEC.name)
+
+    def _local_spec(self) -> Any:
+        """The spec with hub weights replaced by BentoML's copy of them (downloaded on first read)."""
+        if HUB_WEIGHTS is None:
+            return SPEC
+        return SPEC.model_copy(update={"source": self.weights})
 
     @bentoml.on_shutdown
     def stop_engine(self) -> None:

@@ -1,0 +1,1 @@
+"""Packaging and deployment: Bentos, images, Kubernetes manifests, BentoCloud configs, OpenLLM repos."""

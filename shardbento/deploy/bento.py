@@ -1,0 +1,116 @@
+"""What a model's Bento carries: labels, the image (CPU or CUDA), hub weights, and the build itself."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from shardbento.catalog import ModelSpec, catalog_dir
+
+if TYPE_CHECKING:
+    from bentoml import Bento
+    from bentoml.images import Image
+    from bentoml.models import HuggingFaceModel
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent.parent
+BENTOFILE = REPO / "bentofile.yaml"
+PYTHON_VERSION = "3.11"
+# CPU images install the pinned CPU set as is; CUDA images lock env/cuda.txt against PyPI at build time.
+CPU_REQUIREMENTS = "env/cpu.txt"
+CUDA_REQUIREMENTS = "env/cuda.txt"
+# Llama repositories also ship the original consolidated checkpoints; transformers never reads them.
+HUB_EXCLUDE = ["original/*", "*.pth", "*.gguf"]
+
+
+def bento_name(spec: ModelSpec) -> str:
+    return f"shardbento-{spec.name}"
+
+
+def spec_digest(spec: ModelSpec) -> str:
+    """12 hex digits that change whenever the model's catalog entry changes."""
+    data = spec.model_dump_json(exclude={"description"}).encode()
+    return hashlib.sha256(data).hexdigest()[:12]
+
+
+def bento_labels(spec: ModelSpec) -> dict[str, str]:
+    """Labels written into bento.yaml; every value is a string, as BentoML requires."""
+    labels = {
+        "model": spec.name,
+        "kind": spec.kind,
+        "source": spec.source,
+        "revision": spec.revision,
+        "gpus": str(spec.gpus),
+        "engine": spec.engine,
+        "spec_digest": spec_digest(spec),
+    }
+    if spec.gpu_type:
+        labels["gpu_type"] = spec.gpu_type
+    return labels
+
+
+def is_hub_source(spec: ModelSpec) -> bool:
+    """A hub id (`org/name`), as opposed to a generated recipe or a local directory."""
+    if spec.is_generated or spec.source.startswith(("/", ".", "~")):
+        return False
+    return spec.source.count("/") == 1 and not Path(spec.source).exists()
+
+
+def hub_weights(spec: ModelSpec) -> HuggingFaceModel | None:
+    """The BentoML declaration of a hub model's weights (baked into the Bento and its image); None otherwise.
+
+    Declaring does not download: BentoML resolves it at build time and when the service first reads it.
+    """
+    if not is_hub_source(spec):
+        return None
+    from bentoml.models import HuggingFaceModel
+
+    return HuggingFaceModel(spec.source, revision=spec.revision, exclude=HUB_EXCLUDE)
+
+
+def requirements_file(spec: ModelSpec) -> str:
+    return CPU_REQUIREMENTS if spec.gpus == 0 else CUDA_REQUIREMENTS
+
+
+def image_for(spec: ModelSpec) -> Image:
+    """Python 3.11 on Debian; CPU models get the pinned CPU set, GPU models the locked CUDA set."""
+    from bentoml.images import Image
+
+    image = Image(python_version=PYTHON_VERSION, lock_python_packages=spec.gpus > 0)
+    # BentoML adds its own `bentoml==<running version>` line; a second one would be a double requirement.
+    pins = [r for r in read_requirements(REPO / requirements_file(spec)) if not r.startswith("bentoml==")]
+    return image.python_packages(*pins)
+
+
+def read_requirements(path: Path) -> list[str]:
+    """Requirement lines of a pip file, comments dropped (read here: BentoML rejects absolute paths)."""
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line]
+
+
+def build_bento(name: str, version: str | None = None, bentofile: Path = BENTOFILE) -> Bento:
+    """`bentoml build --arg model=NAME` for one catalog model, saved as shardbento-NAME:VERSION."""
+    import bentoml
+
+    from shardbento.catalog import load_spec
+
+    spec = load_spec(name, catalog_dir())
+    bento = bentoml.bentos.build_bentofile(
+        str(bentofile),
+        name=bento_name(spec),
+        version=version,
+        build_ctx=str(bentofile.parent),
+        args={"model": spec.name},
+    )
+    logger.info("built %s (%s)", bento.tag, bento.path)
+    return bento
+
+
+def bento_info(bento: Bento) -> dict[str, Any]:
+    """bento.yaml as a dict."""
+    import yaml
+
+    return yaml.safe_load(Path(bento.path, "bento.yaml").read_text())
