@@ -1,0 +1,108 @@
+"""Kubernetes manifests and BentoCloud configs derived from catalog specs, checked by real validators."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from kubernetes_validate import ValidationError
+
+from shardbento.catalog import list_names, load_spec
+from shardbento.deploy import bentocloud, k8s
+from shardbento.deploy.bento import bento_labels, hub_weights, is_hub_source
+
+MODELS = list_names()
+
+
+def _kind(objects: list[dict], kind: str) -> dict:
+    return next(o for o in objects if o["kind"] == kind)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_k8s_manifests_pass_the_kubernetes_schema(name: str) -> None:
+    objects = k8s.manifests(load_spec(name), k8s.K8sOptions(max_replicas=3, cache_size_gib=200))
+    k8s.validate(objects)
+    assert {o["kind"] for o in objects} == {
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PersistentVolumeClaim",
+    }
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_k8s_deployment_follows_the_spec(name: str) -> None:
+    spec = load_spec(name)
+    pod = _kind(k8s.manifests(spec), "Deployment")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    limits = container["resources"].get("limits", {})
+    assert limits.get("nvidia.com/gpu") == (str(spec.gpus) if spec.gpus else None)
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # weight loading takes minutes
+    shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["dshm"] == "/dev/shm"
+    assert "cache" in mounts
+
+
+def test_k8s_validator_rejects_a_misspelled_field() -> None:
+    objects = k8s.manifests(load_spec("tiny-llama"))
+    broken = copy.deepcopy(_kind(objects, "Deployment"))
+    broken["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    with pytest.raises(ValidationError):
+        k8s.validate([broken])
+
+
+def test_k8s_hpa_only_when_max_replicas_exceeds_replicas() -> None:
+    spec = load_spec("tiny-llama")
+    assert "HorizontalPodAutoscaler" not in {o["kind"] for o in k8s.manifests(spec)}
+    with pytest.raises(ValueError, match="below replicas"):
+        k8s.manifests(spec, k8s.K8sOptions(replicas=3, max_replicas=2))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_bentocloud_config_passes_bentoml_schema(name: str) -> None:
+    spec = load_spec(name)
+    config = bentocloud.deployment_config(spec)
+    struct = bentocloud.validate(config)
+    assert struct.bento == f"shardbento-{name}:latest"
+    labels = {item.key: item.value for item in struct.labels}
+    assert labels == bento_labels(spec)
+
+
+def test_bentocloud_validate_rejects_unknown_and_mistyped_keys() -> None:
+    config = bentocloud.deployment_config(load_spec("tiny-llama"))
+    misspelled = copy.deepcopy(config)
+    misspelled["services"]["shardbento"]["scalling"] = misspelled["services"]["shardbento"].pop("scaling")
+    with pytest.raises(bentocloud.DeploymentConfigError, match="services.shardbento.scalling"):
+        bentocloud.validate(misspelled)
+    mistyped = copy.deepcopy(config)
+    mistyped["services"]["shardbento"]["scaling"]["min_replicas"] = "many"
+    with pytest.raises(bentocloud.DeploymentConfigError):
+        bentocloud.validate(mistyped)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_hub_weights_declared_for_hub_sources_only(name: str) -> None:
+    spec = load_spec(name)
+    weights = hub_weights(spec)  # a declaration: nothing is downloaded
+    if spec.is_generated:
+        assert weights is None and not is_hub_source(spec)
+    else:
+        assert weights is not None
+        assert (weights.model_id, weights.revision) == (spec.source, spec.revision)
+
+
+def test_bento_labels_carry_the_spec() -> None:
+    spec = load_spec("llama-3.1-70b-instruct")
+    labels = bento_labels(spec)
+    assert labels["gpus"] == str(spec.gpus) and labels["gpu_type"] == spec.gpu_type
+    assert (labels["source"], labels["revision"], labels["engine"]) == (
+        spec.source,
+        spec.revision,
+        spec.engine,
+    )
+    assert all(isinstance(v, str) for v in labels.values())
