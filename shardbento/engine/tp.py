@@ -1,0 +1,260 @@
+"""Native tensor parallelism: one spawned process per rank (GPU, or CPU over gloo); rank 0 drives."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import secrets
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from shardbento.catalog import ModelSpec
+from shardbento.engine.base import ChatMessage, Delta, EngineInfo, Prompt, SamplingParams
+from shardbento.engine.loading import LoadedModel, collect_eos_ids, resolve_dtype, resolve_source
+from shardbento.engine.tp_worker import STOP, GenerateCall, RankConfig, run_rank
+from shardbento.errors import GenerationFailed, NotReady
+from shardbento.textstream import OutputStream
+
+logger = logging.getLogger(__name__)
+
+LOAD_TIMEOUT_S = 900.0
+POLL_S = 0.1
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _load_preprocessor(spec: ModelSpec, path: str) -> LoadedModel:
+    """Tokenizer (and processor) in the service process; weights live only in the ranks."""
+    from transformers import AutoProcessor, AutoTokenizer, GenerationConfig
+
+    common = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
+    preprocessor = (AutoProcessor if spec.kind == "vision" else AutoTokenizer).from_pretrained(path, **common)
+    tokenizer = getattr(preprocessor, "tokenizer", preprocessor)
+    try:
+        generation_config = GenerationConfig.from_pretrained(path, **common)
+    except OSError:
+        generation_config = None
+    holder = type("ConfigHolder", (), {"generation_config": generation_config})()
+    eos_ids = collect_eos_ids(holder, tokenizer, spec)
+    import torch
+
+    return LoadedModel(
+        spec=spec,
+        model=None,
+        tokenizer=tokenizer,
+        processor=preprocessor if spec.kind == "vision" else None,
+        eos_token_ids=eos_ids,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids),
+        input_device=torch.device("cpu"),
+        devices=(),
+        parallel="tensor",
+    )
+
+
+class TPEngine:
+    """Tensor-parallel engine: the service process tokenizes and detokenizes; ranks hold the shards.
+
+    Requests run one at a time on one thread (every step is a collective across all ranks); a
+    watchdog thread marks the engine unready the moment any rank exits, so requests fail fast.
+    """
+
+    def __init__(
+        self, spec: ModelSpec, loaded: LoadedModel, ranks: list[Any], channels: dict[str, Any]
+    ) -> None:
+        self.spec = spec
+        self._loaded = loaded
+        self._ranks = ranks
+        self._requests = channels["requests"]
+        self._results = channels["results"]
+        self._cancel = channels["cancel"]
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardbento-tp")
+        self._closing = False
+        self.failure: str | None = None
+        self.info = EngineInfo(
+            model=spec.name,
+            kind=spec.kind,
+            max_model_len=spec.max_model_len,
+            engine="transformers",
+            parallel=f"tensor x{len(ranks)}",
+            devices=channels["devices"],
+        )
+        threading.Thread(target=self._watch, name="shardbento-tp-watchdog", daemon=True).start()
+
+    @classmethod
+    def load(cls, spec: ModelSpec) -> TPEngine:
+        import torch.multiprocessing as mp
+
+        path = resolve_source(spec)
+        loaded = _load_preprocessor(spec, path)
+        device = "cpu" if spec.device == "cpu" else "cuda"
+        port = free_port()
+        context = mp.get_context("spawn")
+        channels = {
+            "requests": context.Queue(),
+            "results": context.Queue(),
+            "cancel": context.Event(),
+        }
+        status = context.Queue()
+        ranks = []
+        for rank in range(spec.world_size):
+            config = RankConfig(
+                rank=rank,
+                world_size=spec.world_size,
+                master_port=port,
+                device=device,
+                model_path=path,
+                dtype=str(resolve_dtype(spec)).removeprefix("torch."),
+                kind=spec.kind,
+                trust_remote_code=spec.trust_remote_code,
+                eos_token_ids=tuple(sorted(loaded.eos_token_ids)),
+                pad_token_id=loaded.pad_token_id,
+            )
+            args = (config, channels["requests"], channels["results"], status, channels["cancel"])
+            process = context.Process(
+                target=run_rank, args=args, name=f"shardbento-tp-rank{rank}", daemon=True
+            )
+            process.start()
+            ranks.append(process)
+        channels["devices"] = _wait_ready(ranks, status)
+        logger.info(
+            "model %s: %d tensor-parallel ranks ready on %s", spec.name, len(ranks), channels["devices"]
+        )
+        return cls(spec, loaded, ranks, channels)
+
+    def render_chat(self, messages: list[ChatMessage]) -> Prompt:
+        return self._loaded.render_chat(messages)
+
+    def encode(self, text: str | list[int]) -> Prompt:
+        return self._loaded.encode(text)
+
+    def is_ready(self) -> bool:
+        return not self._closing and self.failure is None
+
+    def _watch(self) -> None:
+        while not self._closing:
+            for rank, process in enumerate(self._ranks):
+                if not process.is_alive() and not self._closing:
+                    self.failure = f"tensor-parallel rank {rank} exited (code {process.exitcode})"
+                    logger.error("model %s: %s; the engine stops serving", self.spec.name, self.failure)
+                    self._terminate()
+                    return
+            time.sleep(POLL_S)
+
+    def _terminate(self) -> None:
+        for process in self._ranks:
+            if process.is_alive():
+                process.terminate()
+        for process in self._ranks:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+
+    def close(self) -> None:
+        """Ask the ranks to stop (they meet at a barrier, then leave the group); force them after a wait."""
+        if self._closing:
+            return
+        self._closing = True
+        self._cancel.set()
+        if self.failure is None:
+            self._requests.put(STOP)
+            for process in self._ranks:
+                process.join(timeout=30)
+        self._terminate()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def stream(self, prompt: Prompt, params: SamplingParams, request_id: str) -> AsyncIterator[Delta]:
+        if not self.is_ready():
+            raise NotReady(f"model {self.spec.name!r} is not serving: {self.failure or 'shutting down'}")
+        if not params.greedy and params.seed is None:  # one seed for all ranks, so their samples agree
+            params = dataclasses.replace(params, seed=secrets.randbits(63))
+        loop = asyncio.get_running_loop()
+        deltas: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def emit(item: Delta | BaseException) -> None:
+            loop.call_soon_threadsafe(deltas.put_nowait, item)
+
+        output = OutputStream(self._loaded.tokenizer, prompt.token_ids, params, self._loaded.eos_token_ids)
+        call = GenerateCall(request_id=request_id, inputs=dict(prompt.inputs), params=params)
+        loop.run_in_executor(self._executor, self._run, call, output, emit, cancelled)
+        try:
+            while True:
+                item = await deltas.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            cancelled.set()
+
+    def _run(self, call: GenerateCall, output: OutputStream, emit: Any, cancelled: threading.Event) -> None:
+        if cancelled.is_set():
+            return
+        if not self.is_ready():
+            emit(NotReady(f"model {self.spec.name!r} is not serving: {self.failure or 'shutting down'}"))
+            return
+        self._cancel.clear()
+        self._requests.put(call)
+        try:
+            self._collect(call.request_id, output, emit, cancelled)
+        except BaseException as exc:  # noqa: BLE001 - handed to the request's coroutine
+            emit(exc)
+
+    def _collect(self, request_id: str, output: OutputStream, emit: Any, cancelled: threading.Event) -> None:
+        """Turn rank 0's token ids into Deltas until it reports the end; fail fast if a rank dies."""
+        while True:
+            if output.finished or cancelled.is_set():
+                self._cancel.set()  # rank 0 broadcasts the stop at the next step
+            try:
+                message = self._results.get(timeout=POLL_S)
+            except queue.Empty:
+                if self.failure is not None:
+                    raise NotReady(f"model {self.spec.name!r} stopped serving: {self.failure}") from None
+                continue
+            kind, rid = message[0], message[1]
+            if rid != request_id:
+                continue  # a leftover from a request whose client went away
+            if kind == "token":
+                if not output.finished:
+                    emit(output.push(message[2], message[3]))
+            elif kind == "error":
+                raise GenerationFailed(f"generation failed: {message[2]}")
+            else:
+                if not output.finished:
+                    output.finished = True
+                    emit(Delta(text="", finish_reason="stop"))
+                return
+
+
+def _wait_ready(ranks: list[Any], status: Any) -> tuple[str, ...]:
+    """Wait until every rank has loaded its shard; any error or exit fails startup with its reason."""
+    devices: dict[int, str] = {}
+    deadline = time.monotonic() + LOAD_TIMEOUT_S
+    while len(devices) < len(ranks):
+        try:
+            kind, rank, detail = status.get(timeout=1.0)
+        except queue.Empty:
+            dead = [i for i, p in enumerate(ranks) if not p.is_alive()]
+            if dead or time.monotonic() > deadline:
+                for process in ranks:
+                    process.kill()
+                why = f"rank {dead[0]} exited (code {ranks[dead[0]].exitcode})" if dead else "timed out"
+                raise RuntimeError(f"tensor-parallel startup failed: {why}")
+            continue
+        if kind == "error":
+            for process in ranks:
+                process.kill()
+            raise RuntimeError(f"tensor-parallel rank {rank} failed to load:\n{detail}")
+        devices[rank] = detail
+    return tuple(f"rank{r}:{devices[r]}" for r in sorted(devices))

@@ -1,0 +1,181 @@
+"""One tensor-parallel rank: joins the process group, loads its shard, and runs what rank 0 broadcasts."""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from shardbento.engine.base import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RankConfig:
+    """What a spawned rank needs to join the world; plain data, picklable across the spawn boundary."""
+
+    rank: int
+    world_size: int
+    master_port: int
+    device: str  # "cpu" or "cuda"
+    model_path: str
+    dtype: str
+    kind: str
+    trust_remote_code: bool
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateCall:
+    """A request as every rank runs it: identical inputs and the same seed, so tokens agree."""
+
+    request_id: str
+    inputs: dict[str, Any]
+    params: SamplingParams
+
+
+STOP = "stop"
+
+
+def run_rank(config: RankConfig, requests: Any, results: Any, status: Any, cancel: Any) -> None:
+    """Entry point of a rank process; rank 0 reads `requests` and writes `results`, others follow."""
+    logging.basicConfig(level=logging.INFO, format=f"rank {config.rank} %(levelname)s %(name)s: %(message)s")
+    try:
+        import torch
+        import torch.distributed as dist
+
+        model = _join_and_load(config)
+        decode = _token_decoder(config) if config.rank == 0 else None
+    except Exception:  # noqa: BLE001 - reported to the service, which fails startup with it
+        status.put(("error", config.rank, traceback.format_exc()))
+        return
+    status.put(("ready", config.rank, str(next(model.parameters()).device)))
+    try:
+        while True:
+            box = [requests.get() if config.rank == 0 else None]
+            dist.broadcast_object_list(box, src=0)
+            call = box[0]
+            if call == STOP:
+                break
+            _generate(model, config, call, results if config.rank == 0 else None, cancel, decode)
+        dist.barrier()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    del torch
+
+
+def _join_and_load(config: RankConfig) -> Any:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(config.master_port),
+        RANK=str(config.rank),
+        LOCAL_RANK=str(config.rank),
+        WORLD_SIZE=str(config.world_size),
+    )
+    if config.device == "cuda":
+        torch.cuda.set_device(config.rank)
+    else:
+        torch.set_num_threads(1)  # N ranks share the host's cores; more threads only contend
+    backend = "nccl" if config.device == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, rank=config.rank, world_size=config.world_size)
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, DistributedConfig
+
+    model_class = AutoModelForImageTextToText if config.kind == "vision" else AutoModelForCausalLM
+    model = model_class.from_pretrained(
+        config.model_path,
+        dtype=getattr(torch, config.dtype),
+        distributed_config=DistributedConfig(tp_size=config.world_size),
+        trust_remote_code=config.trust_remote_code,
+    )
+    return model.eval()
+
+
+class _RankStreamer:
+    """Rank 0's streamer: every new token id goes to the service process."""
+
+    def __init__(self, request_id: str, results: Any, sampler: Any) -> None:
+        self._request_id = request_id
+        self._results = results
+        self._sampler = sampler
+        self._saw_prompt = False
+
+    def put(self, value: Any) -> None:
+        if not self._saw_prompt:
+            self._saw_prompt = True
+            return
+        token_id = int(value.reshape(-1)[0])
+        self._results.put(("token", self._request_id, token_id, self._sampler.pop_logprob()))
+
+    def end(self) -> None:
+        self._results.put(("end", self._request_id))
+
+
+class _SyncedStop:
+    """Stops every rank at the same step: rank 0 reads the cancel flag and broadcasts it.
+
+    Ranks must run the same number of forward passes (each one is a collective), so the decision
+    to stop early (stop string, client gone) is made once, on rank 0, and shared.
+    """
+
+    def __init__(self, cancel: Any, device: str) -> None:
+        self._cancel = cancel
+        self._device = device
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if self._cancel.is_set() else 0], device=input_ids.device)
+        dist.broadcast(flag, src=0)
+        return torch.full((input_ids.shape[0],), bool(flag.item()), dtype=torch.bool, device=input_ids.device)
+
+
+def _token_decoder(config: RankConfig) -> Any:
+    """Token text for logprobs, on rank 0 (the only rank that reports them)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
+    return lambda token_id: tokenizer.decode([token_id])
+
+
+def _generate(
+    model: Any, config: RankConfig, call: GenerateCall, results: Any, cancel: Any, decode: Any
+) -> None:
+    import torch
+
+    from shardbento.engine.sampler import RequestSampler
+
+    device = model.device
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in call.inputs.items()}
+    params = call.params
+    sampler = RequestSampler(params, eos_ids=set(config.eos_token_ids), decode=decode or str)
+    streamer = _RankStreamer(call.request_id, results, sampler) if results is not None else None
+    try:
+        with torch.inference_mode():
+            model.generate(
+                **inputs,
+                max_new_tokens=params.max_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                num_beams=1,
+                repetition_penalty=None,
+                eos_token_id=None if params.ignore_eos else sorted(config.eos_token_ids),
+                pad_token_id=config.pad_token_id,
+                logits_processor=[sampler],
+                stopping_criteria=[_SyncedStop(cancel, config.device)],
+                streamer=streamer,
+            )
+    except Exception as exc:  # noqa: BLE001 - the request fails; the service decides about the engine
+        logger.exception("request %s failed on rank %d", call.request_id, config.rank)
+        if results is not None:
+            results.put(("error", call.request_id, f"{type(exc).__name__}: {exc}"))
