@@ -250,7 +250,7 @@ def _wait_ready(ranks: list[Any], status: Any) -> tuple[str, ...]:
                 for process in ranks:
                     process.kill()
                 why = f"rank {dead[0]} exited (code {ranks[dead[0]].exitcode})" if dead else "timed out"
-                raise RuntimeError(f"tensor-parallel startup failed: {why}")
+                raise RuntimeError(f"tensor-parallel startup failed: {why}") from None
             continue
         if kind == "error":
             for process in ranks:
