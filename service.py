@@ -15,7 +15,12 @@ from shardbento.catalog import select_spec
 from shardbento.deploy.bento import bento_labels, hub_weights, image_for
 from shardbento.engine.base import ChatMessage
 from shardbento.errors import InvalidRequest
+from shardbento.faults import FaultInjectionMiddleware
+from shardbento.http.auth import ApiKeyMiddleware
 from shardbento.http.errors import ErrorShapeMiddleware, typed_errors, typed_stream_errors
+from shardbento.http.limits import BodySizeLimit, InFlightLimit, RequestIdMiddleware
+from shardbento.http.openai_app import attach_serving, create_openai_app
+from shardbento.http.ui import ui_app
 from shardbento.images import decode_image
 from shardbento.protocol import ChatInput, GenerateInput, ModelCard, TextOutput, Usage
 from shardbento.serving import Completion, Serving, new_request_id
@@ -29,6 +34,7 @@ class ServiceArgs(BaseModel):
 
 SPEC = select_spec(bentoml.use_arguments(ServiceArgs).model)
 HUB_WEIGHTS = hub_weights(SPEC)
+OPENAI_APP = create_openai_app()
 
 
 def _messages(messages: list[Any]) -> list[ChatMessage]:
@@ -53,6 +59,8 @@ def _output(completion: Completion) -> TextOutput:
     labels=bento_labels(SPEC),
     image=image_for(SPEC),
 )
+@bentoml.asgi_app(OPENAI_APP, path="/v1")
+@bentoml.asgi_app(ui_app, path="/ui")
 class ShardBento:
     """Serves one catalog model through typed APIs; see docs/structure.md for a request's path."""
 
@@ -61,6 +69,7 @@ class ShardBento:
 
     def __init__(self) -> None:
         self.serving = Serving(SPEC)
+        attach_serving(OPENAI_APP, self.serving)  # /v1 shares this Serving: one model, one request path
         self._loader: asyncio.Task[None] | None = None
 
     @bentoml.on_startup
@@ -161,7 +170,11 @@ class ShardBento:
     async def _vision_prompt(self, image: Any, prompt: str) -> Any:
         if image is None:
             raise InvalidRequest("an image is required", param="image")
-        message = ChatMessage(role="user", text=prompt, images=(decode_image(image.read_bytes()),))
+        limits = self.serving.settings
+        decoded = decode_image(
+            image.read_bytes(), max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels
+        )
+        message = ChatMessage(role="user", text=prompt, images=(decoded,))
         return await self.serving.chat_prompt([message])
 
     @bentoml.api
@@ -180,4 +193,12 @@ class ShardBento:
         )
 
 
+# Outermost first: an id for the logs, one error shape, then the cheap refusals before any body is read.
+ShardBento.add_asgi_middleware(RequestIdMiddleware)
 ShardBento.add_asgi_middleware(ErrorShapeMiddleware)
+ShardBento.add_asgi_middleware(ApiKeyMiddleware)
+ShardBento.add_asgi_middleware(
+    InFlightLimit, max_in_flight=SPEC.limits.max_num_seqs + SPEC.limits.max_waiting
+)
+ShardBento.add_asgi_middleware(BodySizeLimit)
+ShardBento.add_asgi_middleware(FaultInjectionMiddleware)

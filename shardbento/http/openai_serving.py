@@ -1,0 +1,288 @@
+"""The /v1 serving class: OpenAI requests in, Serving calls, OpenAI responses or SSE chunks out."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from shardbento.engine.base import ChatMessage, Prompt, SamplingParams, TokenLogprob
+from shardbento.errors import GenerationFailed, InvalidRequest, ModelNotFound, ShardbentoError
+from shardbento.http.image_urls import ImageFetchConfig, load_image
+from shardbento.http.openai_protocol import (
+    NEUTRAL_VALUES,
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    ModelList,
+    ModelObject,
+    SamplingRequest,
+    TextCompletion,
+    TopLogprob,
+)
+from shardbento.protocol import Usage
+from shardbento.serving import Serving, new_request_id
+
+logger = logging.getLogger(__name__)
+
+Request = TypeVar("Request", bound=BaseModel)
+Result = BaseModel | AsyncIterator[str]
+OWNED_BY = "shardbento"
+
+
+def parse(model: type[Request], body: Any) -> Request:
+    """The request model, or a 400 naming the first bad field (pydantic's message, our shape)."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()[:5]
+        )
+        raise InvalidRequest(f"invalid request: {problems}", param=param) from None
+
+
+def sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def chat_logprobs(items: list[TokenLogprob]) -> ChatLogprobs:
+    def top(token: str, logprob: float) -> TopLogprob:
+        return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode()))
+
+    content = [
+        ChatTokenLogprob(**top(i.token, i.logprob).model_dump(), top_logprobs=[top(t, lp) for t, lp in i.top])
+        for i in items
+    ]
+    return ChatLogprobs(content=content)
+
+
+def completion_logprobs(items: list[TokenLogprob], offset: int = 0) -> CompletionLogprobs:
+    offsets = []
+    for item in items:
+        offsets.append(offset)
+        offset += len(item.token)
+    return CompletionLogprobs(
+        tokens=[i.token for i in items],
+        token_logprobs=[i.logprob for i in items],
+        top_logprobs=[dict(i.top) for i in items],
+        text_offset=offsets,
+    )
+
+
+class OpenAIServing:
+    """Maps OpenAI's fields onto Serving; Serving owns validation of messages, context and images."""
+
+    def __init__(self, serving: Serving, images: ImageFetchConfig) -> None:
+        self.serving = serving
+        self.images = images
+
+    def models(self) -> ModelList:
+        spec = self.serving.spec
+        card = ModelObject(
+            id=spec.name,
+            created=int(time.time()),
+            owned_by=OWNED_BY,
+            max_model_len=spec.max_model_len,
+            kind=spec.kind,
+            ready=self.serving.is_ready(),
+        )
+        return ModelList(data=[card])
+
+    async def chat(self, body: Any) -> Result:
+        request = parse(ChatCompletionRequest, body)
+        self._check_common(request)
+        if request.top_logprobs is not None and not request.logprobs:
+            raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
+        prompt = await self.serving.chat_prompt(
+            [await self._message(i, m) for i, m in enumerate(request.messages)]
+        )
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        max_tokens = request.max_completion_tokens or request.max_tokens
+        params = self._sampling(prompt, request, max_tokens, logprobs)
+        if request.stream:
+            return self._chat_stream(prompt, params, request)
+        completion = await self.serving.complete(prompt, params, new_request_id("chatcmpl"))
+        choice = ChatChoice(
+            message=AssistantMessage(content=completion.text),
+            logprobs=chat_logprobs(completion.logprobs) if logprobs is not None else None,
+            finish_reason=completion.finish_reason,
+        )
+        return ChatCompletion(
+            id=new_request_id("chatcmpl"),
+            created=int(time.time()),
+            model=self.serving.spec.name,
+            choices=[choice],
+            usage=_usage(completion.prompt_tokens, completion.completion_tokens),
+        )
+
+    async def completion(self, body: Any) -> Result:
+        request = parse(CompletionRequest, body)
+        self._check_common(request)
+        prompt = await self.serving.text_prompt(_single_prompt(request.prompt))
+        params = self._sampling(prompt, request, request.max_tokens, request.logprobs)
+        if request.stream:
+            return self._completion_stream(prompt, params, request)
+        completion = await self.serving.complete(prompt, params, new_request_id("cmpl"))
+        choice = CompletionChoice(
+            text=completion.text,
+            logprobs=completion_logprobs(completion.logprobs) if request.logprobs is not None else None,
+            finish_reason=completion.finish_reason,
+        )
+        return TextCompletion(
+            id=new_request_id("cmpl"),
+            created=int(time.time()),
+            model=self.serving.spec.name,
+            choices=[choice],
+            usage=_usage(completion.prompt_tokens, completion.completion_tokens),
+        )
+
+    def _check_common(self, request: SamplingRequest) -> None:
+        if request.model != self.serving.spec.name:
+            raise ModelNotFound(
+                f"The model {request.model!r} does not exist; this server serves {self.serving.spec.name!r}",
+                param="model",
+            )
+        if request.n != 1:
+            raise InvalidRequest(f"n is {request.n}; this server returns exactly one choice (n=1)", param="n")
+        for name, neutral in NEUTRAL_VALUES.items():
+            value = getattr(request, name, None)
+            if not any(value == v and type(value) is type(v) for v in neutral):
+                raise InvalidRequest(
+                    f"{name} is not supported by this server; remove it from the request", param=name
+                )
+        if request.stream_options is not None and not request.stream:
+            raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
+
+    async def _message(self, index: int, message: Any) -> ChatMessage:
+        if isinstance(message.content, str):
+            return ChatMessage(role=message.role, text=message.content)
+        texts: list[str] = []
+        images: list[Any] = []
+        for j, part in enumerate(message.content):
+            if part.type == "text":
+                texts.append(part.text)
+            else:
+                param = f"messages[{index}].content[{j}].image_url"
+                images.append(await load_image(part.image_url.url, self.images, param=param))
+        return ChatMessage(role=message.role, text="\n".join(texts), images=tuple(images))
+
+    def _sampling(
+        self, prompt: Prompt, request: SamplingRequest, max_tokens: int | None, logprobs: int | None
+    ) -> SamplingParams:
+        stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+        return self.serving.sampling(
+            prompt,
+            max_tokens=max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=0 if request.top_k == -1 else request.top_k,
+            seed=request.seed,
+            stop=stop,
+            repetition_penalty=request.repetition_penalty,
+            min_tokens=request.min_tokens,
+            ignore_eos=request.ignore_eos,
+            logprobs=logprobs,
+        )
+
+    def _chat_stream(
+        self, prompt: Prompt, params: SamplingParams, request: ChatCompletionRequest
+    ) -> AsyncIterator[str]:
+        base = ChatCompletionChunk(
+            id=new_request_id("chatcmpl"), created=int(time.time()), model=self.serving.spec.name, choices=[]
+        )
+        want_logprobs = params.logprobs is not None
+        first = True
+
+        def chunk(text: str, items: list[TokenLogprob], finish: str | None) -> dict[str, Any]:
+            nonlocal first
+            delta = {"role": "assistant", "content": text} if first else {"content": text} if text else {}
+            first = False
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            choice["logprobs"] = chat_logprobs(items).model_dump() if want_logprobs and items else None
+            return choice
+
+        return self._stream(prompt, params, request, base, chunk)
+
+    def _completion_stream(
+        self, prompt: Prompt, params: SamplingParams, request: CompletionRequest
+    ) -> AsyncIterator[str]:
+        base = TextCompletion(
+            id=new_request_id("cmpl"), created=int(time.time()), model=self.serving.spec.name, choices=[]
+        )
+        want_logprobs = params.logprobs is not None
+        offset = 0
+
+        def chunk(text: str, items: list[TokenLogprob], finish: str | None) -> dict[str, Any]:
+            nonlocal offset
+            logprobs = completion_logprobs(items, offset).model_dump() if want_logprobs and items else None
+            offset += len(text)
+            return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+        return self._stream(prompt, params, request, base, chunk)
+
+    async def _stream(
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        request: SamplingRequest,
+        base: BaseModel,
+        choice: Callable[[str, list[TokenLogprob], str | None], dict[str, Any]],
+    ) -> AsyncIterator[str]:
+        """SSE framing shared by both endpoints: a chunk per text delta (the first carries the role and
+        the first token; token-less deltas wait), the usage chunk, [DONE]; an error ends it with one event."""
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        frame = base.model_dump(mode="json", exclude={"usage"} if not include_usage else set())
+        held: list[TokenLogprob] = []
+        num_tokens = 0
+        try:
+            async for delta in self.serving.stream(prompt, params, base.id):  # type: ignore[attr-defined]
+                num_tokens += len(delta.token_ids)
+                held.extend(delta.logprobs)
+                if not delta.text and delta.finish_reason is None:
+                    continue
+                yield sse({**frame, "choices": [choice(delta.text, held, delta.finish_reason)]})
+                held = []
+        except ShardbentoError as exc:
+            yield sse(exc.body())
+            return
+        except Exception as exc:  # the stream has started: the client gets an error event, not a cut
+            logger.exception("stream %s failed", base.id)  # type: ignore[attr-defined]
+            yield sse(GenerationFailed(f"generation failed: {type(exc).__name__}").body())
+            return
+        if include_usage:
+            yield sse({**frame, "choices": [], "usage": _usage(prompt.num_tokens, num_tokens).model_dump()})
+        yield "data: [DONE]\n\n"
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+def _single_prompt(prompt: str | list[int] | list[str] | list[list[int]]) -> str | list[int]:
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+        if len(prompt) != 1:
+            raise InvalidRequest(
+                f"prompt holds {len(prompt)} prompts; this server completes one prompt per request",
+                param="prompt",
+            )
+        prompt = prompt[0]
+    if isinstance(prompt, str) and not prompt:
+        raise InvalidRequest("prompt must not be empty", param="prompt")
+    return prompt  # token ids are checked by Serving
