@@ -48,6 +48,12 @@ class PayloadTooLarge(ShardbentoError):
     default_code = "payload_too_large"
 
 
+class RequestTimeout(ShardbentoError):
+    status = 408
+    type = "invalid_request_error"
+    default_code = "request_timeout"
+
+
 class Overloaded(ShardbentoError):
     status = 429
     type = "rate_limit_error"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -20,7 +21,10 @@ from shardbento.engine.base import (
     SamplingParams,
     TokenLogprob,
 )
-from shardbento.errors import GenerationFailed, InvalidRequest, NotReady, ShardbentoError
+from shardbento.errors import GenerationFailed, InvalidRequest, NotReady, RequestTimeout, ShardbentoError
+from shardbento.faults import raise_requested_fault
+from shardbento.logs import REQUEST_ID
+from shardbento.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -43,14 +47,17 @@ class Completion:
 
 
 def new_request_id(prefix: str = "req") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+    """Reuses the HTTP request's id (shardbento.logs) so engine log lines and responses match it."""
+    http_id = REQUEST_ID.get()
+    return f"{prefix}-{http_id.split('-', 1)[1]}" if http_id else f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
 class Serving:
     """Owns the engine handle; the typed APIs and /v1 are thin layers over this class."""
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, settings: Settings | None = None) -> None:
         self.spec = spec
+        self.settings = settings or Settings.from_env()
         self.engine: Engine | None = None
         self.load_error: str | None = None
 
@@ -72,6 +79,12 @@ class Serving:
     def check_messages(self, messages: Sequence[ChatMessage]) -> list[ChatMessage]:
         if not messages:
             raise InvalidRequest("messages must contain at least one message", param="messages")
+        if len(messages) > self.settings.max_messages:
+            raise InvalidRequest(
+                f"request has {len(messages)} messages; the limit is {self.settings.max_messages} "
+                "(SHARDBENTO_MAX_MESSAGES)",
+                param="messages",
+            )
         for i, message in enumerate(messages):
             if message.role not in ROLES:
                 raise InvalidRequest(
@@ -85,13 +98,36 @@ class Serving:
                 "send text only or serve a vision model",
                 param="image",
             )
-        if num_images > self.spec.max_images:
+        if num_images > self.max_images:
             raise InvalidRequest(
                 f"request has {num_images} images; model {self.spec.name!r} accepts at most "
-                f"{self.spec.max_images} per request",
+                f"{self.max_images} per request",
                 param="image",
             )
         return list(messages)
+
+    @property
+    def max_images(self) -> int:
+        limit = self.settings.max_images
+        return self.spec.max_images if limit is None else min(limit, self.spec.max_images)
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        limit = self.settings.max_prompt_tokens
+        return self.spec.max_model_len if limit is None else min(limit, self.spec.max_model_len)
+
+    def check_stop(self, stop: Sequence[str]) -> None:
+        limits = self.settings
+        if len(stop) > limits.max_stop_strings:
+            raise InvalidRequest(
+                f"request has {len(stop)} stop strings; the limit is {limits.max_stop_strings}", param="stop"
+            )
+        longest = max((len(s) for s in stop), default=0)
+        if longest > limits.max_stop_length:
+            raise InvalidRequest(
+                f"a stop string is {longest} characters long; the limit is {limits.max_stop_length}",
+                param="stop",
+            )
 
     async def chat_prompt(self, messages: Sequence[ChatMessage]) -> Prompt:
         engine = self.ready_engine()
@@ -117,6 +153,13 @@ class Serving:
         """Merge request fields with the spec's defaults and check the context length."""
         defaults = self.spec.generation
         limit = self.spec.max_model_len
+        if prompt.num_tokens > self.max_prompt_tokens:
+            raise InvalidRequest(
+                f"the prompt has {prompt.num_tokens} tokens; the limit is {self.max_prompt_tokens}",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        self.check_stop(fields.get("stop") or ())
         room = limit - prompt.num_tokens
         if max_tokens is None:
             if room < 1:
@@ -150,14 +193,31 @@ class Serving:
     async def stream(self, prompt: Prompt, params: SamplingParams, request_id: str) -> AsyncIterator[Delta]:
         """The engine's deltas; an engine failure becomes one typed error for this request only."""
         engine = self.ready_engine()
+        deltas = engine.stream(prompt, params, request_id)
+        deadline_s = asyncio.get_running_loop().time() + self.settings.request_timeout_s
         try:
-            async for delta in engine.stream(prompt, params, request_id):
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline_s):
+                        delta = await anext(deltas)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise RequestTimeout(
+                        f"the request took longer than {self.settings.request_timeout_s:g} s "
+                        "(SHARDBENTO_REQUEST_TIMEOUT_S); ask for fewer max_tokens"
+                    ) from None
+                raise_requested_fault()
                 yield delta
         except ShardbentoError:
             raise
         except Exception as exc:
             logger.warning("request %s failed: %s", request_id, type(exc).__name__)
             raise GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            aclose = getattr(deltas, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
     async def complete(self, prompt: Prompt, params: SamplingParams, request_id: str) -> Completion:
         parts: list[str] = []
