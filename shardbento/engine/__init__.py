@@ -12,10 +12,17 @@ logger = logging.getLogger(__name__)
 
 def create_engine(spec: ModelSpec) -> Engine:
     """Load the engine the spec asks for; heavy imports happen here, not at import time."""
+    from shardbento.engine.preflight import run_preflight
+
+    preflight = run_preflight(spec)  # a spec that cannot work fails here, before any weight loads
     if spec.engine != "transformers":
         engine = _create_vllm_engine(spec)
         if engine is not None:
             return engine
+    if preflight.mode == "tensor":
+        from shardbento.engine.tp import TPEngine
+
+        return TPEngine.load(spec)
     from shardbento.engine.hf import HFEngine
 
     return HFEngine.load(spec)
