@@ -1,0 +1,77 @@
+"""Incremental detokenization and stop strings, with the real tiny tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+
+from shardbento.engine.base import SamplingParams
+from shardbento.textstream import IncrementalDetokenizer, OutputStream, StopMatcher
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from shardbento.tiny import ensure_generated
+
+    return AutoTokenizer.from_pretrained(ensure_generated("tiny-llama"))
+
+
+def test_stop_matcher_finds_stop_across_chunks() -> None:
+    matcher = StopMatcher(["END"])
+    emitted = []
+    for chunk in ["hello E", "N", "D tail"]:
+        text, stopped = matcher.push(chunk)
+        emitted.append(text)
+        if stopped:
+            break
+    assert "".join(emitted) == "hello "
+    assert stopped
+
+
+def test_stop_matcher_releases_false_prefix() -> None:
+    matcher = StopMatcher(["ENDX"])
+    first, _ = matcher.push("abc EN")
+    second, stopped = matcher.push("Dy")
+    assert not stopped
+    assert first + second + matcher.flush() == "abc ENDy"
+    assert first == "abc "
+
+
+def test_stop_matcher_earliest_stop_wins() -> None:
+    text, stopped = StopMatcher(["b", "a"]).push("xxabc")
+    assert (text, stopped) == ("xx", True)
+
+
+def test_detokenizer_never_splits_multibyte(tokenizer) -> None:
+    text = "héllo wörld 🍱 ok"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    detok = IncrementalDetokenizer(tokenizer)
+    deltas = [detok.push(i) for i in ids]
+    deltas.append(detok.flush())
+    assert "".join(deltas) == tokenizer.decode(ids)
+    assert all("\ufffd" not in d for d in deltas)
+    # the emoji is several byte tokens: some deltas must have been held back
+    assert deltas.count("") > 0
+
+
+def test_output_stream_eos_and_length(tokenizer) -> None:
+    ids = tokenizer("one two three four", add_special_tokens=False)["input_ids"]
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    stream = OutputStream(tokenizer, (), SamplingParams(max_tokens=50), {eos})
+    deltas = [stream.push(i) for i in [*ids, eos]]
+    assert deltas[-1].finish_reason == "stop"
+    assert all(d.finish_reason is None for d in deltas[:-1])
+    assert "".join(d.text for d in deltas) == tokenizer.decode(ids)
+
+    short = OutputStream(tokenizer, (), SamplingParams(max_tokens=2), {eos})
+    assert short.push(ids[0]).finish_reason is None
+    assert short.push(ids[1]).finish_reason == "length"
+
+
+def test_output_stream_ignore_eos_and_min_tokens(tokenizer) -> None:
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ignoring = OutputStream(tokenizer, (), SamplingParams(max_tokens=3, ignore_eos=True), {eos})
+    assert [ignoring.push(eos).finish_reason for _ in range(3)] == [None, None, "length"]
+    early = OutputStream(tokenizer, (), SamplingParams(max_tokens=9, min_tokens=2), {eos})
+    assert [early.push(eos).finish_reason for _ in range(3)] == [None, None, "stop"]
