@@ -24,6 +24,7 @@ from shardbento.http.ui import ui_app
 from shardbento.images import decode_image
 from shardbento.protocol import ChatInput, GenerateInput, ModelCard, TextOutput, Usage
 from shardbento.serving import Completion, Serving, new_request_id
+from shardbento.weights import check_spec_weights
 
 logger = logging.getLogger("shardbento.service")
 
@@ -81,6 +82,7 @@ class ShardBento:
         from shardbento.engine import create_engine
 
         try:
+            await asyncio.to_thread(check_spec_weights, self._local_spec())  # names a bad shard
             self.serving.attach(await asyncio.to_thread(lambda: create_engine(self._local_spec())))
             logger.info("model %s is ready", SPEC.name)
         except Exception as exc:
