@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shardbento.protocol import MAX_STOP_STRINGS, Usage
+from shardbento.protocol import Usage
 
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
@@ -35,7 +35,7 @@ NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
 }
 
 NonEmpty = Annotated[str, Field(min_length=1)]
-StopField = NonEmpty | Annotated[list[NonEmpty], Field(max_length=MAX_STOP_STRINGS)] | None
+StopField = NonEmpty | list[NonEmpty] | None  # count and length limits: Serving.check_stop
 
 
 class StreamOptions(BaseModel):

@@ -48,10 +48,15 @@ def parse(model: type[Request], body: Any) -> Request:
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()[:5]
-        )
+        problems = "; ".join(_problem(e) for e in exc.errors()[:5])
         raise InvalidRequest(f"invalid request: {problems}", param=param) from None
+
+
+def _problem(error: Any) -> str:
+    where = ".".join(map(str, error["loc"])) or "body"
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown field; this server does not accept it"
+    return f"{where}: {error['msg']}"
 
 
 def sse(data: dict[str, Any]) -> str:
@@ -176,7 +181,15 @@ class OpenAIServing:
                 texts.append(part.text)
             else:
                 param = f"messages[{index}].content[{j}].image_url"
-                images.append(await load_image(part.image_url.url, self.images, param=param))
+                limits = self.serving.settings
+                image = await load_image(
+                    part.image_url.url,
+                    self.images,
+                    param=param,
+                    max_bytes=limits.max_image_bytes,
+                    max_pixels=limits.max_image_pixels,
+                )
+                images.append(image)
         return ChatMessage(role=message.role, text="\n".join(texts), images=tuple(images))
 
     def _sampling(
