@@ -6,7 +6,7 @@ MODEL ?= tiny-llama
 PORT ?= 3000
 STAMP := $(VENV)/.installed-$(shell cat env/cpu.txt env/dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: setup serve test lint format unit clean
+.PHONY: setup serve test lint format unit clean browser
 
 $(STAMP): env/cpu.txt env/dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,15 @@ format: setup
 unit: setup
 	$(BIN)/python -m pytest tests/unit -q
 
-test: lint
+# Debian's Chromium for the playground's browser tests (tests/e2e/test_ui_*.py); they skip without it.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	} || echo "warning: could not install chromium; the playground browser tests will be skipped"
+
+test: lint browser
 	$(BIN)/python -m pytest -q
 
 clean:
