@@ -17,6 +17,9 @@ FILES = {
     "playground.js": ("playground.js", "text/javascript; charset=utf-8"),
     "playground.css": ("playground.css", "text/css; charset=utf-8"),
 }
+# Paths an API-key check should leave open: the page is static and holds no secret; it sends the key
+# (typed into the page, kept in sessionStorage) on every API call it makes.
+PUBLIC_PATHS = frozenset({"/ui", "/ui/", *(f"/ui/{name}" for name in FILES if name)})
 # The page only talks to its own origin and shows the user's images as blob: previews.
 HEADERS = {
     "Cache-Control": "no-cache",
