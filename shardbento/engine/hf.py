@@ -1,4 +1,4 @@
-"""The transformers engine: one model (single device or accelerate layer split) driven by generate()."""
+"""The transformers engine: text models go through the continuous-batching scheduler, vision through generate()."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from shardbento.catalog import ModelSpec
 from shardbento.engine.base import ChatMessage, Delta, EngineInfo, Prompt, SamplingParams
 from shardbento.engine.loading import LoadedModel, load_model
 from shardbento.engine.sampler import RequestSampler
+from shardbento.engine.scheduler import Scheduler, Sequence
+from shardbento.metrics import RequestMetrics
 from shardbento.textstream import OutputStream
 
 logger = logging.getLogger(__name__)
@@ -67,10 +69,10 @@ class _StopWhenDone:
 
 
 class HFEngine:
-    """Runs requests one at a time on a dedicated thread so the event loop never blocks.
+    """Text requests join one continuous batch (the Scheduler's thread); requests with images run
+    one at a time through generate() on a dedicated thread (their prefill needs pixel values).
 
-    One thread (not a pool) because a model's forward pass is not safe to run twice at once
-    and the GPU would serialise it anyway; concurrency comes from the scheduler, not threads.
+    A model is either text or vision, so in practice only one of the two threads runs forwards.
     """
 
     def __init__(self, spec: ModelSpec, loaded: LoadedModel) -> None:
@@ -78,6 +80,10 @@ class HFEngine:
         self._loaded = loaded
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardbento-generate")
         self._closed = False
+        self._metrics = RequestMetrics(spec.name)
+        self._scheduler: Scheduler | None = None
+        if spec.kind == "text":
+            self._scheduler = Scheduler(loaded.model, spec.limits, spec.max_model_len, self._metrics)
         self.info = EngineInfo(
             model=spec.name,
             kind=spec.kind,
@@ -106,10 +112,12 @@ class HFEngine:
         return self._loaded.encode(text)
 
     def is_ready(self) -> bool:
-        return not self._closed
+        return not self._closed and (self._scheduler is None or self._scheduler.is_alive)
 
     def close(self) -> None:
         self._closed = True
+        if self._scheduler is not None:
+            self._scheduler.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def stream(self, prompt: Prompt, params: SamplingParams, request_id: str) -> AsyncIterator[Delta]:
@@ -120,6 +128,10 @@ class HFEngine:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
         output = OutputStream(self.tokenizer, prompt.token_ids, params, self._loaded.eos_token_ids)
+        if self._scheduler is not None and prompt.num_images == 0:
+            async for delta in self._stream_batched(prompt, params, request_id, output, emit, queue):
+                yield delta
+            return
         job = _Job(prompt=prompt, params=params, output=output, emit=emit)
         loop.run_in_executor(self._executor, self._run, job, request_id)
         try:
@@ -132,6 +144,31 @@ class HFEngine:
                     return
         finally:
             job.cancelled.set()
+
+    async def _stream_batched(
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        request_id: str,
+        output: OutputStream,
+        emit: Any,
+        queue: Any,
+    ) -> AsyncIterator[Delta]:
+        sampler = RequestSampler(params, eos_ids=self._loaded.eos_token_ids, decode=self._loaded.token_text)
+        seq = Sequence(request_id, list(prompt.token_ids), sampler, output, emit)
+        self._scheduler.submit(seq)
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if not output.finished:
+                seq.cancelled = True  # leaves the batch at the next step
+                self._scheduler.wake()
 
     def _run(self, job: _Job, request_id: str) -> None:
         if job.cancelled.is_set():

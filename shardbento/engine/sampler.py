@@ -62,17 +62,33 @@ class RequestSampler:
         self._logprobs: deque[TokenLogprob] = deque()
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        chosen = self._pick(input_ids, scores)
+        forced = torch.full_like(scores, float("-inf"))
+        return forced.scatter(-1, chosen[:, None], 0.0)
+
+    @property
+    def needs_history(self) -> bool:
+        """Whether select() must see the ids so far (only the repetition penalty reads them)."""
+        return self._params.repetition_penalty != 1.0
+
+    def select(self, scores: torch.Tensor, seen_ids: list[int] | None = None) -> int:
+        """The next token for one request from its row of a batch's logits ([vocab] or [1, vocab])."""
+        scores = scores.reshape(1, -1)
+        ids = torch.tensor([seen_ids or []], dtype=torch.long, device=scores.device)
+        return int(self._pick(ids, scores)[0])
+
+    def _pick(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         logits = scores.float()
         raw_logprobs = logits.log_softmax(dim=-1) if self._params.logprobs is not None else None
-        logits = apply_repetition_penalty(logits, input_ids, self._params.repetition_penalty)
+        if input_ids.shape[-1]:
+            logits = apply_repetition_penalty(logits, input_ids, self._params.repetition_penalty)
         if self._num_generated < self._params.min_tokens and self._eos_ids:
             logits[:, self._eos_ids] = float("-inf")
         chosen = self._choose(logits)
         self._num_generated += 1
         if raw_logprobs is not None:
             self._logprobs.append(self._logprob(raw_logprobs[0], int(chosen[0])))
-        forced = torch.full_like(scores, float("-inf"))
-        return forced.scatter(-1, chosen[:, None], 0.0)
+        return chosen
 
     def _choose(self, logits: torch.Tensor) -> torch.Tensor:
         if self._generator is None:

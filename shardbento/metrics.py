@@ -1,0 +1,104 @@
+"""Engine metrics in vLLM's vocabulary under the `shardbento:` prefix, served by BentoML's /metrics."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+PREFIX = "shardbento"
+# Seconds; spans a CPU toy model's milliseconds and a GPU model's long queues.
+_LATENCY_BUCKETS_S = (
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    60.0,
+)
+_E2E_BUCKETS_S = (0.1, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineMetrics:
+    """The metric families one engine updates; labelled by model name."""
+
+    time_to_first_token: Any
+    inter_token_latency: Any
+    e2e_request_latency: Any
+    request_queue_time: Any
+    num_requests_running: Any
+    num_requests_waiting: Any
+    kv_cache_usage: Any
+    prompt_tokens: Any
+    generation_tokens: Any
+    request_success: Any
+
+
+@functools.cache
+def engine_metrics() -> EngineMetrics:
+    """Created on first use, never at import: BentoML sets PROMETHEUS_MULTIPROC_DIR in the worker
+    before the engine starts, and prometheus_client picks its storage when first imported."""
+    from prometheus_client import Counter, Gauge, Histogram
+
+    def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Any:
+        return Histogram(f"{PREFIX}:{name}", doc, ["model_name"], buckets=buckets)
+
+    def gauge(name: str, doc: str) -> Any:
+        return Gauge(f"{PREFIX}:{name}", doc, ["model_name"], multiprocess_mode="livesum")
+
+    return EngineMetrics(
+        time_to_first_token=histogram(
+            "time_to_first_token_seconds", "Arrival to first generated token.", _LATENCY_BUCKETS_S
+        ),
+        inter_token_latency=histogram(
+            "inter_token_latency_seconds", "Time between consecutive tokens of a request.", _LATENCY_BUCKETS_S
+        ),
+        e2e_request_latency=histogram(
+            "e2e_request_latency_seconds", "Arrival to the last token.", _E2E_BUCKETS_S
+        ),
+        request_queue_time=histogram(
+            "request_queue_time_seconds", "Arrival to the start of prefill.", _E2E_BUCKETS_S
+        ),
+        num_requests_running=gauge("num_requests_running", "Requests in the decode batch."),
+        num_requests_waiting=gauge("num_requests_waiting", "Requests waiting for or in prefill."),
+        kv_cache_usage=gauge("kv_cache_usage_perc", "Fraction of the KV slots' tokens in use (0-1)."),
+        prompt_tokens=Counter(f"{PREFIX}:prompt_tokens", "Prefilled prompt tokens.", ["model_name"]),
+        generation_tokens=Counter(f"{PREFIX}:generation_tokens", "Generated tokens.", ["model_name"]),
+        request_success=Counter(
+            f"{PREFIX}:request_success",
+            "Finished requests by finish reason (stop, length, abort, error).",
+            ["model_name", "finished_reason"],
+        ),
+    )
+
+
+class RequestMetrics:
+    """One model's view of the metric families; every method is cheap enough to call per step."""
+
+    def __init__(self, model_name: str) -> None:
+        families = engine_metrics()
+        self._model = model_name
+        self.ttft = families.time_to_first_token.labels(model_name)
+        self.itl = families.inter_token_latency.labels(model_name)
+        self.e2e = families.e2e_request_latency.labels(model_name)
+        self.queue = families.request_queue_time.labels(model_name)
+        self.running = families.num_requests_running.labels(model_name)
+        self.waiting = families.num_requests_waiting.labels(model_name)
+        self.kv_usage = families.kv_cache_usage.labels(model_name)
+        self.prompt_tokens = families.prompt_tokens.labels(model_name)
+        self.generation_tokens = families.generation_tokens.labels(model_name)
+        self._success = families.request_success
+
+    def finished(self, reason: str) -> None:
+        self._success.labels(self._model, reason).inc()

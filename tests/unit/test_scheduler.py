@@ -1,0 +1,131 @@
+"""The continuous-batching scheduler: batched results equal unbatched ones, per-request limits hold."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from prometheus_client import REGISTRY
+
+from shardbento.catalog import ServingLimits
+from shardbento.engine.base import ChatMessage, SamplingParams
+from shardbento.engine.hf import HFEngine
+from shardbento.errors import Overloaded
+
+QUESTIONS = ("Hi.", "Tell me about the sharded bento and its many GPUs.", "Why?", "Count " * 40)
+
+
+def prompts(engine):
+    return [engine.render_chat([ChatMessage(role="user", text=q)]) for q in QUESTIONS]
+
+
+async def collect(engine, prompt, params):
+    deltas = [d async for d in engine.stream(prompt, params, "test")]
+    return [t for d in deltas for t in d.token_ids], "".join(d.text for d in deltas), deltas[-1].finish_reason
+
+
+def alone(engine, pairs):
+    async def run():
+        return [await collect(engine, p, params) for p, params in pairs]
+
+    return asyncio.run(run())
+
+
+def together(engine, pairs):
+    async def run():
+        return await asyncio.gather(*(collect(engine, p, params) for p, params in pairs))
+
+    return asyncio.run(run())
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(f"shardbento:{name}", {"model_name": "tiny-llama", **labels}) or 0.0
+
+
+def test_scheduler_batched_greedy_equals_unbatched(text_engine) -> None:
+    pairs = [
+        (p, SamplingParams(max_tokens=12 + 5 * i, ignore_eos=True))
+        for i, p in enumerate(prompts(text_engine))
+    ]
+    assert together(text_engine, pairs) == alone(text_engine, pairs)
+
+
+def test_scheduler_stop_and_max_tokens_hold_inside_batch(text_engine) -> None:
+    ps = prompts(text_engine)
+    _, free_text, _ = alone(text_engine, [(ps[1], SamplingParams(max_tokens=30, ignore_eos=True))])[0]
+    stop = free_text[len(free_text) // 2 : len(free_text) // 2 + 3]
+    pairs = [
+        (ps[1], SamplingParams(max_tokens=30, ignore_eos=True, stop=(stop,))),
+        (ps[0], SamplingParams(max_tokens=3, ignore_eos=True)),
+        (ps[2], SamplingParams(max_tokens=17, ignore_eos=True)),
+    ]
+    stopped, short, longer = together(text_engine, pairs)
+    assert stopped[1] == free_text[: free_text.find(stop)] and stopped[2] == "stop"
+    assert (len(short[0]), short[2]) == (3, "length")
+    assert (len(longer[0]), longer[2]) == (17, "length")
+
+
+def test_scheduler_seed_reproducible_inside_batch(text_engine) -> None:
+    ps = prompts(text_engine)
+    seeded = SamplingParams(max_tokens=20, temperature=1.0, seed=7, ignore_eos=True)
+    others = [(p, SamplingParams(max_tokens=20, temperature=1.0, ignore_eos=True)) for p in ps[1:]]
+    reference = alone(text_engine, [(ps[0], seeded)])[0]
+    assert together(text_engine, [(ps[0], seeded), *others])[0] == reference
+
+
+def test_scheduler_cancel_frees_slot(text_engine) -> None:
+    prompt = prompts(text_engine)[1]
+    aborted = metric("request_success_total", finished_reason="abort")
+
+    async def leave_early():
+        stream = text_engine.stream(prompt, SamplingParams(max_tokens=500, ignore_eos=True), "gone")
+        await anext(stream)
+        await stream.aclose()
+        for _ in range(400):  # the slot is freed at the engine's next step
+            if metric("request_success_total", finished_reason="abort") == aborted + 1:
+                return not text_engine._scheduler._running
+            await asyncio.sleep(0.05)
+        return False
+
+    assert asyncio.run(leave_early())
+    assert metric("num_requests_running") == 0
+
+
+def test_scheduler_overloaded_past_waiting_limit(text_engine) -> None:
+    spec = text_engine.spec.model_copy(update={"limits": ServingLimits(max_num_seqs=1, max_waiting=1)})
+    engine = HFEngine(spec, text_engine._loaded)
+    prompt = prompts(engine)[0]
+    params = SamplingParams(max_tokens=spec.max_model_len - prompt.num_tokens, ignore_eos=True)
+
+    async def overfill():
+        streams = [engine.stream(prompt, params, f"r{i}") for i in range(3)]
+        first = [asyncio.ensure_future(anext(s)) for s in streams[:2]]
+        await asyncio.sleep(0)  # both submitted before the third arrives
+        with pytest.raises(Overloaded) as refused:
+            await anext(streams[2])
+        for task in first:
+            task.cancel()
+        await asyncio.gather(*first, return_exceptions=True)
+        for s in streams[:2]:
+            await s.aclose()
+        return refused.value
+
+    try:
+        refused = asyncio.run(overfill())
+    finally:
+        engine.close()
+    assert refused.status == 429 and refused.headers()["Retry-After"] == "1"
+
+
+def test_scheduler_metrics_move_with_requests(text_engine) -> None:
+    before = {
+        n: metric(n)
+        for n in ("prompt_tokens_total", "generation_tokens_total", "time_to_first_token_seconds_count")
+    }
+    prompt = prompts(text_engine)[0]
+    tokens, _, reason = alone(text_engine, [(prompt, SamplingParams(max_tokens=5, ignore_eos=True))])[0]
+    assert metric("prompt_tokens_total") - before["prompt_tokens_total"] == prompt.num_tokens
+    assert metric("generation_tokens_total") - before["generation_tokens_total"] == len(tokens)
+    assert metric("time_to_first_token_seconds_count") == before["time_to_first_token_seconds_count"] + 1
+    assert metric("inter_token_latency_seconds_count") >= len(tokens) - 1
+    assert metric("request_success_total", finished_reason=reason) >= 1
