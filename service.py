@@ -56,7 +56,7 @@ def _output(completion: Completion) -> TextOutput:
 @bentoml.service(
     name="shardbento",
     resources=SPEC.resources(),
-    traffic={"timeout": 600},
+    traffic={"timeout": 600, "max_concurrency": SPEC.limits.max_concurrency()},
     labels=bento_labels(SPEC),
     image=image_for(SPEC),
 )
