@@ -23,6 +23,7 @@ from shardbento.planner import (
     tp_divides,
 )
 
+REPO_MODELS = CATALOG_DIR
 CONFIG_DIR = CATALOG_DIR / "configs"
 
 

@@ -1,0 +1,132 @@
+"""Planner arithmetic against the meta-device model and accelerate's own split, for real shapes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from shardbento.catalog import load_spec
+from shardbento.planner import (
+    GIB,
+    PlanError,
+    budget,
+    layer_blocks,
+    load_config,
+    model_shape,
+    parse_gpus,
+    split_layers,
+)
+from shardbento.sharding import CONFIG_DIR, REPO_MODELS, config_path, plan_spec
+
+NATIVE = [
+    ("llama-3.1-8b-instruct", [6 * GIB] * 3),
+    ("llama-3.1-70b-instruct", [40 * GIB] * 4),
+    ("llama-3.2-90b-vision-instruct", [60 * GIB] * 4),
+    ("glm-4-9b-chat", [10 * GIB] * 2),
+    ("qwen2.5-vl-7b-instruct", [6 * GIB] * 3),
+]
+
+
+def _config(name: str) -> dict:
+    return load_config(CONFIG_DIR / f"{name}.json")
+
+
+@pytest.mark.parametrize(("name", "max_memory"), NATIVE)
+def test_planner_matches_meta_model_and_accelerate(name: str, max_memory: list[int]) -> None:
+    from shardbento.engine.metaplan import accelerate_split, meta_model
+
+    config = _config(name)
+    model = meta_model(config)
+    exact = sum(p.numel() for p in model.parameters())
+    shape = model_shape(config)
+    assert abs(shape.num_params - exact) / exact < 0.005
+    ours = split_layers(layer_blocks(shape, "bfloat16", "none"), max_memory)
+    theirs = accelerate_split(model, max_memory)
+    assert [(s.first_layer, s.last_layer) for s in ours] == [(s.first_layer, s.last_layer) for s in theirs]
+    for mine, acc in zip(ours, theirs, strict=True):
+        assert abs(mine.weight_bytes - acc.weight_bytes) <= 0.02 * max(acc.weight_bytes, GIB)
+
+
+@pytest.mark.parametrize(
+    ("name", "kv_layers"),
+    [("llama-3.1-8b-instruct", 32), ("llama-3.1-70b-instruct", 80), ("llama-3.2-90b-vision-instruct", 80)],
+)
+def test_planner_kv_bytes_per_token(name: str, kv_layers: int) -> None:
+    config = _config(name)
+    text = config.get("text_config", config)
+    need = budget(model_shape(config), dtype="bfloat16", max_model_len=1024)
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    assert need.kv_bytes_per_token == kv_layers * text["num_key_value_heads"] * head_dim * 2 * 2
+
+
+def test_planner_vision_cross_attention_kv_counted() -> None:
+    config = _config("llama-3.2-90b-vision-instruct")
+    need = budget(model_shape(config), dtype="bfloat16", max_model_len=8192, max_images=1)
+    vision = config["vision_config"]
+    tokens = vision["max_num_tiles"] * ((vision["image_size"] // vision["patch_size"]) ** 2 + 1)
+    assert need.kv_bytes_per_image == 20 * 8 * 128 * 2 * 2 * tokens
+
+
+def test_planner_quantization_shrinks_weights() -> None:
+    shape = model_shape(_config("llama-3.1-70b-instruct"))
+    full = budget(shape, dtype="bfloat16", max_model_len=4096)
+    int4 = budget(shape, dtype="bfloat16", quantization="int4", max_model_len=4096)
+    assert int4.weight_bytes < full.weight_bytes / 3
+
+
+def test_planner_tensor_parallel_heads_not_divisible() -> None:
+    spec = load_spec("llama-3.1-70b-instruct").model_copy(update={"parallel": "tensor"})
+    shape = model_shape(load_config(config_path(spec)))
+    with pytest.raises(PlanError, match=r"3 does not divide the 64 attention heads.*\[2, 4, 8"):
+        plan_spec(spec, shape, parse_gpus("H100-80GB")[1], num_gpus=3)
+
+
+def test_planner_not_enough_memory_names_numbers_and_fix() -> None:
+    spec = load_spec("llama-3.2-90b-vision-instruct")
+    shape = model_shape(load_config(config_path(spec)))
+    with pytest.raises(PlanError) as caught:
+        plan_spec(spec, shape, parse_gpus("H100-80GB")[1], num_gpus=2, tp_capable=False)
+    message = str(caught.value)
+    assert "165 GiB weights" in message and "bfloat16" in message and "2 x H100-80GB" in message
+    assert "set gpus: 3" in message and "4-bit quantization" in message
+
+
+def test_planner_every_catalog_model_plans_offline() -> None:
+    for path in sorted(REPO_MODELS.glob("*.yaml")):
+        if path.stem.startswith("tiny-"):
+            continue  # generated models are planned by the CLI test below
+        spec = load_spec(path.stem)
+        plan = plan_spec(
+            spec, model_shape(load_config(config_path(spec))), parse_gpus(spec.gpu_type or "A100-80GB")[1]
+        )
+        assert plan.num_gpus == max(spec.gpus, 1)
+        assert sum(plan.per_gpu_bytes()) <= plan.num_gpus * plan.gpu.memory_bytes
+
+
+def test_plan_cli_90b_on_four_h100() -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "shardbento",
+        "plan",
+        "llama-3.2-90b-vision-instruct",
+        "--gpus",
+        "4xH100-80GB",
+    ]
+    text = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    assert "4 x H100-80GB" in text and "mode       layers" in text
+    result = subprocess.run([*command, "--json"], capture_output=True, text=True, check=True)
+    data = json.loads(result.stdout)
+    layers = [(s["first_layer"], s["last_layer"]) for s in data["shares"]]
+    assert layers[0][0] == 0 and layers[-1][1] == 99 and len(layers) == 4
+    assert all(b < 80e9 for b in data["per_gpu_bytes"])
+
+
+def test_plan_cli_wrong_gpus_fails_with_fix() -> None:
+    command = [sys.executable, "-m", "shardbento", "plan", "llama-3.1-70b-instruct", "--gpus", "1xA100-80GB"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "set gpus: 3" in result.stderr
