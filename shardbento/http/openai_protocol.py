@@ -34,8 +34,7 @@ NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "web_search_options": (None,),
 }
 
-NonEmpty = Annotated[str, Field(min_length=1)]
-StopField = NonEmpty | list[NonEmpty] | None  # count and length limits: Serving.check_stop
+StopField = str | list[str] | None  # count and length limits: Serving.check_stop
 
 
 class StreamOptions(BaseModel):

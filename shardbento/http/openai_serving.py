@@ -46,14 +46,26 @@ def parse(model: type[Request], body: Any) -> Request:
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
+        param = _param(exc.errors()[0]["loc"])
         problems = "; ".join(_problem(e) for e in exc.errors()[:5])
         raise InvalidRequest(f"invalid request: {problems}", param=param) from None
 
 
+def _param(loc: tuple[Any, ...]) -> str | None:
+    """`messages[0].content` from pydantic's ("messages", 0, "content"), without union member tags."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part.isidentifier():
+            path += f".{part}" if path else part
+        else:
+            break
+    return path or None
+
+
 def _problem(error: Any) -> str:
-    where = ".".join(map(str, error["loc"])) or "body"
+    where = _param(error["loc"]) or "body"
     if error["type"] == "extra_forbidden":
         return f"{where}: unknown field; this server does not accept it"
     return f"{where}: {error['msg']}"
@@ -196,6 +208,8 @@ class OpenAIServing:
         self, prompt: Prompt, request: SamplingRequest, max_tokens: int | None, logprobs: int | None
     ) -> SamplingParams:
         stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+        if "" in stop:
+            raise InvalidRequest("stop strings must not be empty", param="stop")
         return self.serving.sampling(
             prompt,
             max_tokens=max_tokens,
