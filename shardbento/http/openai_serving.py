@@ -131,14 +131,15 @@ class OpenAIServing:
         params = self._sampling(prompt, request, max_tokens, logprobs)
         if request.stream:
             return self._chat_stream(prompt, params, request)
-        completion = await self.serving.complete(prompt, params, new_request_id("chatcmpl"))
+        request_id = new_request_id("chatcmpl")
+        completion = await self.serving.complete(prompt, params, request_id)
         choice = ChatChoice(
             message=AssistantMessage(content=completion.text),
             logprobs=chat_logprobs(completion.logprobs) if logprobs is not None else None,
             finish_reason=completion.finish_reason,
         )
         return ChatCompletion(
-            id=new_request_id("chatcmpl"),
+            id=request_id,
             created=int(time.time()),
             model=self.serving.spec.name,
             choices=[choice],
@@ -152,14 +153,15 @@ class OpenAIServing:
         params = self._sampling(prompt, request, request.max_tokens, request.logprobs)
         if request.stream:
             return self._completion_stream(prompt, params, request)
-        completion = await self.serving.complete(prompt, params, new_request_id("cmpl"))
+        request_id = new_request_id("cmpl")
+        completion = await self.serving.complete(prompt, params, request_id)
         choice = CompletionChoice(
             text=completion.text,
             logprobs=completion_logprobs(completion.logprobs) if request.logprobs is not None else None,
             finish_reason=completion.finish_reason,
         )
         return TextCompletion(
-            id=new_request_id("cmpl"),
+            id=request_id,
             created=int(time.time()),
             model=self.serving.spec.name,
             choices=[choice],
@@ -265,7 +267,7 @@ class OpenAIServing:
         prompt: Prompt,
         params: SamplingParams,
         request: SamplingRequest,
-        base: BaseModel,
+        base: ChatCompletionChunk | TextCompletion,
         choice: Callable[[str, list[TokenLogprob], str | None], dict[str, Any]],
     ) -> AsyncIterator[str]:
         """SSE framing shared by both endpoints: a chunk per text delta (the first carries the role and
@@ -275,7 +277,7 @@ class OpenAIServing:
         held: list[TokenLogprob] = []
         num_tokens = 0
         try:
-            async for delta in self.serving.stream(prompt, params, base.id):  # type: ignore[attr-defined]
+            async for delta in self.serving.stream(prompt, params, base.id):
                 num_tokens += len(delta.token_ids)
                 held.extend(delta.logprobs)
                 if not delta.text and delta.finish_reason is None:
@@ -286,7 +288,7 @@ class OpenAIServing:
             yield sse(exc.body())
             return
         except Exception as exc:  # the stream has started: the client gets an error event, not a cut
-            logger.exception("stream %s failed", base.id)  # type: ignore[attr-defined]
+            logger.exception("stream %s failed", base.id)
             yield sse(GenerationFailed(f"generation failed: {type(exc).__name__}").body())
             return
         if include_usage:
