@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,3 +50,14 @@ def text_server(log_dir: Path) -> Iterator[Server]:
 def vision_server(log_dir: Path) -> Iterator[Server]:
     with serve("tiny-llava", log_dir) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def guarded_server(log_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Any]]:
+    """tiny-llama with an API key, small limits and test-only fault injection (tests/reliability)."""
+    from reliability.scenarios import guarded_catalog, guarded_config
+
+    config = guarded_config()
+    catalog = guarded_catalog(tmp_path_factory.mktemp("guarded-catalog"), config)
+    with serve("tiny-llama", log_dir, env=config.env(catalog)) as server:
+        yield server, config

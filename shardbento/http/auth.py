@@ -1,4 +1,5 @@
-"""Optional API-key check: with SHARDBENTO_API_KEY set, every path but the probes needs the bearer key."""
+"""Optional API-key check: with SHARDBENTO_API_KEY set, every path but probes, /metrics and the static
+playground page needs `Authorization: Bearer <key>`."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ from typing import Any
 
 from shardbento.errors import Unauthorized
 from shardbento.http.errors import ASGIApp, error_response
+from shardbento.http.ui import PUBLIC_PATHS as UI_PATHS
 from shardbento.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 PROBE_PATHS = frozenset({"/livez", "/readyz", "/healthz"})
+# The playground page is static and holds no secret; the key typed into it goes with every API call.
+OPEN_PATHS = PROBE_PATHS | UI_PATHS
 METRICS_PATH = "/metrics"
 
 
@@ -26,7 +30,7 @@ class ApiKeyMiddleware:
         self.app = app
         settings = settings or Settings.from_env()
         self._key = settings.api_key.encode() if settings.api_key else None
-        self._open_paths = PROBE_PATHS if settings.auth_metrics else PROBE_PATHS | {METRICS_PATH}
+        self._open_paths = OPEN_PATHS if settings.auth_metrics else OPEN_PATHS | {METRICS_PATH}
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if self._key is None or scope["type"] != "http" or scope.get("path") in self._open_paths:

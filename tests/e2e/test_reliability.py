@@ -1,0 +1,81 @@
+"""Load and faults against real `bentoml serve` processes: what a client sees, and nothing lost or hung."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from reliability.load import measure, report
+from reliability.scenarios import corrupt_shard, dead_rank, sigterm_drain
+
+pytestmark = pytest.mark.slow
+
+RSS_GROWTH_BOUND_MIB = 200  # tiny model, ~550 MiB resident: growth past this is a leak
+
+
+def test_load_mixed_traffic_loses_nothing(guarded_server) -> None:
+    server, config = guarded_server
+    figures = measure(
+        server.url,
+        server.process.pid,
+        config.api_key,
+        model="tiny-llama",
+        max_body_bytes=config.max_body_bytes,
+        num_requests=200,
+        concurrency=32,
+    )
+    print(report(figures))
+    assert figures.problems == []
+    assert figures.unexpected_5xx == 0
+    assert figures.in_flight_after == 0
+    assert figures.accepted >= figures.requests // 4
+    assert figures.rss_growth_mib < RSS_GROWTH_BOUND_MIB
+    assert config.api_key not in server.log()
+
+
+@pytest.mark.parametrize("fault", ["error", "oom"])
+def test_faults_generation_that_raises_fails_that_request_only(guarded_server, fault) -> None:
+    server, config = guarded_server
+    auth = {"authorization": f"Bearer {config.api_key}"}
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    failed = httpx.post(
+        f"{server.url}/chat", json=body, headers={**auth, "x-shardbento-fault": fault}, timeout=60
+    )
+    assert failed.status_code == 500
+    assert failed.json()["error"]["code"] == "generation_failed"
+    for path in ("/chat", "/chat_stream"):
+        after = httpx.post(f"{server.url}{path}", json=body, headers=auth, timeout=60)
+        assert after.status_code == 200, after.text
+    assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
+
+
+def test_faults_injection_is_off_by_default(text_server) -> None:
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    response = httpx.post(
+        f"{text_server.url}/chat", json=body, headers={"x-shardbento-fault": "oom"}, timeout=60
+    )
+    assert response.status_code == 200
+
+
+def test_startup_corrupt_shard_fails_naming_the_file(log_dir, tmp_path) -> None:
+    seen = corrupt_shard(log_dir, tmp_path)
+    assert seen["livez"] == 503
+    assert seen["readyz"] == 503
+    assert seen["chat_status"] == 503
+    assert seen["shard"] in seen["chat_error"]["message"]
+    assert seen["log_names_shard"]
+
+
+def test_shutdown_sigterm_drains_in_flight_then_exits(log_dir) -> None:
+    seen = sigterm_drain(log_dir, grace_s=8)
+    assert seen["short"]["complete"], seen
+    assert seen["short"]["status"] == 200
+    assert seen["exit_after_s"] < seen["grace_s"] + 30, seen
+
+
+def test_tp_dead_rank_fails_readyz_and_requests_fast(log_dir) -> None:
+    seen = dead_rank(log_dir)
+    assert seen["chat_before"] == 200
+    assert seen["readyz_after"] == 503
+    assert seen["chat_after"] == 503, seen
+    assert seen["chat_after_s"] < 5
+    assert seen["retry_after"] is not None

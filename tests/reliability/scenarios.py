@@ -1,0 +1,164 @@
+"""Fault scenarios against real `bentoml serve` processes, each returning what a client saw."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import yaml
+from servers import REPO, Server, serve
+
+CHAT = {"messages": [{"role": "user", "content": "Tell me something."}], "max_tokens": 6}
+
+
+@dataclass(frozen=True, slots=True)
+class Guarded:
+    """How the guarded test server is configured: small limits so overload and 413s are reachable."""
+
+    api_key: str
+    max_body_bytes: int = 64 * 1024
+    max_num_seqs: int = 4
+    max_waiting: int = 4
+    request_timeout_s: float = 20.0
+
+    @property
+    def max_in_flight(self) -> int:
+        return self.max_num_seqs + self.max_waiting
+
+    def env(self, catalog: Path) -> dict[str, str]:
+        return {
+            "SHARDBENTO_CATALOG": str(catalog),
+            "SHARDBENTO_API_KEY": self.api_key,
+            "SHARDBENTO_FAULT_INJECTION": "1",
+            "SHARDBENTO_MAX_BODY_BYTES": str(self.max_body_bytes),
+            "SHARDBENTO_REQUEST_TIMEOUT_S": str(self.request_timeout_s),
+        }
+
+
+def write_catalog(directory: Path, name: str, base: str = "tiny-llama", **fields: object) -> Path:
+    """A catalog dir holding one entry: the shipped `base` entry with `fields` replaced."""
+    directory.mkdir(parents=True, exist_ok=True)
+    data = yaml.safe_load((REPO / "models" / f"{base}.yaml").read_text())
+    (directory / f"{name}.yaml").write_text(yaml.safe_dump({**data, **fields}))
+    return directory
+
+
+def guarded_config() -> Guarded:
+    return Guarded(api_key=secrets.token_urlsafe(24))
+
+
+def guarded_catalog(directory: Path, config: Guarded) -> Path:
+    limits = {"max_num_seqs": config.max_num_seqs, "max_waiting": config.max_waiting}
+    return write_catalog(directory, "tiny-llama", limits=limits)
+
+
+def corrupt_shard(log_dir: Path, work_dir: Path) -> dict[str, object]:
+    """A truncated weight shard: the server never gets ready; probes and requests name the file."""
+    from shardbento.tiny import ensure_generated
+
+    model_dir = work_dir / "broken-model"
+    shutil.copytree(ensure_generated("tiny-llama"), model_dir)
+    shard = sorted(model_dir.glob("*.safetensors"))[-1]
+    os.truncate(shard, shard.stat().st_size // 2)
+    catalog = write_catalog(work_dir / "broken-catalog", "broken", source=str(model_dir))
+    with serve("broken", log_dir, env={"SHARDBENTO_CATALOG": str(catalog)}, wait=False) as server:
+        livez = _wait_status(server, "/livez", 503, timeout_s=120)
+        chat = httpx.post(f"{server.url}/chat", json=CHAT, timeout=10)
+        return {
+            "shard": str(shard),
+            "livez": livez,
+            "readyz": httpx.get(f"{server.url}/readyz", timeout=10).status_code,
+            "chat_status": chat.status_code,
+            "chat_error": chat.json()["error"],
+            "log_names_shard": str(shard) in server.log(),
+        }
+
+
+def _wait_status(server: Server, path: str, status: int, timeout_s: float) -> int | None:
+    deadline = time.monotonic() + timeout_s
+    seen = None
+    while time.monotonic() < deadline:
+        try:
+            seen = httpx.get(f"{server.url}{path}", timeout=5).status_code
+        except httpx.HTTPError:
+            seen = None
+        if seen == status:
+            return seen
+        time.sleep(0.5)
+    return seen
+
+
+def sigterm_drain(log_dir: Path, grace_s: int = 8) -> dict[str, object]:
+    """SIGTERM with one short and one endless stream in flight: the short one ends whole, the long one
+    is cut at the grace period, and the server exits soon after."""
+    args = ["--timeout-graceful-shutdown", str(grace_s)]
+    results: dict[str, object] = {}
+    with serve("tiny-llama", log_dir, args=args) as server:
+        short_started = threading.Event()
+        threads = [
+            threading.Thread(target=_stream, args=(server.url, 24, "short", results, short_started)),
+            threading.Thread(target=_stream, args=(server.url, 1000, "long", results, None)),
+        ]
+        threads[0].start()
+        short_started.wait(60)
+        threads[1].start()
+        time.sleep(0.5)
+        signalled = time.monotonic()
+        os.killpg(server.process.pid, signal.SIGTERM)
+        server.process.wait(timeout=grace_s + 60)
+        results["exit_after_s"] = round(time.monotonic() - signalled, 1)
+        results["exit_code"] = server.process.returncode
+        for thread in threads:
+            thread.join(timeout=30)
+        results["grace_s"] = grace_s
+    return results
+
+
+def _stream(url: str, max_tokens: int, name: str, results: dict, started: threading.Event | None) -> None:
+    body = {**CHAT, "max_tokens": max_tokens}
+    chunks = 0
+    try:
+        with httpx.stream("POST", f"{url}/chat_stream", json=body, timeout=120) as response:
+            for _ in response.iter_raw():
+                chunks += 1
+                if started is not None:
+                    started.set()
+        results[name] = {"status": response.status_code, "chunks": chunks, "complete": True}
+    except httpx.HTTPError as exc:
+        results[name] = {"chunks": chunks, "complete": False, "error": type(exc).__name__}
+    finally:
+        if started is not None:
+            started.set()
+
+
+def dead_rank(log_dir: Path) -> dict[str, object]:
+    """Kill one tensor-parallel rank: /readyz fails and a request gets a 503 at once."""
+    with serve("tiny-llama-tp2", log_dir, ready_timeout_s=300) as server:
+        ok = httpx.post(f"{server.url}/chat", json=CHAT, timeout=60).status_code
+        ranks = [
+            p
+            for p in psutil.Process(server.process.pid).children(recursive=True)
+            if "multiprocessing.spawn" in " ".join(p.cmdline())
+        ]
+        ranks[-1].kill()
+        readyz = _wait_status(server, "/readyz", 503, timeout_s=30)
+        started = time.monotonic()
+        chat = httpx.post(f"{server.url}/chat", json=CHAT, timeout=60)
+        return {
+            "ranks": len(ranks),
+            "chat_before": ok,
+            "readyz_after": readyz,
+            "chat_after": chat.status_code,
+            "chat_after_s": round(time.monotonic() - started, 2),
+            "retry_after": chat.headers.get("retry-after"),
+            "chat_error": json.loads(chat.text).get("error"),
+        }
