@@ -12,9 +12,7 @@ def test_preflight_tensor_size_not_dividing_heads_fails_before_loading() -> None
     from shardbento.engine import create_engine
 
     spec = load_spec("tiny-llama-tp2").model_copy(update={"gpus": 3})
-    with pytest.raises(
-        PlanError, match=r"3 does not divide the 4 attention heads.*set gpus to one of \[2\]"
-    ):
+    with pytest.raises(PlanError, match=r"3 does not divide the 4 attention heads.*set gpus to one of \[2\]"):
         create_engine(spec)
 
 
