@@ -12,7 +12,11 @@ Register = Callable[[argparse._SubParsersAction], None]
 
 # Modules that define `register(subparsers)`; each adds its subcommands and sets `handler` on them.
 # Imported lazily so `--help` and light commands never pay for torch or bentoml.
-COMMAND_MODULES: tuple[str, ...] = ("shardbento.deploy.commands", "shardbento.plan_cli")
+COMMAND_MODULES: tuple[str, ...] = (
+    "shardbento.deploy.commands",
+    "shardbento.plan_cli",
+    "shardbento.bench.commands",
+)
 
 
 def build_parser(modules: tuple[str, ...] = COMMAND_MODULES) -> argparse.ArgumentParser:

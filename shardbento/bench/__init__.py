@@ -1,0 +1,1 @@
+"""Benchmarking: an OpenAI streaming load generator, its report, and the `bench` subcommand."""

@@ -1,0 +1,102 @@
+"""`python -m shardbento bench`: load any OpenAI-compatible server at several concurrencies, report."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("bench", help="benchmark an OpenAI-compatible server (streaming chat)")
+    parser.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:3000")
+    parser.add_argument("--model", help="model name to send; default: the first of /v1/models")
+    parser.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts")
+    parser.add_argument(
+        "--input-tokens", type=int, default=128, help="prompt tokens per request (approximate)"
+    )
+    parser.add_argument("--output-tokens", type=int, default=64, help="output tokens per request")
+    parser.add_argument("--requests-per-client", type=int, default=4, help="requests per client per level")
+    parser.add_argument("--min-requests", type=int, default=8, help="at least this many requests per level")
+    parser.add_argument("--warmup", type=int, default=2, help="requests sent (and not counted) first")
+    parser.add_argument("--api-key", help="sent as a Bearer token")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    parser.add_argument("--json", type=Path, help="write the report as JSON here")
+    parser.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
+    parser.add_argument("--label", default="server", help="the server's name in the report and plot")
+    parser.set_defaults(handler=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    try:
+        levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    except ValueError:
+        print(
+            f"--concurrency must be integers separated by commas, got {args.concurrency!r}", file=sys.stderr
+        )
+        return 2
+    if not levels or min(levels) < 1 or args.input_tokens < 1 or args.output_tokens < 1:
+        print("--concurrency, --input-tokens and --output-tokens must be positive", file=sys.stderr)
+        return 2
+    report = asyncio.run(run_bench(args, levels))
+    from shardbento.bench.report import plot, table
+
+    print(table(report["levels"]))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        plot({args.label: report["levels"]}, args.plot)
+    return 1 if any(level["errors"] == level["requests"] for level in report["levels"]) else 0
+
+
+async def run_bench(args: argparse.Namespace, levels: list[int]) -> dict[str, Any]:
+    import httpx
+
+    from shardbento.bench.loadgen import Target, chat_url, probe, request_body, run_level, send
+    from shardbento.bench.report import summarize
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx.Limits(max_connections=max(levels) + 4, max_keepalive_connections=max(levels) + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        model = args.model or await _first_model(client, args.url, headers)
+        target, probe_tokens = await probe(client, Target(chat_url(args.url), model, True, headers))
+        words = max(1, round(args.input_tokens * 50 / probe_tokens)) if probe_tokens else args.input_tokens
+        if not target.fixed_length:
+            logger.warning(
+                "server refuses ignore_eos/min_tokens: outputs may end early (see tokens received)"
+            )
+        for _ in range(args.warmup):
+            await send(client, target, request_body(target, "warm up " * 8, args.output_tokens))
+        results = []
+        for i, concurrency in enumerate(levels):
+            num_requests = max(args.min_requests, concurrency * args.requests_per_client)
+            seed = args.seed * 1000 + i
+            records, wall_s = await run_level(
+                client, target, concurrency, num_requests, words, args.output_tokens, seed
+            )
+            results.append(summarize(records, wall_s, concurrency))
+            logger.info(
+                "c=%d: %.1f output tok/s", concurrency, results[-1]["output_token_throughput_per_s"] or 0
+            )
+    return {
+        "label": args.label,
+        "url": args.url,
+        "model": model,
+        "input_tokens": args.input_tokens,
+        "output_tokens": args.output_tokens,
+        "fixed_length": target.fixed_length,
+        "levels": results,
+    }
+
+
+async def _first_model(client: Any, url: str, headers: dict[str, str]) -> str:
+    base = url.rstrip("/").removesuffix("/chat/completions").removesuffix("/v1")
+    response = await client.get(f"{base}/v1/models", headers=headers)
+    response.raise_for_status()
+    return response.json()["data"][0]["id"]
