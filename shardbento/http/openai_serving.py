@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from shardbento.engine.base import ChatMessage, Prompt, SamplingParams, TokenLogprob
+from shardbento.engine.base import ChatMessage, Delta, Prompt, SamplingParams, TokenLogprob
 from shardbento.errors import GenerationFailed, InvalidRequest, ModelNotFound, ShardbentoError
 from shardbento.http.image_urls import ImageFetchConfig, load_image
 from shardbento.http.openai_protocol import (
@@ -130,7 +130,7 @@ class OpenAIServing:
         max_tokens = request.max_completion_tokens or request.max_tokens
         params = self._sampling(prompt, request, max_tokens, logprobs)
         if request.stream:
-            return self._chat_stream(prompt, params, request)
+            return await self._chat_stream(prompt, params, request)
         request_id = new_request_id("chatcmpl")
         completion = await self.serving.complete(prompt, params, request_id)
         choice = ChatChoice(
@@ -152,7 +152,7 @@ class OpenAIServing:
         prompt = await self.serving.text_prompt(_single_prompt(request.prompt))
         params = self._sampling(prompt, request, request.max_tokens, request.logprobs)
         if request.stream:
-            return self._completion_stream(prompt, params, request)
+            return await self._completion_stream(prompt, params, request)
         request_id = new_request_id("cmpl")
         completion = await self.serving.complete(prompt, params, request_id)
         choice = CompletionChoice(
@@ -226,7 +226,7 @@ class OpenAIServing:
             logprobs=logprobs,
         )
 
-    def _chat_stream(
+    async def _chat_stream(
         self, prompt: Prompt, params: SamplingParams, request: ChatCompletionRequest
     ) -> AsyncIterator[str]:
         base = ChatCompletionChunk(
@@ -243,9 +243,9 @@ class OpenAIServing:
             choice["logprobs"] = chat_logprobs(items).model_dump() if want_logprobs and items else None
             return choice
 
-        return self._stream(prompt, params, request, base, chunk)
+        return self._stream(prompt, await self._first_delta(prompt, params, base.id), request, base, chunk)
 
-    def _completion_stream(
+    async def _completion_stream(
         self, prompt: Prompt, params: SamplingParams, request: CompletionRequest
     ) -> AsyncIterator[str]:
         base = TextCompletion(
@@ -260,12 +260,34 @@ class OpenAIServing:
             offset += len(text)
             return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
-        return self._stream(prompt, params, request, base, chunk)
+        return self._stream(prompt, await self._first_delta(prompt, params, base.id), request, base, chunk)
+
+    async def _first_delta(
+        self, prompt: Prompt, params: SamplingParams, request_id: str
+    ) -> AsyncIterator[Delta]:
+        """The engine's deltas, the first one already awaited: a refusal or failure before any output
+        (429 at capacity, 503, a failed first step) is then a plain HTTP error, not a 200 stream; the
+        client waits no longer for it, since the first chunk carries the first token anyway."""
+        deltas = self.serving.stream(prompt, params, request_id)
+        try:
+            first = await anext(deltas)
+        except StopAsyncIteration:
+            raise GenerationFailed("the engine ended the request without any output") from None
+
+        async def chained() -> AsyncIterator[Delta]:
+            try:
+                yield first
+                async for delta in deltas:
+                    yield delta
+            finally:
+                await deltas.aclose()
+
+        return chained()
 
     async def _stream(
         self,
         prompt: Prompt,
-        params: SamplingParams,
+        deltas: AsyncIterator[Delta],
         request: SamplingRequest,
         base: ChatCompletionChunk | TextCompletion,
         choice: Callable[[str, list[TokenLogprob], str | None], dict[str, Any]],
@@ -277,7 +299,7 @@ class OpenAIServing:
         held: list[TokenLogprob] = []
         num_tokens = 0
         try:
-            async for delta in self.serving.stream(prompt, params, base.id):
+            async for delta in deltas:
                 num_tokens += len(delta.token_ids)
                 held.extend(delta.logprobs)
                 if not delta.text and delta.finish_reason is None:

@@ -1,4 +1,4 @@
-"""/v1 errors in OpenAI's shape, vision requests, image URLs and mid-stream errors, on real servers."""
+"""/v1 errors in OpenAI's shape, vision requests, image URLs and engine failures, on real servers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import contextlib
 import functools
 import http.server
 import io
-import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -240,17 +239,14 @@ def test_openai_image_url_fetched_when_enabled(fetching_server, tmp_path: Path) 
     assert "HTTP 404" in assert_error(missing, 400, "messages[0].content[0].image_url")["message"]
 
 
-def test_openai_mid_stream_error_ends_with_one_error_event(fetching_server) -> None:
+def test_openai_stream_failing_before_output_is_500(fetching_server) -> None:
     body = {"model": VISION_MODEL, "messages": HI, "max_tokens": 8, "stream": True}
-    headers = {"X-Shardbento-Fault": "error"}
-    response = post(fetching_server, body, headers=headers)
-    events = [line.removeprefix("data: ") for line in response.text.splitlines() if line.startswith("data: ")]
-    assert "[DONE]" not in events
-    error = json.loads(events[-1])["error"]
-    assert set(error) == {"message", "type", "param", "code"} and "injected" in error["message"]
+    headers = {"X-Shardbento-Fault": "error"}  # the engine fails at its first step
+    error = assert_error(post(fetching_server, body, headers=headers), 500, None, "generation_failed")
+    assert "injected" in error["message"]
     client = openai.OpenAI(
         base_url=f"{fetching_server.url}/v1", api_key="x", max_retries=0, default_headers=headers
     )
-    with pytest.raises(openai.APIError):
+    with pytest.raises(openai.InternalServerError):
         list(client.chat.completions.create(model=VISION_MODEL, messages=HI, max_tokens=8, stream=True))
     assert post(fetching_server, {**body, "stream": False}).status_code == 200  # the service keeps serving

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
+import openai
+import pytest
 
 from shardbento.catalog import load_spec
+from shardbento.engine.base import Delta, EngineInfo, Prompt
 from shardbento.http.image_urls import ImageFetchConfig
 from shardbento.http.openai_app import attach_serving, create_openai_app
 from shardbento.serving import Serving
@@ -53,3 +57,72 @@ def test_openai_image_fetch_config_from_env() -> None:
     )
     assert config == ImageFetchConfig(allow_urls=True, timeout_s=2.5)
     assert ImageFetchConfig.from_env({}) == ImageFetchConfig()
+
+
+class FailingEngine:
+    """Two deltas of output, then a failure: the mid-stream case a real tiny model cannot produce on demand."""
+
+    info = EngineInfo("tiny-llama", "text", 1024, "fake", "none", ("cpu",))
+
+    def render_chat(self, messages) -> Prompt:
+        return Prompt(token_ids=(1, 2, 3))
+
+    def encode(self, text) -> Prompt:
+        return Prompt(token_ids=(1, 2))
+
+    async def stream(self, prompt, params, request_id):
+        yield Delta(text="Hello", token_ids=[5])
+        yield Delta(text="", token_ids=[6])  # a token whose text is held back (half a character)
+        yield Delta(text=" world", token_ids=[7])
+        raise RuntimeError("device lost")
+
+    def is_ready(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def failing_app():
+    serving = Serving(load_spec("tiny-llama"))
+    serving.attach(FailingEngine())
+    app = create_openai_app()
+    attach_serving(app, serving, ImageFetchConfig())
+    return app
+
+
+def test_openai_app_mid_stream_error_ends_with_one_error_event(failing_app) -> None:
+    body = {**BODY, "stream": True, "stream_options": {"include_usage": True}}
+    response = call(failing_app, "POST", "/chat/completions", json=body)
+    assert response.status_code == 200
+    events = [line.removeprefix("data: ") for line in response.text.splitlines() if line.startswith("data: ")]
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert [c["choices"][0]["delta"] for c in chunks] == [
+        {"role": "assistant", "content": "Hello"},
+        {"content": " world"},
+    ]
+    error = json.loads(events[-1])["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == "generation_failed"
+    assert "device lost" in error["message"]
+
+
+def test_openai_app_mid_stream_error_raises_in_openai_client(failing_app) -> None:
+    async def run() -> list[str]:
+        transport = httpx.ASGITransport(app=failing_app)
+        async with openai.AsyncOpenAI(
+            base_url="http://test",
+            api_key="x",
+            max_retries=0,
+            http_client=httpx.AsyncClient(transport=transport),
+        ) as client:
+            stream = await client.chat.completions.create(
+                model="tiny-llama", messages=BODY["messages"], stream=True
+            )
+            seen: list[str] = []
+            with pytest.raises(openai.APIError, match="device lost"):
+                async for chunk in stream:
+                    seen.append(chunk.choices[0].delta.content)
+            return seen
+
+    assert asyncio.run(run()) == ["Hello", " world"]
