@@ -22,7 +22,8 @@ class EngineChoice:
 def vllm_refusal(spec: ModelSpec, model_path: str | None = None) -> str | None:
     """Why vLLM cannot serve this spec here (not importable, wrong platform, GPU, model); None if it can."""
     try:
-        importlib.import_module("vllm")
+        if getattr(importlib.import_module("vllm"), "__file__", None) is None:  # a namespace, not vLLM
+            raise ModuleNotFoundError("No module named 'vllm'")
         from vllm import ModelRegistry
         from vllm.platforms import current_platform
     except Exception as exc:  # noqa: BLE001 - any import failure means "not usable here"

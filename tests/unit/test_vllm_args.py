@@ -1,0 +1,106 @@
+"""vLLM engine arguments and engine selection from catalog entries (no vLLM needed)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+
+import pytest
+
+from shardbento.catalog import CatalogError, ModelSpec, load_spec_file
+from shardbento.engine.selection import choose_engine
+from shardbento.engine.vllm_args import VLLMArgumentError, engine_kwargs, gpu_refusal
+
+KNOWN = {"enable_prefix_caching", "max_num_seqs", "enforce_eager", "kv_cache_dtype"}
+
+
+def vllm_installed() -> bool:
+    try:
+        importlib.metadata.distribution("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def spec(**fields: object) -> ModelSpec:
+    return ModelSpec(**{"name": "m", "source": "org/model", "kind": "text", **fields})
+
+
+def test_engine_kwargs_parallel_sizes_from_gpus_and_pipeline() -> None:
+    entry = spec(engine="vllm", gpus=8, vllm={"pipeline_parallel_size": 2, "quantization": "fp8"})
+    kwargs = engine_kwargs(entry, "org/model", KNOWN)
+    assert kwargs["tensor_parallel_size"] == entry.gpus
+    assert kwargs["pipeline_parallel_size"] == entry.vllm.pipeline_parallel_size
+    assert kwargs["distributed_executor_backend"] == "ray"  # stages span nodes
+    assert kwargs["quantization"] == "fp8"
+    assert kwargs["revision"] == entry.revision
+
+
+def test_engine_kwargs_single_node_leaves_backend_to_vllm() -> None:
+    entry = spec(engine="vllm", gpus=2, max_model_len=2048, dtype="bfloat16")
+    kwargs = engine_kwargs(entry, "org/model", KNOWN)
+    assert "distributed_executor_backend" not in kwargs
+    assert (kwargs["max_model_len"], kwargs["dtype"]) == (entry.max_model_len, entry.dtype)
+    assert kwargs["gpu_memory_utilization"] == entry.vllm.gpu_memory_utilization
+
+
+def test_engine_kwargs_cpu_uses_float32_and_one_rank() -> None:
+    kwargs = engine_kwargs(spec(engine="vllm"), "org/model", KNOWN)
+    assert (kwargs["tensor_parallel_size"], kwargs["dtype"]) == (1, "float32")
+
+
+def test_engine_kwargs_extra_args_pass_through() -> None:
+    extra = {"enable_prefix_caching": False, "max_num_seqs": 8}
+    kwargs = engine_kwargs(spec(engine="vllm", vllm={"extra_args": extra}), "org/model", KNOWN)
+    assert {k: kwargs[k] for k in extra} == extra
+
+
+def test_engine_kwargs_unknown_extra_arg_names_close_match() -> None:
+    entry = spec(engine="vllm", vllm={"extra_args": {"max_num_seq": 8}})
+    with pytest.raises(VLLMArgumentError, match="max_num_seq.*did you mean max_num_seqs"):
+        engine_kwargs(entry, "org/model", KNOWN)
+
+
+def test_catalog_rejects_extra_args_that_repeat_fields(tmp_path) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text("source: org/model\nkind: text\nvllm:\n  extra_args:\n    tensor_parallel_size: 4\n")
+    with pytest.raises(CatalogError, match="tensor_parallel_size must be set through the catalog"):
+        load_spec_file(path)
+
+
+def test_catalog_rejects_pipeline_stages_without_gpus() -> None:
+    with pytest.raises(ValueError, match="pipeline_parallel_size"):
+        spec(engine="vllm", vllm={"pipeline_parallel_size": 2})
+
+
+def test_gpu_refusal_below_ampere_names_capability() -> None:
+    assert "7.5" in (gpu_refusal((7, 5)) or "")
+    assert gpu_refusal((8, 0)) is None
+    assert gpu_refusal(None) is None
+
+
+def test_choose_engine_explicit_engine_is_kept() -> None:
+    assert choose_engine(spec(engine="transformers")).name == "transformers"
+    assert choose_engine(spec(engine="vllm")).name == "vllm"
+
+
+@pytest.mark.skipif(vllm_installed(), reason="vLLM is installed here; tests/vllm covers auto with it")
+def test_choose_engine_auto_falls_back_when_vllm_missing() -> None:
+    choice = choose_engine(spec(engine="auto"))
+    assert choice.name == "transformers"
+    assert "vllm is not importable" in choice.reason
+
+
+@pytest.mark.skipif(vllm_installed(), reason="vLLM is installed here; tests/vllm covers auto with it")
+def test_create_engine_auto_without_vllm_serves_transformers(caplog: pytest.LogCaptureFixture) -> None:
+    from shardbento.catalog import load_spec
+    from shardbento.engine import create_engine
+
+    entry = load_spec("tiny-llama").model_copy(update={"engine": "auto"})
+    with caplog.at_level(logging.INFO, logger="shardbento"):
+        engine = create_engine(entry)
+    try:
+        assert engine.info.engine == "transformers"
+        assert "fell back to transformers because vllm is not importable" in caplog.text
+    finally:
+        engine.close()

@@ -1,0 +1,32 @@
+"""vLLM tests run only in the vLLM environment (.venv-vllm, `make test-vllm`); elsewhere they are skipped."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from vllm_helpers import VLLM_CPU_ENV  # noqa: E402
+
+try:  # a distribution, not find_spec: tests/ on sys.path makes this directory a "vllm" namespace
+    importlib.metadata.distribution("vllm")
+except importlib.metadata.PackageNotFoundError:
+    collect_ignore_glob = ["test_*.py"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def vllm_cpu_env() -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in VLLM_CPU_ENV}
+    os.environ.update({k: os.environ.get(k) or v for k, v in VLLM_CPU_ENV.items()})
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -1,0 +1,69 @@
+"""The vLLM engine in-process: greedy tokens equal the transformers engine's, also with tensor parallel 2."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shardbento.catalog import ModelSpec, load_spec
+from shardbento.engine import create_engine
+from shardbento.engine.base import ChatMessage, SamplingParams
+from shardbento.engine.hf import HFEngine
+from shardbento.engine.vllm_engine import VLLMEngine
+
+MESSAGES = [ChatMessage(role="user", text="Count the shards of the model.")]
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()  # one loop: AsyncLLM binds its output handler to the first one
+    yield loop
+    loop.close()
+
+
+def tokens(engine, loop: asyncio.AbstractEventLoop, params: SamplingParams) -> list[int]:
+    async def collect() -> list[int]:
+        prompt = engine.render_chat(MESSAGES)
+        return [t async for delta in engine.stream(prompt, params, "req-test") for t in delta.token_ids]
+
+    return loop.run_until_complete(collect())
+
+
+def test_vllm_engine_tp2_greedy_tokens_equal_transformers(loop: asyncio.AbstractEventLoop) -> None:
+    spec = load_spec("tiny-llama").model_copy(update={"engine": "vllm", "gpus": 2})
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    hf = HFEngine.load(load_spec("tiny-llama"))
+    try:
+        expected = tokens(hf, loop, params)
+    finally:
+        hf.close()
+    engine = VLLMEngine.load(spec)
+    try:
+        assert engine.info.parallel.startswith("tp=2,pp=1")
+        assert engine.render_chat(MESSAGES).token_ids == hf.render_chat(MESSAGES).token_ids
+        assert tokens(engine, loop, params) == expected
+    finally:
+        engine.close()
+
+
+def test_create_engine_auto_falls_back_when_vllm_refuses_model(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from shardbento import tiny
+
+    model_dir = tmp_path / "head-dim-16"
+    tiny._build(
+        tiny.Recipe(architecture="llama", hidden_size=64, head_dim=16, intermediate_size=128), model_dir
+    )
+    spec = ModelSpec(name="head-dim-16", source=str(model_dir), kind="text", engine="auto", max_model_len=256)
+    with caplog.at_level(logging.INFO, logger="shardbento"):
+        engine = create_engine(spec)
+    try:
+        assert engine.info.engine == "transformers"
+        assert "fell back to transformers because vLLM refused it" in caplog.text
+    finally:
+        engine.close()

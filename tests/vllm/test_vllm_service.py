@@ -1,0 +1,99 @@
+"""The same catalog entry served by transformers and by vLLM: a client sees the same answers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from servers import Server, serve
+from vllm_helpers import VLLM_CPU_ENV, write_catalog
+
+MODEL = "tiny-llama"
+CHAT = {"messages": [{"role": "user", "content": "Tell me about shards."}], "max_tokens": 24}
+
+
+@pytest.fixture(scope="module")
+def hf_server(log_dir: Path) -> Iterator[Server]:
+    with serve(MODEL, log_dir) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def vllm_server(log_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    catalog = write_catalog(tmp_path_factory.mktemp("catalog"), MODEL, engine="vllm")
+    env = {"SHARDBENTO_CATALOG": str(catalog), **VLLM_CPU_ENV}
+    with serve(MODEL, log_dir, env=env, ready_timeout_s=300) as server:
+        yield server
+
+
+def post(server: Server, path: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{server.url}{path}", json=body, timeout=120)
+
+
+def test_vllm_service_reports_vllm_engine(vllm_server: Server) -> None:
+    card = httpx.post(f"{vllm_server.url}/models", timeout=30).json()
+    assert card["engine"] == "vllm"
+    assert card["name"] == MODEL
+    assert card["ready"] is True
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/chat", CHAT),
+        ("/chat", {**CHAT, "stop": ["e"]}),
+        ("/generate", {"prompt": "Once upon a time", "max_tokens": 16}),
+        ("/v1/chat/completions", {**CHAT, "model": MODEL}),
+        ("/v1/completions", {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 16}),
+    ],
+)
+def test_vllm_service_greedy_answers_equal_transformers(
+    hf_server: Server, vllm_server: Server, path: str, body: dict
+) -> None:
+    expected, actual = post(hf_server, path, body), post(vllm_server, path, body)
+    assert actual.status_code == expected.status_code == 200, actual.text
+    assert _comparable(actual.json()) == _comparable(expected.json())
+
+
+def test_vllm_service_stream_framing_equals_transformers(hf_server: Server, vllm_server: Server) -> None:
+    body = {**CHAT, "model": MODEL, "stream": True, "stream_options": {"include_usage": True}}
+    expected, actual = _events(hf_server, body), _events(vllm_server, body)
+    assert "".join(_chunk_text(e) for e in actual) == "".join(_chunk_text(e) for e in expected)
+    assert [_comparable(e) for e in actual[-2:]] == [_comparable(e) for e in expected[-2:]]
+    typed = [httpx.post(f"{s.url}/chat_stream", json=CHAT, timeout=120) for s in (hf_server, vllm_server)]
+    assert typed[0].text == typed[1].text
+    assert typed[0].headers["content-type"] == typed[1].headers["content-type"]
+
+
+def test_vllm_service_errors_equal_transformers(hf_server: Server, vllm_server: Server) -> None:
+    too_long = {**CHAT, "max_tokens": 10_000}
+    for path, body in [("/chat", too_long), ("/v1/chat/completions", {**too_long, "model": MODEL})]:
+        expected, actual = post(hf_server, path, body), post(vllm_server, path, body)
+        assert actual.status_code == expected.status_code == 400
+        assert actual.json() == expected.json()
+
+
+def test_vllm_service_metrics_include_vllm(vllm_server: Server) -> None:
+    post(vllm_server, "/chat", CHAT)
+    metrics = httpx.get(f"{vllm_server.url}/metrics", timeout=30).text
+    assert "vllm:" in metrics
+
+
+def _events(server: Server, body: dict) -> list[dict]:
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+
+
+def _chunk_text(event: dict) -> str:
+    return "".join(c.get("delta", {}).get("content") or "" for c in event.get("choices", []))
+
+
+def _comparable(body: dict) -> dict:
+    """A response without what differs between any two calls (ids, timestamps)."""
+    return {k: v for k, v in body.items() if k not in {"id", "created", "system_fingerprint"}}
