@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from shardbento.engine.base import ChatMessage, Delta, Prompt, SamplingParams, TokenLogprob
 from shardbento.errors import GenerationFailed, InvalidRequest, ModelNotFound, ShardbentoError
 from shardbento.http.image_urls import ImageFetchConfig, load_image
+from shardbento.http.openai_format import chat_logprobs, completion_logprobs, parse, sse, usage
 from shardbento.http.openai_protocol import (
     NEUTRAL_VALUES,
     AssistantMessage,
@@ -20,83 +20,19 @@ from shardbento.http.openai_protocol import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
-    ChatLogprobs,
-    ChatTokenLogprob,
     CompletionChoice,
-    CompletionLogprobs,
     CompletionRequest,
     ModelList,
     ModelObject,
     SamplingRequest,
     TextCompletion,
-    TopLogprob,
 )
-from shardbento.protocol import Usage
 from shardbento.serving import Serving, new_request_id
 
 logger = logging.getLogger(__name__)
 
-Request = TypeVar("Request", bound=BaseModel)
 Result = BaseModel | AsyncIterator[str]
 OWNED_BY = "shardbento"
-
-
-def parse(model: type[Request], body: Any) -> Request:
-    """The request model, or a 400 naming the first bad field (pydantic's message, our shape)."""
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        param = _param(exc.errors()[0]["loc"])
-        problems = "; ".join(_problem(e) for e in exc.errors()[:5])
-        raise InvalidRequest(f"invalid request: {problems}", param=param) from None
-
-
-def _param(loc: tuple[Any, ...]) -> str | None:
-    """`messages[0].content` from pydantic's ("messages", 0, "content"), without union member tags."""
-    path = ""
-    for part in loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        elif part.isidentifier():
-            path += f".{part}" if path else part
-        else:
-            break
-    return path or None
-
-
-def _problem(error: Any) -> str:
-    where = _param(error["loc"]) or "body"
-    if error["type"] == "extra_forbidden":
-        return f"{where}: unknown field; this server does not accept it"
-    return f"{where}: {error['msg']}"
-
-
-def sse(data: dict[str, Any]) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-def chat_logprobs(items: list[TokenLogprob]) -> ChatLogprobs:
-    def top(token: str, logprob: float) -> TopLogprob:
-        return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode()))
-
-    content = [
-        ChatTokenLogprob(**top(i.token, i.logprob).model_dump(), top_logprobs=[top(t, lp) for t, lp in i.top])
-        for i in items
-    ]
-    return ChatLogprobs(content=content)
-
-
-def completion_logprobs(items: list[TokenLogprob], offset: int = 0) -> CompletionLogprobs:
-    offsets = []
-    for item in items:
-        offsets.append(offset)
-        offset += len(item.token)
-    return CompletionLogprobs(
-        tokens=[i.token for i in items],
-        token_logprobs=[i.logprob for i in items],
-        top_logprobs=[dict(i.top) for i in items],
-        text_offset=offsets,
-    )
 
 
 class OpenAIServing:
@@ -143,7 +79,7 @@ class OpenAIServing:
             created=int(time.time()),
             model=self.serving.spec.name,
             choices=[choice],
-            usage=_usage(completion.prompt_tokens, completion.completion_tokens),
+            usage=usage(completion.prompt_tokens, completion.completion_tokens),
         )
 
     async def completion(self, body: Any) -> Result:
@@ -165,7 +101,7 @@ class OpenAIServing:
             created=int(time.time()),
             model=self.serving.spec.name,
             choices=[choice],
-            usage=_usage(completion.prompt_tokens, completion.completion_tokens),
+            usage=usage(completion.prompt_tokens, completion.completion_tokens),
         )
 
     def _check_common(self, request: SamplingRequest) -> None:
@@ -314,16 +250,8 @@ class OpenAIServing:
             yield sse(GenerationFailed(f"generation failed: {type(exc).__name__}").body())
             return
         if include_usage:
-            yield sse({**frame, "choices": [], "usage": _usage(prompt.num_tokens, num_tokens).model_dump()})
+            yield sse({**frame, "choices": [], "usage": usage(prompt.num_tokens, num_tokens).model_dump()})
         yield "data: [DONE]\n\n"
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
-    return Usage(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        total_tokens=prompt_tokens + completion_tokens,
-    )
 
 
 def _single_prompt(prompt: str | list[int] | list[str] | list[list[int]]) -> str | list[int]:
