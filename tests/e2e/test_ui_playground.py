@@ -13,6 +13,8 @@ import httpx
 import pytest
 
 pytestmark = pytest.mark.slow
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright missing: run `make setup`")
+expect = sync_api.expect
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM_FLAGS = [
@@ -27,6 +29,8 @@ CHROMIUM_FLAGS = [
     "--disable-dev-shm-usage",
 ]
 TIMEOUT_MS = 60_000
+# Waits go through locators: wait_for_function evaluates strings, which the page's CSP forbids.
+expect.set_options(timeout=TIMEOUT_MS)
 # Records every length the streaming answer's text takes, so a test can tell streamed from all-at-once.
 RECORD_STREAM_JS = """
 () => {
@@ -52,7 +56,6 @@ def browser() -> Iterator[object]:
         pytest.skip(
             "no chromium on PATH: run `make browser` (apt-get install chromium) or set SHARDBENTO_CHROMIUM"
         )
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright missing: run `make setup`")
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
         yield browser
@@ -78,8 +81,8 @@ def artifacts_dir() -> Path:
 
 def _open(page, server, model: str) -> None:
     page.goto(f"{server.url}/ui")  # no trailing slash: the redirect to /ui/ is part of what is tested
-    page.wait_for_function(f"document.getElementById('model-name').textContent === {model!r}")
-    page.wait_for_function("document.getElementById('model-ready').textContent === 'ready'")
+    expect(page.locator("#model-name")).to_have_text(model)
+    expect(page.locator("#model-ready")).to_have_text("ready")
 
 
 def _send(page, prompt: str) -> None:
@@ -90,7 +93,7 @@ def _send(page, prompt: str) -> None:
 
 def _wait_answer(page) -> str:
     page.wait_for_selector(".message.assistant:not(.streaming)")
-    page.wait_for_function("document.getElementById('stats').textContent.includes('TTFT')")
+    expect(page.locator("#stats")).to_contain_text("TTFT")
     return page.inner_text(".message.assistant .text")
 
 
