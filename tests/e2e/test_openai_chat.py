@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import time
 
 import bentoml
+import httpx
 import openai
 import pytest
 import torch
@@ -191,3 +194,23 @@ def test_openai_completions_stream_and_logprobs(client) -> None:
     )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+
+
+def abort_count(server) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    pattern = r'^shardbento:request_success_total\{[^}]*finished_reason="abort"[^}]*\} ([0-9.e+]+)$'
+    return sum(float(m) for m in re.findall(pattern, text, flags=re.MULTILINE))
+
+
+def test_openai_stream_client_disconnect_aborts_generation(client, text_server) -> None:
+    before = abort_count(text_server)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=900, stream=True, extra_body={"ignore_eos": True}
+    )
+    for _ in zip(range(2), stream, strict=False):
+        pass
+    stream.close()
+    deadline = time.monotonic() + 60
+    while abort_count(text_server) <= before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert abort_count(text_server) == before + 1
