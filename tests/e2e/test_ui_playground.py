@@ -174,3 +174,22 @@ def test_ui_api_key_is_kept_in_the_tab_and_sent_as_bearer(page, text_server):
 
     page.reload()
     assert page.input_value("#api-key") == "sk-playground-test"
+
+
+def test_ui_works_with_the_api_key_a_server_sets(page, log_dir):
+    from servers import serve
+
+    key = "sk-playground-e2e"
+    with serve("tiny-llama", log_dir, env={"SHARDBENTO_API_KEY": key}) as server:
+        assert httpx.post(f"{server.url}/models", timeout=10).status_code == 401
+        page.goto(f"{server.url}/ui")  # the page itself needs no key
+        page.wait_for_selector("#error:not([hidden])")
+        assert "API key" in page.text_content("#error")  # /models said 401, shown as a message
+
+        page.fill("#api-key", key)
+        page.dispatch_event("#api-key", "change")
+        expect(page.locator("#model-name")).to_have_text("tiny-llama")
+        page.fill("#max-tokens", "8")
+        _send(page, "Hello with a key")
+        assert _wait_answer(page).strip()
+        assert "usage:" in page.text_content("#stats")
