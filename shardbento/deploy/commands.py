@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import yaml
+
 from shardbento.catalog import load_spec
 
 
@@ -26,8 +28,15 @@ def _k8s(args: argparse.Namespace) -> int:
 
 
 def _bentocloud(args: argparse.Namespace) -> int:
-    from shardbento.deploy.bentocloud import deployment_config, to_yaml
+    from shardbento.deploy.bentocloud import deployment_config, to_yaml, validate
 
+    if args.check:
+        for path in args.check:
+            validate(yaml.safe_load(Path(path).read_text()))
+            print(f"{path}: valid BentoCloud deployment config")
+        return 0
+    if not args.model:
+        raise SystemExit("bentocloud: give a MODEL, or --check FILE")
     _write(to_yaml(deployment_config(load_spec(args.model), bento=args.bento)), args.output)
     return 0
 
@@ -61,7 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     k8s.set_defaults(handler=_k8s)
 
     cloud = subparsers.add_parser("bentocloud", help="a `bentoml deploy -f` config for a model")
-    cloud.add_argument("model")
+    cloud.add_argument("model", nargs="?")
+    cloud.add_argument("--check", nargs="+", metavar="FILE", help="validate existing config files instead")
     cloud.add_argument("--bento", default=None, help="Bento tag (default: shardbento-MODEL:latest)")
     cloud.add_argument("-o", "--output", default=None)
     cloud.set_defaults(handler=_bentocloud)

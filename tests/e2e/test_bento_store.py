@@ -1,0 +1,85 @@
+"""A built Bento is self-contained: a fresh venv from its own requirements serves it from the store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from servers import Server, free_port, stop, wait_ready
+
+from shardbento.catalog import load_spec
+from shardbento.deploy.bento import bento_labels, read_requirements
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = "tiny-llama"
+pytestmark = pytest.mark.slow
+
+
+def _env(bentoml_home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    return {**env, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "true"}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, dict[str, str]]:
+    """`python -m shardbento bento tiny-llama` into a private Bento store."""
+    home = tmp_path_factory.mktemp("bentoml-home")
+    env = _env(home)
+    command = [sys.executable, "-m", "shardbento", "bento", MODEL]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    tag = done.stdout.strip().splitlines()[-1]
+    name, version = tag.split(":")
+    return tag, home / "bentos" / name / version, env
+
+
+def test_bento_yaml_carries_resources_labels_and_args(built) -> None:
+    tag, path, _ = built
+    spec = load_spec(MODEL)
+    info = yaml.safe_load((path / "bento.yaml").read_text())
+    assert f"{info['name']}:{info['version']}" == tag and info["name"] == f"shardbento-{MODEL}"
+    assert info["args"] == {"model": MODEL}
+    assert bento_labels(spec).items() <= info["labels"].items()
+    assert info["services"][0]["config"]["resources"] == spec.resources()
+    assert info["image"]["python_version"] == "3.11"
+    assert (path / "src" / "service.py").is_file() and (path / "src" / "models" / f"{MODEL}.yaml").is_file()
+    assert not list((path / "src").glob(".venv*")) and not (path / "src" / "tests").exists()
+    pins = set(read_requirements(REPO / "env" / "cpu.txt"))
+    assert pins <= set(read_requirements(path / "env" / "python" / "requirements.txt"))
+
+
+def test_bento_serves_from_the_store_in_a_fresh_venv(built, tmp_path: Path) -> None:
+    tag, path, env = built
+    venv = tmp_path / "venv"
+    # uv, as in BentoML's own image build; a local wheel folder configured for pip serves uv too.
+    uv = str(Path(sys.executable).parent / "uv")
+    find_links = env.get("UV_FIND_LINKS") or env.get("PIP_FIND_LINKS")
+    uv_env = {**env, **({"UV_FIND_LINKS": find_links} if find_links else {})}
+    subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(venv)], check=True, timeout=120)
+    requirements = str(path / "env" / "python" / "requirements.txt")
+    install = [uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python"), "-r", requirements]
+    done = subprocess.run(install, env=uv_env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    command = [str(venv / "bin" / "bentoml"), "serve", tag, "--host", "127.0.0.1", "--port", str(port)]
+    with log_path.open("wb") as log:  # cwd is not the repo: only the Bento's own copy can be imported
+        process = subprocess.Popen(
+            command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    server = Server(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
+    try:
+        wait_ready(server, timeout_s=240)
+        body = {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 8}
+        answer = httpx.post(f"{server.url}/chat", json=body, timeout=120).json()
+        assert answer["model"] == MODEL and answer["usage"]["completion_tokens"] >= 1
+        card = httpx.post(f"{server.url}/models", json={}, timeout=30).json()
+        assert card["name"] == MODEL and card["ready"]
+    finally:
+        stop(process)
+    assert str(path / "src") in server.log() or "shardbento-tiny-llama" in server.log()
