@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +20,8 @@ logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent.parent
 BENTOFILE = REPO / "bentofile.yaml"
+# The top-level entries a build context needs (bentofile.yaml then picks the files that go in).
+STAGED = ("bentofile.yaml", "README.md", "service.py", "shardbento", "models", "env", "pyproject.toml")
 PYTHON_VERSION = "3.11"
 # CPU images install the pinned CPU set as is; CUDA images lock env/cuda.txt against PyPI at build time.
 CPU_REQUIREMENTS = "env/cpu.txt"
@@ -91,22 +95,38 @@ def read_requirements(path: Path) -> list[str]:
     return [line for line in lines if line]
 
 
-def build_bento(name: str, version: str | None = None, bentofile: Path = BENTOFILE) -> Bento:
+def build_bento(name: str, version: str | None = None) -> Bento:
     """`bentoml build --arg model=NAME` for one catalog model, saved as shardbento-NAME:VERSION."""
     import bentoml
 
     from shardbento.catalog import load_spec
 
     spec = load_spec(name, catalog_dir())
-    bento = bentoml.bentos.build_bentofile(
-        str(bentofile),
-        name=bento_name(spec),
-        version=version,
-        build_ctx=str(bentofile.parent),
-        args={"model": spec.name},
-    )
+    with tempfile.TemporaryDirectory(prefix="shardbento-build-") as context:
+        _stage(Path(context))
+        bento = bentoml.bentos.build_bentofile(
+            str(Path(context) / BENTOFILE.name),
+            name=bento_name(spec),
+            version=version,
+            build_ctx=context,
+            args={"model": spec.name},
+        )
     logger.info("built %s (%s)", bento.tag, bento.path)
     return bento
+
+
+def _stage(context: Path) -> None:
+    """Copy what a Bento may include into a clean build context.
+
+    BentoML walks the whole context before filtering it with bentofile.yaml, venvs included: slow, and
+    it fails when another process changes a venv under it.
+    """
+    for name in STAGED:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, context / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif source.exists():
+            shutil.copy2(source, context / name)
 
 
 def bento_info(bento: Bento) -> dict[str, Any]:
