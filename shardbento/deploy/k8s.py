@@ -12,6 +12,7 @@ from shardbento.catalog import ModelSpec
 PORT = 3000
 KUBERNETES_VERSION = "1.32.0"  # the oldest release still in upstream support when this was written
 CACHE_PATH = "/home/bentoml/.cache"
+BENTO_GID = 1034
 # Weight loading dominates startup: allow ~40 min for the largest entries before the kubelet restarts the pod.
 STARTUP_PERIOD_S = 10
 STARTUP_FAILURES_PER_GPU = 60
@@ -97,6 +98,8 @@ def deployment(spec: ModelSpec, options: K8sOptions) -> dict[str, Any]:
     pod: dict[str, Any] = {
         "containers": [_container(spec, options.image or f"{app_name(spec)}:latest")],
         "volumes": _volumes(spec, options),
+        # BentoML images run as user bentoml (uid/gid 1034): a claimed cache volume must be writable by it.
+        "securityContext": {"fsGroup": BENTO_GID},
     }
     if spec.gpu_type:
         pod["nodeSelector"] = {"shardbento/gpu-type": spec.gpu_type}

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from kubernetes_validate import ValidationError
@@ -106,3 +111,22 @@ def test_bento_labels_carry_the_spec() -> None:
         spec.engine,
     )
     assert all(isinstance(v, str) for v in labels.values())
+
+
+def test_service_declares_hub_weights_without_downloading() -> None:
+    """service.py, imported for a hub model with the hub switched off, lists its HuggingFaceModel."""
+    spec = load_spec("qwen2.5-7b-instruct")
+    code = (
+        "import json, bentoml\n"
+        "from bentoml._internal.utils.args import set_arguments\n"
+        f"set_arguments({{'model': {spec.name!r}}})\n"
+        "import service\n"
+        "print(json.dumps([[m.model_id, m.revision] for m in service.ShardBento.models]))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "BENTOML_DO_NOT_TRACK": "true"}
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [[spec.source, spec.revision]]
