@@ -23,9 +23,9 @@ BENTOFILE = REPO / "bentofile.yaml"
 # The top-level entries a build context needs (bentofile.yaml then picks the files that go in).
 STAGED = ("bentofile.yaml", "README.md", "service.py", "shardbento", "models", "env", "pyproject.toml")
 PYTHON_VERSION = "3.11"
-# CPU images install the pinned CPU set as is; CUDA images lock env/cuda.txt against PyPI at build time.
+# CPU images install the pinned CPU set; CUDA images the committed lock of env/cuda.txt (`make cuda-lock`).
 CPU_REQUIREMENTS = "env/cpu.txt"
-CUDA_REQUIREMENTS = "env/cuda.txt"
+CUDA_REQUIREMENTS = "env/cuda.lock.txt"
 # Llama repositories also ship the original consolidated checkpoints; transformers never reads them.
 HUB_EXCLUDE = ["original/*", "*.pth", "*.gguf"]
 
@@ -80,10 +80,14 @@ def requirements_file(spec: ModelSpec) -> str:
 
 
 def image_for(spec: ModelSpec) -> Image:
-    """Python 3.11 on Debian; CPU models get the pinned CPU set, GPU models the locked CUDA set."""
+    """Python 3.11 on Debian; CPU models get the pinned CPU set, GPU models the locked CUDA set.
+
+    BentoML's own locking stays off: it would resolve torch against PyPI (the CUDA build) for CPU images
+    too, and the CUDA set is locked already.
+    """
     from bentoml.images import Image
 
-    image = Image(python_version=PYTHON_VERSION, lock_python_packages=spec.gpus > 0)
+    image = Image(python_version=PYTHON_VERSION, lock_python_packages=False)
     # BentoML adds its own `bentoml==<running version>` line; a second one would be a double requirement.
     pins = [r for r in read_requirements(REPO / requirements_file(spec)) if not r.startswith("bentoml==")]
     return image.python_packages(*pins)
