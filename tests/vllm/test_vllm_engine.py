@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,7 +34,12 @@ def tokens(engine, loop: asyncio.AbstractEventLoop, params: SamplingParams) -> l
     return loop.run_until_complete(collect())
 
 
-def test_vllm_engine_tp2_greedy_tokens_equal_transformers(loop: asyncio.AbstractEventLoop) -> None:
+def test_vllm_engine_tp2_greedy_tokens_equal_transformers(
+    loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(
+        "VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i % (os.cpu_count() or 1)) for i in range(2))
+    )
     spec = load_spec("tiny-llama").model_copy(update={"engine": "vllm", "gpus": 2})
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     hf = HFEngine.load(load_spec("tiny-llama"))
