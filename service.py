@@ -20,6 +20,7 @@ from shardbento.http.auth import ApiKeyMiddleware
 from shardbento.http.errors import ErrorShapeMiddleware, typed_errors, typed_stream_errors
 from shardbento.http.limits import BodySizeLimit, InFlightLimit, RequestIdMiddleware
 from shardbento.http.openai_app import attach_serving, create_openai_app
+from shardbento.http.openapi_doc import OpenAPIErrorShapeMiddleware
 from shardbento.http.ui import ui_app
 from shardbento.images import decode_image
 from shardbento.protocol import ChatInput, GenerateInput, ModelCard, TextOutput, Usage
@@ -199,6 +200,7 @@ class ShardBento:
 ShardBento.add_asgi_middleware(RequestIdMiddleware)
 ShardBento.add_asgi_middleware(ErrorShapeMiddleware)
 ShardBento.add_asgi_middleware(ApiKeyMiddleware)
+ShardBento.add_asgi_middleware(OpenAPIErrorShapeMiddleware)
 ShardBento.add_asgi_middleware(
     InFlightLimit, max_in_flight=SPEC.limits.max_num_seqs + SPEC.limits.max_waiting
 )

@@ -20,7 +20,7 @@ import psutil
 
 CHAT = {"messages": [{"role": "user", "content": "Tell me something."}], "max_tokens": 6}
 OVERLOAD = 429  # any request past the auth check may be refused while the server is full
-MAX_RETRIES = 20
+MAX_RETRIES = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +29,7 @@ class Outcome:
     status: int | None  # None: no response (the client timed out: a hang)
     result: str  # completed | cancelled | rejected | failed
     problem: str | None = None
+    retry_after_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -91,7 +92,8 @@ class Traffic:
         status = response.status_code
         if status == OVERLOAD and kind != "no_api_key":
             ok = "retry-after" in response.headers and _error_shaped(response)
-            return Outcome(kind, status, "rejected", None if ok else "429 without Retry-After or error shape")
+            problem = None if ok else "429 without Retry-After or error shape"
+            return Outcome(kind, status, "rejected", problem, float(response.headers.get("retry-after", 1)))
         if status not in allowed:
             return Outcome(kind, status, "failed", f"{kind}: status {status}: {response.text[:200]}")
         if status >= 400 and not _error_shaped(response):
@@ -118,7 +120,9 @@ class Traffic:
             text = (await response.aread()).decode(errors="replace")
             outcome = self._judge("v1_stream", response, (200,))
             if response.status_code == 200 and "data: [DONE]" not in text:
-                return Outcome("v1_stream", 200, "failed", "v1_stream: 200 stream without data: [DONE]")
+                return Outcome(
+                    "v1_stream", 200, "failed", f"v1_stream: 200 without data: [DONE]: {text[-300:]!r}"
+                )
             return outcome
 
     async def cancelled_stream(self) -> Outcome:
@@ -209,7 +213,7 @@ async def _one(traffic: Traffic, kind: str, gate: asyncio.Semaphore, timeout_s: 
         outcomes.append(outcome)
         if outcome.status != OVERLOAD or kind == "no_api_key":
             break
-        await asyncio.sleep(random.uniform(0.1, 0.5))
+        await asyncio.sleep(outcome.retry_after_s * random.uniform(0.5, 1.5))
     return outcomes
 
 
@@ -247,13 +251,13 @@ def measure(url: str, pid: int, api_key: str, **load: object) -> Figures:
     outcomes = asyncio.run(run_load(url, api_key=api_key, **load))  # type: ignore[arg-type]
     figures.seconds = time.monotonic() - started
     figures.requests = len(outcomes)
+    figures.by_kind.update(request[0].kind for request in outcomes)
     for outcome in (attempt for request in outcomes for attempt in request):
         figures.attempts += 1
         figures.accepted += outcome.status == 200
-        figures.by_kind[outcome.kind] += 1
         figures.by_status[str(outcome.status)] += 1
         figures.by_result[outcome.result] += 1
-        injected = outcome.kind.startswith("fault_")
+        injected = outcome.kind.startswith("fault_") and outcome.status == 500
         figures.injected_faults += injected
         if outcome.status is not None and outcome.status >= 500 and not injected:
             figures.unexpected_5xx += 1
