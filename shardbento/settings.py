@@ -32,7 +32,6 @@ class Settings:
     max_stop_strings: int = 8
     max_stop_length: int = 256
     request_timeout_s: float = 300.0
-    log_prompts: bool = False
     fault_injection: str | None = None  # test-only: see shardbento/faults.py
 
     def __repr__(self) -> str:

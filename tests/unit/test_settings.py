@@ -18,12 +18,12 @@ def test_settings_parse_every_kind_of_field() -> None:
         "SHARDBENTO_API_KEY": "k",
         "SHARDBENTO_MAX_BODY_BYTES": "2048",
         "SHARDBENTO_REQUEST_TIMEOUT_S": "2.5",
-        "SHARDBENTO_LOG_PROMPTS": "yes",
+        "SHARDBENTO_AUTH_METRICS": "yes",
         "SHARDBENTO_MAX_PROMPT_TOKENS": "100",
     }
     settings = Settings.from_env(env)
     assert (settings.api_key, settings.max_body_bytes, settings.request_timeout_s) == ("k", 2048, 2.5)
-    assert settings.log_prompts is True
+    assert settings.auth_metrics is True
     assert settings.max_prompt_tokens == 100
 
 
