@@ -23,7 +23,7 @@ from shardbento.textstream import OutputStream
 logger = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity: the queues remove this very request
 class Sequence:
     """One request inside the scheduler; `cancelled` is set from the event loop, read by the thread."""
 
