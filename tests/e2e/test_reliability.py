@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 from reliability.load import measure, report
@@ -79,3 +81,19 @@ def test_tp_dead_rank_fails_readyz_and_requests_fast(log_dir) -> None:
     assert seen["chat_after"] == 503, seen
     assert seen["chat_after_s"] < 5
     assert seen["retry_after"] is not None
+
+
+def test_limits_request_timeout_is_408(log_dir) -> None:
+    from servers import serve
+
+    timeout_s = 1
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1000}
+    with serve("tiny-llama", log_dir, env={"SHARDBENTO_REQUEST_TIMEOUT_S": str(timeout_s)}) as server:
+        started = time.monotonic()
+        response = httpx.post(f"{server.url}/chat", json=body, timeout=60)
+        elapsed_s = time.monotonic() - started
+        assert response.status_code == 408, response.text
+        assert response.json()["error"]["code"] == "request_timeout"
+        assert elapsed_s < timeout_s + 5
+        after = httpx.post(f"{server.url}/chat", json={**body, "max_tokens": 2}, timeout=60)
+        assert after.status_code == 200

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 
 import httpx
 import openai
@@ -71,8 +72,11 @@ def test_logs_request_lines_carry_the_request_id(guarded_server) -> None:
     server, config = guarded_server
     response = httpx.post(f"{server.url}/chat", json=CHAT, headers=_auth(config), timeout=60)
     request_id = response.headers["x-request-id"]
+    deadline = time.monotonic() + 10  # the access line is written once the response has gone out
+    while request_id not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
     lines = [line for line in server.log().splitlines() if request_id in line]
-    assert lines, f"no log line carries {request_id}"
+    assert lines, f"no log line carries {request_id}:\n{server.log()[-2000:]}"
 
 
 def test_limits_body_over_the_limit_is_413(guarded_server) -> None:
