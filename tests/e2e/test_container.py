@@ -79,6 +79,7 @@ def test_container_serves_chat(env: dict[str, str], record_property) -> None:
         assert answer["model"] == MODEL and answer["usage"]["completion_tokens"] >= 1
     finally:
         subprocess.run(["podman", "rm", "-f", name], env=env, capture_output=True, timeout=120)
+        subprocess.run(["podman", "rmi", "-f", image], env=env, capture_output=True, timeout=120)
     numbers = {
         "build_s": round(build_s),
         "image_gib": round(size_bytes / 2**30, 2),
