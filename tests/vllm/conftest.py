@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import sys
 from collections.abc import Iterator
@@ -12,11 +11,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from vllm_helpers import VLLM_CPU_ENV  # noqa: E402
+from vllm_helpers import VLLM_CPU_ENV, vllm_installed  # noqa: E402
 
-try:  # a distribution, not find_spec: tests/ on sys.path makes this directory a "vllm" namespace
-    importlib.metadata.distribution("vllm")
-except importlib.metadata.PackageNotFoundError:
+# Distributions, not find_spec: tests/ on sys.path makes this directory a "vllm" namespace package.
+if not vllm_installed():
     collect_ignore_glob = ["test_*.py"]
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,17 +61,25 @@ def test_vllm_engine_tp2_greedy_tokens_equal_transformers(
 def test_create_engine_auto_falls_back_when_vllm_refuses_model(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from shardbento import tiny
+    """A Llama whose config names an architecture vLLM lacks: transformers loads it by model_type."""
+    from shardbento.tiny import ensure_generated
 
-    model_dir = tmp_path / "head-dim-16"
-    tiny._build(
-        tiny.Recipe(architecture="llama", hidden_size=64, head_dim=16, intermediate_size=128), model_dir
+    model_dir = tmp_path / "unknown-arch"
+    shutil.copytree(ensure_generated("tiny-llama"), model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(
+        json.dumps({**config, "architectures": ["ShardbentoToyForCausalLM"]})
     )
-    spec = ModelSpec(name="head-dim-16", source=str(model_dir), kind="text", engine="auto", max_model_len=256)
+    spec = ModelSpec(
+        name="unknown-arch", source=str(model_dir), kind="text", engine="auto", max_model_len=256
+    )
     with caplog.at_level(logging.INFO, logger="shardbento"):
         engine = create_engine(spec)
     try:
         assert engine.info.engine == "transformers"
-        assert "fell back to transformers because vLLM refused it" in caplog.text
+        assert (
+            "fell back to transformers because vLLM has no implementation of ShardbentoToyForCausalLM"
+            in caplog.text
+        )
     finally:
         engine.close()
