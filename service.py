@@ -196,13 +196,14 @@ class ShardBento:
         )
 
 
-# Outermost first: an id for the logs, one error shape, then the cheap refusals before any body is read.
+# Outermost first: an id for the logs, then the cheap refusals before any body is read (they answer in
+# the error shape themselves, with `Connection: close`), then one error shape for everything inside.
 ShardBento.add_asgi_middleware(RequestIdMiddleware)
-ShardBento.add_asgi_middleware(ErrorShapeMiddleware)
 ShardBento.add_asgi_middleware(ApiKeyMiddleware)
-ShardBento.add_asgi_middleware(OpenAPIErrorShapeMiddleware)
 ShardBento.add_asgi_middleware(
     InFlightLimit, max_in_flight=SPEC.limits.max_num_seqs + SPEC.limits.max_waiting
 )
 ShardBento.add_asgi_middleware(BodySizeLimit)
+ShardBento.add_asgi_middleware(ErrorShapeMiddleware)
+ShardBento.add_asgi_middleware(OpenAPIErrorShapeMiddleware)
 ShardBento.add_asgi_middleware(FaultInjectionMiddleware)

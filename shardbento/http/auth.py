@@ -8,7 +8,8 @@ import logging
 from typing import Any
 
 from shardbento.errors import Unauthorized
-from shardbento.http.errors import ASGIApp, error_response
+from shardbento.http.errors import ASGIApp
+from shardbento.http.limits import reject_unread
 from shardbento.http.ui import PUBLIC_PATHS as UI_PATHS
 from shardbento.settings import Settings
 
@@ -41,7 +42,7 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         logger.info("rejected %s %s: %s", scope.get("method"), scope.get("path"), problem)
-        await error_response(Unauthorized(problem))(scope, receive, send)
+        await reject_unread(Unauthorized(problem), scope, receive, send)
 
     def _problem(self, scope: dict[str, Any]) -> str | None:
         headers = [v for k, v in scope.get("headers", []) if k.lower() == b"authorization"]

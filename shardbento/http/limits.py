@@ -15,8 +15,12 @@ logger = logging.getLogger(__name__)
 REQUEST_ID_HEADER = b"x-request-id"
 
 
-async def _reject(exc: ShardbentoError, scope: dict[str, Any], receive: Any, send: Any) -> None:
-    await error_response(exc)(scope, receive, send)
+async def reject_unread(exc: ShardbentoError, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Answer without reading the request body; `Connection: close`, since the unread rest of the body
+    would otherwise be taken for the next request on a kept-alive connection."""
+    response = error_response(exc)
+    response.headers["connection"] = "close"
+    await response(scope, receive, send)
 
 
 class RequestIdMiddleware:
@@ -66,7 +70,7 @@ class BodySizeLimit:
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
-            await _reject(self._too_large(declared), scope, receive, send)
+            await reject_unread(self._too_large(declared), scope, receive, send)
             return
         received = 0
         started = False
@@ -90,7 +94,7 @@ class BodySizeLimit:
         except PayloadTooLarge as exc:
             if started:
                 raise
-            await _reject(exc, scope, receive, send)
+            await reject_unread(exc, scope, receive, send)
 
 
 class InFlightLimit:
@@ -119,7 +123,7 @@ class InFlightLimit:
                 f"retry after {self.retry_after_s} s",
                 retry_after_s=self.retry_after_s,
             )
-            await _reject(overloaded, scope, receive, send)
+            await reject_unread(overloaded, scope, receive, send)
             return
         self.in_flight += 1
         try:

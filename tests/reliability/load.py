@@ -37,6 +37,7 @@ class Figures:
     requests: int = 0
     attempts: int = 0
     accepted: int = 0
+    gave_up: int = 0  # logical requests still refused (429) after MAX_RETRIES retries
     by_kind: Counter = field(default_factory=Counter)
     by_status: Counter = field(default_factory=Counter)
     by_result: Counter = field(default_factory=Counter)
@@ -230,7 +231,10 @@ async def run_load(
     seed: int = 0,
 ) -> list[list[Outcome]]:
     """Every logical request's attempts (all but the last were 429s)."""
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    # Idle connections are dropped before uvicorn's 5 s keep-alive timeout closes them under our feet.
+    limits = httpx.Limits(
+        max_connections=concurrency, max_keepalive_connections=concurrency, keepalive_expiry=2
+    )
     async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
         traffic = Traffic(client, model, api_key, max_body_bytes, faults)
         names = sorted(traffic.kinds)
@@ -252,6 +256,7 @@ def measure(url: str, pid: int, api_key: str, **load: object) -> Figures:
     figures.seconds = time.monotonic() - started
     figures.requests = len(outcomes)
     figures.by_kind.update(request[0].kind for request in outcomes)
+    figures.gave_up = sum(request[-1].status == OVERLOAD for request in outcomes)
     for outcome in (attempt for request in outcomes for attempt in request):
         figures.attempts += 1
         figures.accepted += outcome.status == 200
@@ -280,6 +285,7 @@ def report(figures: Figures) -> str:
         f"accepted (200)        {figures.accepted}: every one completed or cancelled by its client"
         if not figures.problems
         else f"accepted (200)        {figures.accepted}",
+        f"still 429 after {MAX_RETRIES} retries: {figures.gave_up} (overload answered, nothing lost)",
         f"kinds of request      {len(figures.by_kind)}: {json.dumps(dict(sorted(figures.by_kind.items())))}",
         f"statuses              {json.dumps(dict(sorted(figures.by_status.items())))}",
         f"outcomes              {json.dumps(dict(sorted(figures.by_result.items())))}",
