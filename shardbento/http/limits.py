@@ -13,14 +13,32 @@ from shardbento.settings import Settings
 logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = b"x-request-id"
+DRAIN_LIMIT_BYTES = 256 * 1024  # a refused body up to this size is read and dropped, not left unread
 
 
 async def reject_unread(exc: ShardbentoError, scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """Answer without reading the request body; `Connection: close`, since the unread rest of the body
-    would otherwise be taken for the next request on a kept-alive connection."""
+    """Answer a request refused before it was parsed. A small body is read and dropped first (bytes,
+    no parsing): a socket closed with unread data is reset, and the client would see a connection
+    error instead of this answer. A larger one is left unread and the connection closed after."""
     response = error_response(exc)
-    response.headers["connection"] = "close"
+    if not await _drained(scope, receive):
+        response.headers["connection"] = "close"
     await response(scope, receive, send)
+
+
+async def _drained(scope: dict[str, Any], receive: Any) -> bool:
+    declared = _content_length(scope)
+    if declared is not None and declared > DRAIN_LIMIT_BYTES:
+        return False
+    received = 0
+    while received <= DRAIN_LIMIT_BYTES:
+        message = await receive()
+        if message["type"] != "http.request":
+            return False
+        received += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return True
+    return False
 
 
 class RequestIdMiddleware:
