@@ -9,6 +9,7 @@ TAG=${TAG:-docker.io/library/python:3.11-slim}
 WHEELS=${WHEELS:-/opt/wheels}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 UV=${UV:-$(command -v uv || echo .venv/bin/uv)}
+HOST_CA=${HOST_CA:-/etc/ssl/certs/ca-certificates.crt}
 ROOT=$(mktemp -d /var/tmp/shardbento-rootfs.XXXXXX)
 trap 'rm -rf "$ROOT"' EXIT
 
@@ -18,11 +19,15 @@ debootstrap --variant=minbase \
   bookworm "$ROOT" "$MIRROR"
 ln -sf python3 "$ROOT/usr/bin/python"
 install -m 0755 "$UV" "$ROOT/usr/local/bin/uv"
+# Hosts behind a TLS-inspecting proxy trust its CA through their own bundle: the image needs the same one.
+if [ -f "$HOST_CA" ]; then cp "$HOST_CA" "$ROOT/etc/ssl/certs/ca-certificates.crt"; fi
 mkdir -p "$ROOT/opt/wheels"
 cp "$WHEELS"/torch-*cpu*.whl "$ROOT/opt/wheels/" 2>/dev/null || true
 rm -rf "$ROOT"/var/lib/apt/lists/* "$ROOT"/var/cache/apt/archives/*.deb
 tar -C "$ROOT" -c . | podman import \
   --change 'ENV PATH=/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin' \
   --change 'ENV UV_FIND_LINKS=/opt/wheels' \
+  --change 'ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt' \
+  --change 'ENV UV_NATIVE_TLS=1' \
   --change 'CMD ["python3"]' - "$TAG"
 echo "built $TAG"
