@@ -34,7 +34,14 @@ def _create_vllm_engine(spec: ModelSpec) -> Engine | None:
     from shardbento.engine.selection import choose_engine
 
     choice = choose_engine(spec, resolve_source(spec))
-    logger.info("model %s: %s engine (%s)", spec.name, choice.name, choice.reason)
+    fell_back = choice.name == "transformers"  # only auto falls back; a warning so it shows by default
+    logger.log(
+        logging.WARNING if fell_back else logging.INFO,
+        "model %s: %s engine (%s)",
+        spec.name,
+        choice.name,
+        choice.reason,
+    )
     if choice.name == "transformers":
         return None
     from shardbento.engine.vllm_engine import VLLMEngine

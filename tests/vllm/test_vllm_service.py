@@ -24,7 +24,10 @@ def hf_server(log_dir: Path) -> Iterator[Server]:
 @pytest.fixture(scope="module")
 def vllm_server(log_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     catalog = write_catalog(tmp_path_factory.mktemp("catalog"), MODEL, engine="vllm")
-    env = {"SHARDBENTO_CATALOG": str(catalog), **VLLM_CPU_ENV}
+    # Its own BentoML home: every `bentoml serve` wipes its home's Prometheus directory when it starts,
+    # so a server started later (the transformers one, or another checkout's) would erase our metrics.
+    home = tmp_path_factory.mktemp("bentoml-home")
+    env = {"SHARDBENTO_CATALOG": str(catalog), "BENTOML_HOME": str(home), **VLLM_CPU_ENV}
     with serve(MODEL, log_dir, env=env, ready_timeout_s=300) as server:
         yield server
 
