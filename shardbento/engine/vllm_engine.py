@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
@@ -43,19 +42,6 @@ def _load_prompts(spec: ModelSpec, path: str) -> LoadedModel:
         devices=(),
         parallel="none",
     )
-
-
-def share_metrics_with_bentoml() -> None:
-    """Make the metrics vLLM creates land in BentoML's /metrics.
-
-    BentoML serves /metrics from the PROMETHEUS_MULTIPROC_DIR files; prometheus_client picks file or
-    memory storage when first imported, which here can be before BentoML set the directory, and then
-    vLLM's `vllm:*` metrics would stay in this process's memory, invisible to /metrics.
-    """
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import values
-
-        values.ValueClass = values.get_value_class()
 
 
 def known_engine_args() -> set[str]:
@@ -112,7 +98,6 @@ class VLLMEngine:
         kwargs = engine_kwargs(spec, path, known_engine_args())
         prompts = _load_prompts(spec, path)
         logger.info("starting vLLM for %s: %s", spec.name, kwargs)
-        share_metrics_with_bentoml()
         llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         return cls(spec, llm, prompts, kwargs)
 
