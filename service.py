@@ -57,7 +57,9 @@ def _output(completion: Completion) -> TextOutput:
 @bentoml.service(
     name="shardbento",
     resources=SPEC.resources(),
-    traffic={"timeout": 600, "max_concurrency": SPEC.limits.max_concurrency()},
+    # No traffic.max_concurrency: BentoML's check runs outside our middlewares and answers a bare 429
+    # (no Retry-After, not OpenAI's shape) counting even the requests InFlightLimit refuses cheaply.
+    traffic={"timeout": 600},
     labels=bento_labels(SPEC),
     image=image_for(SPEC),
 )
