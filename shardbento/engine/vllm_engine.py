@@ -11,7 +11,7 @@ from typing import Any
 from shardbento.catalog import ModelSpec
 from shardbento.engine.base import ChatMessage, Delta, EngineInfo, Prompt, SamplingParams, TokenLogprob
 from shardbento.engine.loading import LoadedModel, collect_eos_ids, resolve_source
-from shardbento.engine.vllm_args import engine_kwargs
+from shardbento.engine.vllm_args import engine_kwargs, static_refusal
 from shardbento.textstream import OutputStream
 
 logger = logging.getLogger(__name__)
@@ -91,6 +91,11 @@ class VLLMEngine:
 
     @classmethod
     def load(cls, spec: ModelSpec) -> VLLMEngine:
+        refusal = static_refusal(spec)
+        if refusal:  # before importing vLLM or touching weights
+            raise ValueError(
+                f"model {spec.name} has engine: vllm but {refusal}; set engine: transformers or auto"
+            )
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 

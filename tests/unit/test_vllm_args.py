@@ -106,3 +106,10 @@ def test_create_engine_auto_without_vllm_serves_transformers(caplog: pytest.LogC
         assert "fell back to transformers because vllm is not importable" in caplog.text
     finally:
         engine.close()
+
+
+def test_vllm_engine_load_refuses_vision_entry_before_loading() -> None:
+    from shardbento.engine.vllm_engine import VLLMEngine
+
+    with pytest.raises(ValueError, match="engine: vllm but the vLLM engine serves text models only"):
+        VLLMEngine.load(spec(kind="vision", engine="vllm"))
