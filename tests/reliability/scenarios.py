@@ -103,15 +103,15 @@ def sigterm_drain(log_dir: Path, grace_s: int = 8) -> dict[str, object]:
     args = ["--timeout-graceful-shutdown", str(grace_s)]
     results: dict[str, object] = {}
     with serve("tiny-llama", log_dir, args=args) as server:
-        short_started = threading.Event()
+        short_started, long_started = threading.Event(), threading.Event()
         threads = [
             threading.Thread(target=_stream, args=(server.url, 24, "short", results, short_started)),
-            threading.Thread(target=_stream, args=(server.url, 1000, "long", results, None)),
+            threading.Thread(target=_stream, args=(server.url, 1000, "long", results, long_started)),
         ]
         threads[0].start()
         short_started.wait(60)
         threads[1].start()
-        time.sleep(0.5)
+        long_started.wait(60)  # both streams are under way when the signal comes
         signalled = time.monotonic()
         os.killpg(server.process.pid, signal.SIGTERM)
         server.process.wait(timeout=grace_s + 60)
@@ -123,21 +123,19 @@ def sigterm_drain(log_dir: Path, grace_s: int = 8) -> dict[str, object]:
     return results
 
 
-def _stream(url: str, max_tokens: int, name: str, results: dict, started: threading.Event | None) -> None:
+def _stream(url: str, max_tokens: int, name: str, results: dict, started: threading.Event) -> None:
     body = {**CHAT, "max_tokens": max_tokens}
     chunks = 0
     try:
         with httpx.stream("POST", f"{url}/chat_stream", json=body, timeout=120) as response:
             for _ in response.iter_raw():
                 chunks += 1
-                if started is not None:
-                    started.set()
+                started.set()
         results[name] = {"status": response.status_code, "chunks": chunks, "complete": True}
     except httpx.HTTPError as exc:
         results[name] = {"chunks": chunks, "complete": False, "error": type(exc).__name__}
     finally:
-        if started is not None:
-            started.set()
+        started.set()
 
 
 def dead_rank(log_dir: Path) -> dict[str, object]:
