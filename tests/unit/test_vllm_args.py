@@ -113,3 +113,9 @@ def test_vllm_engine_load_refuses_vision_entry_before_loading() -> None:
 
     with pytest.raises(ValueError, match="engine: vllm but the vLLM engine serves text models only"):
         VLLMEngine.load(spec(kind="vision", engine="vllm"))
+
+
+def test_engine_kwargs_cpu_tensor_parallel_world_from_gpus() -> None:
+    entry = spec(engine="vllm", gpus=2, device="cpu", parallel="tensor")
+    kwargs = engine_kwargs(entry, "org/model", KNOWN)
+    assert (kwargs["tensor_parallel_size"], kwargs["dtype"]) == (entry.gpus, "float32")

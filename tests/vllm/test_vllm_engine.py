@@ -42,7 +42,7 @@ def test_vllm_engine_tp2_greedy_tokens_equal_transformers(
     monkeypatch.setenv(
         "VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i % (os.cpu_count() or 1)) for i in range(2))
     )
-    spec = load_spec("tiny-llama").model_copy(update={"engine": "vllm", "gpus": 2})
+    spec = load_spec("tiny-llama-tp2").model_copy(update={"engine": "vllm"})  # 2 CPU ranks
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     hf = HFEngine.load(load_spec("tiny-llama"))
     try:
