@@ -20,8 +20,9 @@ def test_catalog_resources_follow_gpus() -> None:
     for name in list_names():
         spec = load_spec(name)
         resources = spec.resources()
-        if spec.gpus == 0:
+        if spec.num_gpus == 0:  # CPU specs (gpus: 0, or CPU tensor-parallel ranks) reserve no GPU
             assert "gpu" not in resources
+            assert spec.world_size == max(spec.gpus, 1)
         else:
             assert resources["gpu"] == spec.gpus
             assert resources.get("gpu_type") == spec.gpu_type
