@@ -61,10 +61,6 @@ class ServingLimits(BaseModel):
         512, ge=16, description="Prompt tokens prefilled per step (chunked prefill)."
     )
 
-    def max_concurrency(self, headroom: int = 16) -> int:
-        """BentoML's `traffic.max_concurrency`: above our own 429 so clients see ours, not a 503."""
-        return self.max_num_seqs + self.max_waiting + headroom
-
 
 # Engine arguments the catalog sets through its own fields; extra_args may not repeat them.
 VLLM_MANAGED_ARGS = (
