@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -66,6 +67,29 @@ class Delta:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+
+
+class DeltaChannel:
+    """Carries one request's Deltas (or the exception that ended it) from an engine thread to the event loop.
+
+    Create it on the event loop; `emit` is safe from any thread; `deltas()` ends after the finishing Delta.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
+
+    def emit(self, item: Delta | BaseException) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    async def deltas(self) -> AsyncIterator[Delta]:
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finish_reason is not None:
+                return
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 
 from shardbento.catalog import ModelSpec
-from shardbento.engine.base import ChatMessage, Delta, EngineInfo, Prompt, SamplingParams
+from shardbento.engine.base import ChatMessage, Delta, DeltaChannel, EngineInfo, Prompt, SamplingParams
 from shardbento.engine.loading import LoadedModel, load_model
-from shardbento.engine.sampler import RequestSampler
+from shardbento.engine.sampler import RequestSampler, forced_generate_kwargs
 from shardbento.engine.scheduler import Scheduler, Sequence
 from shardbento.metrics import RequestMetrics
 from shardbento.textstream import OutputStream
@@ -121,27 +121,17 @@ class HFEngine:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def stream(self, prompt: Prompt, params: SamplingParams, request_id: str) -> AsyncIterator[Delta]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
-
-        def emit(item: Delta | BaseException) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
+        channel = DeltaChannel()
         output = OutputStream(self.tokenizer, prompt.token_ids, params, self._loaded.eos_token_ids)
         if self._scheduler is not None and prompt.num_images == 0:
-            async for delta in self._stream_batched(prompt, params, request_id, output, emit, queue):
+            async for delta in self._stream_batched(prompt, params, request_id, output, channel):
                 yield delta
             return
-        job = _Job(prompt=prompt, params=params, output=output, emit=emit)
-        loop.run_in_executor(self._executor, self._run, job, request_id)
+        job = _Job(prompt=prompt, params=params, output=output, emit=channel.emit)
+        asyncio.get_running_loop().run_in_executor(self._executor, self._run, job, request_id)
         try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
+            async for delta in channel.deltas():
+                yield delta
         finally:
             job.cancelled.set()
 
@@ -151,20 +141,14 @@ class HFEngine:
         params: SamplingParams,
         request_id: str,
         output: OutputStream,
-        emit: Any,
-        queue: Any,
+        channel: DeltaChannel,
     ) -> AsyncIterator[Delta]:
         sampler = RequestSampler(params, eos_ids=self._loaded.eos_token_ids, decode=self._loaded.token_text)
-        seq = Sequence(request_id, list(prompt.token_ids), sampler, output, emit)
+        seq = Sequence(request_id, list(prompt.token_ids), sampler, output, channel.emit)
         self._scheduler.submit(seq)
         try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
+            async for delta in channel.deltas():
+                yield delta
         finally:
             if not output.finished:
                 seq.cancelled = True  # leaves the batch at the next step
@@ -187,16 +171,9 @@ class HFEngine:
         with torch.inference_mode():
             self.model.generate(
                 **inputs,
-                max_new_tokens=params.max_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                num_beams=1,
-                repetition_penalty=None,
-                eos_token_id=None if params.ignore_eos else sorted(self._loaded.eos_token_ids),
-                pad_token_id=self._loaded.pad_token_id,
-                logits_processor=[sampler],
+                **forced_generate_kwargs(
+                    sampler, params, self._loaded.eos_token_ids, self._loaded.pad_token_id
+                ),
                 stopping_criteria=[_StopWhenDone(job)],
                 streamer=_JobStreamer(job, sampler),
             )

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import secrets
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -108,3 +109,21 @@ class RequestSampler:
 
     def pop_logprob(self) -> TokenLogprob | None:
         return self._logprobs.popleft() if self._logprobs else None
+
+
+def forced_generate_kwargs(
+    sampler: RequestSampler, params: SamplingParams, eos_ids: Iterable[int], pad_token_id: int
+) -> dict[str, Any]:
+    """generate() settings under which `sampler` alone picks every token: greedy, no built-in processors."""
+    return {
+        "max_new_tokens": params.max_tokens,
+        "do_sample": False,
+        "temperature": None,
+        "top_p": None,
+        "top_k": None,
+        "num_beams": 1,
+        "repetition_penalty": None,
+        "eos_token_id": None if params.ignore_eos else sorted(eos_ids),
+        "pad_token_id": pad_token_id,
+        "logits_processor": [sampler],
+    }

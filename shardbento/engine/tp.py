@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from shardbento.catalog import ModelSpec
-from shardbento.engine.base import ChatMessage, Delta, EngineInfo, Prompt, SamplingParams
+from shardbento.engine.base import ChatMessage, Delta, DeltaChannel, EngineInfo, Prompt, SamplingParams
 from shardbento.engine.loading import LoadedModel, collect_eos_ids, resolve_dtype, resolve_source
 from shardbento.engine.tp_worker import STOP, GenerateCall, RankConfig, run_rank
 from shardbento.errors import GenerationFailed, NotReady
@@ -177,24 +177,16 @@ class TPEngine:
             raise NotReady(f"model {self.spec.name!r} is not serving: {self.failure or 'shutting down'}")
         if not params.greedy and params.seed is None:  # one seed for all ranks, so their samples agree
             params = dataclasses.replace(params, seed=secrets.randbits(63))
-        loop = asyncio.get_running_loop()
-        deltas: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
+        channel = DeltaChannel()
         cancelled = threading.Event()
-
-        def emit(item: Delta | BaseException) -> None:
-            loop.call_soon_threadsafe(deltas.put_nowait, item)
-
         output = OutputStream(self._loaded.tokenizer, prompt.token_ids, params, self._loaded.eos_token_ids)
         call = GenerateCall(request_id=request_id, inputs=dict(prompt.inputs), params=params)
-        loop.run_in_executor(self._executor, self._run, call, output, emit, cancelled)
+        asyncio.get_running_loop().run_in_executor(
+            self._executor, self._run, call, output, channel.emit, cancelled
+        )
         try:
-            while True:
-                item = await deltas.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
+            async for delta in channel.deltas():
+                yield delta
         finally:
             cancelled.set()
 

@@ -151,7 +151,7 @@ def _generate(
 ) -> None:
     import torch
 
-    from shardbento.engine.sampler import RequestSampler
+    from shardbento.engine.sampler import RequestSampler, forced_generate_kwargs
 
     device = model.device
     inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in call.inputs.items()}
@@ -162,16 +162,7 @@ def _generate(
         with torch.inference_mode():
             model.generate(
                 **inputs,
-                max_new_tokens=params.max_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                num_beams=1,
-                repetition_penalty=None,
-                eos_token_id=None if params.ignore_eos else sorted(config.eos_token_ids),
-                pad_token_id=config.pad_token_id,
-                logits_processor=[sampler],
+                **forced_generate_kwargs(sampler, params, config.eos_token_ids, config.pad_token_id),
                 stopping_criteria=[_SyncedStop(cancel, config.device)],
                 streamer=streamer,
             )
