@@ -15,30 +15,14 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-WORDS = [
-    "time",
-    "year",
-    "people",
-    "way",
-    "day",
-    "man",
-    "thing",
-    "woman",
-    "life",
-    "child",
-    "world",
-    "school",
-    "state",
-    "family",
-    "student",
-]
+from shardbento.bench.loadgen import PROMPT_WORDS
 
 
 def prompts(tokenizer, count: int, input_tokens: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     out = []
     for _ in range(count):
-        text = " ".join(rng.choice(WORDS) for _ in range(input_tokens))
+        text = " ".join(rng.choice(PROMPT_WORDS) for _ in range(input_tokens))
         messages = [{"role": "user", "content": text}]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids

@@ -181,7 +181,8 @@ def baseline(model_dir: Path, args: argparse.Namespace) -> dict:
     command = [sys.executable, str(REPO / "benchmarks" / "generate_baseline.py"), str(model_dir)]
     command += ["--levels", args.levels, "--input-tokens", str(args.input_tokens)]
     command += ["--output-tokens", str(args.output_tokens)]
-    done = subprocess.run(command, capture_output=True, text=True, check=True, timeout=3600)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # the script imports the bench's prompt words
+    done = subprocess.run(command, capture_output=True, text=True, check=True, timeout=3600, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

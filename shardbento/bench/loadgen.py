@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 # Short common words: most tokenizers give each one or two tokens.
-_WORDS = [
+PROMPT_WORDS = [
     "time",
     "year",
     "people",
@@ -97,7 +97,7 @@ def chat_url(base: str) -> str:
 
 
 def make_prompt(num_words: int, rng: random.Random) -> str:
-    return " ".join(rng.choice(_WORDS) for _ in range(num_words))
+    return " ".join(rng.choice(PROMPT_WORDS) for _ in range(num_words))
 
 
 def request_body(target: Target, prompt: str, output_tokens: int) -> dict[str, Any]:
