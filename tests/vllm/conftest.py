@@ -11,7 +11,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from vllm_helpers import VLLM_CPU_ENV, vllm_installed  # noqa: E402
+from installed import vllm_installed  # noqa: E402
+from vllm_helpers import VLLM_CPU_ENV  # noqa: E402
 
 # Distributions, not find_spec: tests/ on sys.path makes this directory a "vllm" namespace package.
 if not vllm_installed():

