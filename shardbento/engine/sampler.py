@@ -72,6 +72,11 @@ class RequestSampler:
         """Whether select() must see the ids so far (only the repetition penalty reads them)."""
         return self._params.repetition_penalty != 1.0
 
+    @property
+    def is_plain_greedy(self) -> bool:
+        """Greedy with nothing per-row but the EOS block: select_tokens() batches these rows."""
+        return self._generator is None and self._params.logprobs is None and not self.needs_history
+
     def select(self, scores: torch.Tensor, seen_ids: list[int] | None = None) -> int:
         """The next token for one request from its row of a batch's logits ([vocab] or [1, vocab])."""
         scores = scores.reshape(1, -1)
@@ -83,7 +88,8 @@ class RequestSampler:
         raw_logprobs = logits.log_softmax(dim=-1) if self._params.logprobs is not None else None
         if input_ids.shape[-1]:
             logits = apply_repetition_penalty(logits, input_ids, self._params.repetition_penalty)
-        if self._num_generated < self._params.min_tokens and self._eos_ids:
+        if self.blocks_eos:
+            logits = logits.clone()  # float() of float32 logits is the caller's tensor: never write into it
             logits[:, self._eos_ids] = float("-inf")
         chosen = self._choose(logits)
         self._num_generated += 1
@@ -107,8 +113,43 @@ class RequestSampler:
             top = tuple((self._decode(int(i)), float(v)) for v, i in zip(values, ids, strict=True))
         return TokenLogprob(token=self._decode(token_id), logprob=float(logprobs[token_id]), top=top)
 
+    @property
+    def eos_ids(self) -> list[int]:
+        return self._eos_ids
+
+    @property
+    def blocks_eos(self) -> bool:
+        """Whether EOS ids are still masked (min_tokens not reached yet)."""
+        return bool(self._eos_ids) and self._num_generated < self._params.min_tokens
+
+    def count_token(self) -> None:
+        """Record a token chosen for this request outside _pick (a batched greedy row)."""
+        self._num_generated += 1
+
     def pop_logprob(self) -> TokenLogprob | None:
         return self._logprobs.popleft() if self._logprobs else None
+
+
+def select_tokens(
+    samplers: list[RequestSampler], logits: torch.Tensor, histories: list[list[int] | None]
+) -> list[int]:
+    """The next token of every row of a batch's logits: plain greedy rows in one argmax, others each
+    by its own sampler (its generator, penalties, logprobs). Same tokens as select() row by row."""
+    tokens = [0] * len(samplers)
+    plain = [i for i, sampler in enumerate(samplers) if sampler.is_plain_greedy]
+    if plain:
+        rows = logits[plain].float()
+        blocked = [j for j, i in enumerate(plain) if samplers[i].blocks_eos]
+        if blocked:
+            eos = torch.tensor(samplers[plain[blocked[0]]].eos_ids, device=rows.device)
+            rows[torch.tensor(blocked, device=rows.device)[:, None], eos[None, :]] = float("-inf")
+        for i, token in zip(plain, rows.argmax(dim=-1).tolist(), strict=True):
+            samplers[i].count_token()
+            tokens[i] = token
+    for i, sampler in enumerate(samplers):
+        if not sampler.is_plain_greedy:
+            tokens[i] = sampler.select(logits[i], histories[i])
+    return tokens
 
 
 def forced_generate_kwargs(
