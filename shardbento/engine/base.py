@@ -82,6 +82,23 @@ class DeltaChannel:
     def emit(self, item: Delta | BaseException) -> None:
         self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
+    @staticmethod
+    def emit_all(items: list[tuple[DeltaChannel, Delta | BaseException]]) -> list[DeltaChannel]:
+        """Hand many items over with one wake-up per event loop (a whole step's tokens at once).
+
+        Returns the channels whose event loop is gone (closed while its process shuts down).
+        """
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[DeltaChannel, Delta | BaseException]]] = {}
+        for channel, item in items:
+            by_loop.setdefault(channel._loop, []).append((channel, item))
+        gone: list[DeltaChannel] = []
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:
+                gone.extend(channel for channel, _ in batch)
+        return gone
+
     async def deltas(self) -> AsyncIterator[Delta]:
         while True:
             item = await self._queue.get()
@@ -90,6 +107,11 @@ class DeltaChannel:
             yield item
             if item.finish_reason is not None:
                 return
+
+
+def _put_all(batch: list[tuple[DeltaChannel, Delta | BaseException]]) -> None:
+    for channel, item in batch:
+        channel._queue.put_nowait(item)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ import torch
 from shardbento.catalog import ModelSpec
 from shardbento.engine.base import ChatMessage, Delta, DeltaChannel, EngineInfo, Prompt, SamplingParams
 from shardbento.engine.loading import LoadedModel, load_model
+from shardbento.engine.runner import ModelRunner
 from shardbento.engine.sampler import RequestSampler, forced_generate_kwargs
 from shardbento.engine.scheduler import Scheduler, Sequence
 from shardbento.metrics import RequestMetrics
@@ -83,7 +84,8 @@ class HFEngine:
         self._metrics = RequestMetrics(spec.name)
         self._scheduler: Scheduler | None = None
         if spec.kind == "text":
-            self._scheduler = Scheduler(loaded.model, spec.limits, spec.max_model_len, self._metrics)
+            runner = ModelRunner(loaded.model, spec.limits.max_num_seqs, spec.max_model_len)
+            self._scheduler = Scheduler(runner, spec.limits, self._metrics)
         self.info = EngineInfo(
             model=spec.name,
             kind=spec.kind,
@@ -144,7 +146,7 @@ class HFEngine:
         channel: DeltaChannel,
     ) -> AsyncIterator[Delta]:
         sampler = RequestSampler(params, eos_ids=self._loaded.eos_token_ids, decode=self._loaded.token_text)
-        seq = Sequence(request_id, list(prompt.token_ids), sampler, output, channel.emit)
+        seq = Sequence(request_id, list(prompt.token_ids), sampler, output, channel)
         self._scheduler.submit(seq)
         try:
             async for delta in channel.deltas():

@@ -54,14 +54,15 @@ class SlotKVCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._kv_len
 
-    def load(self, slot: int, prefill_cache: Any) -> None:
-        """Copy a finished prefill (a batch-1 transformers cache) into `slot`."""
-        length = prefill_cache.get_seq_length()
+    def load(self, slot: int, prefill_cache: Any, row: int = 0, offset: int = 0) -> None:
+        """Copy row `row` of a finished prefill (a transformers cache) into `slot`, skipping `offset`
+        left-padding positions."""
+        length = prefill_cache.get_seq_length() - offset
         self._ensure_capacity(length)
         for layer_idx, layer in enumerate(prefill_cache.layers):
             keys, values = self._layer(layer_idx, layer.keys)
-            keys[slot, :, :length] = layer.keys[0]
-            values[slot, :, :length] = layer.values[0]
+            keys[slot, :, :length] = layer.keys[row, :, offset:]
+            values[slot, :, :length] = layer.values[row, :, offset:]
         self.lengths[slot] = length
 
     def move(self, source: int, target: int) -> None:

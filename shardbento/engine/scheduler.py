@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -13,9 +14,9 @@ from typing import Any
 import torch
 
 from shardbento.catalog import ServingLimits
-from shardbento.engine.base import Delta
-from shardbento.engine.kvslots import SlotKVCache
-from shardbento.engine.sampler import RequestSampler
+from shardbento.engine.base import Delta, DeltaChannel
+from shardbento.engine.runner import ModelRunner, PrefillChunk, release_moves
+from shardbento.engine.sampler import RequestSampler, select_tokens
 from shardbento.errors import Overloaded
 from shardbento.metrics import RequestMetrics
 from shardbento.textstream import OutputStream
@@ -23,44 +24,56 @@ from shardbento.textstream import OutputStream
 logger = logging.getLogger(__name__)
 
 
+Outbox = list[tuple[Any, Delta | BaseException]]
+
+
 @dataclass(slots=True, eq=False)  # identity: the queues remove this very request
 class Sequence:
-    """One request inside the scheduler; `cancelled` is set from the event loop, read by the thread."""
+    """One request inside the scheduler; `cancelled` is set from the event loop, read by the thread.
+
+    `channel` is where the scheduler's `deliver` function hands this request's Deltas (a
+    DeltaChannel in the service process).
+    """
 
     request_id: str
     prompt_ids: list[int]
     sampler: RequestSampler
     output: OutputStream
-    emit: Callable[[Delta | BaseException], None]
+    channel: Any
     arrival_s: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     history: list[int] = field(default_factory=list)
-    prefill_cache: Any = None
     num_prefilled: int = 0
     next_token: int = -1
     last_token_s: float = 0.0
+    seq_id: int = field(default_factory=itertools.count().__next__)  # unique; request ids may repeat
 
 
 class Scheduler:
-    """Iteration-level batching over a SlotKVCache, in the style of vLLM's scheduler.
+    """Iteration-level batching over a ModelRunner, in the style of vLLM's scheduler.
 
-    Each step first prefills waiting requests (FIFO, at most `max_prefill_tokens` prompt tokens, a
-    long prompt spread over several steps so running streams never stall long), then decodes one
-    token for every running sequence in one forward pass. Finished and cancelled sequences leave at
-    the end of the step that sees them. One thread owns the model: forward passes never overlap.
+    Each step first prefills waiting requests (FIFO, at most `max_prefill_tokens` padded prompt
+    tokens: fresh prompts together in one forward, a long prompt alone, spread over several steps so
+    running streams never stall long), then decodes one token for every running sequence in one
+    forward pass. Finished and cancelled sequences leave at the end of the step that sees them; the
+    step's Deltas go out together at its end (one event-loop wake-up per step, not per token). One
+    thread owns the model: forward passes never overlap.
     """
 
     def __init__(
-        self, model: Any, limits: ServingLimits, max_model_len: int, metrics: RequestMetrics
+        self,
+        runner: ModelRunner,
+        limits: ServingLimits,
+        metrics: RequestMetrics,
+        deliver: Callable[[Outbox], list[Any]] = DeltaChannel.emit_all,
     ) -> None:
-        self._model = model
+        self._runner = runner
         self._limits = limits
         self._metrics = metrics
-        self._kv = SlotKVCache(limits.max_num_seqs, max_model_len)
-        self._device = model.get_input_embeddings().weight.device
-        self._additive_mask = getattr(model.config, "_attn_implementation", "sdpa") == "eager"
+        self._deliver = deliver
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
+        self._outbox: list[tuple[Sequence, Delta | BaseException]] = []
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="shardbento-scheduler", daemon=True)
@@ -111,20 +124,23 @@ class Scheduler:
             except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
                 logger.exception("engine step failed; failing %d requests", len(self._running))
                 self._fail_all(exc)
+            self._flush()
 
     def _step(self) -> None:
         self._drop_cancelled()
         self._prefill()
         if self._running:
-            self._decode()
+            logits = self._runner.decode([seq.next_token for seq in self._running])
+            self._advance(list(range(len(self._running))), logits)
         self._metrics.running.set(len(self._running))
         self._metrics.waiting.set(len(self._waiting))
-        self._metrics.kv_usage.set(self._kv.usage())
+        self._metrics.kv_usage.set(self._runner.kv.usage())
 
     def _drop_cancelled(self) -> None:
         with self._wake:
             for seq in [s for s in self._waiting if s.cancelled]:
                 self._waiting.remove(seq)
+                self._runner.drop(seq.seq_id)
                 self._metrics.finished("abort")
         gone = [i for i, seq in enumerate(self._running) if seq.cancelled]
         for _ in gone:
@@ -132,75 +148,70 @@ class Scheduler:
         self._release(gone)
 
     def _prefill(self) -> None:
-        budget = self._limits.max_prefill_tokens
-        while budget > 0 and self._waiting and self._free_slots() > 0:
-            seq = self._waiting[0]
-            if seq.prefill_cache is None:
-                self._metrics.queue.observe(time.monotonic() - seq.arrival_s)
-            chunk = seq.prompt_ids[seq.num_prefilled : seq.num_prefilled + budget]
-            logits = self._prefill_chunk(seq, chunk)
-            budget -= len(chunk)
-            if seq.num_prefilled < len(seq.prompt_ids):
-                return  # the rest of this prompt goes in the next step
+        chunks, seqs = self._plan_prefill()
+        if not chunks:
+            return
+        logits = self._runner.prefill(chunks)
+        first_row = len(self._running)
+        joined = []
+        for row, (chunk, seq) in enumerate(zip(chunks, seqs, strict=True)):
+            seq.num_prefilled += len(chunk.token_ids)
+            if chunk.slot is None:
+                continue  # the rest of this prompt goes in the next step
             with self._wake:
-                self._waiting.popleft()
+                self._waiting.remove(seq)
             self._metrics.prompt_tokens.inc(len(seq.prompt_ids))
-            if self._accept(seq, logits[0]):
-                continue
-            self._kv.load(len(self._running), seq.prefill_cache)
-            seq.prefill_cache = None
             self._running.append(seq)
+            joined.append(row)
+        if joined:
+            self._advance(list(range(first_row, len(self._running))), logits[joined])
 
-    def _prefill_chunk(self, seq: Sequence, chunk: list[int]) -> torch.Tensor:
-        from transformers import DynamicCache
+    def _plan_prefill(self) -> tuple[list[PrefillChunk], list[Sequence]]:
+        """This step's prompt chunks: a partial or too-long head alone, else fresh prompts that fit."""
+        budget = self._limits.max_prefill_tokens
+        with self._wake:
+            candidates = list(self._waiting)[: self._free_slots()]
+        chunks: list[PrefillChunk] = []
+        seqs: list[Sequence] = []
+        width = 0
+        for seq in candidates:
+            remaining = seq.prompt_ids[seq.num_prefilled :]
+            slot = len(self._running) + len(chunks)
+            if not chunks and (seq.num_prefilled or len(remaining) > budget):
+                take = remaining[:budget]
+                done = len(take) == len(remaining)
+                return [PrefillChunk(seq.seq_id, tuple(take), seq.num_prefilled, slot if done else None)], [
+                    seq
+                ]
+            width = max(width, len(remaining))
+            if chunks and (seq.num_prefilled or width * (len(chunks) + 1) > budget):
+                break
+            if seq.num_prefilled == 0:
+                self._metrics.queue.observe(time.monotonic() - seq.arrival_s)
+            chunks.append(PrefillChunk(seq.seq_id, tuple(remaining), 0, slot))
+            seqs.append(seq)
+        return chunks, seqs
 
-        if seq.prefill_cache is None:
-            seq.prefill_cache = DynamicCache(config=self._model.config)
-        start = seq.num_prefilled
-        ids = torch.tensor([chunk], dtype=torch.long, device=self._device)
-        positions = torch.arange(start, start + len(chunk), device=self._device)[None]
-        out = self._model(
-            input_ids=ids,
-            position_ids=positions,
-            past_key_values=seq.prefill_cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        seq.num_prefilled += len(chunk)
-        return out.logits[:, -1]
-
-    def _decode(self) -> None:
-        num_rows = len(self._running)
-        lengths = self._kv.lengths[:num_rows]
-        kv_len = max(lengths) + 1
-        self._kv.begin_step(num_rows, kv_len, self._device)
-        starts = torch.tensor(lengths, device=self._device)
-        mask = torch.arange(kv_len, device=self._device)[None, :] <= starts[:, None]
-        if self._additive_mask:
-            dtype = self._model.dtype
-            mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
-        ids = torch.tensor([[seq.next_token] for seq in self._running], device=self._device)
-        out = self._model(
-            input_ids=ids,
-            position_ids=starts[:, None],
-            attention_mask=mask[:, None, None, :],
-            past_key_values=self._kv,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        self._kv.advance(num_rows)
-        logits = out.logits[:, -1]
-        done = [i for i, seq in enumerate(self._running) if self._accept(seq, logits[i])]
+    def _advance(self, rows: list[int], logits: torch.Tensor) -> None:
+        """Pick, stream and account one token for each of `rows` (logits in the same order)."""
+        seqs = [self._running[row] for row in rows]
+        histories = [self._history(seq) for seq in seqs]
+        tokens = select_tokens([seq.sampler for seq in seqs], logits, histories)
+        done = [row for row, seq, token in zip(rows, seqs, tokens, strict=True) if self._accept(seq, token)]
         self._release(done)
 
-    def _accept(self, seq: Sequence, logits: torch.Tensor) -> bool:
-        """Pick and stream the sequence's next token; True when the sequence is finished."""
-        history = seq.history if seq.sampler.needs_history else None
-        if history is not None and not history:
-            history.extend(seq.prompt_ids)
-        token = seq.sampler.select(logits, history)
-        if history is not None:
-            history.append(token)
+    @staticmethod
+    def _history(seq: Sequence) -> list[int] | None:
+        if not seq.sampler.needs_history:
+            return None
+        if not seq.history:
+            seq.history.extend(seq.prompt_ids)
+        return seq.history
+
+    def _accept(self, seq: Sequence, token: int) -> bool:
+        """Stream the sequence's next token; True when the sequence is finished."""
+        if seq.sampler.needs_history:
+            seq.history.append(token)
         now = time.monotonic()
         self._metrics.generation_tokens.inc()
         if seq.last_token_s:
@@ -209,7 +220,7 @@ class Scheduler:
             self._metrics.ttft.observe(now - seq.arrival_s)
         seq.last_token_s = now
         delta = seq.output.push(token, seq.sampler.pop_logprob())
-        _send(seq, delta)
+        self._outbox.append((seq, delta))
         seq.next_token = token
         if delta.finish_reason is None:
             return False
@@ -219,30 +230,30 @@ class Scheduler:
 
     def _release(self, rows: list[int]) -> None:
         """Remove rows from the batch, keeping the rest in slots 0..n-1 (the last row fills each gap)."""
-        for row in sorted(rows, reverse=True):
-            last = len(self._running) - 1
-            if row != last:
-                self._kv.move(last, row)
-                self._running[row] = self._running[last]
-            else:
-                self._kv.free(row)
+        self._runner.release(rows)
+        for row, last in release_moves(rows, len(self._running)):
+            self._running[row] = self._running[last]
             self._running.pop()
+
+    def _flush(self) -> None:
+        """Send the step's Deltas; a request whose event loop is gone is cancelled."""
+        if not self._outbox:
+            return
+        outbox, self._outbox = self._outbox, []
+        gone = {id(channel) for channel in self._deliver([(seq.channel, item) for seq, item in outbox])}
+        for seq, _ in outbox:
+            if id(seq.channel) in gone:
+                seq.cancelled = True
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._wake:
-            failed = [*self._running, *(s for s in self._waiting if s.prefill_cache is not None)]
+            failed = [*self._running, *(s for s in self._waiting if s.num_prefilled)]
             for seq in failed:
                 if seq in self._waiting:
                     self._waiting.remove(seq)
+                    self._runner.drop(seq.seq_id)
         self._release(list(range(len(self._running))))
+        self._outbox = [item for item in self._outbox if item[0] not in failed]
         for seq in failed:
             self._metrics.finished("error")
-            _send(seq, exc)
-
-
-def _send(seq: Sequence, item: Delta | BaseException) -> None:
-    """Hand an item to the request's event loop; a loop that is gone cancels the sequence."""
-    try:
-        seq.emit(item)
-    except RuntimeError:  # the client's event loop closed (its process is shutting down)
-        seq.cancelled = True
+            self._outbox.append((seq, exc))
