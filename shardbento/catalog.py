@@ -75,6 +75,7 @@ VLLM_MANAGED_ARGS = (
     "quantization",
     "trust_remote_code",
     "distributed_executor_backend",
+    "limit_mm_per_prompt",
 )
 
 
@@ -121,6 +122,11 @@ class ModelSpec(BaseModel):
         "none", description="Weight bytes the planner counts."
     )
     parallel: ParallelMode = "auto"
+    cpu_kernels: Literal["onednn", "default"] = Field(
+        "onednn",
+        description="Linear layers on the CPU: oneDNN with packed weights (faster; a second copy of "
+        "those weights) or torch's default.",
+    )
     device_map: dict[str, int | str] | None = None
     max_model_len: int = Field(4096, ge=16)
     max_images: int = Field(1, ge=0, description="Images one request may carry (vision models).")
