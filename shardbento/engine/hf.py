@@ -69,11 +69,16 @@ class _StopWhenDone:
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
-class HFEngine:
-    """Text requests join one continuous batch (the Scheduler's thread); requests with images run
-    one at a time through generate() on a dedicated thread (their prefill needs pixel values).
+# Vision architectures whose decode after an image prefill is plain text decoding (one position per
+# token, no cross-attention state), so image requests can join the continuous batch. Others (Mllama's
+# cross-attention, Qwen2-VL's multimodal rotary positions) keep the one-at-a-time generate() path.
+BATCHED_VISION_TYPES = frozenset({"llava"})
 
-    A model is either text or vision, so in practice only one of the two threads runs forwards.
+
+class HFEngine:
+    """Requests join one continuous batch (the Scheduler's thread): every text model, and vision
+    models of BATCHED_VISION_TYPES (their image prompts are prefilled alone, then decode in the
+    batch). Other vision models run one request at a time through generate() on a dedicated thread.
     """
 
     def __init__(self, spec: ModelSpec, loaded: LoadedModel) -> None:
@@ -83,7 +88,8 @@ class HFEngine:
         self._closed = False
         self._metrics = RequestMetrics(spec.name)
         self._scheduler: Scheduler | None = None
-        if spec.kind == "text":
+        self._batches_images = getattr(loaded.model.config, "model_type", None) in BATCHED_VISION_TYPES
+        if spec.kind == "text" or self._batches_images:
             runner = ModelRunner(loaded.model, spec.limits.max_num_seqs, spec.max_model_len)
             self._scheduler = Scheduler(runner, spec.limits, self._metrics)
         self.info = EngineInfo(
@@ -125,7 +131,7 @@ class HFEngine:
     async def stream(self, prompt: Prompt, params: SamplingParams, request_id: str) -> AsyncIterator[Delta]:
         channel = DeltaChannel()
         output = OutputStream(self.tokenizer, prompt.token_ids, params, self._loaded.eos_token_ids)
-        if self._scheduler is not None and prompt.num_images == 0:
+        if self._scheduler is not None and (prompt.num_images == 0 or self._batches_images):
             async for delta in self._stream_batched(prompt, params, request_id, output, channel):
                 yield delta
             return
@@ -147,6 +153,8 @@ class HFEngine:
     ) -> AsyncIterator[Delta]:
         sampler = RequestSampler(params, eos_ids=self._loaded.eos_token_ids, decode=self._loaded.token_text)
         seq = Sequence(request_id, list(prompt.token_ids), sampler, output, channel)
+        if prompt.num_images:
+            seq.inputs = dict(prompt.inputs)
         self._scheduler.submit(seq)
         try:
             async for delta in channel.deltas():

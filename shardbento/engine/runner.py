@@ -16,13 +16,15 @@ class PrefillChunk:
 
     `start` is the position of the first token (0 for a fresh prompt, more for the next chunk of a
     long one); `slot` is the batch slot the request takes once this chunk completes its prompt, or
-    None while more chunks follow.
+    None while more chunks follow. `inputs` holds a vision prompt's processor outputs (pixel values
+    and the like): such a prompt is prefilled whole, alone, and decodes in the batch like text.
     """
 
     seq_id: int
     token_ids: tuple[int, ...]
     start: int
     slot: int | None
+    inputs: dict[str, Any] | None = None
 
 
 class ModelRunner:
@@ -45,7 +47,7 @@ class ModelRunner:
     def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
         """Logits of each chunk's last token, one row per chunk, in order."""
         self.num_rows = max([self.num_rows, *(c.slot + 1 for c in chunks if c.slot is not None)])
-        fresh = [i for i, c in enumerate(chunks) if c.start == 0 and c.slot is not None]
+        fresh = [i for i, c in enumerate(chunks) if c.start == 0 and c.slot is not None and c.inputs is None]
         rows: dict[int, torch.Tensor] = {}
         if fresh:
             logits = self._prefill_fresh([chunks[i] for i in fresh])
@@ -116,13 +118,16 @@ class ModelRunner:
         if cache is None:
             cache = DynamicCache(config=self.model.config)
         end = chunk.start + len(chunk.token_ids)
-        out = self.model(
-            input_ids=torch.tensor([chunk.token_ids], dtype=torch.long, device=self._device),
-            position_ids=torch.arange(chunk.start, end, device=self._device)[None],
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        if chunk.inputs is not None:
+            inputs = {
+                k: v.to(self._device) if isinstance(v, torch.Tensor) else v for k, v in chunk.inputs.items()
+            }
+        else:
+            inputs = {
+                "input_ids": torch.tensor([chunk.token_ids], dtype=torch.long, device=self._device),
+                "position_ids": torch.arange(chunk.start, end, device=self._device)[None],
+            }
+        out = self.model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
         if chunk.slot is None:
             self._partial[chunk.seq_id] = cache
         else:

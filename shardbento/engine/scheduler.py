@@ -32,7 +32,7 @@ class Sequence:
     """One request inside the scheduler; `cancelled` is set from the event loop, read by the thread.
 
     `channel` is where the scheduler's `deliver` function hands this request's Deltas (a
-    DeltaChannel in the service process).
+    DeltaChannel in the service process); `inputs` carries a vision prompt's pixel values.
     """
 
     request_id: str
@@ -47,6 +47,7 @@ class Sequence:
     next_token: int = -1
     last_token_s: float = 0.0
     seq_id: int = field(default_factory=itertools.count().__next__)  # unique; request ids may repeat
+    inputs: dict[str, Any] | None = None
 
 
 class Scheduler:
@@ -167,30 +168,38 @@ class Scheduler:
             self._advance(list(range(first_row, len(self._running))), logits[joined])
 
     def _plan_prefill(self) -> tuple[list[PrefillChunk], list[Sequence]]:
-        """This step's prompt chunks: a partial or too-long head alone, else fresh prompts that fit."""
+        """This step's prompt chunks: a vision, partial or too-long head alone, else fresh prompts that
+        fit the budget together (counted with their padding: the batch is as wide as its longest)."""
         budget = self._limits.max_prefill_tokens
         with self._wake:
             candidates = list(self._waiting)[: self._free_slots()]
+        if not candidates:
+            return [], []
+        head = candidates[0]
+        if head.inputs is not None or head.num_prefilled or len(head.prompt_ids) > budget:
+            return [self._head_chunk(head, budget)], [head]
         chunks: list[PrefillChunk] = []
-        seqs: list[Sequence] = []
         width = 0
         for seq in candidates:
-            remaining = seq.prompt_ids[seq.num_prefilled :]
-            slot = len(self._running) + len(chunks)
-            if not chunks and (seq.num_prefilled or len(remaining) > budget):
-                take = remaining[:budget]
-                done = len(take) == len(remaining)
-                return [PrefillChunk(seq.seq_id, tuple(take), seq.num_prefilled, slot if done else None)], [
-                    seq
-                ]
-            width = max(width, len(remaining))
-            if chunks and (seq.num_prefilled or width * (len(chunks) + 1) > budget):
+            width = max(width, len(seq.prompt_ids))
+            if seq.inputs is not None or seq.num_prefilled or width * (len(chunks) + 1) > budget:
                 break
-            if seq.num_prefilled == 0:
-                self._metrics.queue.observe(time.monotonic() - seq.arrival_s)
-            chunks.append(PrefillChunk(seq.seq_id, tuple(remaining), 0, slot))
-            seqs.append(seq)
-        return chunks, seqs
+            self._metrics.queue.observe(time.monotonic() - seq.arrival_s)
+            chunks.append(
+                PrefillChunk(seq.seq_id, tuple(seq.prompt_ids), 0, len(self._running) + len(chunks))
+            )
+        return chunks, candidates[: len(chunks)]
+
+    def _head_chunk(self, seq: Sequence, budget: int) -> PrefillChunk:
+        """The next chunk of a prompt that runs alone: a vision prompt whole, a long one `budget` at a time."""
+        slot = len(self._running)
+        if seq.num_prefilled == 0:
+            self._metrics.queue.observe(time.monotonic() - seq.arrival_s)
+        if seq.inputs is not None:  # its image tokens need the pixel values in the same forward
+            return PrefillChunk(seq.seq_id, tuple(seq.prompt_ids), 0, slot, seq.inputs)
+        take = seq.prompt_ids[seq.num_prefilled : seq.num_prefilled + budget]
+        done = seq.num_prefilled + len(take) == len(seq.prompt_ids)
+        return PrefillChunk(seq.seq_id, tuple(take), seq.num_prefilled, slot if done else None)
 
     def _advance(self, rows: list[int], logits: torch.Tensor) -> None:
         """Pick, stream and account one token for each of `rows` (logits in the same order)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 from prometheus_client import REGISTRY
 
 from shardbento.catalog import ServingLimits
@@ -129,3 +130,25 @@ def test_scheduler_metrics_move_with_requests(text_engine) -> None:
     assert metric("time_to_first_token_seconds_count") == before["time_to_first_token_seconds_count"] + 1
     assert metric("inter_token_latency_seconds_count") >= len(tokens) - 1
     assert metric("request_success_total", finished_reason=reason) >= 1
+
+
+def test_scheduler_vision_requests_batch_like_alone(vision_engine) -> None:
+    from PIL import Image
+
+    def image(seed: int) -> Image.Image:
+        pixels = torch.randint(
+            0, 256, (40, 48, 3), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8
+        )
+        return Image.fromarray(pixels.numpy())
+
+    chats = [
+        [ChatMessage(role="user", text="What is this?", images=(image(1),))],
+        [ChatMessage(role="user", text="And this one, in detail?", images=(image(2),))],
+        [ChatMessage(role="user", text="No picture this time.")],
+    ]
+    pairs = [
+        (vision_engine.render_chat(c), SamplingParams(max_tokens=10 + 3 * i, ignore_eos=True))
+        for i, c in enumerate(chats)
+    ]
+    assert vision_engine._scheduler is not None  # tiny-llava's architecture batches image prompts
+    assert together(vision_engine, pairs) == alone(vision_engine, pairs)
