@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from shardbento.catalog import ModelSpec
-from shardbento.engine.vllm_args import gpu_refusal, model_architectures, static_refusal
+from shardbento.engine.vllm_args import gpu_refusal, model_architectures
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +28,6 @@ def vllm_refusal(spec: ModelSpec, model_path: str | None = None) -> str | None:
         from vllm.platforms import current_platform
     except Exception as exc:  # noqa: BLE001 - any import failure means "not usable here"
         return f"vllm is not importable ({type(exc).__name__}: {exc})"
-    reason = static_refusal(spec)
-    if reason:
-        return reason
     if spec.num_gpus == 0 and not current_platform.is_cpu():
         return f"the model runs on CPU but the installed vLLM is a {current_platform.device_name} build"
     if spec.num_gpus > 0:

