@@ -16,6 +16,8 @@ from shardbento.catalog import ModelSpec, load_spec
 from shardbento.engine import create_engine
 from shardbento.engine.base import ChatMessage, SamplingParams
 from shardbento.engine.hf import HFEngine
+from shardbento.engine.loading import resolve_source
+from shardbento.engine.selection import choose_engine
 from shardbento.engine.vllm_engine import VLLMEngine
 
 MESSAGES = [ChatMessage(role="user", text="Count the shards of the model.")]
@@ -83,3 +85,17 @@ def test_create_engine_auto_falls_back_when_vllm_refuses_model(
         )
     finally:
         engine.close()
+
+
+def test_choose_engine_auto_picks_vllm_for_vision_model() -> None:
+    spec = load_spec("tiny-llava").model_copy(update={"engine": "auto"})
+    choice = choose_engine(spec, resolve_source(spec))
+    assert choice.name == "vllm", choice.reason
+
+
+def test_choose_engine_auto_vision_falls_back_when_vllm_lacks_architecture(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["ShardbentoToyForImageTextToText"]}))
+    spec = ModelSpec(name="toy-vision", source=str(tmp_path), kind="vision", engine="auto")
+    choice = choose_engine(spec, str(tmp_path))
+    assert choice.name == "transformers"
+    assert choice.reason.endswith("vLLM has no implementation of ShardbentoToyForImageTextToText")

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 from servers import Server, serve
-from vllm_helpers import VLLM_CPU_ENV, write_catalog
+from vllm_helpers import comparable, post, vllm_serve_env
 
 MODEL = "tiny-llama"
 CHAT = {"messages": [{"role": "user", "content": "Tell me about shards."}], "max_tokens": 24}
@@ -23,17 +23,8 @@ def hf_server(log_dir: Path) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def vllm_server(log_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    catalog = write_catalog(tmp_path_factory.mktemp("catalog"), MODEL, engine="vllm")
-    # Its own BentoML home: every `bentoml serve` wipes its home's Prometheus directory when it starts,
-    # so a server started later (the transformers one, or another checkout's) would erase our metrics.
-    home = tmp_path_factory.mktemp("bentoml-home")
-    env = {"SHARDBENTO_CATALOG": str(catalog), "BENTOML_HOME": str(home), **VLLM_CPU_ENV}
-    with serve(MODEL, log_dir, env=env, ready_timeout_s=300) as server:
+    with serve(MODEL, log_dir, env=vllm_serve_env(tmp_path_factory, MODEL), ready_timeout_s=300) as server:
         yield server
-
-
-def post(server: Server, path: str, body: dict) -> httpx.Response:
-    return httpx.post(f"{server.url}{path}", json=body, timeout=120)
 
 
 def test_vllm_service_reports_vllm_engine(vllm_server: Server) -> None:
@@ -58,14 +49,14 @@ def test_vllm_service_greedy_answers_equal_transformers(
 ) -> None:
     expected, actual = post(hf_server, path, body), post(vllm_server, path, body)
     assert actual.status_code == expected.status_code == 200, actual.text
-    assert _comparable(actual.json()) == _comparable(expected.json())
+    assert comparable(actual.json()) == comparable(expected.json())
 
 
 def test_vllm_service_stream_framing_equals_transformers(hf_server: Server, vllm_server: Server) -> None:
     body = {**CHAT, "model": MODEL, "stream": True, "stream_options": {"include_usage": True}}
     expected, actual = _events(hf_server, body), _events(vllm_server, body)
     assert "".join(_chunk_text(e) for e in actual) == "".join(_chunk_text(e) for e in expected)
-    assert [_comparable(e) for e in actual[-2:]] == [_comparable(e) for e in expected[-2:]]
+    assert [comparable(e) for e in actual[-2:]] == [comparable(e) for e in expected[-2:]]
     typed = [httpx.post(f"{s.url}/chat_stream", json=CHAT, timeout=120) for s in (hf_server, vllm_server)]
     assert typed[0].text == typed[1].text
     assert typed[0].headers["content-type"] == typed[1].headers["content-type"]
@@ -95,8 +86,3 @@ def _events(server: Server, body: dict) -> list[dict]:
 
 def _chunk_text(event: dict) -> str:
     return "".join(c.get("delta", {}).get("content") or "" for c in event.get("choices", []))
-
-
-def _comparable(body: dict) -> dict:
-    """A response without what differs between any two calls (ids, timestamps)."""
-    return {k: v for k, v in body.items() if k not in {"id", "created", "system_fingerprint"}}

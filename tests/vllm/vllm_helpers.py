@@ -1,11 +1,14 @@
-"""Helpers for the vLLM tests: the CPU environment vLLM needs here and catalog variants."""
+"""Helpers for the vLLM tests: the CPU environment vLLM needs here, catalog variants, comparing answers."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import httpx
+import pytest
 import yaml
+from servers import Server
 
 from shardbento.catalog import CATALOG_DIR
 
@@ -19,3 +22,23 @@ def write_catalog(directory: Path, name: str, **changes: object) -> Path:
     data = yaml.safe_load((CATALOG_DIR / f"{name}.yaml").read_text())
     (directory / f"{name}.yaml").write_text(yaml.safe_dump({**data, **changes}))
     return directory
+
+
+def vllm_serve_env(tmp_path_factory: pytest.TempPathFactory, name: str) -> dict[str, str]:
+    """Environment for `bentoml serve` of catalog entry `name` with engine: vllm.
+
+    Its own BentoML home: every `bentoml serve` wipes its home's Prometheus directory when it starts,
+    so a server started later (the transformers one, or another checkout's) would erase our metrics.
+    """
+    catalog = write_catalog(tmp_path_factory.mktemp("catalog"), name, engine="vllm")
+    home = tmp_path_factory.mktemp("bentoml-home")
+    return {"SHARDBENTO_CATALOG": str(catalog), "BENTOML_HOME": str(home), **VLLM_CPU_ENV}
+
+
+def post(server: Server, path: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{server.url}{path}", json=body, timeout=120)
+
+
+def comparable(body: dict) -> dict:
+    """A response without what differs between any two calls (ids, timestamps)."""
+    return {k: v for k, v in body.items() if k not in {"id", "created", "system_fingerprint"}}
