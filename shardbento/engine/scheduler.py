@@ -57,8 +57,8 @@ class Scheduler:
     tokens: fresh prompts together in one forward, a long prompt alone, spread over several steps so
     running streams never stall long), then decodes one token for every running sequence in one
     forward pass. Finished and cancelled sequences leave at the end of the step that sees them; the
-    step's Deltas go out together at its end (one event-loop wake-up per step, not per token). One
-    thread owns the model: forward passes never overlap.
+    Deltas of each phase go out together (one event-loop wake-up after the prefill and one after the
+    decode, not one per token). One thread owns the model: forward passes never overlap.
     """
 
     def __init__(
@@ -130,6 +130,7 @@ class Scheduler:
     def _step(self) -> None:
         self._drop_cancelled()
         self._prefill()
+        self._flush()  # first tokens go out now, not after this step's decode forward
         if self._running:
             logits = self._runner.decode([seq.next_token for seq in self._running])
             self._advance(list(range(len(self._running))), logits)
