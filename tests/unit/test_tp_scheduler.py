@@ -1,0 +1,118 @@
+"""Batched tensor parallelism's control path in one process: rank 0's scheduler over a mirroring runner,
+a follower replaying its calls, step reports, 429s, cancellation and relayed metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
+
+from prometheus_client import REGISTRY
+
+from shardbento.catalog import ServingLimits
+from shardbento.engine.base import ChatMessage, Delta, SamplingParams
+from shardbento.engine.runner import ModelRunner
+from shardbento.engine.tp_scheduler import Cancel, RankFailure, Submit, apply_metrics, follow, lead
+from shardbento.engine.tp_worker import STOP
+from shardbento.errors import Overloaded
+from shardbento.metrics import RequestMetrics
+
+QUESTIONS = ("Hi.", "Tell me about the sharded bento and its many GPUs.", "Count " * 40)
+
+
+@contextlib.contextmanager
+def ranks(engine, limits: ServingLimits) -> Iterator[SimpleNamespace]:
+    """Rank 0 and one follower as threads over the same (unsharded) model, wired like spawned ranks."""
+    leader, follower = (ModelRunner(engine.model, limits.max_num_seqs, 1024) for _ in range(2))
+    channels = SimpleNamespace(requests=queue.Queue(), results=queue.Queue(), control=(queue.SimpleQueue(),))
+    args = (leader, engine.tokenizer, limits, engine._loaded.eos_token_ids, channels)
+    threads = [
+        threading.Thread(target=lead, args=args, daemon=True),
+        threading.Thread(target=follow, args=(follower, channels.control[0]), daemon=True),
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        yield SimpleNamespace(channels=channels, leader=leader, follower=follower)
+    finally:
+        channels.requests.put(STOP)
+        for thread in threads:
+            thread.join(timeout=30)
+
+
+def reports(
+    channels: SimpleNamespace, until: Callable[[list, list], bool], timeout_s: float = 60
+) -> tuple[list, list]:
+    """StepReports until `until(items, ops)` holds for everything received so far."""
+    items, ops = [], []
+    deadline = time.monotonic() + timeout_s
+    while not until(items, ops):
+        report = channels.results.get(timeout=max(deadline - time.monotonic(), 0.01))
+        items.extend(report.items)
+        ops.extend(report.metrics)
+    return items, ops
+
+
+def finished(tickets: set[int]) -> Callable[[list, list], bool]:
+    def done(items: list, ops: list) -> bool:
+        ended = {t for t, item in items if isinstance(item, RankFailure) or item.finish_reason}
+        return tickets <= ended
+
+    return done
+
+
+def tokens(items: list, ticket: int) -> list[int]:
+    return [t for tk, item in items if tk == ticket and isinstance(item, Delta) for t in item.token_ids]
+
+
+async def single_process(engine, prompt, params) -> list[int]:
+    return [t async for d in engine.stream(prompt, params, "ref") for t in d.token_ids]
+
+
+def test_tp_scheduler_batched_tokens_equal_single_process_and_follower_keeps_step(text_engine) -> None:
+    prompts = [text_engine.render_chat([ChatMessage(role="user", text=q)]) for q in QUESTIONS]
+    params = [SamplingParams(max_tokens=6 + 4 * i, ignore_eos=True) for i in range(len(prompts))]
+    expected = [asyncio.run(single_process(text_engine, p, s)) for p, s in zip(prompts, params, strict=True)]
+    with ranks(text_engine, ServingLimits(max_num_seqs=4, max_prefill_tokens=64)) as world:
+        for ticket, (prompt, sampling) in enumerate(zip(prompts, params, strict=True)):
+            world.channels.requests.put(Submit(ticket, f"req-{ticket}", prompt.token_ids, sampling))
+        items, ops = reports(world.channels, finished({0, 1, 2}))
+    assert [tokens(items, ticket) for ticket in range(3)] == expected
+    assert world.follower.kv.lengths == world.leader.kv.lengths
+    assert world.follower.num_rows == world.leader.num_rows == 0
+    metrics = RequestMetrics("tp-unit")
+    apply_metrics(metrics, ops)
+    labels = {"model_name": "tp-unit"}
+    assert REGISTRY.get_sample_value("shardbento:generation_tokens_total", labels) == sum(map(len, expected))
+    assert REGISTRY.get_sample_value("shardbento:time_to_first_token_seconds_count", labels) == 3
+
+
+def test_tp_scheduler_overload_reaches_service_as_429(text_engine) -> None:
+    prompt = text_engine.encode("The quick brown fox")
+    with ranks(text_engine, ServingLimits(max_num_seqs=1, max_waiting=0)) as world:
+        for ticket in range(2):
+            params = SamplingParams(max_tokens=40, ignore_eos=True)
+            world.channels.requests.put(Submit(ticket, "req", prompt.token_ids, params))
+        items, _ = reports(world.channels, finished({0, 1}))
+    refused = [item for ticket, item in items if ticket == 1]
+    assert len(refused) == 1 and isinstance(refused[0], RankFailure)
+    error = refused[0].to_exception()
+    assert isinstance(error, Overloaded)
+    assert (error.status, error.headers()) == (429, {"Retry-After": "1"})
+    assert len(tokens(items, 0)) == 40
+
+
+def test_tp_scheduler_cancel_frees_slot_and_reports_abort(text_engine) -> None:
+    prompt = text_engine.encode("Once upon a time")
+    with ranks(text_engine, ServingLimits(max_num_seqs=2)) as world:
+        params = SamplingParams(max_tokens=500, ignore_eos=True)
+        world.channels.requests.put(Submit(7, "req", prompt.token_ids, params))
+        reports(world.channels, lambda items, ops: bool(items))
+        world.channels.requests.put(Cancel(7))
+        freed = {("finished", "finished", "abort"), ("running", "set", 0)}
+        reports(world.channels, lambda items, ops: freed <= set(ops))
+    assert world.follower.num_rows == world.leader.num_rows == 0
