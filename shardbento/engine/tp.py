@@ -17,8 +17,10 @@ from typing import Any
 from shardbento.catalog import ModelSpec
 from shardbento.engine.base import ChatMessage, Delta, DeltaChannel, EngineInfo, Prompt, SamplingParams
 from shardbento.engine.loading import LoadedModel, collect_eos_ids, resolve_dtype, resolve_source
-from shardbento.engine.tp_worker import STOP, GenerateCall, RankConfig, run_rank
+from shardbento.engine.tp_client import BatchClient
+from shardbento.engine.tp_worker import STOP, GenerateCall, RankChannels, RankConfig, run_rank
 from shardbento.errors import GenerationFailed, NotReady
+from shardbento.metrics import RequestMetrics
 from shardbento.textstream import OutputStream
 
 logger = logging.getLogger(__name__)
@@ -62,22 +64,32 @@ def _load_preprocessor(spec: ModelSpec, path: str) -> LoadedModel:
 
 
 class TPEngine:
-    """Tensor-parallel engine: the service process tokenizes and detokenizes; ranks hold the shards.
+    """Tensor-parallel engine: the service process tokenizes; ranks hold the shards.
 
-    Requests run one at a time on one thread (every step is a collective across all ranks); a
-    watchdog thread marks the engine unready the moment any rank exits, so requests fail fast.
+    Text requests join one continuous batch that rank 0 schedules (tp_scheduler; this process routes
+    its Deltas through a BatchClient). Vision requests run one at a time through generate() on every
+    rank, driven from one thread here (every step is a collective across all ranks). A watchdog
+    thread marks the engine unready the moment any rank exits, so requests fail fast.
     """
 
     def __init__(
-        self, spec: ModelSpec, loaded: LoadedModel, ranks: list[Any], channels: dict[str, Any]
+        self,
+        spec: ModelSpec,
+        loaded: LoadedModel,
+        ranks: list[Any],
+        channels: RankChannels,
+        devices: tuple[str, ...],
     ) -> None:
         self.spec = spec
         self._loaded = loaded
         self._ranks = ranks
-        self._requests = channels["requests"]
-        self._results = channels["results"]
-        self._cancel = channels["cancel"]
+        self._requests = channels.requests
+        self._results = channels.results
+        self._cancel = channels.cancel
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardbento-tp")
+        self._batch: BatchClient | None = None
+        if spec.kind == "text":
+            self._batch = BatchClient(channels.requests, channels.results, RequestMetrics(spec.name))
         self._closing = False
         self.failure: str | None = None
         self.info = EngineInfo(
@@ -86,7 +98,7 @@ class TPEngine:
             max_model_len=spec.max_model_len,
             engine="transformers",
             parallel=f"tensor x{len(ranks)}",
-            devices=channels["devices"],
+            devices=devices,
         )
         threading.Thread(target=self._watch, name="shardbento-tp-watchdog", daemon=True).start()
 
@@ -99,12 +111,13 @@ class TPEngine:
         device = "cpu" if spec.device == "cpu" else "cuda"
         port = free_port()
         context = mp.get_context("spawn")
-        channels = {
-            "requests": context.Queue(),
-            "results": context.Queue(),
-            "cancel": context.Event(),
-        }
-        status = context.Queue()
+        channels = RankChannels(
+            requests=context.Queue(),
+            results=context.Queue(),
+            status=context.Queue(),
+            cancel=context.Event(),
+            control=tuple(context.SimpleQueue() for _ in range(spec.world_size - 1)),
+        )
         ranks = []
         for rank in range(spec.world_size):
             config = RankConfig(
@@ -118,18 +131,17 @@ class TPEngine:
                 trust_remote_code=spec.trust_remote_code,
                 eos_token_ids=tuple(sorted(loaded.eos_token_ids)),
                 pad_token_id=loaded.pad_token_id,
+                limits=spec.limits,
+                max_model_len=spec.max_model_len,
             )
-            args = (config, channels["requests"], channels["results"], status, channels["cancel"])
             process = context.Process(
-                target=run_rank, args=args, name=f"shardbento-tp-rank{rank}", daemon=True
+                target=run_rank, args=(config, channels), name=f"shardbento-tp-rank{rank}", daemon=True
             )
             process.start()
             ranks.append(process)
-        channels["devices"] = _wait_ready(ranks, status)
-        logger.info(
-            "model %s: %d tensor-parallel ranks ready on %s", spec.name, len(ranks), channels["devices"]
-        )
-        return cls(spec, loaded, ranks, channels)
+        devices = _wait_ready(ranks, channels.status)
+        logger.info("model %s: %d tensor-parallel ranks ready on %s", spec.name, len(ranks), devices)
+        return cls(spec, loaded, ranks, channels, devices)
 
     def render_chat(self, messages: list[ChatMessage]) -> Prompt:
         return self._loaded.render_chat(messages)
@@ -146,6 +158,8 @@ class TPEngine:
                 if not process.is_alive() and not self._closing:
                     self.failure = f"tensor-parallel rank {rank} exited (code {process.exitcode})"
                     logger.error("model %s: %s; the engine stops serving", self.spec.name, self.failure)
+                    if self._batch is not None:
+                        self._batch.fail(f"model {self.spec.name!r} stopped serving: {self.failure}")
                     self._terminate()
                     return
             time.sleep(POLL_S)
@@ -165,6 +179,8 @@ class TPEngine:
             return
         self._closing = True
         self._cancel.set()
+        if self._batch is not None:
+            self._batch.fail(f"model {self.spec.name!r} is not serving: shutting down")
         if self.failure is None:
             self._requests.put(STOP)
             for process in self._ranks:
@@ -175,6 +191,10 @@ class TPEngine:
     async def stream(self, prompt: Prompt, params: SamplingParams, request_id: str) -> AsyncIterator[Delta]:
         if not self.is_ready():
             raise NotReady(f"model {self.spec.name!r} is not serving: {self.failure or 'shutting down'}")
+        if self._batch is not None:
+            async for delta in self._batch.stream(prompt.token_ids, params, request_id):
+                yield delta
+            return
         if not params.greedy and params.seed is None:  # one seed for all ranks, so their samples agree
             params = dataclasses.replace(params, seed=secrets.randbits(63))
         channel = DeltaChannel()

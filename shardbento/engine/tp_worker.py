@@ -1,4 +1,4 @@
-"""One tensor-parallel rank: joins the process group, loads its shard, and runs what rank 0 broadcasts."""
+"""One tensor-parallel rank: joins the process group, loads its shard, and serves what rank 0 drives."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
+from shardbento.catalog import ServingLimits
 from shardbento.engine.base import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,25 @@ class RankConfig:
     trust_remote_code: bool
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
+    limits: ServingLimits
+    max_model_len: int
+
+
+@dataclass(frozen=True, slots=True)
+class RankChannels:
+    """The queues every rank is spawned with; which ones a rank uses depends on its rank and the model kind.
+
+    Text models batch (tp_scheduler): `requests` carries Submit/Cancel/STOP to rank 0, `results` its
+    StepReports back, and `control[r - 1]` rank 0's runner calls to follower r. Vision models run one
+    request at a time through generate() on every rank: `requests` carries GenerateCalls that rank 0
+    broadcasts, `results` token tuples, `cancel` asks rank 0 to stop all ranks at the next step.
+    """
+
+    requests: Any
+    results: Any
+    status: Any  # each rank once: ("ready", rank, device) or ("error", rank, traceback)
+    cancel: Any
+    control: tuple[Any, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,32 +61,54 @@ class GenerateCall:
 STOP = "stop"
 
 
-def run_rank(config: RankConfig, requests: Any, results: Any, status: Any, cancel: Any) -> None:
-    """Entry point of a rank process; rank 0 reads `requests` and writes `results`, others follow."""
+def run_rank(config: RankConfig, channels: RankChannels) -> None:
+    """Entry point of a rank process: load, report ready, serve until STOP, leave the group together."""
     logging.basicConfig(level=logging.INFO, format=f"rank {config.rank} %(levelname)s %(name)s: %(message)s")
     try:
-        import torch
         import torch.distributed as dist
 
         model = _join_and_load(config)
-        decode = _token_decoder(config) if config.rank == 0 else None
+        tokenizer = _load_tokenizer(config) if config.rank == 0 else None
     except Exception:  # noqa: BLE001 - reported to the service, which fails startup with it
-        status.put(("error", config.rank, traceback.format_exc()))
+        channels.status.put(("error", config.rank, traceback.format_exc()))
         return
-    status.put(("ready", config.rank, str(next(model.parameters()).device)))
+    channels.status.put(("ready", config.rank, str(next(model.parameters()).device)))
     try:
-        while True:
-            box = [requests.get() if config.rank == 0 else None]
-            dist.broadcast_object_list(box, src=0)
-            call = box[0]
-            if call == STOP:
-                break
-            _generate(model, config, call, results if config.rank == 0 else None, cancel, decode)
+        if config.kind == "text":
+            _serve_batched(model, config, channels, tokenizer)
+        else:
+            _serve_generate(model, config, channels, tokenizer)
         dist.barrier()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    del torch
+
+
+def _serve_batched(model: Any, config: RankConfig, channels: RankChannels, tokenizer: Any) -> None:
+    """Text: rank 0 schedules and samples; every other rank replays its runner calls."""
+    from shardbento.engine.runner import ModelRunner
+    from shardbento.engine.tp_scheduler import follow, lead
+
+    runner = ModelRunner(model, config.limits.max_num_seqs, config.max_model_len)
+    if config.rank == 0:
+        lead(runner, tokenizer, config.limits, set(config.eos_token_ids), channels)
+    else:
+        follow(runner, channels.control[config.rank - 1])
+
+
+def _serve_generate(model: Any, config: RankConfig, channels: RankChannels, tokenizer: Any) -> None:
+    """Vision: one request at a time through generate() on every rank, rank 0 broadcasting each call."""
+    import torch.distributed as dist
+
+    decode = (lambda token_id: tokenizer.decode([token_id])) if tokenizer is not None else None
+    results = channels.results if config.rank == 0 else None
+    while True:
+        box = [channels.requests.get() if config.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        call = box[0]
+        if call == STOP:
+            return
+        _generate(model, config, call, results, channels.cancel, decode)
 
 
 def _join_and_load(config: RankConfig) -> Any:
@@ -138,12 +180,11 @@ class _SyncedStop:
         return torch.full((input_ids.shape[0],), bool(flag.item()), dtype=torch.bool, device=input_ids.device)
 
 
-def _token_decoder(config: RankConfig) -> Any:
-    """Token text for logprobs, on rank 0 (the only rank that reports them)."""
+def _load_tokenizer(config: RankConfig) -> Any:
+    """Rank 0's tokenizer: the scheduler detokenizes (stop strings) and names logprob tokens there."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
-    return lambda token_id: tokenizer.decode([token_id])
+    return AutoTokenizer.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
 
 
 def _generate(
