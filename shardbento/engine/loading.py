@@ -69,13 +69,13 @@ class LoadedModel:
     def _template_kwargs(self) -> dict[str, Any]:
         return {"chat_template": self.spec.chat_template} if self.spec.chat_template else {}
 
-    def render_chat(self, messages: list[ChatMessage]) -> Prompt:
+    def chat_text(self, messages: list[ChatMessage]) -> str:
+        """The chat template's text; with a processor each image is one image token (not yet expanded)."""
         if self.processor is None:
             conversation = [{"role": m.role, "content": m.text} for m in messages]
-            text = self.tokenizer.apply_chat_template(
+            return self.tokenizer.apply_chat_template(
                 conversation, add_generation_prompt=True, tokenize=False, **self._template_kwargs()
             )
-            return self._tokenize(text, add_special_tokens=False)
         conversation = [
             {
                 "role": m.role,
@@ -83,11 +83,14 @@ class LoadedModel:
             }
             for m in messages
         ]
-        text = self.processor.apply_chat_template(
+        return self.processor.apply_chat_template(
             conversation, add_generation_prompt=True, tokenize=False, **self._template_kwargs()
         )
+
+    def render_chat(self, messages: list[ChatMessage]) -> Prompt:
+        text = self.chat_text(messages)
         images = [image for m in messages for image in m.images]
-        if not images:
+        if self.processor is None or not images:
             return self._tokenize(text, add_special_tokens=False)
         inputs = self.processor(text=text, images=images, return_tensors="pt", add_special_tokens=False)
         token_ids = tuple(int(i) for i in inputs["input_ids"][0])

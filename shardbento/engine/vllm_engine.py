@@ -125,18 +125,8 @@ class VLLMEngine:
         return Prompt(token_ids=prompt.token_ids, inputs=vllm_prompt, num_images=len(images))
 
     def _chat_token_ids(self, messages: list[ChatMessage]) -> list[int]:
-        """The chat as LoadedModel.render_chat renders it for a processor, one image token per image."""
-        conversation = [
-            {
-                "role": m.role,
-                "content": [{"type": "image"}] * len(m.images) + [{"type": "text", "text": m.text}],
-            }
-            for m in messages
-        ]
-        template = {"chat_template": self.spec.chat_template} if self.spec.chat_template else {}
-        text = self._prompts.processor.apply_chat_template(
-            conversation, add_generation_prompt=True, tokenize=False, **template
-        )
+        """The chat with one image token per image: vLLM expands each image itself."""
+        text = self._prompts.chat_text(messages)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def encode(self, text: str | list[int]) -> Prompt:
