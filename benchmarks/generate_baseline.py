@@ -1,4 +1,5 @@
-"""In-process model.generate figures for the side-by-side run: prefill time, batch-1 TPOT, padded-batch tok/s.
+"""In-process model.generate figures for the side-by-side run: prefill time, batch-1 TPOT, padded-batch tok/s,
+with torch's default kernels and again with the oneDNN packed linears shardbento's CPU engine uses (`packed`).
 
 Run as its own process (side_by_side.py does) so its thread pools never compete with a server's.
 Prints one JSON object.
@@ -16,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shardbento.bench.loadgen import PROMPT_WORDS
+from shardbento.engine.cpu_kernels import pack_linear_weights
 
 
 def prompts(tokenizer, count: int, input_tokens: int, seed: int) -> list[list[int]]:
@@ -54,18 +56,8 @@ def prefill_s(model, prompt: list[int]) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("model_dir")
-    parser.add_argument("--levels", default="1,4,16")
-    parser.add_argument("--input-tokens", type=int, default=128)
-    parser.add_argument("--output-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    result: dict[str, object] = {"levels": {}}
+def measure(model, tokenizer, pad_id: int, args: argparse.Namespace) -> dict:
+    result: dict = {"levels": {}}
     with torch.inference_mode():
         single = prompts(tokenizer, args.rounds + 1, args.input_tokens, seed=99)
         generate_s(model, single[:1], 4, pad_id)  # warm-up
@@ -81,6 +73,23 @@ def main() -> None:
                 for r in range(args.rounds)
             ]
             result["levels"][str(level)] = round(level * args.output_tokens / statistics.median(times), 2)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model_dir")
+    parser.add_argument("--levels", default="1,4,16")
+    parser.add_argument("--input-tokens", type=int, default=128)
+    parser.add_argument("--output-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    result = measure(model, tokenizer, pad_id, args)
+    pack_linear_weights(model)  # the same model on the kernels shardbento's CPU engine uses
+    result["packed"] = measure(model, tokenizer, pad_id, args)
     print(json.dumps(result))
 
 
