@@ -89,7 +89,8 @@ class TPEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardbento-tp")
         self._batch: BatchClient | None = None
         if spec.kind == "text":
-            self._batch = BatchClient(channels.requests, channels.results, RequestMetrics(spec.name))
+            metrics = RequestMetrics(spec.name)
+            self._batch = BatchClient(channels.requests, channels.results, metrics, self._why_down)
         self._closing = False
         self.failure: str | None = None
         self.info = EngineInfo(
@@ -152,16 +153,27 @@ class TPEngine:
     def is_ready(self) -> bool:
         return not self._closing and self.failure is None
 
+    def _dead_rank(self) -> str | None:
+        for rank, process in enumerate(self._ranks):
+            if not process.is_alive():
+                return f"tensor-parallel rank {rank} exited (code {process.exitcode})"
+        return None
+
+    def _why_down(self) -> str | None:
+        """The 503 message once a rank is gone (a step that failed for that reason is not the request's fault)."""
+        dead = self.failure or self._dead_rank()
+        return f"model {self.spec.name!r} stopped serving: {dead}" if dead else None
+
     def _watch(self) -> None:
         while not self._closing:
-            for rank, process in enumerate(self._ranks):
-                if not process.is_alive() and not self._closing:
-                    self.failure = f"tensor-parallel rank {rank} exited (code {process.exitcode})"
-                    logger.error("model %s: %s; the engine stops serving", self.spec.name, self.failure)
-                    if self._batch is not None:
-                        self._batch.fail(f"model {self.spec.name!r} stopped serving: {self.failure}")
-                    self._terminate()
-                    return
+            failure = self._dead_rank()
+            if failure is not None and not self._closing:
+                self.failure = failure
+                logger.error("model %s: %s; the engine stops serving", self.spec.name, failure)
+                if self._batch is not None:
+                    self._batch.fail(f"model {self.spec.name!r} stopped serving: {failure}")
+                self._terminate()
+                return
             time.sleep(POLL_S)
 
     def _terminate(self) -> None:

@@ -6,7 +6,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from shardbento.engine.base import Delta, DeltaChannel, SamplingParams
@@ -25,13 +25,17 @@ class BatchClient:
     One router thread reads rank 0's StepReports: it applies their metric observations to this
     process's RequestMetrics (what /metrics serves) and hands each step's Deltas over with one
     wake-up of the event loop. A stream closed before its finishing Delta (client gone) sends a
-    Cancel. `fail()` ends every open stream, and refuses new ones, with NotReady.
+    Cancel. `fail()` ends every open stream, and refuses new ones, with NotReady; so does a failed
+    step while `why_down()` names a dead rank (the step failed because a peer vanished).
     """
 
-    def __init__(self, requests: Any, results: Any, metrics: RequestMetrics) -> None:
+    def __init__(
+        self, requests: Any, results: Any, metrics: RequestMetrics, why_down: Callable[[], str | None]
+    ) -> None:
         self._requests = requests
         self._results = results
         self._metrics = metrics
+        self._why_down = why_down
         self._channels: dict[int, DeltaChannel] = {}
         self._tickets = itertools.count()
         self._lock = threading.Lock()
@@ -86,14 +90,16 @@ class BatchClient:
         apply_metrics(self._metrics, report.metrics)
         with self._lock:
             routed = [(ticket, self._channels.get(ticket), item) for ticket, item in report.items]
-        items = [
-            (channel, item.to_exception() if isinstance(item, RankFailure) else item)
-            for _, channel, item in routed
-            if channel is not None
-        ]
+        items = [(channel, self._item(item)) for _, channel, item in routed if channel is not None]
         gone = {id(channel) for channel in DeltaChannel.emit_all(items)}
         for ticket, channel, _ in routed:
             if channel is not None and id(channel) in gone:  # its event loop closed (shutdown)
                 with self._lock:
                     self._channels.pop(ticket, None)
                 self._requests.put(Cancel(ticket))
+
+    def _item(self, item: Delta | RankFailure) -> Delta | BaseException:
+        if not isinstance(item, RankFailure):
+            return item
+        down = self._why_down() if item.kind == "failed" else None
+        return NotReady(down) if down else item.to_exception()
