@@ -76,22 +76,26 @@ BATCHED_VISION_TYPES = frozenset({"llava"})
 
 
 class HFEngine:
-    """Requests join one continuous batch (the Scheduler's thread): every text model, and vision
+    """Requests join one continuous batch (the Scheduler's loop): every text model, and vision
     models of BATCHED_VISION_TYPES (their image prompts are prefilled alone, then decode in the
-    batch). Other vision models run one request at a time through generate() on a dedicated thread.
+    batch). Other vision models run one request at a time through generate(). Either way every
+    forward runs on the one engine thread that loaded the model.
     """
 
-    def __init__(self, spec: ModelSpec, loaded: LoadedModel) -> None:
+    def __init__(
+        self, spec: ModelSpec, loaded: LoadedModel, executor: ThreadPoolExecutor | None = None
+    ) -> None:
         self.spec = spec
         self._loaded = loaded
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardbento-generate")
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardbento-engine")
         self._closed = False
         self._metrics = RequestMetrics(spec.name)
         self._scheduler: Scheduler | None = None
         self._batches_images = getattr(loaded.model.config, "model_type", None) in BATCHED_VISION_TYPES
         if spec.kind == "text" or self._batches_images:
             runner = ModelRunner(loaded.model, spec.limits.max_num_seqs, spec.max_model_len)
-            self._scheduler = Scheduler(runner, spec.limits, self._metrics)
+            self._scheduler = Scheduler(runner, spec.limits, self._metrics, start=False)
+            self._executor.submit(self._scheduler.run)
         self.info = EngineInfo(
             model=spec.name,
             kind=spec.kind,
@@ -103,7 +107,14 @@ class HFEngine:
 
     @classmethod
     def load(cls, spec: ModelSpec) -> HFEngine:
-        return cls(spec, load_model(spec))
+        """Load on the engine's own thread, which then runs every forward (see Scheduler.run for why
+        one thread must own the CPU's OpenMP pool)."""
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardbento-engine")
+        try:
+            return executor.submit(lambda: cls(spec, load_model(spec), executor)).result()
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
 
     @property
     def tokenizer(self) -> Any:

@@ -67,6 +67,7 @@ class Scheduler:
         limits: ServingLimits,
         metrics: RequestMetrics,
         deliver: Callable[[Outbox], list[Any]] = DeltaChannel.emit_all,
+        start: bool = True,
     ) -> None:
         self._runner = runner
         self._limits = limits
@@ -77,8 +78,9 @@ class Scheduler:
         self._outbox: list[tuple[Sequence, Delta | BaseException]] = []
         self._wake = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="shardbento-scheduler", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if start:
+            threading.Thread(target=self.run, name="shardbento-scheduler", daemon=True).start()
 
     def submit(self, seq: Sequence) -> None:
         """Queue a request; past the waiting bound it is refused with a 429."""
@@ -105,12 +107,23 @@ class Scheduler:
         with self._wake:
             self._closed = True
             self._wake.notify()
-        if threading.current_thread() is not self._thread:
+        if self._thread is not None and threading.current_thread() is not self._thread:
             self._thread.join(timeout_s)
 
     @property
     def is_alive(self) -> bool:
-        return self._thread.is_alive()
+        """False once the loop has ended; True before it starts (queued on its engine thread)."""
+        return not self._closed if self._thread is None else self._thread.is_alive()
+
+    def run(self) -> None:
+        """The engine loop, on the calling thread until close(); `start=True` gives it its own thread.
+
+        Running it on the thread that loaded the model matters on CPU: torch's OpenMP runtime keeps a
+        worker pool per thread that ever ran a parallel op, and with more pool threads than cores it
+        stops spinning between ops, which made every forward of a second thread ~40% slower here.
+        """
+        self._thread = threading.current_thread()
+        self._loop()
 
     def _loop(self) -> None:
         while True:

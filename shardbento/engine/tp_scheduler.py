@@ -215,11 +215,34 @@ def lead(
     live: dict[int, Sequence] = {}
     sender = ReportSender(channels.results, relay, live)
     mirror = MirrorRunner(runner, channels.control)
-    scheduler = Scheduler(mirror, limits, relay, deliver=sender.deliver)
+    scheduler = Scheduler(mirror, limits, relay, deliver=sender.deliver, start=False)
+    intake = threading.Thread(
+        target=_intake,
+        args=(scheduler, channels.requests, tokenizer, eos_ids, live, sender),
+        name="shardbento-tp-intake",
+        daemon=True,
+    )
+    intake.start()
+    try:
+        scheduler.run()  # on the thread that loaded the shard: see Scheduler.run
+    finally:
+        for follower in channels.control:
+            follower.put(STOP)
+
+
+def _intake(
+    scheduler: Scheduler,
+    requests: Any,
+    tokenizer: Any,
+    eos_ids: set[int],
+    live: dict[int, Sequence],
+    sender: ReportSender,
+) -> None:
+    """Rank 0's request thread: Submit and Cancel into the scheduler until STOP, which closes it."""
     try:
         while True:
             try:
-                message = channels.requests.get(timeout=POLL_S)
+                message = requests.get(timeout=POLL_S)
             except queue.Empty:
                 sender.flush_metrics()
                 continue
@@ -234,8 +257,6 @@ def lead(
                 break
     finally:
         scheduler.close()
-        for follower in channels.control:
-            follower.put(STOP)
 
 
 def _admit(
