@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 FinishReason = Literal["stop", "length"]
+GREEDY_BELOW_TEMPERATURE = 1e-5  # as vLLM's sampling epsilon
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +28,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperatures this small sample the argmax anyway; dividing logits by them overflows."""
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 @dataclass(frozen=True, slots=True)

@@ -110,3 +110,12 @@ def test_emit_all_delivers_and_reports_closed_loops() -> None:
 
     assert loop.run_until_complete(drain()) == ["a", "b"]
     loop.close()
+
+
+def test_select_tokens_tiny_temperature_is_greedy_not_overflow() -> None:
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(1)) * 30
+    tiny = [
+        RequestSampler(SamplingParams(max_tokens=2, temperature=t), eos_ids=set(), decode=str)
+        for t in (2.2e-308, 1e-6)
+    ]
+    assert select_tokens(tiny, logits, [None, None]) == logits.argmax(-1).tolist()
