@@ -58,10 +58,15 @@ class LoadedModel:
     tokenizer: Any
     processor: Any | None
     eos_token_ids: set[int]
-    pad_token_id: int
     input_device: torch.device
     devices: tuple[str, ...]
     parallel: str
+
+    @property
+    def pad_token_id(self) -> int:
+        """The tokenizer's pad id, else the smallest EOS id (batched generate() needs one)."""
+        pad_id = self.tokenizer.pad_token_id
+        return pad_id if pad_id is not None else min(self.eos_token_ids)
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -134,7 +139,6 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     preprocessor = preprocessor_class.from_pretrained(path, **common)
     tokenizer = getattr(preprocessor, "tokenizer", preprocessor)
     eos_ids = collect_eos_ids(model, tokenizer, spec)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
     devices = tuple(sorted({str(p.device) for p in model.parameters()}))
     return LoadedModel(
         spec=spec,
@@ -142,7 +146,6 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         tokenizer=tokenizer,
         processor=preprocessor if spec.kind == "vision" else None,
         eos_token_ids=eos_ids,
-        pad_token_id=pad_id,
         input_device=input_device(model),
         devices=devices,
         parallel="layers" if isinstance(device_map, dict) and len(set(device_map.values())) > 1 else "none",

@@ -56,7 +56,6 @@ def _load_preprocessor(spec: ModelSpec, path: str) -> LoadedModel:
         tokenizer=tokenizer,
         processor=preprocessor if spec.kind == "vision" else None,
         eos_token_ids=eos_ids,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids),
         input_device=torch.device("cpu"),
         devices=(),
         parallel="tensor",

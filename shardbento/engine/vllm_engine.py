@@ -40,7 +40,6 @@ def _load_prompts(spec: ModelSpec, path: str) -> LoadedModel:
         tokenizer=tokenizer,
         processor=processor,
         eos_token_ids=eos_ids,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids),
         input_device=None,  # type: ignore[arg-type]  # vLLM places inputs itself
         devices=(),
         parallel="none",
