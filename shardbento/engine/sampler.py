@@ -100,8 +100,10 @@ class RequestSampler:
     def _choose(self, logits: torch.Tensor) -> torch.Tensor:
         if self._generator is None:
             return logits.argmax(dim=-1)
-        logits = apply_top_k_top_p(logits / self._params.temperature, self._params.top_k, self._params.top_p)
-        probs = logits.softmax(dim=-1)
+        scaled = apply_top_k_top_p(logits / self._params.temperature, self._params.top_k, self._params.top_p)
+        probs = scaled.softmax(dim=-1)
+        if not bool(torch.isfinite(probs).all()):  # overflow or all masked: greedy is the limit
+            return logits.argmax(dim=-1)
         if self._generator.device != probs.device:
             probs = probs.to(self._generator.device)
         return torch.multinomial(probs, 1, generator=self._generator).reshape(-1).to(logits.device)
