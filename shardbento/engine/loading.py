@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -149,6 +150,33 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         input_device=input_device(model),
         devices=devices,
         parallel="layers" if isinstance(device_map, dict) and len(set(device_map.values())) > 1 else "none",
+    )
+
+
+def load_preprocessing(spec: ModelSpec, path: str, parallel: str) -> LoadedModel:
+    """Tokenizer (processor for vision), chat template and EOS ids without the weights, for engines whose
+    weights live elsewhere (tensor-parallel ranks, vLLM)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    _, preprocessor_class = _auto_classes(spec.kind)
+    common = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
+    preprocessor = preprocessor_class.from_pretrained(path, **common)
+    tokenizer = getattr(preprocessor, "tokenizer", preprocessor)
+    try:
+        generation_config = GenerationConfig.from_pretrained(path, **common)
+    except OSError:  # no generation_config.json: the model config's EOS ids are the ones
+        generation_config = None
+    config = AutoConfig.from_pretrained(path, **common)
+    holder = SimpleNamespace(generation_config=generation_config, config=config)
+    return LoadedModel(
+        spec=spec,
+        model=None,
+        tokenizer=tokenizer,
+        processor=preprocessor if spec.kind == "vision" else None,
+        eos_token_ids=collect_eos_ids(holder, tokenizer, spec),
+        input_device=torch.device("cpu"),
+        devices=(),
+        parallel=parallel,
     )
 
 

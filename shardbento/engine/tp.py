@@ -16,7 +16,7 @@ from typing import Any
 
 from shardbento.catalog import ModelSpec
 from shardbento.engine.base import ChatMessage, Delta, DeltaChannel, EngineInfo, Prompt, SamplingParams
-from shardbento.engine.loading import LoadedModel, collect_eos_ids, resolve_dtype, resolve_source
+from shardbento.engine.loading import LoadedModel, load_preprocessing, resolve_dtype, resolve_source
 from shardbento.engine.tp_client import BatchClient
 from shardbento.engine.tp_worker import STOP, GenerateCall, RankChannels, RankConfig, run_rank
 from shardbento.errors import GenerationFailed, NotReady
@@ -33,33 +33,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _load_preprocessor(spec: ModelSpec, path: str) -> LoadedModel:
-    """Tokenizer (and processor) in the service process; weights live only in the ranks."""
-    from transformers import AutoProcessor, AutoTokenizer, GenerationConfig
-
-    common = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
-    preprocessor = (AutoProcessor if spec.kind == "vision" else AutoTokenizer).from_pretrained(path, **common)
-    tokenizer = getattr(preprocessor, "tokenizer", preprocessor)
-    try:
-        generation_config = GenerationConfig.from_pretrained(path, **common)
-    except OSError:
-        generation_config = None
-    holder = type("ConfigHolder", (), {"generation_config": generation_config})()
-    eos_ids = collect_eos_ids(holder, tokenizer, spec)
-    import torch
-
-    return LoadedModel(
-        spec=spec,
-        model=None,
-        tokenizer=tokenizer,
-        processor=preprocessor if spec.kind == "vision" else None,
-        eos_token_ids=eos_ids,
-        input_device=torch.device("cpu"),
-        devices=(),
-        parallel="tensor",
-    )
 
 
 class TPEngine:
@@ -107,7 +80,7 @@ class TPEngine:
         import torch.multiprocessing as mp
 
         path = resolve_source(spec)
-        loaded = _load_preprocessor(spec, path)
+        loaded = load_preprocessing(spec, path, parallel="tensor")
         device = "cpu" if spec.device == "cpu" else "cuda"
         port = free_port()
         context = mp.get_context("spawn")

@@ -5,45 +5,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
-from types import SimpleNamespace
 from typing import Any
 
 from shardbento.catalog import ModelSpec
 from shardbento.engine.base import ChatMessage, Delta, EngineInfo, Prompt, SamplingParams, TokenLogprob
-from shardbento.engine.loading import LoadedModel, collect_eos_ids, resolve_source
+from shardbento.engine.loading import LoadedModel, load_preprocessing, resolve_source
 from shardbento.engine.vllm_args import engine_kwargs
 from shardbento.textstream import OutputStream
 
 logger = logging.getLogger(__name__)
-
-
-def _load_prompts(spec: ModelSpec, path: str) -> LoadedModel:
-    """The transformers engine's tokenizer (processor for vision) and chat template, without its weights."""
-    from transformers import AutoConfig, AutoProcessor, AutoTokenizer, GenerationConfig
-
-    common = {"trust_remote_code": spec.trust_remote_code}
-    processor = AutoProcessor.from_pretrained(path, **common) if spec.kind == "vision" else None
-    tokenizer = (
-        processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(path, **common)
-    )
-    config = AutoConfig.from_pretrained(path, **common)
-    try:
-        generation_config = GenerationConfig.from_pretrained(path)
-    except OSError:  # no generation_config.json: the model config's EOS ids are the ones
-        generation_config = None
-    eos_ids = collect_eos_ids(
-        SimpleNamespace(generation_config=generation_config, config=config), tokenizer, spec
-    )
-    return LoadedModel(
-        spec=spec,
-        model=None,
-        tokenizer=tokenizer,
-        processor=processor,
-        eos_token_ids=eos_ids,
-        input_device=None,  # type: ignore[arg-type]  # vLLM places inputs itself
-        devices=(),
-        parallel="none",
-    )
 
 
 def known_engine_args() -> set[str]:
@@ -98,7 +68,7 @@ class VLLMEngine:
 
         path = resolve_source(spec)
         kwargs = engine_kwargs(spec, path, known_engine_args())
-        prompts = _load_prompts(spec, path)
+        prompts = load_preprocessing(spec, path, parallel="none")
         logger.info("starting vLLM for %s: %s", spec.name, kwargs)
         llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         return cls(spec, llm, prompts, kwargs)
