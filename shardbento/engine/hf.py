@@ -87,7 +87,7 @@ class HFEngine:
     ) -> None:
         self.spec = spec
         self._loaded = loaded
-        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardbento-engine")
+        self._executor = executor or _engine_thread()
         self._closed = False
         self._metrics = RequestMetrics(spec.name)
         self._scheduler: Scheduler | None = None
@@ -109,7 +109,7 @@ class HFEngine:
     def load(cls, spec: ModelSpec) -> HFEngine:
         """Load on the engine's own thread, which then runs every forward (see Scheduler.run for why
         one thread must own the CPU's OpenMP pool)."""
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardbento-engine")
+        executor = _engine_thread()
         try:
             return executor.submit(lambda: cls(spec, load_model(spec), executor)).result()
         except BaseException:
@@ -198,3 +198,7 @@ class HFEngine:
                 stopping_criteria=[_StopWhenDone(job)],
                 streamer=_JobStreamer(job, sampler),
             )
+
+
+def _engine_thread() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardbento-engine")

@@ -95,14 +95,12 @@ class ModelRunner:
         width = max(len(c.token_ids) for c in chunks)
         pads = [width - len(c.token_ids) for c in chunks]
         ids = torch.tensor([[0] * p + list(c.token_ids) for p, c in zip(pads, chunks, strict=True)])
-        mask = torch.arange(width)[None, :] >= torch.tensor(pads)[:, None]
+        positions = torch.arange(width)[None, :] - torch.tensor(pads)[:, None]  # negative: left padding
         cache = DynamicCache(config=self.model.config)
         out = self.model(
             input_ids=ids.to(self._device),
-            attention_mask=mask.long().to(self._device),
-            position_ids=(torch.arange(width)[None, :] - torch.tensor(pads)[:, None])
-            .clamp(min=0)
-            .to(self._device),
+            attention_mask=(positions >= 0).long().to(self._device),
+            position_ids=positions.clamp(min=0).to(self._device),
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
