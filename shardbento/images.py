@@ -44,7 +44,11 @@ def decode_image(
             return image.convert("RGB")
     except InvalidRequest:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError:  # its message names an in-memory object address, different per call
+        raise InvalidRequest(
+            "the bytes sent are not a readable image: no image format PIL knows matches them", param=param
+        ) from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise InvalidRequest(f"the bytes sent are not a readable image: {exc}", param=param) from None
 
 
