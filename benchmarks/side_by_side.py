@@ -114,15 +114,26 @@ def wait_ready(url: str, model: str, process: subprocess.Popen, timeout_s: float
     raise TimeoutError(f"not ready after {timeout_s} s")
 
 
-def stop(process: subprocess.Popen) -> None:
+def stop(process: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """Stop a server's whole process group and wait until every process in it is gone (vLLM's engine
+    and worker processes outlive the API server by seconds, and would load the next measurement)."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while _group_alive(process) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _group_alive(process: subprocess.Popen) -> bool:
+    process.poll()  # reaps the leader once it exits, so only live members answer the signal below
     try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        os.killpg(process.pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 @dataclass
@@ -169,7 +180,8 @@ def bench_level(running: Running, level: int, args: argparse.Namespace, work: Pa
     ]
     command += ["--concurrency", str(level), "--input-tokens", str(args.input_tokens), "--seed", str(level)]
     command += ["--output-tokens", str(args.output_tokens), "--label", running.peer.label]
-    command += ["--requests-per-client", str(args.requests_per_client), "--json", str(report_path)]
+    command += ["--requests-per-client", str(args.requests_per_client)]
+    command += ["--min-requests", str(args.min_requests), "--json", str(report_path)]
     try:
         subprocess.run(command, cwd=REPO, check=True, timeout=3600)
     except Exception as exc:  # noqa: BLE001
@@ -197,7 +209,8 @@ def markdown(
         f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), load average "
         f"{load[0]} before and {load[1]} after (other work on the machine makes every figure noisier).",
         f"Model: bench-llama (seeded random Llama, hidden 512, 8 layers, ~27M parameters, float32). "
-        f"Closed loop, ~{args.input_tokens} prompt tokens, {args.output_tokens} output tokens "
+        f"Closed loop, ~{args.input_tokens} prompt tokens, {args.output_tokens} output tokens, "
+        f"max({args.min_requests}, {args.requests_per_client} x c) requests per level "
         "(fixed with ignore_eos/min_tokens where the server accepts them; `tokens/req` shows what arrived).",
         "",
         "| server | c | out tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | ITL p99 ms | tokens/req | errors |",
@@ -275,7 +288,10 @@ def main() -> int:
     parser.add_argument("--levels", default="1,4,16")
     parser.add_argument("--input-tokens", type=int, default=128)
     parser.add_argument("--output-tokens", type=int, default=64)
-    parser.add_argument("--requests-per-client", type=int, default=3)
+    # Enough requests that ramp-up and the draining tail of a closed loop weigh little, and the c=1
+    # percentiles rest on more than a handful of samples.
+    parser.add_argument("--requests-per-client", type=int, default=6)
+    parser.add_argument("--min-requests", type=int, default=24)
     parser.add_argument("--only", help="comma-separated peer labels to run (default: all)")
     parser.add_argument("--vllm-python", type=Path, default=REPO / ".venv-vllm" / "bin" / "python")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
@@ -283,6 +299,9 @@ def main() -> int:
     model_dir = ensure_generated("bench-llama")
     work = Path(tempfile.mkdtemp(prefix="shardbento-bench-"))
     load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    # The ceiling is measured first, while no server runs: nothing else loads the machine then.
+    print("== in-process model.generate", flush=True)
+    base = baseline(model_dir, args)
     reports: dict[str, dict | str] = {}
     running: list[Running] = []
     try:
@@ -310,8 +329,6 @@ def main() -> int:
     finally:
         for server in running:
             stop(server.process)
-    print("== in-process model.generate", flush=True)
-    base = baseline(model_dir, args)
     load_after = " ".join(f"{x:.1f}" for x in os.getloadavg())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(markdown(reports, base, args, (load_before, load_after)))
