@@ -1,8 +1,11 @@
-"""Faster CPU linear layers: oneDNN matmuls on weights packed once at load time (as vLLM's CPU backend does)."""
+"""Faster CPU inference: oneDNN matmuls on weights packed once at load time (as vLLM's CPU backend does),
+and an allocator that keeps the memory of freed activations instead of handing it back each forward."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
 from functools import partial
 from typing import Any
 
@@ -13,6 +16,38 @@ logger = logging.getLogger(__name__)
 # Memory the packed copies may take, as a share of the memory available when the model is loaded.
 MAX_SHARE_OF_AVAILABLE = 0.25
 _BATCH_SIZE_HINT = 16  # oneDNN picks its blocking for about this many rows; any row count works
+
+# glibc mallopt() parameters and the values keep_freed_memory() sets (see its docstring).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024  # glibc's largest allowed value on 64-bit
+TRIM_THRESHOLD_BYTES = 2**31 - 1  # mallopt takes an int
+TOP_PAD_BYTES = 256 * 1024 * 1024  # address space reserved ahead; pages count only once touched
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc reuse the memory of freed activation tensors instead of returning it.
+
+    By default every CPU tensor over a few MiB (a prefill's activations) is a fresh mmap, and freed
+    memory goes straight back to the kernel, so each forward re-faults and re-zeroes its pages: ~1.5
+    GB of page faults per 6,000 generated tokens on the benchmark model, ~14% of every prefill's time.
+    Served from the heap and kept there, the pages are faulted once (vLLM's CPU backend gets the same
+    from tcmalloc). The process keeps its peak activation memory after a burst. Returns False where the
+    C library is not glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    settings = (
+        (_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES),
+        (_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES),
+        (_M_TOP_PAD, TOP_PAD_BYTES),
+    )
+    applied = all(mallopt(param, value) == 1 for param, value in settings)
+    logger.info("malloc keeps freed CPU memory for reuse: %s", "yes" if applied else "no (mallopt refused)")
+    return applied
 
 
 def pack_linear_weights(model: Any, available_bytes: int | None = None) -> int:

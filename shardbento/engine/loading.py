@@ -12,7 +12,7 @@ import torch
 
 from shardbento.catalog import ModelSpec
 from shardbento.engine.base import ChatMessage, Prompt
-from shardbento.engine.cpu_kernels import pack_linear_weights
+from shardbento.engine.cpu_kernels import keep_freed_memory, pack_linear_weights
 from shardbento.engine.placement import device_map_for, input_device
 
 logger = logging.getLogger(__name__)
@@ -135,8 +135,9 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     logger.info("loading %s from %s (%s, device_map=%s)", spec.name, path, dtype, device_map)
     model = model_class.from_pretrained(path, dtype=dtype, device_map=device_map, **common, **offload)
     model.eval()
-    if spec.cpu_kernels == "onednn":
+    if spec.cpu_kernels == "onednn" and any(p.device.type == "cpu" for p in model.parameters()):
         pack_linear_weights(model)
+        keep_freed_memory()
     preprocessor = preprocessor_class.from_pretrained(path, **common)
     tokenizer = getattr(preprocessor, "tokenizer", preprocessor)
     eos_ids = collect_eos_ids(model, tokenizer, spec)

@@ -102,6 +102,7 @@ class TPEngine:
                 dtype=str(resolve_dtype(spec)).removeprefix("torch."),
                 kind=spec.kind,
                 trust_remote_code=spec.trust_remote_code,
+                cpu_kernels=spec.cpu_kernels,
                 eos_token_ids=tuple(sorted(loaded.eos_token_ids)),
                 pad_token_id=loaded.pad_token_id,
                 limits=spec.limits,

@@ -26,6 +26,7 @@ class RankConfig:
     dtype: str
     kind: str
     trust_remote_code: bool
+    cpu_kernels: str  # the catalog's cpu_kernels: "onednn" also keeps freed memory for reuse on CPU
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
     limits: ServingLimits
@@ -126,6 +127,10 @@ def _join_and_load(config: RankConfig) -> Any:
         torch.cuda.set_device(config.rank)
     else:
         torch.set_num_threads(1)  # N ranks share the host's cores; more threads only contend
+        if config.cpu_kernels == "onednn":
+            from shardbento.engine.cpu_kernels import keep_freed_memory
+
+            keep_freed_memory()
     backend = "nccl" if config.device == "cuda" else "gloo"
     dist.init_process_group(backend=backend, rank=config.rank, world_size=config.world_size)
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, DistributedConfig

@@ -1,11 +1,14 @@
 """The model runner (batched and chunked prefill, slot release), batched token selection, packed CPU
-linears and the batched Delta hand-over: each equals its one-at-a-time counterpart."""
+linears, the allocator setting and the batched Delta hand-over: each equals its one-at-a-time counterpart."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import subprocess
+import sys
 
+import pytest
 import torch
 
 from shardbento.engine.base import Delta, DeltaChannel, SamplingParams
@@ -91,6 +94,46 @@ def test_pack_linear_weights_keeps_logits() -> None:
     assert pack_linear_weights(plain, available_bytes=1) == 0  # copies would not fit: left alone
     assert pack_linear_weights(plain) == linears > 0
     assert close(plain(input_ids=ids).logits, reference)
+
+
+PREFILL_PAGE_FAULTS = """
+import resource, sys, torch
+import shardbento.engine.loading as loading
+from shardbento.catalog import ModelSpec
+from shardbento.engine.runner import ModelRunner, PrefillChunk
+
+if sys.argv[1] == "default":
+    loading.keep_freed_memory = lambda: None
+source = {"name": "bench-llama", "source": "generated:bench-llama", "kind": "text", "dtype": "float32"}
+runner = ModelRunner(loading.load_model(ModelSpec.model_validate(source)).model, 4, 1024)
+
+def prefill(lengths):
+    runner.release(list(range(runner.num_rows)))
+    runner.prefill([PrefillChunk(i, tuple(range(10, 10 + n)), 0, i) for i, n in enumerate(lengths)])
+
+with torch.inference_mode():
+    prefill([132, 120, 128])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for i in range(8):
+        prefill([120 + 7 * i, 130, 110 + i][: 1 + i % 3])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_keep_freed_memory_stops_refaulting_prefill_pages() -> None:
+    """The benchmark model's batched prefills, in fresh processes: glibc's defaults hand each forward's
+    activation memory back and fault it in again; with keep_freed_memory (applied at load) they do not."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's malloc settings apply on Linux only")
+    faults = {
+        mode: int(
+            subprocess.run(
+                [sys.executable, "-c", PREFILL_PAGE_FAULTS, mode], capture_output=True, text=True, check=True
+            ).stdout.split()[-1]
+        )
+        for mode in ("default", "keep")
+    }
+    assert faults["keep"] * 3 < faults["default"], faults
 
 
 def test_emit_all_delivers_and_reports_closed_loops() -> None:
