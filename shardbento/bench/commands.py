@@ -44,7 +44,17 @@ def handle(args: argparse.Namespace) -> int:
     if not levels or min(levels) < 1 or args.input_tokens < 1 or args.output_tokens < 1:
         print("--concurrency, --input-tokens and --output-tokens must be positive", file=sys.stderr)
         return 2
-    report = asyncio.run(run_bench(args, levels))
+    import aiohttp
+
+    try:
+        report = asyncio.run(run_bench(args, levels))
+    except (
+        aiohttp.ClientError,
+        RuntimeError,
+        TimeoutError,
+    ) as exc:  # nothing measured: say why, no traceback
+        print(f"bench: {args.url}: {exc}", file=sys.stderr)
+        return 1
     from shardbento.bench.report import plot, table
 
     print(table(report["levels"]))
@@ -56,14 +66,15 @@ def handle(args: argparse.Namespace) -> int:
 
 
 async def run_bench(args: argparse.Namespace, levels: list[int]) -> dict[str, Any]:
-    import httpx
+    import aiohttp
 
     from shardbento.bench.loadgen import Target, chat_url, probe, request_body, run_level, send
     from shardbento.bench.report import summarize
 
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limits = httpx.Limits(max_connections=max(levels) + 4, max_keepalive_connections=max(levels) + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=max(levels) + 4)
+    timeout = aiohttp.ClientTimeout(total=600.0)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:
         model = args.model or await _first_model(client, args.url, headers)
         target, probe_tokens = await probe(client, Target(chat_url(args.url), model, True, headers))
         words = max(1, round(args.input_tokens * 50 / probe_tokens)) if probe_tokens else args.input_tokens
@@ -97,6 +108,6 @@ async def run_bench(args: argparse.Namespace, levels: list[int]) -> dict[str, An
 
 async def _first_model(client: Any, url: str, headers: dict[str, str]) -> str:
     base = url.rstrip("/").removesuffix("/chat/completions").removesuffix("/v1")
-    response = await client.get(f"{base}/v1/models", headers=headers)
-    response.raise_for_status()
-    return response.json()["data"][0]["id"]
+    async with client.get(f"{base}/v1/models", headers=headers) as response:
+        response.raise_for_status()
+        return (await response.json())["data"][0]["id"]

@@ -1,4 +1,9 @@
-"""A closed-loop OpenAI streaming load generator: N clients, each sending its next request when one ends."""
+"""A closed-loop OpenAI streaming load generator: N clients, each sending its next request when one ends.
+
+It runs on aiohttp, as vLLM's serving benchmark does: on a small machine the load generator shares the
+CPU with the server it measures, and aiohttp's streaming costs about half of httpx's per chunk
+(measured here: ~65 vs ~115 us of client CPU per streamed token).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 
 # Short common words: most tokenizers give each one or two tokens.
 PROMPT_WORDS = [
@@ -114,22 +119,23 @@ def request_body(target: Target, prompt: str, output_tokens: int) -> dict[str, A
     return body
 
 
-async def send(client: httpx.AsyncClient, target: Target, body: dict[str, Any]) -> RequestResult:
+async def send(session: aiohttp.ClientSession, target: Target, body: dict[str, Any]) -> RequestResult:
     """Stream one chat completion; TTFT is the first chunk with content, tokens from usage if given."""
     result = RequestResult(ok=False)
     start = time.perf_counter()
     num_chunks = 0
     try:
-        async with client.stream("POST", target.url, json=body, headers=target.headers) as response:
-            if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")
-                result.error = f"HTTP {response.status_code}: {text[:200]}"
+        async with session.post(target.url, json=body, headers=target.headers) as response:
+            if response.status != 200:
+                text = (await response.read()).decode(errors="replace")
+                result.error = f"HTTP {response.status}: {text[:200]}"
                 return result
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
+            async for raw in response.content:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
                     continue
                 data = line[5:].strip()
-                if data == "[DONE]":
+                if data == b"[DONE]":
                     break
                 event = json.loads(data)
                 if "error" in event:
@@ -145,7 +151,7 @@ async def send(client: httpx.AsyncClient, target: Target, body: dict[str, Any]) 
                         result.ttft_s = now if result.ttft_s is None else result.ttft_s
                         result.chunk_times_s.append(now)
                         num_chunks += 1
-    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:  # ValueError: bad JSON, overlong line
         result.error = f"{type(exc).__name__}: {exc}"[:200]
         return result
     result.e2e_s = time.perf_counter() - start
@@ -154,7 +160,7 @@ async def send(client: httpx.AsyncClient, target: Target, body: dict[str, Any]) 
     return result
 
 
-async def probe(client: httpx.AsyncClient, target: Target) -> tuple[Target, int | None]:
+async def probe(client: aiohttp.ClientSession, target: Target) -> tuple[Target, int | None]:
     """One small request: drops the fixed-length fields if the server refuses them; prompt tokens per word."""
     words = 50
     body = request_body(target, make_prompt(words, random.Random(0)), 2)
@@ -163,12 +169,12 @@ async def probe(client: httpx.AsyncClient, target: Target) -> tuple[Target, int 
         target = Target(target.url, target.model, False, target.headers)
         result = await send(client, target, request_body(target, make_prompt(words, random.Random(0)), 2))
     if not result.ok:
-        raise RuntimeError(f"the server refused the probe request: {result.error}")
+        raise RuntimeError(f"the probe request failed: {result.error}")
     return target, result.prompt_tokens
 
 
 async def run_level(
-    client: httpx.AsyncClient,
+    client: aiohttp.ClientSession,
     target: Target,
     concurrency: int,
     num_requests: int,

@@ -1,8 +1,14 @@
-"""Bench report arithmetic: percentiles, TPOT/ITL from chunk times, throughput, the table."""
+"""Bench report arithmetic: percentiles, TPOT/ITL from chunk times, throughput, the table; and the CLI's
+one-line failure when no server answers."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import random
+import socket
+import subprocess
+import sys
 
 import numpy as np
 
@@ -39,3 +45,54 @@ def test_report_summarize_derives_latencies_and_throughput() -> None:
 def test_loadgen_chat_url_accepts_base_or_full_path() -> None:
     full = "http://h:1/v1/chat/completions"
     assert chat_url("http://h:1") == chat_url("http://h:1/v1/") == chat_url(full) == full
+
+
+def test_bench_cli_says_why_when_nothing_answers() -> None:
+    with socket.socket() as sock:  # a port nothing listens on once this closes
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for model in (["--model", "m"], []):  # the probe fails, or the /v1/models lookup before it
+        command = [sys.executable, "-m", "shardbento", "bench", "--url", f"http://127.0.0.1:{port}", *model]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1
+        assert done.stderr.startswith(f"bench: http://127.0.0.1:{port}: ") and "Traceback" not in done.stderr
+
+
+def test_loadgen_probe_drops_fixed_lengths_a_strict_server_refuses() -> None:
+    """A server that 400s on vLLM's ignore_eos/min_tokens still gets benchmarked, without them."""
+    from aiohttp import ClientSession, web
+
+    from shardbento.bench.loadgen import Target, probe
+
+    seen: list[dict] = []
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        seen.append(body)
+        if "ignore_eos" in body:
+            return web.json_response({"error": {"message": "unknown field ignore_eos"}}, status=400)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for word in ("a", "b"):
+            await response.write(f'data: {{"choices": [{{"delta": {{"content": "{word}"}}}}]}}\n\n'.encode())
+        usage = {"choices": [], "usage": {"prompt_tokens": 17, "completion_tokens": 2}}
+        await response.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
+        return response
+
+    async def main() -> tuple[Target, int | None]:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", chat)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            async with ClientSession() as session:
+                return await probe(session, Target(chat_url(f"http://127.0.0.1:{port}"), "m", True, {}))
+        finally:
+            await runner.cleanup()
+
+    target, prompt_tokens = asyncio.run(main())
+    assert target.fixed_length is False and prompt_tokens == 17
+    assert ["ignore_eos" in body for body in seen] == [True, False]
