@@ -89,9 +89,8 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     result = measure(model, tokenizer, pad_id, args)
-    pack_linear_weights(
-        model
-    )  # the same model on the kernels and allocator settings shardbento's CPU engine uses
+    # the same model on the kernels and allocator settings shardbento's CPU engine uses
+    pack_linear_weights(model)
     keep_freed_memory()
     result["packed"] = measure(model, tokenizer, pad_id, args)
     print(json.dumps(result))
