@@ -46,14 +46,12 @@ def handle(args: argparse.Namespace) -> int:
         return 2
     import aiohttp
 
+    from shardbento.bench.loadgen import ProbeFailed
+
     try:
         report = asyncio.run(run_bench(args, levels))
-    except (
-        aiohttp.ClientError,
-        RuntimeError,
-        TimeoutError,
-    ) as exc:  # nothing measured: say why, no traceback
-        print(f"bench: {args.url}: {exc}", file=sys.stderr)
+    except (aiohttp.ClientError, TimeoutError, ProbeFailed) as exc:
+        print(f"bench: {args.url}: {exc}", file=sys.stderr)  # nothing was measured: say why, no traceback
         return 1
     from shardbento.bench.report import plot, table
 

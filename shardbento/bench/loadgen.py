@@ -71,6 +71,10 @@ PROMPT_WORDS = [
 ]
 
 
+class ProbeFailed(RuntimeError):
+    """The first request to the server did not succeed, so no level is run."""
+
+
 @dataclass(slots=True)
 class RequestResult:
     """One request as the client saw it; times in seconds from the request's start."""
@@ -169,7 +173,7 @@ async def probe(client: aiohttp.ClientSession, target: Target) -> tuple[Target, 
         target = Target(target.url, target.model, False, target.headers)
         result = await send(client, target, request_body(target, make_prompt(words, random.Random(0)), 2))
     if not result.ok:
-        raise RuntimeError(f"the probe request failed: {result.error}")
+        raise ProbeFailed(f"the probe request failed: {result.error}")
     return target, result.prompt_tokens
 
 
