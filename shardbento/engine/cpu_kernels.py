@@ -27,9 +27,10 @@ TOP_PAD_BYTES = 256 * 1024 * 1024  # address space reserved ahead; pages count o
 def keep_freed_memory() -> bool:
     """Make glibc's malloc reuse the memory of freed activation tensors instead of returning it.
 
-    By default every CPU tensor over a few MiB (a prefill's activations) is a fresh mmap, and freed
-    memory goes straight back to the kernel, so each forward re-faults and re-zeroes its pages: ~1.5
-    GB of page faults per 6,000 generated tokens on the benchmark model, ~14% of every prefill's time.
+    With glibc's defaults, large blocks (a prefill's activations) are mmapped and unmapped on free, and
+    a heap whose free top grows past the trim threshold is trimmed, so the engine thread's prefills
+    re-fault and re-zero their pages each forward: ~1.5 GB of page faults per 6,000 generated tokens on
+    the benchmark model, ~14% of every prefill's time.
     Served from the heap and kept there, the pages are faulted once (vLLM's CPU backend gets the same
     from tcmalloc). The process keeps its peak activation memory after a burst. Returns False where the
     C library is not glibc.
