@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,18 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_for(check: Callable[[], object], what: str, timeout_s: float = 60, poll_s: float = 0.1) -> object:
+    """Poll `check` until it returns something truthy (returned); fail naming `what` after `timeout_s`.
+
+    Tests wait for the state they assert with this, never for a fixed time.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not (result := check()):
+        assert time.monotonic() < deadline, f"{what}: not reached within {timeout_s:g} s"
+        time.sleep(poll_s)
+    return result
 
 
 @dataclass
