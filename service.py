@@ -11,21 +11,21 @@ from typing import Annotated, Any
 import bentoml
 from pydantic import BaseModel, Field
 
+from shardbento.api.errors import ErrorShapeMiddleware, typed_errors, typed_stream_errors
+from shardbento.api.images import decode_image
+from shardbento.api.middleware.auth import ApiKeyMiddleware
+from shardbento.api.middleware.faults import FaultInjectionMiddleware
+from shardbento.api.middleware.limits import BodySizeLimit, InFlightLimit, RequestIdMiddleware
+from shardbento.api.middleware.openapi_doc import OpenAPIErrorShapeMiddleware
+from shardbento.api.openai.routes import attach_serving, create_openai_app
+from shardbento.api.protocol import ChatInput, GenerateInput, ModelCard, TextOutput, Usage
+from shardbento.api.serving import Completion, Serving, new_request_id
+from shardbento.api.ui import ui_app
 from shardbento.catalog import select_spec
 from shardbento.deploy.bento import bento_labels, hub_weights, image_for
 from shardbento.engine.base import ChatMessage
 from shardbento.errors import InvalidRequest
-from shardbento.faults import FaultInjectionMiddleware
-from shardbento.http.auth import ApiKeyMiddleware
-from shardbento.http.errors import ErrorShapeMiddleware, typed_errors, typed_stream_errors
-from shardbento.http.limits import BodySizeLimit, InFlightLimit, RequestIdMiddleware
-from shardbento.http.openai_app import attach_serving, create_openai_app
-from shardbento.http.openapi_doc import OpenAPIErrorShapeMiddleware
-from shardbento.http.ui import ui_app
-from shardbento.images import decode_image
-from shardbento.protocol import ChatInput, GenerateInput, ModelCard, TextOutput, Usage
-from shardbento.serving import Completion, Serving, new_request_id
-from shardbento.weights import check_spec_weights
+from shardbento.plan.weights import check_spec_weights
 
 logger = logging.getLogger("shardbento.service")
 

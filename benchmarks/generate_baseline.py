@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shardbento.bench.loadgen import PROMPT_WORDS
-from shardbento.engine.cpu_kernels import keep_freed_memory, pack_linear_weights
+from shardbento.engine.hf.cpu_kernels import keep_freed_memory, pack_linear_weights
 
 
 def prompts(tokenizer, count: int, input_tokens: int, seed: int) -> list[list[int]]:

@@ -27,12 +27,12 @@ sys.path.insert(0, str(REPO))
 
 from shardbento.catalog import ServingLimits  # noqa: E402
 from shardbento.engine.base import SamplingParams  # noqa: E402
-from shardbento.engine.runner import ModelRunner  # noqa: E402
-from shardbento.engine.sampler import RequestSampler  # noqa: E402
-from shardbento.engine.scheduler import Scheduler, Sequence  # noqa: E402
+from shardbento.engine.batch.runner import ModelRunner  # noqa: E402
+from shardbento.engine.batch.sampler import RequestSampler  # noqa: E402
+from shardbento.engine.batch.scheduler import Scheduler, Sequence  # noqa: E402
+from shardbento.engine.output import OutputStream  # noqa: E402
 from shardbento.metrics import RequestMetrics  # noqa: E402
-from shardbento.textstream import OutputStream  # noqa: E402
-from shardbento.tiny import ensure_generated  # noqa: E402
+from shardbento.tiny.models import ensure_generated  # noqa: E402
 
 LLAMA_31_8B = dict(
     hidden_size=4096,

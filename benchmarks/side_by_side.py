@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from shardbento.bench.report import plot  # noqa: E402
-from shardbento.tiny import ensure_generated  # noqa: E402
+from shardbento.tiny.models import ensure_generated  # noqa: E402
 
 BIN = Path(sys.executable).parent
 CATALOG_YAML = """description: the side-by-side benchmark model (tiny.py recipe bench-llama)

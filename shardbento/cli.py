@@ -14,7 +14,7 @@ Register = Callable[[argparse._SubParsersAction], None]
 # Imported lazily so `--help` and light commands never pay for torch or bentoml.
 COMMAND_MODULES: tuple[str, ...] = (
     "shardbento.deploy.commands",
-    "shardbento.plan_cli",
+    "shardbento.plan.cli",
     "shardbento.bench.commands",
 )
 

@@ -32,7 +32,7 @@ class Settings:
     max_stop_strings: int = 8
     max_stop_length: int = 256
     request_timeout_s: float = 300.0
-    fault_injection: str | None = None  # test-only: see shardbento/faults.py
+    fault_injection: str | None = None  # test-only: see shardbento/api/middleware/faults.py
 
     def __repr__(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "api_key"}

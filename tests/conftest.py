@@ -22,7 +22,7 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def text_engine():
     from shardbento.catalog import load_spec
-    from shardbento.engine.hf import HFEngine
+    from shardbento.engine.hf.engine import HFEngine
 
     engine = HFEngine.load(load_spec("tiny-llama"))
     yield engine
@@ -32,7 +32,7 @@ def text_engine():
 @pytest.fixture(scope="session")
 def vision_engine():
     from shardbento.catalog import load_spec
-    from shardbento.engine.hf import HFEngine
+    from shardbento.engine.hf.engine import HFEngine
 
     engine = HFEngine.load(load_spec("tiny-llava"))
     yield engine

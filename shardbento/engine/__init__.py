@@ -12,7 +12,7 @@ logger = logging.getLogger(__name__)
 
 def create_engine(spec: ModelSpec) -> Engine:
     """Load the engine the spec asks for; heavy imports happen here, not at import time."""
-    from shardbento.engine.preflight import run_preflight
+    from shardbento.plan.preflight import run_preflight
 
     preflight = run_preflight(spec)  # a spec that cannot work fails here, before any weight loads
     if spec.engine != "transformers":
@@ -20,17 +20,17 @@ def create_engine(spec: ModelSpec) -> Engine:
         if engine is not None:
             return engine
     if preflight.mode == "tensor":
-        from shardbento.engine.tp import TPEngine
+        from shardbento.engine.tp.engine import TPEngine
 
         return TPEngine.load(spec)
-    from shardbento.engine.hf import HFEngine
+    from shardbento.engine.hf.engine import HFEngine
 
     return HFEngine.load(spec)
 
 
 def _create_vllm_engine(spec: ModelSpec) -> Engine | None:
     """vLLM for `engine: vllm`; for `auto`, vLLM if it can serve the model, else None (one log line why)."""
-    from shardbento.engine.loading import resolve_source
+    from shardbento.engine.hf.loading import resolve_source
     from shardbento.engine.selection import choose_engine
 
     choice = choose_engine(spec, resolve_source(spec))
@@ -44,7 +44,7 @@ def _create_vllm_engine(spec: ModelSpec) -> Engine | None:
     )
     if choice.name == "transformers":
         return None
-    from shardbento.engine.vllm_engine import VLLMEngine
+    from shardbento.engine.vllm.engine import VLLMEngine
 
     if spec.engine == "vllm":
         try:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from shardbento.catalog import ModelSpec
-from shardbento.engine.vllm_args import gpu_refusal, model_architectures
+from shardbento.engine.vllm.args import gpu_refusal, model_architectures
 
 logger = logging.getLogger(__name__)
 

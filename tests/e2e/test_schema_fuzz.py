@@ -33,7 +33,7 @@ def v1_openapi() -> dict[str, Any]:
     """/v1 is a mounted Starlette app with no schema of its own: built from its wire models."""
     from pydantic.json_schema import models_json_schema
 
-    from shardbento.http.openai_protocol import (
+    from shardbento.api.openai.protocol import (
         ChatCompletion,
         ChatCompletionRequest,
         CompletionRequest,
@@ -46,7 +46,7 @@ def v1_openapi() -> dict[str, Any]:
         [(m, "validation") for m in models], ref_template="#/components/schemas/{model}"
     )
 
-    from shardbento.serving import ROLES
+    from shardbento.api.serving import ROLES
 
     defs = schemas["$defs"]
     for definition in defs.values():  # `Any` fields the server accepts only as null (it rejects the rest)

@@ -9,11 +9,11 @@ import httpx
 import openai
 import pytest
 
+from shardbento.api.image_urls import ImageFetchConfig
+from shardbento.api.openai.routes import attach_serving, create_openai_app
+from shardbento.api.serving import Serving
 from shardbento.catalog import load_spec
 from shardbento.engine.base import Delta, EngineInfo, Prompt
-from shardbento.http.image_urls import ImageFetchConfig
-from shardbento.http.openai_app import attach_serving, create_openai_app
-from shardbento.serving import Serving
 
 BODY = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}]}
 

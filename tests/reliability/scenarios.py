@@ -63,7 +63,7 @@ def guarded_catalog(directory: Path, config: Guarded) -> Path:
 
 def corrupt_shard(log_dir: Path, work_dir: Path) -> dict[str, object]:
     """A truncated weight shard: the server never gets ready; probes and requests name the file."""
-    from shardbento.tiny import ensure_generated
+    from shardbento.tiny.models import ensure_generated
 
     model_dir = work_dir / "broken-model"
     shutil.copytree(ensure_generated("tiny-llama"), model_dir)

@@ -10,8 +10,8 @@ import torch
 
 from shardbento.catalog import load_spec
 from shardbento.engine.base import ChatMessage, SamplingParams
-from shardbento.engine.hf import HFEngine
-from shardbento.engine.placement import input_device
+from shardbento.engine.hf.engine import HFEngine
+from shardbento.engine.hf.placement import input_device
 
 
 def run(engine, prompt, params: SamplingParams):

@@ -6,8 +6,8 @@ import io
 
 import pytest
 
+from shardbento.api.images import decode_image
 from shardbento.errors import InvalidRequest
-from shardbento.images import decode_image
 
 
 def _reject(data: bytes) -> InvalidRequest:

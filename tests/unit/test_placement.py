@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from shardbento.catalog import load_spec
-from shardbento.engine.placement import PlacementError, _mapped_device, device_map_for
+from shardbento.engine.hf.placement import PlacementError, _mapped_device, device_map_for
 
 
 def test_placement_cpu_spec_maps_to_cpu() -> None:

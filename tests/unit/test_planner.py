@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from shardbento.catalog import load_spec
-from shardbento.planner import (
+from shardbento.plan.memory import (
     GIB,
     PlanError,
     budget,
@@ -19,7 +19,7 @@ from shardbento.planner import (
     parse_gpus,
     split_layers,
 )
-from shardbento.sharding import CONFIG_DIR, REPO_MODELS, config_path, plan_spec
+from shardbento.plan.sharding import CONFIG_DIR, REPO_MODELS, config_path, plan_spec
 
 NATIVE = [
     ("llama-3.1-8b-instruct", [6 * GIB] * 3),
@@ -36,7 +36,7 @@ def _config(name: str) -> dict:
 
 @pytest.mark.parametrize(("name", "max_memory"), NATIVE)
 def test_planner_matches_meta_model_and_accelerate(name: str, max_memory: list[int]) -> None:
-    from shardbento.engine.metaplan import accelerate_split, meta_model
+    from shardbento.plan.tp_plan import accelerate_split, meta_model
 
     config = _config(name)
     model = meta_model(config)

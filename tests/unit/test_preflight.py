@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shardbento.catalog import load_spec
-from shardbento.planner import PlanError
+from shardbento.plan.memory import PlanError
 
 
 def test_preflight_tensor_size_not_dividing_heads_fails_before_loading() -> None:
@@ -17,7 +17,7 @@ def test_preflight_tensor_size_not_dividing_heads_fails_before_loading() -> None
 
 
 def test_preflight_cpu_world_chooses_tensor_mode() -> None:
-    from shardbento.engine.preflight import run_preflight
+    from shardbento.plan.preflight import run_preflight
 
     assert run_preflight(load_spec("tiny-llama-tp2")).mode == "tensor"
     assert run_preflight(load_spec("tiny-llama")).mode == "single"
@@ -26,7 +26,7 @@ def test_preflight_cpu_world_chooses_tensor_mode() -> None:
 def test_preflight_more_gpus_than_visible_fails_with_fix() -> None:
     import torch
 
-    from shardbento.engine.preflight import run_preflight
+    from shardbento.plan.preflight import run_preflight
 
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     spec = load_spec("tiny-llama").model_copy(
@@ -41,7 +41,7 @@ def test_preflight_gpu_plan_and_arch_checks_pass_on_this_gpu() -> None:
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no GPU")
-    from shardbento.engine.preflight import run_preflight
+    from shardbento.plan.preflight import run_preflight
 
     spec = load_spec("tiny-llama").model_copy(update={"gpus": 1, "device": "cuda"})
     result = run_preflight(spec)

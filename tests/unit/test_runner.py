@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from shardbento.engine.base import Delta, DeltaChannel, SamplingParams
-from shardbento.engine.cpu_kernels import pack_linear_weights
-from shardbento.engine.runner import ModelRunner, PrefillChunk
-from shardbento.engine.sampler import RequestSampler, select_tokens
+from shardbento.engine.batch.runner import ModelRunner, PrefillChunk
+from shardbento.engine.batch.sampler import RequestSampler, select_tokens
+from shardbento.engine.hf.cpu_kernels import pack_linear_weights
 
 PROMPTS = ((5, 9, 14), tuple(range(20, 61)), (7, 8, 9, 10, 11, 12, 13))
 
@@ -84,7 +84,7 @@ def test_select_tokens_equals_selecting_row_by_row() -> None:
 @torch.inference_mode()
 def test_pack_linear_weights_keeps_logits() -> None:
     from shardbento.catalog import load_spec
-    from shardbento.engine.loading import load_model
+    from shardbento.engine.hf.loading import load_model
 
     plain = load_model(load_spec("tiny-llama").model_copy(update={"cpu_kernels": "default"})).model
     assert not any(isinstance(m.forward, functools.partial) for m in plain.modules())
@@ -98,9 +98,9 @@ def test_pack_linear_weights_keeps_logits() -> None:
 
 PREFILL_PAGE_FAULTS = """
 import resource, sys, torch
-import shardbento.engine.loading as loading
+import shardbento.engine.hf.loading as loading
 from shardbento.catalog import ModelSpec
-from shardbento.engine.runner import ModelRunner, PrefillChunk
+from shardbento.engine.batch.runner import ModelRunner, PrefillChunk
 
 if sys.argv[1] == "default":
     loading.keep_freed_memory = lambda: None

@@ -10,7 +10,7 @@ from prometheus_client import REGISTRY
 
 from shardbento.catalog import ServingLimits
 from shardbento.engine.base import ChatMessage, SamplingParams
-from shardbento.engine.hf import HFEngine
+from shardbento.engine.hf.engine import HFEngine
 from shardbento.errors import Overloaded
 
 QUESTIONS = ("Hi.", "Tell me about the sharded bento and its many GPUs.", "Why?", "Count " * 40)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 from shardbento.engine.base import SamplingParams
-from shardbento.textstream import IncrementalDetokenizer, OutputStream, StopMatcher
+from shardbento.engine.output import IncrementalDetokenizer, OutputStream, StopMatcher
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from shardbento.tiny import ensure_generated
+    from shardbento.tiny.models import ensure_generated
 
     return AutoTokenizer.from_pretrained(ensure_generated("tiny-llama"))
 

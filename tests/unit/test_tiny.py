@@ -1,4 +1,4 @@
-"""Unit tests for shardbento.tiny: offline, deterministic, sharded tiny-model generation."""
+"""Unit tests for shardbento.tiny.models: offline, deterministic, sharded tiny-model generation."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from shardbento import tiny
-from shardbento.tokenizer_corpus import ENDOFTEXT, IM_END, IM_START, IMAGE
+from shardbento.tiny import models as tiny
+from shardbento.tiny.tokenizer import ENDOFTEXT, IM_END, IM_START, IMAGE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -232,7 +232,7 @@ def test_tiny_qwen_loads(cache_dir: Path) -> None:
 def test_ensure_generated_concurrent_processes_generate_once(tmp_path: Path) -> None:
     script = (
         "import logging, sys; from pathlib import Path; logging.basicConfig(level=logging.INFO);"
-        "from shardbento.tiny import ensure_generated; print(ensure_generated('tiny-llama', Path(sys.argv[1])))"
+        "from shardbento.tiny.models import ensure_generated; print(ensure_generated('tiny-llama', Path(sys.argv[1])))"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     workers = [

@@ -15,9 +15,9 @@ from prometheus_client import REGISTRY
 
 from shardbento.catalog import ServingLimits
 from shardbento.engine.base import ChatMessage, Delta, SamplingParams
-from shardbento.engine.runner import ModelRunner
-from shardbento.engine.tp_scheduler import Cancel, RankFailure, Submit, apply_metrics, follow, lead
-from shardbento.engine.tp_worker import STOP
+from shardbento.engine.batch.runner import ModelRunner
+from shardbento.engine.tp.lead import Cancel, RankFailure, Submit, apply_metrics, follow, lead
+from shardbento.engine.tp.rank import STOP
 from shardbento.errors import Overloaded
 from shardbento.metrics import RequestMetrics
 

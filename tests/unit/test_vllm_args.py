@@ -9,7 +9,7 @@ from installed import vllm_installed
 
 from shardbento.catalog import CatalogError, ModelSpec, load_spec_file
 from shardbento.engine.selection import choose_engine
-from shardbento.engine.vllm_args import VLLMArgumentError, engine_kwargs, gpu_refusal
+from shardbento.engine.vllm.args import VLLMArgumentError, engine_kwargs, gpu_refusal
 
 KNOWN = {"enable_prefix_caching", "max_num_seqs", "enforce_eager", "kv_cache_dtype", "model_impl"}
 

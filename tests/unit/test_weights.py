@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from shardbento.weights import CorruptWeights, check_checkpoint
+from shardbento.plan.weights import CorruptWeights, check_checkpoint
 
 
 @pytest.fixture
 def checkpoint(tmp_path: Path) -> Path:
-    from shardbento.tiny import ensure_generated
+    from shardbento.tiny.models import ensure_generated
 
     return Path(shutil.copytree(ensure_generated("tiny-llama"), tmp_path / "model"))
 

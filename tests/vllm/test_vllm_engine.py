@@ -15,10 +15,10 @@ import pytest
 from shardbento.catalog import ModelSpec, load_spec
 from shardbento.engine import create_engine
 from shardbento.engine.base import ChatMessage, SamplingParams
-from shardbento.engine.hf import HFEngine
-from shardbento.engine.loading import resolve_source
+from shardbento.engine.hf.engine import HFEngine
+from shardbento.engine.hf.loading import resolve_source
 from shardbento.engine.selection import choose_engine
-from shardbento.engine.vllm_engine import VLLMEngine
+from shardbento.engine.vllm.engine import VLLMEngine
 
 MESSAGES = [ChatMessage(role="user", text="Count the shards of the model.")]
 
@@ -64,7 +64,7 @@ def test_create_engine_auto_falls_back_when_vllm_refuses_model(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A Llama whose config names an architecture vLLM lacks: transformers loads it by model_type."""
-    from shardbento.tiny import ensure_generated
+    from shardbento.tiny.models import ensure_generated
 
     model_dir = tmp_path / "unknown-arch"
     shutil.copytree(ensure_generated("tiny-llama"), model_dir)

@@ -1,6 +1,6 @@
 """A vision entry served by vLLM and by transformers: the same images and chat give the same answers.
 
-On CPU the vLLM engine runs tiny-llava through vLLM's Transformers backend (shardbento.engine.vllm_args),
+On CPU the vLLM engine runs tiny-llava through vLLM's Transformers backend (shardbento.engine.vllm.args),
 whose image preprocessing is the same transformers processor, so greedy answers and usage match exactly.
 """
 

@@ -1,0 +1,1 @@
+"""The request path every front end shares: Serving, wire models, the error map, middlewares, images."""

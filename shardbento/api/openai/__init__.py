@@ -1,0 +1,1 @@
+"""The OpenAI-compatible /v1 API: wire models, the serving class, formatting, routes."""

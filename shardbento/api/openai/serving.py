@@ -1,0 +1,267 @@
+"""The /v1 serving class: OpenAI requests in, Serving calls, OpenAI responses or SSE chunks out."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from pydantic import BaseModel
+
+from shardbento.api.image_urls import ImageFetchConfig, load_image
+from shardbento.api.openai.formatting import chat_logprobs, completion_logprobs, parse, sse, usage
+from shardbento.api.openai.protocol import (
+    NEUTRAL_VALUES,
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    CompletionChoice,
+    CompletionRequest,
+    ModelList,
+    ModelObject,
+    SamplingRequest,
+    TextCompletion,
+)
+from shardbento.api.serving import Serving, new_request_id
+from shardbento.engine.base import ChatMessage, Delta, Prompt, SamplingParams, TokenLogprob
+from shardbento.errors import GenerationFailed, InvalidRequest, ModelNotFound, ShardbentoError
+
+logger = logging.getLogger(__name__)
+
+Result = BaseModel | AsyncIterator[str]
+OWNED_BY = "shardbento"
+
+
+class OpenAIServing:
+    """Maps OpenAI's fields onto Serving; Serving owns validation of messages, context and images."""
+
+    def __init__(self, serving: Serving, images: ImageFetchConfig) -> None:
+        self.serving = serving
+        self.images = images
+
+    def models(self) -> ModelList:
+        spec = self.serving.spec
+        card = ModelObject(
+            id=spec.name,
+            created=int(time.time()),
+            owned_by=OWNED_BY,
+            max_model_len=spec.max_model_len,
+            kind=spec.kind,
+            ready=self.serving.is_ready(),
+        )
+        return ModelList(data=[card])
+
+    async def chat(self, body: Any) -> Result:
+        request = parse(ChatCompletionRequest, body)
+        self._check_common(request)
+        if request.top_logprobs is not None and not request.logprobs:
+            raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
+        prompt = await self.serving.chat_prompt(
+            [await self._message(i, m) for i, m in enumerate(request.messages)]
+        )
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        max_tokens = request.max_completion_tokens or request.max_tokens
+        params = self._sampling(prompt, request, max_tokens, logprobs)
+        if request.stream:
+            return await self._chat_stream(prompt, params, request)
+        request_id = new_request_id("chatcmpl")
+        completion = await self.serving.complete(prompt, params, request_id)
+        choice = ChatChoice(
+            message=AssistantMessage(content=completion.text),
+            logprobs=chat_logprobs(completion.logprobs) if logprobs is not None else None,
+            finish_reason=completion.finish_reason,
+        )
+        return ChatCompletion(
+            id=request_id,
+            created=int(time.time()),
+            model=self.serving.spec.name,
+            choices=[choice],
+            usage=usage(completion.prompt_tokens, completion.completion_tokens),
+        )
+
+    async def completion(self, body: Any) -> Result:
+        request = parse(CompletionRequest, body)
+        self._check_common(request)
+        prompt = await self.serving.text_prompt(_single_prompt(request.prompt))
+        params = self._sampling(prompt, request, request.max_tokens, request.logprobs)
+        if request.stream:
+            return await self._completion_stream(prompt, params, request)
+        request_id = new_request_id("cmpl")
+        completion = await self.serving.complete(prompt, params, request_id)
+        choice = CompletionChoice(
+            text=completion.text,
+            logprobs=completion_logprobs(completion.logprobs) if request.logprobs is not None else None,
+            finish_reason=completion.finish_reason,
+        )
+        return TextCompletion(
+            id=request_id,
+            created=int(time.time()),
+            model=self.serving.spec.name,
+            choices=[choice],
+            usage=usage(completion.prompt_tokens, completion.completion_tokens),
+        )
+
+    def _check_common(self, request: SamplingRequest) -> None:
+        if request.model != self.serving.spec.name:
+            raise ModelNotFound(
+                f"The model {request.model!r} does not exist; this server serves {self.serving.spec.name!r}",
+                param="model",
+            )
+        if request.n != 1:
+            raise InvalidRequest(f"n is {request.n}; this server returns exactly one choice (n=1)", param="n")
+        for name, neutral in NEUTRAL_VALUES.items():
+            value = getattr(request, name, None)
+            if not any(value == v and type(value) is type(v) for v in neutral):
+                raise InvalidRequest(
+                    f"{name} is not supported by this server; remove it from the request", param=name
+                )
+        if request.stream_options is not None and not request.stream:
+            raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
+
+    async def _message(self, index: int, message: Any) -> ChatMessage:
+        if isinstance(message.content, str):
+            return ChatMessage(role=message.role, text=message.content)
+        texts: list[str] = []
+        images: list[Any] = []
+        for j, part in enumerate(message.content):
+            if part.type == "text":
+                texts.append(part.text)
+            else:
+                param = f"messages[{index}].content[{j}].image_url"
+                limits = self.serving.settings
+                image = await load_image(
+                    part.image_url.url,
+                    self.images,
+                    param=param,
+                    max_bytes=limits.max_image_bytes,
+                    max_pixels=limits.max_image_pixels,
+                )
+                images.append(image)
+        return ChatMessage(role=message.role, text="\n".join(texts), images=tuple(images))
+
+    def _sampling(
+        self, prompt: Prompt, request: SamplingRequest, max_tokens: int | None, logprobs: int | None
+    ) -> SamplingParams:
+        stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+        if "" in stop:
+            raise InvalidRequest("stop strings must not be empty", param="stop")
+        return self.serving.sampling(
+            prompt,
+            max_tokens=max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=0 if request.top_k == -1 else request.top_k,
+            seed=request.seed,
+            stop=stop,
+            repetition_penalty=request.repetition_penalty,
+            min_tokens=request.min_tokens,
+            ignore_eos=request.ignore_eos,
+            logprobs=logprobs,
+        )
+
+    async def _chat_stream(
+        self, prompt: Prompt, params: SamplingParams, request: ChatCompletionRequest
+    ) -> AsyncIterator[str]:
+        base = ChatCompletionChunk(
+            id=new_request_id("chatcmpl"), created=int(time.time()), model=self.serving.spec.name, choices=[]
+        )
+        want_logprobs = params.logprobs is not None
+        first = True
+
+        def chunk(text: str, items: list[TokenLogprob], finish: str | None) -> dict[str, Any]:
+            nonlocal first
+            delta = {"role": "assistant", "content": text} if first else {"content": text} if text else {}
+            first = False
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            choice["logprobs"] = chat_logprobs(items).model_dump() if want_logprobs and items else None
+            return choice
+
+        return self._stream(prompt, await self._first_delta(prompt, params, base.id), request, base, chunk)
+
+    async def _completion_stream(
+        self, prompt: Prompt, params: SamplingParams, request: CompletionRequest
+    ) -> AsyncIterator[str]:
+        base = TextCompletion(
+            id=new_request_id("cmpl"), created=int(time.time()), model=self.serving.spec.name, choices=[]
+        )
+        want_logprobs = params.logprobs is not None
+        offset = 0
+
+        def chunk(text: str, items: list[TokenLogprob], finish: str | None) -> dict[str, Any]:
+            nonlocal offset
+            logprobs = completion_logprobs(items, offset).model_dump() if want_logprobs and items else None
+            offset += len(text)
+            return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+        return self._stream(prompt, await self._first_delta(prompt, params, base.id), request, base, chunk)
+
+    async def _first_delta(
+        self, prompt: Prompt, params: SamplingParams, request_id: str
+    ) -> AsyncIterator[Delta]:
+        """The engine's deltas, the first one already awaited: a refusal or failure before any output
+        (429 at capacity, 503, a failed first step) is then a plain HTTP error, not a 200 stream; the
+        client waits no longer for it, since the first chunk carries the first token anyway."""
+        deltas = self.serving.stream(prompt, params, request_id)
+        try:
+            first = await anext(deltas)
+        except StopAsyncIteration:
+            raise GenerationFailed("the engine ended the request without any output") from None
+
+        async def chained() -> AsyncIterator[Delta]:
+            try:
+                yield first
+                async for delta in deltas:
+                    yield delta
+            finally:
+                await deltas.aclose()
+
+        return chained()
+
+    async def _stream(
+        self,
+        prompt: Prompt,
+        deltas: AsyncIterator[Delta],
+        request: SamplingRequest,
+        base: ChatCompletionChunk | TextCompletion,
+        choice: Callable[[str, list[TokenLogprob], str | None], dict[str, Any]],
+    ) -> AsyncIterator[str]:
+        """SSE framing shared by both endpoints: a chunk per text delta (the first carries the role and
+        the first token; token-less deltas wait), the usage chunk, [DONE]; an error ends it with one event."""
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        frame = base.model_dump(mode="json", exclude={"usage"} if not include_usage else set())
+        held: list[TokenLogprob] = []
+        num_tokens = 0
+        try:
+            async for delta in deltas:
+                num_tokens += len(delta.token_ids)
+                held.extend(delta.logprobs)
+                if not delta.text and delta.finish_reason is None:
+                    continue
+                yield sse({**frame, "choices": [choice(delta.text, held, delta.finish_reason)]})
+                held = []
+        except ShardbentoError as exc:
+            yield sse(exc.body())
+            return
+        except Exception as exc:  # the stream has started: the client gets an error event, not a cut
+            logger.exception("stream %s failed", base.id)
+            yield sse(GenerationFailed(f"generation failed: {type(exc).__name__}").body())
+            return
+        if include_usage:
+            yield sse({**frame, "choices": [], "usage": usage(prompt.num_tokens, num_tokens).model_dump()})
+        yield "data: [DONE]\n\n"
+
+
+def _single_prompt(prompt: str | list[int] | list[str] | list[list[int]]) -> str | list[int]:
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+        if len(prompt) != 1:
+            raise InvalidRequest(
+                f"prompt holds {len(prompt)} prompts; this server completes one prompt per request",
+                param="prompt",
+            )
+        prompt = prompt[0]
+    if isinstance(prompt, str) and not prompt:
+        raise InvalidRequest("prompt must not be empty", param="prompt")
+    return prompt  # token ids are checked by Serving

@@ -1,0 +1,232 @@
+"""The request path every API shares: validate, build the prompt, check the context, run the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from shardbento.api.middleware.faults import raise_requested_fault
+from shardbento.catalog import ModelSpec
+from shardbento.engine.base import (
+    ChatMessage,
+    Delta,
+    Engine,
+    FinishReason,
+    Prompt,
+    SamplingParams,
+    TokenLogprob,
+)
+from shardbento.errors import GenerationFailed, InvalidRequest, NotReady, RequestTimeout, ShardbentoError
+from shardbento.logs import REQUEST_ID
+from shardbento.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(slots=True)
+class Completion:
+    """A whole (non-streamed) answer."""
+
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def new_request_id(prefix: str = "req") -> str:
+    """Reuses the HTTP request's id (shardbento.logs) so engine log lines and responses match it."""
+    http_id = REQUEST_ID.get()
+    return f"{prefix}-{http_id.split('-', 1)[1]}" if http_id else f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+class Serving:
+    """Owns the engine handle; the typed APIs and /v1 are thin layers over this class."""
+
+    def __init__(self, spec: ModelSpec, settings: Settings | None = None) -> None:
+        self.spec = spec
+        self.settings = settings or Settings.from_env()
+        self.engine: Engine | None = None
+        self.load_error: str | None = None
+
+    def attach(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def is_ready(self) -> bool:
+        return self.engine is not None and self.engine.is_ready()
+
+    def ready_engine(self) -> Engine:
+        if self.load_error is not None:
+            raise NotReady(f"model {self.spec.name!r} failed to load: {self.load_error}")
+        if self.engine is None:
+            raise NotReady(f"model {self.spec.name!r} is still loading; retry shortly")
+        if not self.engine.is_ready():
+            raise NotReady(f"model {self.spec.name!r} is not serving (an engine worker stopped)")
+        return self.engine
+
+    def check_messages(self, messages: Sequence[ChatMessage]) -> list[ChatMessage]:
+        if not messages:
+            raise InvalidRequest("messages must contain at least one message", param="messages")
+        if len(messages) > self.settings.max_messages:
+            raise InvalidRequest(
+                f"request has {len(messages)} messages; the limit is {self.settings.max_messages} "
+                "(SHARDBENTO_MAX_MESSAGES)",
+                param="messages",
+            )
+        for i, message in enumerate(messages):
+            if message.role not in ROLES:
+                raise InvalidRequest(
+                    f"messages[{i}].role is {message.role!r}; allowed: {', '.join(ROLES)}",
+                    param=f"messages[{i}].role",
+                )
+        num_images = sum(len(m.images) for m in messages)
+        if num_images and self.spec.kind != "vision":
+            raise InvalidRequest(
+                f"model {self.spec.name!r} is a text model and accepts no images; "
+                "send text only or serve a vision model",
+                param="image",
+            )
+        if num_images > self.max_images:
+            raise InvalidRequest(
+                f"request has {num_images} images; model {self.spec.name!r} accepts at most "
+                f"{self.max_images} per request",
+                param="image",
+            )
+        return list(messages)
+
+    @property
+    def max_images(self) -> int:
+        limit = self.settings.max_images
+        return self.spec.max_images if limit is None else min(limit, self.spec.max_images)
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        limit = self.settings.max_prompt_tokens
+        return self.spec.max_model_len if limit is None else min(limit, self.spec.max_model_len)
+
+    def check_stop(self, stop: Sequence[str]) -> None:
+        limits = self.settings
+        if len(stop) > limits.max_stop_strings:
+            raise InvalidRequest(
+                f"request has {len(stop)} stop strings; the limit is {limits.max_stop_strings}", param="stop"
+            )
+        longest = max((len(s) for s in stop), default=0)
+        if longest > limits.max_stop_length:
+            raise InvalidRequest(
+                f"a stop string is {longest} characters long; the limit is {limits.max_stop_length}",
+                param="stop",
+            )
+
+    async def chat_prompt(self, messages: Sequence[ChatMessage]) -> Prompt:
+        engine = self.ready_engine()
+        checked = self.check_messages(messages)
+        return await anyio.to_thread.run_sync(engine.render_chat, checked)
+
+    async def text_prompt(self, prompt: str | list[int]) -> Prompt:
+        engine = self.ready_engine()
+        if isinstance(prompt, list):
+            self._check_token_ids(prompt)
+        return await anyio.to_thread.run_sync(engine.encode, prompt)
+
+    def _check_token_ids(self, ids: list[int]) -> None:
+        vocab_size = getattr(getattr(self.engine, "tokenizer", None), "__len__", lambda: None)()
+        bad = [i for i in ids if i < 0 or (vocab_size is not None and i >= vocab_size)]
+        if not ids or bad:
+            raise InvalidRequest(
+                f"prompt token ids must be a non-empty list of ids in [0, {vocab_size}); got {bad[:5]}",
+                param="prompt",
+            )
+
+    def sampling(self, prompt: Prompt, max_tokens: int | None = None, **fields: Any) -> SamplingParams:
+        """Merge request fields with the spec's defaults and check the context length."""
+        defaults = self.spec.generation
+        limit = self.spec.max_model_len
+        if prompt.num_tokens > self.max_prompt_tokens:
+            raise InvalidRequest(
+                f"the prompt has {prompt.num_tokens} tokens; the limit is {self.max_prompt_tokens}",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        self.check_stop(fields.get("stop") or ())
+        room = limit - prompt.num_tokens
+        if max_tokens is None:
+            if room < 1:
+                raise self._overflow(prompt.num_tokens, 1)
+            max_tokens = min(defaults.max_tokens, room)
+        elif prompt.num_tokens + max_tokens > limit:
+            raise self._overflow(prompt.num_tokens, max_tokens)
+        values = {k: v for k, v in fields.items() if v is not None}
+        values.setdefault("temperature", defaults.temperature)
+        values.setdefault("top_p", defaults.top_p)
+        values.setdefault("top_k", defaults.top_k)
+        values.setdefault("repetition_penalty", defaults.repetition_penalty)
+        values["stop"] = tuple(dict.fromkeys([*self.spec.stop, *values.get("stop", ())]))
+        if values.get("min_tokens", 0) > max_tokens:
+            raise InvalidRequest(
+                f"min_tokens ({values['min_tokens']}) must not exceed max_tokens ({max_tokens})",
+                param="min_tokens",
+            )
+        return SamplingParams(max_tokens=max_tokens, **values)
+
+    def _overflow(self, prompt_tokens: int, completion_tokens: int) -> InvalidRequest:
+        limit = self.spec.max_model_len
+        return InvalidRequest(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt_tokens + completion_tokens} tokens ({prompt_tokens} in the messages, "
+            f"{completion_tokens} in the completion). Please reduce the length of the messages or completion.",
+            param="messages",
+            code="context_length_exceeded",
+        )
+
+    async def stream(self, prompt: Prompt, params: SamplingParams, request_id: str) -> AsyncIterator[Delta]:
+        """The engine's deltas; an engine failure becomes one typed error for this request only."""
+        engine = self.ready_engine()
+        deltas = engine.stream(prompt, params, request_id)
+        deadline_s = asyncio.get_running_loop().time() + self.settings.request_timeout_s
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline_s):
+                        delta = await anext(deltas)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise RequestTimeout(
+                        f"the request took longer than {self.settings.request_timeout_s:g} s "
+                        "(SHARDBENTO_REQUEST_TIMEOUT_S); ask for fewer max_tokens"
+                    ) from None
+                raise_requested_fault()
+                yield delta
+        except ShardbentoError:
+            raise
+        except Exception as exc:
+            logger.warning("request %s failed: %s", request_id, type(exc).__name__)
+            raise GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            aclose = getattr(deltas, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def complete(self, prompt: Prompt, params: SamplingParams, request_id: str) -> Completion:
+        parts: list[str] = []
+        logprobs: list[TokenLogprob] = []
+        num_tokens = 0
+        finish: FinishReason = "length"
+        async for delta in self.stream(prompt, params, request_id):
+            parts.append(delta.text)
+            logprobs.extend(delta.logprobs)
+            num_tokens += len(delta.token_ids)
+            finish = delta.finish_reason or finish
+        return Completion("".join(parts), finish, prompt.num_tokens, num_tokens, logprobs)

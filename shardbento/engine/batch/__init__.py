@@ -1,0 +1,1 @@
+"""Continuous batching: scheduler decisions and loop, the model runner, KV slots, the sampler."""

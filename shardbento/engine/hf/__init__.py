@@ -1,0 +1,1 @@
+"""The transformers engine: loading and placement, CPU kernels, the in-process engine."""

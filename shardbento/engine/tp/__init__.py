@@ -1,0 +1,1 @@
+"""Native tensor parallelism: messages, the service-side engine and client, rank processes."""

@@ -1,0 +1,218 @@
+"""One tensor-parallel rank: joins the process group, loads its shard, and serves what rank 0 drives."""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from shardbento.catalog import ServingLimits
+from shardbento.engine.base import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RankConfig:
+    """What a spawned rank needs to join the world; plain data, picklable across the spawn boundary."""
+
+    rank: int
+    world_size: int
+    master_port: int
+    device: str  # "cpu" or "cuda"
+    model_path: str
+    dtype: str
+    kind: str
+    trust_remote_code: bool
+    cpu_kernels: str  # the catalog's cpu_kernels: "onednn" also keeps freed memory for reuse on CPU
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    limits: ServingLimits
+    max_model_len: int
+
+
+@dataclass(frozen=True, slots=True)
+class RankChannels:
+    """The queues every rank is spawned with; which ones a rank uses depends on its rank and the model kind.
+
+    Text models batch (tp_scheduler): `requests` carries Submit/Cancel/STOP to rank 0, `results` its
+    StepReports back, and `control[r - 1]` rank 0's runner calls to follower r. Vision models run one
+    request at a time through generate() on every rank: `requests` carries GenerateCalls that rank 0
+    broadcasts, `results` token tuples, `cancel` asks rank 0 to stop all ranks at the next step.
+    """
+
+    requests: Any
+    results: Any
+    status: Any  # each rank once: ("ready", rank, device) or ("error", rank, traceback)
+    cancel: Any
+    control: tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateCall:
+    """A request as every rank runs it: identical inputs and the same seed, so tokens agree."""
+
+    request_id: str
+    inputs: dict[str, Any]
+    params: SamplingParams
+
+
+STOP = "stop"
+
+
+def run_rank(config: RankConfig, channels: RankChannels) -> None:
+    """Entry point of a rank process: load, report ready, serve until STOP, leave the group together."""
+    logging.basicConfig(level=logging.INFO, format=f"rank {config.rank} %(levelname)s %(name)s: %(message)s")
+    try:
+        import torch.distributed as dist
+
+        model = _join_and_load(config)
+        tokenizer = _load_tokenizer(config) if config.rank == 0 else None
+    except Exception:  # noqa: BLE001 - reported to the service, which fails startup with it
+        channels.status.put(("error", config.rank, traceback.format_exc()))
+        return
+    channels.status.put(("ready", config.rank, str(next(model.parameters()).device)))
+    try:
+        if config.kind == "text":
+            _serve_batched(model, config, channels, tokenizer)
+        else:
+            _serve_generate(model, config, channels, tokenizer)
+        dist.barrier()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _serve_batched(model: Any, config: RankConfig, channels: RankChannels, tokenizer: Any) -> None:
+    """Text: rank 0 schedules and samples; every other rank replays its runner calls."""
+    from shardbento.engine.batch.runner import ModelRunner
+    from shardbento.engine.tp.lead import follow, lead
+
+    runner = ModelRunner(model, config.limits.max_num_seqs, config.max_model_len)
+    if config.rank == 0:
+        lead(runner, tokenizer, config.limits, set(config.eos_token_ids), channels)
+    else:
+        follow(runner, channels.control[config.rank - 1])
+
+
+def _serve_generate(model: Any, config: RankConfig, channels: RankChannels, tokenizer: Any) -> None:
+    """Vision: one request at a time through generate() on every rank, rank 0 broadcasting each call."""
+    import torch.distributed as dist
+
+    decode = (lambda token_id: tokenizer.decode([token_id])) if tokenizer is not None else None
+    results = channels.results if config.rank == 0 else None
+    while True:
+        box = [channels.requests.get() if config.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        call = box[0]
+        if call == STOP:
+            return
+        _generate(model, config, call, results, channels.cancel, decode)
+
+
+def _join_and_load(config: RankConfig) -> Any:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(config.master_port),
+        RANK=str(config.rank),
+        LOCAL_RANK=str(config.rank),
+        WORLD_SIZE=str(config.world_size),
+    )
+    if config.device == "cuda":
+        torch.cuda.set_device(config.rank)
+    else:
+        torch.set_num_threads(1)  # N ranks share the host's cores; more threads only contend
+        if config.cpu_kernels == "onednn":
+            from shardbento.engine.hf.cpu_kernels import keep_freed_memory
+
+            keep_freed_memory()
+    backend = "nccl" if config.device == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, rank=config.rank, world_size=config.world_size)
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, DistributedConfig
+
+    model_class = AutoModelForImageTextToText if config.kind == "vision" else AutoModelForCausalLM
+    model = model_class.from_pretrained(
+        config.model_path,
+        dtype=getattr(torch, config.dtype),
+        distributed_config=DistributedConfig(tp_size=config.world_size),
+        trust_remote_code=config.trust_remote_code,
+    )
+    return model.eval()
+
+
+class _RankStreamer:
+    """Rank 0's streamer: every new token id goes to the service process."""
+
+    def __init__(self, request_id: str, results: Any, sampler: Any) -> None:
+        self._request_id = request_id
+        self._results = results
+        self._sampler = sampler
+        self._saw_prompt = False
+
+    def put(self, value: Any) -> None:
+        if not self._saw_prompt:
+            self._saw_prompt = True
+            return
+        token_id = int(value.reshape(-1)[0])
+        self._results.put(("token", self._request_id, token_id, self._sampler.pop_logprob()))
+
+    def end(self) -> None:
+        self._results.put(("end", self._request_id))
+
+
+class _SyncedStop:
+    """Stops every rank at the same step: rank 0 reads the cancel flag and broadcasts it.
+
+    Ranks must run the same number of forward passes (each one is a collective), so the decision
+    to stop early (stop string, client gone) is made once, on rank 0, and shared.
+    """
+
+    def __init__(self, cancel: Any, device: str) -> None:
+        self._cancel = cancel
+        self._device = device
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if self._cancel.is_set() else 0], device=input_ids.device)
+        dist.broadcast(flag, src=0)
+        return torch.full((input_ids.shape[0],), bool(flag.item()), dtype=torch.bool, device=input_ids.device)
+
+
+def _load_tokenizer(config: RankConfig) -> Any:
+    """Rank 0's tokenizer: the scheduler detokenizes (stop strings) and names logprob tokens there."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
+
+
+def _generate(
+    model: Any, config: RankConfig, call: GenerateCall, results: Any, cancel: Any, decode: Any
+) -> None:
+    import torch
+
+    from shardbento.engine.batch.sampler import RequestSampler, forced_generate_kwargs
+
+    device = model.device
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in call.inputs.items()}
+    params = call.params
+    sampler = RequestSampler(params, eos_ids=set(config.eos_token_ids), decode=decode or str)
+    streamer = _RankStreamer(call.request_id, results, sampler) if results is not None else None
+    try:
+        with torch.inference_mode():
+            model.generate(
+                **inputs,
+                **forced_generate_kwargs(sampler, params, config.eos_token_ids, config.pad_token_id),
+                stopping_criteria=[_SyncedStop(cancel, config.device)],
+                streamer=streamer,
+            )
+    except Exception as exc:  # noqa: BLE001 - the request fails; the service decides about the engine
+        logger.exception("request %s failed on rank %d", call.request_id, config.rank)
+        if results is not None:
+            results.put(("error", call.request_id, f"{type(exc).__name__}: {exc}"))

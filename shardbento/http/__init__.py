@@ -1,1 +1,0 @@
-"""HTTP layers over shardbento.serving: error shaping, typed-API helpers, the OpenAI app."""

@@ -1,0 +1,56 @@
+"""`python -m shardbento plan MODEL`: the memory budget, mode and per-GPU layout, offline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from shardbento.catalog import CatalogError, load_spec
+from shardbento.plan.memory import BENTO_GPU_KINDS, PlanError, load_config, model_shape, parse_gpus
+from shardbento.plan.sharding import config_path, plan_spec, render
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("plan", help="how a catalog model fits on GPUs (offline, no weights)")
+    parser.add_argument("model", help="catalog name (models/NAME.yaml)")
+    parser.add_argument(
+        "--gpus", help="e.g. 4xA100-80GB or H100-80GB (default: the spec's gpus and gpu_type)"
+    )
+    parser.add_argument("--max-model-len", type=int, help="context window to budget the KV cache for")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.set_defaults(handler=run)
+
+
+def _tp_capable(config: dict[str, Any]) -> bool:
+    try:
+        from shardbento.plan.tp_plan import tp_plan_available
+    except ImportError:  # no transformers on this machine: judge by the heads alone
+        return True
+    return tp_plan_available(config)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        spec = load_spec(args.model)
+        count, gpu = parse_gpus(args.gpus or BENTO_GPU_KINDS.get(spec.gpu_type or "", "A100-80GB"))
+        config = load_config(config_path(spec))
+        plan = plan_spec(
+            spec,
+            model_shape(config),
+            gpu,
+            num_gpus=count,
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            tp_capable=_tp_capable(config),
+        )
+    except (CatalogError, PlanError) as exc:
+        if args.json:
+            print(json.dumps({"error": str(exc)}))
+        else:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan.to_json(), indent=2) if args.json else render(plan))
+    return 0

@@ -1,0 +1,94 @@
+"""Startup checks before a weight loads: GPU count, kernels for this GPU, dtype, memory, the layout."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+
+from shardbento.catalog import ModelSpec
+from shardbento.plan.memory import GIB, GpuKind, PlanError, load_config, model_shape, parse_gpus
+from shardbento.plan.sharding import ShardPlan, choose_mode, config_path, plan_spec, render
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Preflight:
+    mode: str  # "single", "layers" or "tensor"
+    plan: ShardPlan | None
+    notes: tuple[str, ...]
+
+
+def run_preflight(spec: ModelSpec) -> Preflight:
+    """Decide the parallel mode and fail with the numbers and the fix when the spec cannot work here."""
+    try:
+        config = load_config(config_path(spec))
+    except PlanError as exc:  # a hub model without a shipped config.json: load as the spec says, unplanned
+        logger.warning("model %s: no sharding plan (%s)", spec.name, exc)
+        mode = "tensor" if spec.parallel == "tensor" else ("layers" if spec.world_size > 1 else "single")
+        return Preflight(mode=mode, plan=None, notes=(str(exc),))
+    shape = model_shape(config)
+    from shardbento.plan.tp_plan import tp_plan_available
+
+    tp_capable = tp_plan_available(config)
+    mode, reason = choose_mode(spec.parallel, spec.world_size, shape, tp_capable)
+    if spec.num_gpus == 0:
+        logger.info("model %s: %s on CPU (%d rank(s)): %s", spec.name, mode, spec.world_size, reason)
+        return Preflight(mode=mode, plan=None, notes=())
+    import torch
+
+    notes = list(_check_gpus(spec, torch))
+    gpu = _visible_kind(torch, spec)
+    plan = plan_spec(spec, shape, gpu, tp_capable=tp_capable)
+    logger.info("model %s sharding plan:\n%s", spec.name, render(plan))
+    for note in notes:
+        logger.warning("model %s: %s", spec.name, note)
+    return Preflight(mode=plan.mode, plan=plan, notes=tuple(notes))
+
+
+def _check_gpus(spec: ModelSpec, torch: object) -> list[str]:
+    """Visible GPUs vs `gpus`, compute capability vs this torch build, bf16, flash-attention, P2P."""
+    cuda = torch.cuda  # type: ignore[attr-defined]
+    visible = cuda.device_count() if cuda.is_available() else 0
+    if visible < spec.gpus:
+        raise PlanError(
+            f"model {spec.name!r} declares gpus: {spec.gpus} but this process sees {visible} GPU(s) "
+            "(CUDA_VISIBLE_DEVICES and the GPUs BentoML allocated decide); "
+            f"set gpus: {visible} if the model fits (python -m shardbento plan {spec.name}), or use a larger machine"
+        )
+    notes = []
+    arch_list = cuda.get_arch_list()
+    for index in range(spec.gpus):
+        major, minor = cuda.get_device_capability(index)
+        name = cuda.get_device_name(index)
+        if arch_list and f"sm_{major}{minor}" not in arch_list and not _ptx_covers(arch_list, major, minor):
+            raise PlanError(
+                f"GPU {index} ({name}) has compute capability {major}.{minor} but this torch build has kernels "
+                f"for {', '.join(arch_list)} only; install a torch build that lists sm_{major}{minor}"
+            )
+        if major < 8 and spec.dtype in ("bfloat16", "auto"):
+            notes.append(f"GPU {index} ({name}) predates Ampere: bfloat16 falls back to float16")
+    if importlib.util.find_spec("flash_attn") is None:
+        notes.append("flash-attention is not installed: attention runs on PyTorch SDPA")
+    if spec.gpus > 1:
+        peers = [cuda.can_device_access_peer(0, i) for i in range(1, spec.gpus)]
+        notes.append(f"peer-to-peer access from GPU 0: {peers} (False means copies go through the host)")
+    return notes
+
+
+def _ptx_covers(arch_list: list[str], major: int, minor: int) -> bool:
+    """A compute_XY entry runs (JIT) on any GPU of capability >= X.Y."""
+    ptx = [a.removeprefix("compute_") for a in arch_list if a.startswith("compute_")]
+    return any((int(v[:-1]), int(v[-1])) <= (major, minor) for v in ptx if v.isdigit())
+
+
+def _visible_kind(torch: object, spec: ModelSpec) -> GpuKind:
+    """The GPUs as they are (smallest memory of the ones used), or the declared gpu_type."""
+    cuda = torch.cuda  # type: ignore[attr-defined]
+    if cuda.is_available():
+        props = [cuda.get_device_properties(i) for i in range(spec.gpus)]
+        smallest = min(props, key=lambda p: p.total_memory)
+        name = f"{smallest.name} ({smallest.total_memory / GIB:.0f} GiB)"
+        return GpuKind(name, smallest.total_memory, (smallest.major, smallest.minor))
+    return parse_gpus(spec.gpu_type or "A100-80GB")[1]

@@ -1,0 +1,207 @@
+"""The sharding decision for a spec: mode, GPU count check, per-GPU layout, and how to print it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from shardbento.catalog import CATALOG_DIR, ModelSpec
+from shardbento.plan.memory import (
+    CUDA_CONTEXT_BYTES,
+    GIB,
+    Budget,
+    GpuKind,
+    GpuShare,
+    ModelShape,
+    PlanError,
+    budget,
+    fits,
+    layer_blocks,
+    min_gpus,
+    split_layers,
+    tp_divides,
+)
+
+REPO_MODELS = CATALOG_DIR
+CONFIG_DIR = CATALOG_DIR / "configs"
+
+
+@dataclass(frozen=True, slots=True)
+class ShardPlan:
+    model: str
+    mode: str  # "single", "layers" or "tensor"
+    reason: str
+    num_gpus: int
+    gpu: GpuKind
+    budget: Budget
+    min_gpus_layers: int | None
+    min_gpus_tensor: int | None
+    shares: tuple[GpuShare, ...]
+
+    def per_gpu_bytes(self) -> list[int]:
+        """Weights, KV cache and headroom each GPU holds (tensor: an even share; layers: its layers)."""
+        extra = self.budget.kv_bytes + self.budget.activation_bytes
+        if self.mode != "layers":
+            return [self.budget.total_bytes // self.num_gpus + CUDA_CONTEXT_BYTES] * self.num_gpus
+        total_w = sum(s.weight_bytes for s in self.shares) or 1
+        return [s.weight_bytes + extra * s.weight_bytes // total_w + CUDA_CONTEXT_BYTES for s in self.shares]
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["gpu"] = {"name": self.gpu.name, "memory_gib": round(self.gpu.memory_bytes / GIB, 1)}
+        data["needed_bytes"] = self.budget.needed_bytes(self.num_gpus)
+        data["per_gpu_bytes"] = self.per_gpu_bytes()
+        return data
+
+
+def config_path(spec: ModelSpec) -> Path:
+    """The config.json planning reads: the shipped copy for hub models, the generated one for tiny models."""
+    shipped = CONFIG_DIR / f"{spec.name}.json"
+    if shipped.is_file():
+        return shipped
+    if spec.is_generated:
+        from shardbento.tiny.models import ensure_generated
+
+        return ensure_generated(spec.recipe) / "config.json"
+    local = Path(spec.source) / "config.json"
+    if local.is_file():
+        return local
+    raise PlanError(f"no config.json for {spec.name!r}: ship it as {shipped} to plan offline")
+
+
+def choose_mode(parallel: str, num_gpus: int, shape: ModelShape, tp_capable: bool) -> tuple[str, str]:
+    """(mode, why) for `num_gpus`; `parallel: tensor` that cannot work raises with the sizes that would."""
+    if num_gpus <= 1:
+        return "single", "one device"
+    why_not = tp_divides(shape, num_gpus) or (None if tp_capable else "transformers has no TP plan for it")
+    if parallel == "tensor":
+        if why_not:
+            raise PlanError(
+                f"parallel: tensor with gpus: {num_gpus} cannot work: {why_not}; {_tp_fix(shape)}"
+            )
+        return "tensor", f"parallel: tensor over {num_gpus} ranks"
+    if parallel == "auto" and why_not is None:
+        return "tensor", f"auto: {num_gpus} divides the heads and transformers has a TP plan"
+    return "layers", "parallel: layers" if parallel == "layers" else f"auto: layer split ({why_not})"
+
+
+def _tp_fix(shape: ModelShape) -> str:
+    sizes = [n for n in range(2, 17) if tp_divides(shape, n) is None]
+    return f"set gpus to one of {sizes} or parallel: layers" if sizes else "set parallel: layers"
+
+
+def plan_spec(
+    spec: ModelSpec,
+    shape: ModelShape,
+    gpu: GpuKind,
+    *,
+    num_gpus: int | None = None,
+    dtype: str | None = None,
+    max_model_len: int | None = None,
+    tp_capable: bool = True,
+    check: bool = True,
+) -> ShardPlan:
+    """Plan `spec` on `num_gpus` (default: the spec's) GPUs of `gpu`; raises PlanError when it cannot work."""
+    dtype = dtype or (spec.dtype if spec.dtype != "auto" else "bfloat16")
+    if dtype == "bfloat16" and gpu.capability < (8, 0):
+        dtype = "float16"  # what the engine falls back to on pre-Ampere GPUs
+    need = budget(
+        shape,
+        dtype=dtype,
+        quantization=spec.quantization,
+        max_model_len=max_model_len or spec.max_model_len,
+        max_images=spec.max_images if spec.kind == "vision" else 0,
+    )
+    count = num_gpus or max(spec.gpus, 1)
+    lowest_layers = min_gpus(need, gpu, shape, "layers")
+    lowest_tensor = min_gpus(need, gpu, shape, "tensor") if tp_capable else None
+    mode, reason = choose_mode(spec.parallel, count, shape, tp_capable)
+    if check and not fits(need, count, gpu):
+        raise PlanError(_memory_message(spec.name, need, count, gpu, lowest_layers, lowest_tensor, shape))
+    shares: tuple[GpuShare, ...] = ()
+    if mode == "layers":
+        shares = tuple(_balanced_split(need, shape, gpu, count, dtype, spec.quantization))
+    return ShardPlan(spec.name, mode, reason, count, gpu, need, lowest_layers, lowest_tensor, shares)
+
+
+def _balanced_split(
+    need: Budget, shape: ModelShape, gpu: GpuKind, count: int, dtype: str, quantization: str
+) -> list[GpuShare]:
+    """Like accelerate's get_balanced_memory: cap every GPU but the last near an even share of weights."""
+    blocks = layer_blocks(shape, dtype, quantization)
+    usable = gpu.memory_bytes - CUDA_CONTEXT_BYTES - (need.kv_bytes + need.activation_bytes) // count
+    even = sum(size for _, size in blocks) // count + max(size for _, size in blocks)
+    return split_layers(blocks, [min(usable, even)] * (count - 1) + [usable])
+
+
+def _memory_message(
+    name: str,
+    need: Budget,
+    count: int,
+    gpu: GpuKind,
+    layers: int | None,
+    tensor: int | None,
+    shape: ModelShape,
+) -> str:
+    fixes = []
+    if layers:
+        fixes.append(
+            f"set gpus: {layers}" + (f" (tensor parallel: {tensor})" if tensor and tensor != layers else "")
+        )
+    if need.quantization != "int4":
+        smaller = budget(
+            shape,
+            dtype=need.dtype,
+            quantization="int4",
+            max_model_len=need.max_model_len,
+            num_seqs=need.num_seqs,
+        )
+        if fits(smaller, count, gpu):
+            fixes.append("use a 4-bit quantization")
+    fixes.append("lower max_model_len" if need.kv_bytes > need.weight_bytes // 4 else "use larger GPUs")
+    return (
+        f"model {name!r} needs {need.needed_bytes(count) / GIB:.0f} GiB in {need.dtype} "
+        f"({need.weight_bytes / GIB:.0f} GiB weights + {need.kv_bytes / GIB:.1f} GiB KV cache for "
+        f"{need.num_seqs} x {need.max_model_len} tokens + {need.activation_bytes / GIB:.0f} GiB activations + "
+        f"{count} GiB CUDA context); {count} x {gpu.name} declared ({count * gpu.memory_bytes / GIB:.0f} GiB): "
+        + " or ".join(fixes)
+    )
+
+
+def render(plan: ShardPlan) -> str:
+    """The human table: the budget, the chosen mode and what goes on each GPU."""
+    need = plan.budget
+    lines = [
+        f"model      {plan.model}: {need.num_params / 1e9:.2f} B parameters, {need.dtype}"
+        + (f", {need.quantization}" if need.quantization != "none" else ""),
+        f"weights    {need.weight_bytes / GIB:8.1f} GiB",
+        f"KV cache   {need.kv_bytes / GIB:8.1f} GiB  ({need.kv_bytes_per_token / 1024:.0f} KiB/token x "
+        f"{need.max_model_len} tokens x {need.num_seqs} sequences"
+        + (
+            f" + {need.kv_bytes_per_image / GIB:.2f} GiB/image cross-attention)"
+            if need.kv_bytes_per_image
+            else ")"
+        ),
+        f"headroom   {need.activation_bytes / GIB:8.1f} GiB activations + {plan.num_gpus} GiB CUDA context",
+        f"total      {need.needed_bytes(plan.num_gpus) / GIB:8.1f} GiB on {plan.num_gpus} x {plan.gpu.name} "
+        f"({plan.num_gpus * plan.gpu.memory_bytes / GIB:.0f} GiB)",
+        f"min GPUs   layers: {plan.min_gpus_layers or '-'}, tensor: {plan.min_gpus_tensor or '-'}",
+        f"mode       {plan.mode} ({plan.reason})",
+        "",
+        f"{'GPU':<4} {'GiB':>7}  holds",
+    ]
+    for gpu, used in enumerate(plan.per_gpu_bytes()):
+        lines.append(f"{gpu:<4} {used / GIB:7.1f}  {_holds(plan, gpu)}")
+    return "\n".join(lines)
+
+
+def _holds(plan: ShardPlan, gpu: int) -> str:
+    if plan.mode != "layers":
+        what = "all weights" if plan.mode == "single" else f"1/{plan.num_gpus} of every layer"
+        return f"{what} and its KV cache"
+    share = plan.shares[gpu]
+    layers = (
+        f"layers {share.first_layer}-{share.last_layer}" if share.first_layer is not None else "no layers"
+    )
+    return ", ".join([*share.other, layers])

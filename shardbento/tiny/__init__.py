@@ -1,0 +1,1 @@
+"""Tiny offline models for tests and benchmarks: seeded random weights and a locally trained tokenizer."""

@@ -1,0 +1,294 @@
+"""Deterministic offline generation of tiny random-weight models (and their tokenizers) into a cache."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from shardbento.tiny.tokenizer import (
+    ENDOFTEXT,
+    IM_END,
+    IMAGE,
+    corpus_lines,
+    make_tokenizer_config_portable,
+    train_tokenizer,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+logger = logging.getLogger(__name__)
+
+# Bump when the generator's output changes for an unchanged recipe (it is part of the directory hash).
+FORMAT_VERSION = 2
+_INIT_STD = 0.02
+
+
+@dataclass(frozen=True, slots=True)
+class VisionRecipe:
+    """A tiny CLIP vision tower."""
+
+    image_size: int = 32
+    patch_size: int = 8
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Recipe:
+    """Everything that determines a generated model's bytes."""
+
+    architecture: Literal["llama", "qwen2", "llava"]
+    vocab_size: int = 1024
+    hidden_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 64
+    intermediate_size: int = 512
+    max_position_embeddings: int = 2048
+    max_shard_size: str = "4MB"
+    seed: int = 0
+    quiet_lm_head: bool = False
+    vision: VisionRecipe | None = None
+
+
+RECIPES: dict[str, Recipe] = {
+    "tiny-llama": Recipe(architecture="llama"),
+    "tiny-qwen": Recipe(architecture="qwen2"),
+    "tiny-llava": Recipe(architecture="llava", vision=VisionRecipe()),
+    "bench-llama": Recipe(
+        architecture="llama",
+        vocab_size=3072,
+        hidden_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        intermediate_size=1408,
+        max_shard_size="64MB",
+        quiet_lm_head=True,
+    ),
+}
+
+
+def cache_root() -> Path:
+    """The cache directory: $SHARDBENTO_CACHE, else ~/.cache/shardbento (read at call time)."""
+    configured = os.environ.get("SHARDBENTO_CACHE")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "shardbento"
+
+
+def ensure_generated(recipe: str, cache_dir: Path | None = None) -> Path:
+    """Return the directory of the generated `recipe` model, generating it on first use."""
+    if recipe not in RECIPES:
+        raise ValueError(
+            f"Unknown tiny-model recipe {recipe!r}; known recipes: {', '.join(sorted(RECIPES))}."
+        )
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    final_dir = root / f"{recipe}-{recipe_digest(RECIPES[recipe])}"
+    if final_dir.is_dir():
+        return final_dir
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{final_dir.name}.lock", "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        if not final_dir.is_dir():
+            _generate_atomically(recipe, RECIPES[recipe], final_dir)
+    return final_dir
+
+
+def recipe_digest(recipe: Recipe) -> str:
+    """A short hash of the recipe, the corpus and the format version: any change gives a new directory."""
+    hasher = hashlib.sha256(json.dumps(asdict(recipe), sort_keys=True).encode())
+    hasher.update(f"format={FORMAT_VERSION}".encode())
+    for line in corpus_lines():
+        hasher.update(line.encode())
+    return hasher.hexdigest()[:10]
+
+
+def _generate_atomically(name: str, recipe: Recipe, final_dir: Path) -> None:
+    """Build into a temporary sibling directory, then rename it into place; a lost race keeps the winner."""
+    started_s = time.monotonic()
+    logger.info("Generating tiny model %r into %s", name, final_dir)
+    build_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=final_dir.parent))
+    try:
+        _build(recipe, build_dir)
+        os.rename(build_dir, final_dir)
+    except OSError as error:
+        shutil.rmtree(build_dir, ignore_errors=True)
+        if error.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not final_dir.is_dir():
+            raise
+        logger.info("Another process generated %s first; using it", final_dir)
+        return
+    except BaseException:
+        shutil.rmtree(build_dir, ignore_errors=True)
+        raise
+    logger.info("Generated tiny model %r in %.1f s", name, time.monotonic() - started_s)
+
+
+def _build(recipe: Recipe, out_dir: Path) -> None:
+    """Write tokenizer (or processor), config, generation config and sharded weights into `out_dir`."""
+    tokenizer = train_tokenizer(recipe.vocab_size, recipe.vision is not None, recipe.max_position_embeddings)
+    model = _build_model(recipe, tokenizer)
+    state_dict = _canonical_state_dict(model) if recipe.vision else None
+    model.save_pretrained(out_dir, state_dict=state_dict, max_shard_size=recipe.max_shard_size)
+    if recipe.vision is None:
+        tokenizer.save_pretrained(out_dir)
+    else:
+        _make_processor(recipe.vision, tokenizer).save_pretrained(out_dir)
+    make_tokenizer_config_portable(out_dir / "tokenizer_config.json")
+
+
+def _canonical_state_dict(model: PreTrainedModel) -> dict[str, Any]:
+    """Llava weights with the CLIP tower under `vision_tower.vision_model.`, as llava-hf checkpoints have them.
+
+    transformers 5 strips that prefix when loading and, for a model built from scratch, does not put it back
+    when saving; transformers 4 and vLLM need it, and transformers 5 loads both layouts.
+    """
+    prefix = "model.vision_tower."
+    return {
+        (prefix + "vision_model." + key.removeprefix(prefix) if key.startswith(prefix) else key): tensor
+        for key, tensor in model.state_dict().items()
+    }
+
+
+def _text_config(recipe: Recipe, tokenizer: PreTrainedTokenizerFast) -> Any:
+    from transformers import LlamaConfig, Qwen2Config
+
+    config_class = Qwen2Config if recipe.architecture == "qwen2" else LlamaConfig
+    endoftext_id, im_end_id = tokenizer.convert_tokens_to_ids([ENDOFTEXT, IM_END])
+    return config_class(
+        vocab_size=len(tokenizer),
+        hidden_size=recipe.hidden_size,
+        intermediate_size=recipe.intermediate_size,
+        num_hidden_layers=recipe.num_hidden_layers,
+        num_attention_heads=recipe.num_attention_heads,
+        num_key_value_heads=recipe.num_key_value_heads,
+        head_dim=recipe.head_dim,
+        max_position_embeddings=recipe.max_position_embeddings,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=[im_end_id, endoftext_id],
+        pad_token_id=endoftext_id,
+        dtype="float32",
+    )
+
+
+def _model_config(recipe: Recipe, tokenizer: PreTrainedTokenizerFast) -> Any:
+    text_config = _text_config(recipe, tokenizer)
+    if recipe.vision is None:
+        return text_config
+    from transformers import CLIPVisionConfig, LlavaConfig
+
+    vision = recipe.vision
+    vision_config = CLIPVisionConfig(**asdict(vision), projection_dim=vision.hidden_size)
+    return LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
+        image_seq_length=(vision.image_size // vision.patch_size) ** 2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        tie_word_embeddings=False,
+        dtype="float32",
+    )
+
+
+def _build_model(recipe: Recipe, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
+    """Instantiate the architecture and fill it from a local generator seeded by the recipe."""
+    import torch
+    from transformers import (
+        GenerationConfig,
+        LlamaForCausalLM,
+        LlavaForConditionalGeneration,
+        Qwen2ForCausalLM,
+    )
+
+    model_class = {
+        "llama": LlamaForCausalLM,
+        "qwen2": Qwen2ForCausalLM,
+        "llava": LlavaForConditionalGeneration,
+    }
+    config = _model_config(recipe, tokenizer)
+    # Construction draws from the global RNG; fork it so callers' random state is left untouched.
+    with torch.random.fork_rng(devices=[]):
+        model = model_class[recipe.architecture](config).to(torch.float32)
+    _fill_weights(model, recipe.seed)
+    if recipe.quiet_lm_head:
+        _quiet_lm_head(model, tokenizer)
+    text_config = config.get_text_config()
+    model.generation_config = GenerationConfig(
+        eos_token_id=text_config.eos_token_id,
+        pad_token_id=text_config.pad_token_id,
+        do_sample=False,
+    )
+    return model.eval()
+
+
+def _fill_weights(model: PreTrainedModel, seed: int) -> None:
+    """Norm weights 1, biases 0, everything else N(0, 0.02) from a local generator, in parameter order."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 1 and name.endswith(".weight"):
+                param.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.zero_()
+            else:
+                param.normal_(0.0, _INIT_STD, generator=generator)
+
+
+def _quiet_lm_head(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> None:
+    """Zero the output rows of special tokens and of tokens that are not printable ASCII.
+
+    A random model otherwise happily emits lone non-UTF-8 bytes (which streaming detokenizers hold back
+    forever, so a benchmark sees no text) or EOS after a few tokens. A zero row gives a logit of exactly 0,
+    while the largest of thousands of random logits is well above 0, so greedy decoding never picks them
+    and runs emit readable text up to max_tokens.
+    """
+    import torch
+
+    special_ids = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    quiet_ids = [
+        token_id
+        for token_id in range(len(tokenizer))
+        if token_id in special_ids or not _is_printable(tokenizer.decode([token_id]))
+    ]
+    with torch.no_grad():
+        model.get_output_embeddings().weight[quiet_ids] = 0.0
+    logger.debug("Zeroed %d lm_head rows", len(quiet_ids))
+
+
+def _is_printable(text: str) -> bool:
+    return bool(text) and all(char == "\n" or " " <= char <= "~" for char in text)
+
+
+def _make_processor(vision: VisionRecipe, tokenizer: PreTrainedTokenizerFast) -> Any:
+    """A LlavaProcessor with the PIL image processor, so it loads without torchvision."""
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": vision.image_size},
+        crop_size={"height": vision.image_size, "width": vision.image_size},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=tokenizer.chat_template,
+        image_token=IMAGE,
+    )
