@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 PREFIX = "shardbento"
 # Seconds; spans a CPU toy model's milliseconds and a GPU model's long queues.
@@ -86,18 +86,24 @@ def engine_metrics() -> EngineMetrics:
 class RequestMetrics:
     """One model's view of the metric families; every method is cheap enough to call per step."""
 
+    # attribute -> EngineMetrics family; the tensor-parallel relay records these same attributes
+    CHILDREN: ClassVar[dict[str, str]] = {
+        "ttft": "time_to_first_token",
+        "itl": "inter_token_latency",
+        "e2e": "e2e_request_latency",
+        "queue": "request_queue_time",
+        "running": "num_requests_running",
+        "waiting": "num_requests_waiting",
+        "kv_usage": "kv_cache_usage",
+        "prompt_tokens": "prompt_tokens",
+        "generation_tokens": "generation_tokens",
+    }
+
     def __init__(self, model_name: str) -> None:
         families = engine_metrics()
         self._model = model_name
-        self.ttft = families.time_to_first_token.labels(model_name)
-        self.itl = families.inter_token_latency.labels(model_name)
-        self.e2e = families.e2e_request_latency.labels(model_name)
-        self.queue = families.request_queue_time.labels(model_name)
-        self.running = families.num_requests_running.labels(model_name)
-        self.waiting = families.num_requests_waiting.labels(model_name)
-        self.kv_usage = families.kv_cache_usage.labels(model_name)
-        self.prompt_tokens = families.prompt_tokens.labels(model_name)
-        self.generation_tokens = families.generation_tokens.labels(model_name)
+        for attribute, family in self.CHILDREN.items():
+            setattr(self, attribute, getattr(families, family).labels(model_name))
         self._success = families.request_success
 
     def finished(self, reason: str) -> None:

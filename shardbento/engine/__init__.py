@@ -30,8 +30,8 @@ def create_engine(spec: ModelSpec) -> Engine:
 
 def _create_vllm_engine(spec: ModelSpec) -> Engine | None:
     """vLLM for `engine: vllm`; for `auto`, vLLM if it can serve the model, else None (one log line why)."""
-    from shardbento.engine.hf.loading import resolve_source
     from shardbento.engine.selection import choose_engine
+    from shardbento.plan.source import resolve_source
 
     choice = choose_engine(spec, resolve_source(spec))
     fell_back = choice.name == "transformers"  # only auto falls back; a warning so it shows by default

@@ -9,7 +9,8 @@ from typing import Any
 
 from shardbento.catalog import CatalogError, load_spec
 from shardbento.plan.memory import BENTO_GPU_KINDS, PlanError, load_config, model_shape, parse_gpus
-from shardbento.plan.sharding import config_path, plan_spec, render
+from shardbento.plan.sharding import plan_spec, render
+from shardbento.plan.source import config_path
 
 
 def register(subparsers: Any) -> None:

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from shardbento.catalog import ModelSpec
 from shardbento.plan.memory import GIB, GpuKind, PlanError, load_config, model_shape, parse_gpus
-from shardbento.plan.sharding import ShardPlan, choose_mode, config_path, plan_spec, render
+from shardbento.plan.sharding import ShardPlan, choose_mode, plan_spec, render
+from shardbento.plan.source import config_path
 
 logger = logging.getLogger(__name__)
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-from shardbento.catalog import CATALOG_DIR, ModelSpec
+from shardbento.catalog import ModelSpec
 from shardbento.plan.memory import (
     CUDA_CONTEXT_BYTES,
     GIB,
@@ -22,9 +21,6 @@ from shardbento.plan.memory import (
     split_layers,
     tp_divides,
 )
-
-REPO_MODELS = CATALOG_DIR
-CONFIG_DIR = CATALOG_DIR / "configs"
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,21 +49,6 @@ class ShardPlan:
         data["needed_bytes"] = self.budget.needed_bytes(self.num_gpus)
         data["per_gpu_bytes"] = self.per_gpu_bytes()
         return data
-
-
-def config_path(spec: ModelSpec) -> Path:
-    """The config.json planning reads: the shipped copy for hub models, the generated one for tiny models."""
-    shipped = CONFIG_DIR / f"{spec.name}.json"
-    if shipped.is_file():
-        return shipped
-    if spec.is_generated:
-        from shardbento.tiny.models import ensure_generated
-
-        return ensure_generated(spec.recipe) / "config.json"
-    local = Path(spec.source) / "config.json"
-    if local.is_file():
-        return local
-    raise PlanError(f"no config.json for {spec.name!r}: ship it as {shipped} to plan offline")
 
 
 def choose_mode(parallel: str, num_gpus: int, shape: ModelShape, tp_capable: bool) -> tuple[str, str]:

@@ -56,7 +56,7 @@ def check_shard(path: Path) -> None:
 
 def check_spec_weights(spec: object) -> None:
     """Check the local checkpoint a catalog spec loads from; hub ids are checked by the download."""
-    from shardbento.engine.hf.loading import resolve_source
+    from shardbento.plan.source import resolve_source
 
     path = Path(str(resolve_source(spec)))  # type: ignore[arg-type]
     if path.is_dir():

@@ -37,7 +37,7 @@ def test_engine_greedy_matches_generate_text(text_engine) -> None:
     prompt = chat(text_engine)
     _, tokens, _, _ = run(text_engine, prompt, SamplingParams(max_tokens=24))
     assert tokens == reference_tokens(text_engine, prompt, 24)[: len(tokens)]
-    assert len(tokens) == 24 or tokens[-1] in text_engine._loaded.eos_token_ids
+    assert len(tokens) == 24 or tokens[-1] in text_engine._prompts.eos_token_ids
 
 
 def test_engine_greedy_matches_generate_vision(vision_engine) -> None:
@@ -68,13 +68,14 @@ def test_engine_every_eos_id_ends_generation(text_engine) -> None:
     loaded = text_engine._loaded
     config_eos = text_engine.model.generation_config.eos_token_id
     assert isinstance(config_eos, list) and len(config_eos) >= 2
-    assert set(config_eos) <= loaded.eos_token_ids
+    assert set(config_eos) <= loaded.prompts.eos_token_ids
     prompt = chat(text_engine)
     _, tokens, _, _ = run(text_engine, prompt, SamplingParams(max_tokens=24, ignore_eos=True))
     # Declare a token the model emits mid-answer as an extra EOS id: generation must end right there.
     marker = tokens[len(tokens) // 2]
     spec = replace_spec(text_engine.spec, eos_token_ids=[marker])
-    engine = HFEngine(spec, replace(loaded, eos_token_ids=loaded.eos_token_ids | {marker}))
+    prompts = replace(loaded.prompts, eos_token_ids=loaded.prompts.eos_token_ids | {marker})
+    engine = HFEngine(spec, replace(loaded, prompts=prompts))
     try:
         _, stopped_tokens, finish, _ = run(engine, prompt, SamplingParams(max_tokens=24))
     finally:
@@ -122,7 +123,7 @@ def test_engine_min_tokens_suppresses_eos(text_engine) -> None:
     prompt = chat(text_engine)
     _, tokens, _, _ = run(text_engine, prompt, SamplingParams(max_tokens=12, min_tokens=12))
     assert len(tokens) == 12
-    assert not set(tokens[:-1]) & text_engine._loaded.eos_token_ids
+    assert not set(tokens[:-1]) & text_engine._prompts.eos_token_ids
 
 
 def test_engine_offloaded_layer_split_uses_embedding_device(tmp_path) -> None:

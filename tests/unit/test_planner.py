@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from shardbento.catalog import load_spec
+from shardbento.catalog import CATALOG_DIR, load_spec
 from shardbento.plan.memory import (
     GIB,
     PlanError,
@@ -19,7 +19,8 @@ from shardbento.plan.memory import (
     parse_gpus,
     split_layers,
 )
-from shardbento.plan.sharding import CONFIG_DIR, REPO_MODELS, config_path, plan_spec
+from shardbento.plan.sharding import plan_spec
+from shardbento.plan.source import CONFIG_DIR, config_path
 
 NATIVE = [
     ("llama-3.1-8b-instruct", [6 * GIB] * 3),
@@ -95,7 +96,7 @@ def test_planner_not_enough_memory_names_numbers_and_fix() -> None:
 
 
 def test_planner_every_catalog_model_plans_offline() -> None:
-    for path in sorted(REPO_MODELS.glob("*.yaml")):
+    for path in sorted(CATALOG_DIR.glob("*.yaml")):
         if path.stem.startswith("tiny-"):
             continue  # generated models are planned by the CLI test below
         spec = load_spec(path.stem)

@@ -16,8 +16,9 @@ from prometheus_client import REGISTRY
 from shardbento.catalog import ServingLimits
 from shardbento.engine.base import ChatMessage, Delta, SamplingParams
 from shardbento.engine.batch.runner import ModelRunner
-from shardbento.engine.tp.lead import Cancel, RankFailure, Submit, apply_metrics, follow, lead
-from shardbento.engine.tp.rank import STOP
+from shardbento.engine.tp.lead import follow, lead
+from shardbento.engine.tp.messages import Cancel, RankFailure, Stop, Submit
+from shardbento.engine.tp.relay import apply_metrics
 from shardbento.errors import Overloaded
 from shardbento.metrics import RequestMetrics
 
@@ -29,7 +30,7 @@ def ranks(engine, limits: ServingLimits) -> Iterator[SimpleNamespace]:
     """Rank 0 and one follower as threads over the same (unsharded) model, wired like spawned ranks."""
     leader, follower = (ModelRunner(engine.model, limits.max_num_seqs, 1024) for _ in range(2))
     channels = SimpleNamespace(requests=queue.Queue(), results=queue.Queue(), control=(queue.SimpleQueue(),))
-    args = (leader, engine.tokenizer, limits, engine._loaded.eos_token_ids, channels)
+    args = (leader, engine.tokenizer, limits, engine._prompts.eos_token_ids, channels)
     threads = [
         threading.Thread(target=lead, args=args, daemon=True),
         threading.Thread(target=follow, args=(follower, channels.control[0]), daemon=True),
@@ -39,7 +40,7 @@ def ranks(engine, limits: ServingLimits) -> Iterator[SimpleNamespace]:
     try:
         yield SimpleNamespace(channels=channels, leader=leader, follower=follower)
     finally:
-        channels.requests.put(STOP)
+        channels.requests.put(Stop())
         for thread in threads:
             thread.join(timeout=30)
 

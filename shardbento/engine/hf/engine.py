@@ -87,6 +87,7 @@ class HFEngine:
     ) -> None:
         self.spec = spec
         self._loaded = loaded
+        self._prompts = loaded.prompts
         self._executor = executor or _engine_thread()
         self._closed = False
         self._metrics = RequestMetrics(spec.name)
@@ -118,17 +119,17 @@ class HFEngine:
 
     @property
     def tokenizer(self) -> Any:
-        return self._loaded.tokenizer
+        return self._prompts.tokenizer
 
     @property
     def model(self) -> Any:
         return self._loaded.model
 
     def render_chat(self, messages: list[ChatMessage]) -> Prompt:
-        return self._loaded.render_chat(messages)
+        return self._prompts.render_chat(messages)
 
     def encode(self, text: str | list[int]) -> Prompt:
-        return self._loaded.encode(text)
+        return self._prompts.encode(text)
 
     def is_ready(self) -> bool:
         return not self._closed and (self._scheduler is None or self._scheduler.is_alive)
@@ -141,7 +142,7 @@ class HFEngine:
 
     async def stream(self, prompt: Prompt, params: SamplingParams, request_id: str) -> AsyncIterator[Delta]:
         channel = DeltaChannel()
-        output = OutputStream(self.tokenizer, prompt.token_ids, params, self._loaded.eos_token_ids)
+        output = OutputStream(self.tokenizer, prompt.token_ids, params, self._prompts.eos_token_ids)
         if self._scheduler is not None and (prompt.num_images == 0 or self._batches_images):
             async for delta in self._stream_batched(prompt, params, request_id, output, channel):
                 yield delta
@@ -162,7 +163,7 @@ class HFEngine:
         output: OutputStream,
         channel: DeltaChannel,
     ) -> AsyncIterator[Delta]:
-        sampler = RequestSampler(params, eos_ids=self._loaded.eos_token_ids, decode=self._loaded.token_text)
+        sampler = RequestSampler(params, eos_ids=self._prompts.eos_token_ids, decode=self._prompts.token_text)
         seq = Sequence(request_id, list(prompt.token_ids), sampler, output, channel)
         if prompt.num_images:
             seq.inputs = dict(prompt.inputs)
@@ -188,12 +189,12 @@ class HFEngine:
         params = job.params
         device = self._loaded.input_device
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in job.prompt.inputs.items()}
-        sampler = RequestSampler(params, eos_ids=self._loaded.eos_token_ids, decode=self._loaded.token_text)
+        sampler = RequestSampler(params, eos_ids=self._prompts.eos_token_ids, decode=self._prompts.token_text)
         with torch.inference_mode():
             self.model.generate(
                 **inputs,
                 **forced_generate_kwargs(
-                    sampler, params, self._loaded.eos_token_ids, self._loaded.pad_token_id
+                    sampler, params, self._prompts.eos_token_ids, self._prompts.pad_token_id
                 ),
                 stopping_criteria=[_StopWhenDone(job)],
                 streamer=_JobStreamer(job, sampler),

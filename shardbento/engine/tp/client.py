@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from shardbento.engine.base import Delta, DeltaChannel, SamplingParams
-from shardbento.engine.tp.lead import Cancel, RankFailure, StepReport, Submit, apply_metrics
+from shardbento.engine.tp.messages import Cancel, RankFailure, StepReport, Submit
+from shardbento.engine.tp.relay import apply_metrics
 from shardbento.errors import NotReady
 from shardbento.metrics import RequestMetrics
 

@@ -16,12 +16,22 @@ from typing import Any
 
 from shardbento.catalog import ModelSpec
 from shardbento.engine.base import ChatMessage, Delta, DeltaChannel, EngineInfo, Prompt, SamplingParams
-from shardbento.engine.hf.loading import LoadedModel, load_preprocessing, resolve_dtype, resolve_source
+from shardbento.engine.hf.loading import resolve_dtype
+from shardbento.engine.hf.preprocess import Preprocessor, load_preprocessor
 from shardbento.engine.output import OutputStream
 from shardbento.engine.tp.client import BatchClient
-from shardbento.engine.tp.rank import STOP, GenerateCall, RankChannels, RankConfig, run_rank
+from shardbento.engine.tp.messages import (
+    GenerateCall,
+    GeneratedToken,
+    RankChannels,
+    RankConfig,
+    RankLoadFailed,
+    Stop,
+)
+from shardbento.engine.tp.rank import run_rank
 from shardbento.errors import GenerationFailed, NotReady
 from shardbento.metrics import RequestMetrics
+from shardbento.plan.source import resolve_source
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +57,13 @@ class TPEngine:
     def __init__(
         self,
         spec: ModelSpec,
-        loaded: LoadedModel,
+        prompts: Preprocessor,
         ranks: list[Any],
         channels: RankChannels,
         devices: tuple[str, ...],
     ) -> None:
         self.spec = spec
-        self._loaded = loaded
+        self._prompts = prompts
         self._ranks = ranks
         self._requests = channels.requests
         self._results = channels.results
@@ -80,7 +90,7 @@ class TPEngine:
         import torch.multiprocessing as mp
 
         path = resolve_source(spec)
-        loaded = load_preprocessing(spec, path, parallel="tensor")
+        prompts = load_preprocessor(spec, path)
         device = "cpu" if spec.device == "cpu" else "cuda"
         port = free_port()
         context = mp.get_context("spawn")
@@ -103,8 +113,8 @@ class TPEngine:
                 kind=spec.kind,
                 trust_remote_code=spec.trust_remote_code,
                 cpu_kernels=spec.cpu_kernels,
-                eos_token_ids=tuple(sorted(loaded.eos_token_ids)),
-                pad_token_id=loaded.pad_token_id,
+                eos_token_ids=tuple(sorted(prompts.eos_token_ids)),
+                pad_token_id=prompts.pad_token_id,
                 limits=spec.limits,
                 max_model_len=spec.max_model_len,
             )
@@ -115,13 +125,13 @@ class TPEngine:
             ranks.append(process)
         devices = _wait_ready(ranks, channels.status)
         logger.info("model %s: %d tensor-parallel ranks ready on %s", spec.name, len(ranks), devices)
-        return cls(spec, loaded, ranks, channels, devices)
+        return cls(spec, prompts, ranks, channels, devices)
 
     def render_chat(self, messages: list[ChatMessage]) -> Prompt:
-        return self._loaded.render_chat(messages)
+        return self._prompts.render_chat(messages)
 
     def encode(self, text: str | list[int]) -> Prompt:
-        return self._loaded.encode(text)
+        return self._prompts.encode(text)
 
     def is_ready(self) -> bool:
         return not self._closing and self.failure is None
@@ -167,7 +177,7 @@ class TPEngine:
         if self._batch is not None:
             self._batch.fail(f"model {self.spec.name!r} is not serving: shutting down")
         if self.failure is None:
-            self._requests.put(STOP)
+            self._requests.put(Stop())
             for process in self._ranks:
                 process.join(timeout=30)
         self._terminate()
@@ -184,7 +194,7 @@ class TPEngine:
             params = dataclasses.replace(params, seed=secrets.randbits(63))
         channel = DeltaChannel()
         cancelled = threading.Event()
-        output = OutputStream(self._loaded.tokenizer, prompt.token_ids, params, self._loaded.eos_token_ids)
+        output = OutputStream(self._prompts.tokenizer, prompt.token_ids, params, self._prompts.eos_token_ids)
         call = GenerateCall(request_id=request_id, inputs=dict(prompt.inputs), params=params)
         asyncio.get_running_loop().run_in_executor(
             self._executor, self._run, call, output, channel.emit, cancelled
@@ -219,19 +229,18 @@ class TPEngine:
                 if self.failure is not None:
                     raise NotReady(f"model {self.spec.name!r} stopped serving: {self.failure}") from None
                 continue
-            kind, rid = message[0], message[1]
-            if rid != request_id:
+            if message.request_id != request_id:
                 continue  # a leftover from a request whose client went away
-            if kind == "token":
+            if isinstance(message, GeneratedToken):
                 if not output.finished:
-                    emit(output.push(message[2], message[3]))
-            elif kind == "error":
-                raise GenerationFailed(f"generation failed: {message[2]}")
-            else:
-                if not output.finished:
-                    output.finished = True
-                    emit(Delta(text="", finish_reason="stop"))
-                return
+                    emit(output.push(message.token_id, message.logprob))
+                continue
+            if message.error is not None:
+                raise GenerationFailed(f"generation failed: {message.error}")
+            if not output.finished:
+                output.finished = True
+                emit(Delta(text="", finish_reason="stop"))
+            return
 
 
 def _wait_ready(ranks: list[Any], status: Any) -> tuple[str, ...]:
@@ -240,7 +249,7 @@ def _wait_ready(ranks: list[Any], status: Any) -> tuple[str, ...]:
     deadline = time.monotonic() + LOAD_TIMEOUT_S
     while len(devices) < len(ranks):
         try:
-            kind, rank, detail = status.get(timeout=1.0)
+            message = status.get(timeout=1.0)
         except queue.Empty:
             dead = [i for i, p in enumerate(ranks) if not p.is_alive()]
             if dead or time.monotonic() > deadline:
@@ -249,9 +258,9 @@ def _wait_ready(ranks: list[Any], status: Any) -> tuple[str, ...]:
                 why = f"rank {dead[0]} exited (code {ranks[dead[0]].exitcode})" if dead else "timed out"
                 raise RuntimeError(f"tensor-parallel startup failed: {why}") from None
             continue
-        if kind == "error":
+        if isinstance(message, RankLoadFailed):
             for process in ranks:
                 process.kill()
-            raise RuntimeError(f"tensor-parallel rank {rank} failed to load:\n{detail}")
-        devices[rank] = detail
+            raise RuntimeError(f"tensor-parallel rank {message.rank} failed to load:\n{message.traceback}")
+        devices[message.rank] = message.device
     return tuple(f"rank{r}:{devices[r]}" for r in sorted(devices))

@@ -5,84 +5,23 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from shardbento.catalog import ServingLimits
-from shardbento.engine.base import Delta, SamplingParams
+from shardbento.engine.base import Delta
 from shardbento.engine.batch.runner import ModelRunner, PrefillChunk
 from shardbento.engine.batch.sampler import RequestSampler
 from shardbento.engine.batch.scheduler import Scheduler, Sequence
 from shardbento.engine.output import OutputStream
-from shardbento.engine.tp.rank import STOP
-from shardbento.errors import GenerationFailed, Overloaded, ShardbentoError
+from shardbento.engine.tp.messages import Cancel, RankFailure, RunnerCall, StepReport, Stop, Submit
+from shardbento.engine.tp.relay import MetricsRelay
+from shardbento.errors import Overloaded
 
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.1  # how often an idle rank 0 ships metric observations that no Delta carried
-METRIC_NAMES = (
-    "ttft",
-    "itl",
-    "e2e",
-    "queue",
-    "running",
-    "waiting",
-    "kv_usage",
-    "prompt_tokens",
-    "generation_tokens",
-)
-
-MetricOp = tuple[str, str, Any]  # (RequestMetrics attribute, method, argument)
-
-
-@dataclass(frozen=True, slots=True)
-class Submit:
-    """Service -> rank 0: one text request; `ticket` names it on the way back (request ids may repeat)."""
-
-    ticket: int
-    request_id: str
-    prompt_ids: tuple[int, ...]
-    params: SamplingParams
-
-
-@dataclass(frozen=True, slots=True)
-class Cancel:
-    """Service -> rank 0: the client went away; the request leaves the batch at the next step."""
-
-    ticket: int
-
-
-@dataclass(frozen=True, slots=True)
-class RankFailure:
-    """An exception of rank 0 as plain data: exceptions with keyword fields do not survive pickling."""
-
-    kind: Literal["overloaded", "failed"]
-    message: str
-    retry_after_s: int = 1
-
-    @classmethod
-    def of(cls, exc: BaseException) -> RankFailure:
-        if isinstance(exc, Overloaded):
-            return cls("overloaded", exc.message, exc.retry_after_s)
-        if isinstance(exc, ShardbentoError):
-            return cls("failed", exc.message)
-        return cls("failed", f"generation failed: {type(exc).__name__}: {exc}")
-
-    def to_exception(self) -> ShardbentoError:
-        if self.kind == "overloaded":
-            return Overloaded(self.message, retry_after_s=self.retry_after_s)
-        return GenerationFailed(self.message)
-
-
-@dataclass(frozen=True, slots=True)
-class StepReport:
-    """Rank 0 -> service: one step's (ticket, Delta or failure) items and the metric observations made."""
-
-    items: list[tuple[int, Delta | RankFailure]]
-    metrics: list[MetricOp]
 
 
 class MirrorRunner:
@@ -99,76 +38,25 @@ class MirrorRunner:
     def kv(self) -> Any:
         return self._runner.kv
 
-    def _send(self, method: str, *args: Any) -> None:
+    def _send(self, call: RunnerCall) -> None:
         for follower in self._control:
-            follower.put((method, args))
+            follower.put(call)
 
     def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
-        self._send("prefill", chunks)
+        self._send(RunnerCall("prefill", (chunks,)))
         return self._runner.prefill(chunks)
 
     def decode(self, token_ids: list[int]) -> torch.Tensor:
-        self._send("decode", token_ids)
+        self._send(RunnerCall("decode", (token_ids,)))
         return self._runner.decode(token_ids)
 
     def release(self, rows: list[int]) -> None:
-        self._send("release", rows)
+        self._send(RunnerCall("release", (rows,)))
         self._runner.release(rows)
 
     def drop(self, seq_id: int) -> None:
-        self._send("drop", seq_id)
+        self._send(RunnerCall("drop", (seq_id,)))
         self._runner.drop(seq_id)
-
-
-class _Recorder:
-    """One metric of MetricsRelay: records set/inc/observe instead of applying them."""
-
-    __slots__ = ("_name", "_record")
-
-    def __init__(self, name: str, record: Callable[[MetricOp], None]) -> None:
-        self._name = name
-        self._record = record
-
-    def set(self, value: float) -> None:
-        self._record((self._name, "set", value))
-
-    def inc(self, amount: float = 1.0) -> None:
-        self._record((self._name, "inc", amount))
-
-    def observe(self, value: float) -> None:
-        self._record((self._name, "observe", value))
-
-
-class MetricsRelay:
-    """Rank 0's stand-in for RequestMetrics (same attributes): observations are kept and shipped to
-    the service process, which applies them to the real metrics that /metrics serves."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._ops: list[MetricOp] = []
-        for name in METRIC_NAMES:
-            setattr(self, name, _Recorder(name, self._record))
-
-    def _record(self, op: MetricOp) -> None:
-        with self._lock:
-            self._ops.append(op)
-
-    def finished(self, reason: str) -> None:
-        self._record(("finished", "finished", reason))
-
-    def take(self) -> list[MetricOp]:
-        with self._lock:
-            ops, self._ops = self._ops, []
-        return ops
-
-
-def apply_metrics(metrics: Any, ops: list[MetricOp]) -> None:
-    """Replay rank 0's observations on a RequestMetrics."""
-    for name, method, value in ops:
-        if name == "finished":
-            metrics.finished(value)
-        else:
-            getattr(getattr(metrics, name), method)(value)
 
 
 class ReportSender:
@@ -206,9 +94,9 @@ class ReportSender:
 def lead(
     runner: ModelRunner, tokenizer: Any, limits: ServingLimits, eos_ids: set[int], channels: Any
 ) -> None:
-    """Rank 0: run the Scheduler over a MirrorRunner until the service sends STOP; then stop followers.
+    """Rank 0: run the Scheduler over a MirrorRunner until the service sends Stop; then stop followers.
 
-    `channels` has `requests` (Submit, Cancel, STOP in), `results` (StepReports out) and `control`
+    `channels` has `requests` (Submit, Cancel, Stop in), `results` (StepReports out) and `control`
     (one queue per follower).
     """
     relay = MetricsRelay()
@@ -227,7 +115,7 @@ def lead(
         scheduler.run()  # on the thread that loaded the shard: see Scheduler.run
     finally:
         for follower in channels.control:
-            follower.put(STOP)
+            follower.put(Stop())
 
 
 def _intake(
@@ -238,7 +126,7 @@ def _intake(
     live: dict[int, Sequence],
     sender: ReportSender,
 ) -> None:
-    """Rank 0's request thread: Submit and Cancel into the scheduler until STOP, which closes it."""
+    """Rank 0's request thread: Submit and Cancel into the scheduler until Stop, which closes it."""
     try:
         while True:
             try:
@@ -253,7 +141,7 @@ def _intake(
                 if seq is not None:
                     seq.cancelled = True
                     scheduler.wake()
-            elif message == STOP:
+            elif isinstance(message, Stop):
                 break
     finally:
         scheduler.close()
@@ -279,12 +167,11 @@ def _admit(
 
 
 def follow(runner: ModelRunner, control: Any) -> None:
-    """A follower rank: replay rank 0's runner calls on this shard, in order, until STOP.
+    """A follower rank: replay rank 0's runner calls on this shard, in order, until Stop.
 
     A call that raises ends the process: the service's watchdog then stops serving, rather than
     leaving the ranks out of step.
     """
     with torch.inference_mode():
-        while (message := control.get()) != STOP:
-            method, args = message
-            getattr(runner, method)(*args)
+        while isinstance(call := control.get(), RunnerCall):
+            getattr(runner, call.method)(*call.args)

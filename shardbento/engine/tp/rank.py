@@ -5,65 +5,24 @@ from __future__ import annotations
 import logging
 import os
 import traceback
-from dataclasses import dataclass
 from typing import Any
 
-from shardbento.catalog import ServingLimits
-from shardbento.engine.base import SamplingParams
+from shardbento.engine.tp.messages import (
+    GenerateCall,
+    GeneratedToken,
+    GenerateEnded,
+    RankChannels,
+    RankConfig,
+    RankLoadFailed,
+    RankReady,
+    Stop,
+)
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class RankConfig:
-    """What a spawned rank needs to join the world; plain data, picklable across the spawn boundary."""
-
-    rank: int
-    world_size: int
-    master_port: int
-    device: str  # "cpu" or "cuda"
-    model_path: str
-    dtype: str
-    kind: str
-    trust_remote_code: bool
-    cpu_kernels: str  # the catalog's cpu_kernels: "onednn" also keeps freed memory for reuse on CPU
-    eos_token_ids: tuple[int, ...]
-    pad_token_id: int
-    limits: ServingLimits
-    max_model_len: int
-
-
-@dataclass(frozen=True, slots=True)
-class RankChannels:
-    """The queues every rank is spawned with; which ones a rank uses depends on its rank and the model kind.
-
-    Text models batch (tp_scheduler): `requests` carries Submit/Cancel/STOP to rank 0, `results` its
-    StepReports back, and `control[r - 1]` rank 0's runner calls to follower r. Vision models run one
-    request at a time through generate() on every rank: `requests` carries GenerateCalls that rank 0
-    broadcasts, `results` token tuples, `cancel` asks rank 0 to stop all ranks at the next step.
-    """
-
-    requests: Any
-    results: Any
-    status: Any  # each rank once: ("ready", rank, device) or ("error", rank, traceback)
-    cancel: Any
-    control: tuple[Any, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class GenerateCall:
-    """A request as every rank runs it: identical inputs and the same seed, so tokens agree."""
-
-    request_id: str
-    inputs: dict[str, Any]
-    params: SamplingParams
-
-
-STOP = "stop"
-
-
 def run_rank(config: RankConfig, channels: RankChannels) -> None:
-    """Entry point of a rank process: load, report ready, serve until STOP, leave the group together."""
+    """Entry point of a rank process: load, report ready, serve until Stop, leave the group together."""
     logging.basicConfig(level=logging.INFO, format=f"rank {config.rank} %(levelname)s %(name)s: %(message)s")
     try:
         import torch.distributed as dist
@@ -71,9 +30,9 @@ def run_rank(config: RankConfig, channels: RankChannels) -> None:
         model = _join_and_load(config)
         tokenizer = _load_tokenizer(config) if config.rank == 0 else None
     except Exception:  # noqa: BLE001 - reported to the service, which fails startup with it
-        channels.status.put(("error", config.rank, traceback.format_exc()))
+        channels.status.put(RankLoadFailed(config.rank, traceback.format_exc()))
         return
-    channels.status.put(("ready", config.rank, str(next(model.parameters()).device)))
+    channels.status.put(RankReady(config.rank, str(next(model.parameters()).device)))
     try:
         if config.kind == "text":
             _serve_batched(model, config, channels, tokenizer)
@@ -88,7 +47,7 @@ def run_rank(config: RankConfig, channels: RankChannels) -> None:
 def _serve_batched(model: Any, config: RankConfig, channels: RankChannels, tokenizer: Any) -> None:
     """Text: rank 0 schedules and samples; every other rank replays its runner calls."""
     from shardbento.engine.batch.runner import ModelRunner
-    from shardbento.engine.tp.lead import follow, lead
+    from shardbento.engine.tp.lead import follow, lead  # torch-heavy: imported in the rank process only
 
     runner = ModelRunner(model, config.limits.max_num_seqs, config.max_model_len)
     if config.rank == 0:
@@ -107,7 +66,7 @@ def _serve_generate(model: Any, config: RankConfig, channels: RankChannels, toke
         box = [channels.requests.get() if config.rank == 0 else None]
         dist.broadcast_object_list(box, src=0)
         call = box[0]
-        if call == STOP:
+        if isinstance(call, Stop):
             return
         _generate(model, config, call, results, channels.cancel, decode)
 
@@ -159,10 +118,10 @@ class _RankStreamer:
             self._saw_prompt = True
             return
         token_id = int(value.reshape(-1)[0])
-        self._results.put(("token", self._request_id, token_id, self._sampler.pop_logprob()))
+        self._results.put(GeneratedToken(self._request_id, token_id, self._sampler.pop_logprob()))
 
     def end(self) -> None:
-        self._results.put(("end", self._request_id))
+        self._results.put(GenerateEnded(self._request_id))
 
 
 class _SyncedStop:
@@ -215,4 +174,4 @@ def _generate(
     except Exception as exc:  # noqa: BLE001 - the request fails; the service decides about the engine
         logger.exception("request %s failed on rank %d", call.request_id, config.rank)
         if results is not None:
-            results.put(("error", call.request_id, f"{type(exc).__name__}: {exc}"))
+            results.put(GenerateEnded(call.request_id, error=f"{type(exc).__name__}: {exc}"))

@@ -9,9 +9,10 @@ from typing import Any
 
 from shardbento.catalog import ModelSpec
 from shardbento.engine.base import ChatMessage, Delta, EngineInfo, Prompt, SamplingParams, TokenLogprob
-from shardbento.engine.hf.loading import LoadedModel, load_preprocessing, resolve_source
+from shardbento.engine.hf.preprocess import Preprocessor, load_preprocessor
 from shardbento.engine.output import OutputStream
 from shardbento.engine.vllm.args import engine_kwargs
+from shardbento.plan.source import resolve_source
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def to_vllm_params(params: SamplingParams, eos_ids: set[int]) -> Any:
 class VLLMEngine:
     """One vLLM AsyncLLM (its own engine-core process, TP/PP workers) serving one catalog model."""
 
-    def __init__(self, spec: ModelSpec, llm: Any, prompts: LoadedModel, kwargs: dict[str, Any]) -> None:
+    def __init__(self, spec: ModelSpec, llm: Any, prompts: Preprocessor, kwargs: dict[str, Any]) -> None:
         self.spec = spec
         self._llm = llm
         self._prompts = prompts
@@ -68,7 +69,7 @@ class VLLMEngine:
 
         path = resolve_source(spec)
         kwargs = engine_kwargs(spec, path, known_engine_args())
-        prompts = load_preprocessing(spec, path, parallel="none")
+        prompts = load_preprocessor(spec, path)
         logger.info("starting vLLM for %s: %s", spec.name, kwargs)
         llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         return cls(spec, llm, prompts, kwargs)

@@ -1,0 +1,127 @@
+"""Text in, token ids out: a checkpoint's tokenizer (and processor), chat template and EOS ids, no weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from shardbento.catalog import ModelSpec
+from shardbento.engine.base import ChatMessage, Prompt
+
+
+def collect_eos_ids(generation_config: Any, config: Any, tokenizer: Any, spec: ModelSpec) -> set[int]:
+    """Every EOS id the generation config (else the model config), the tokenizer and the spec name."""
+    ids: set[int] = set(spec.eos_token_ids)
+    for source in (generation_config, config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if value is not None:
+            ids.update([value] if isinstance(value, int) else value)
+            break
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """What every engine needs before the weights: prompts rendered and tokenized, tokens named, ends known.
+
+    The transformers engine holds one beside its weights; the tensor-parallel and vLLM engines, whose
+    weights live in other processes, hold only this.
+    """
+
+    spec: ModelSpec
+    tokenizer: Any
+    processor: Any | None
+    eos_token_ids: frozenset[int]
+    embedding_rows: int  # the input embedding's rows: ids past them would index out of range
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids a prompt may hold: known to the tokenizer and inside the embedding (padded rows excluded)."""
+        return min(len(self.tokenizer), self.embedding_rows)
+
+    @property
+    def pad_token_id(self) -> int:
+        """The tokenizer's pad id, else the smallest EOS id (batched generate() needs one)."""
+        pad_id = self.tokenizer.pad_token_id
+        return pad_id if pad_id is not None else min(self.eos_token_ids)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _template_kwargs(self) -> dict[str, Any]:
+        return {"chat_template": self.spec.chat_template} if self.spec.chat_template else {}
+
+    def chat_text(self, messages: list[ChatMessage]) -> str:
+        """The chat template's text; with a processor each image is one image token (not yet expanded)."""
+        if self.processor is None:
+            conversation = [{"role": m.role, "content": m.text} for m in messages]
+            return self.tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=True, tokenize=False, **self._template_kwargs()
+            )
+        conversation = [
+            {
+                "role": m.role,
+                "content": [{"type": "image"}] * len(m.images) + [{"type": "text", "text": m.text}],
+            }
+            for m in messages
+        ]
+        return self.processor.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=False, **self._template_kwargs()
+        )
+
+    def render_chat(self, messages: list[ChatMessage]) -> Prompt:
+        text = self.chat_text(messages)
+        images = [image for m in messages for image in m.images]
+        if self.processor is None or not images:
+            return self._tokenize(text, add_special_tokens=False)
+        inputs = self.processor(text=text, images=images, return_tensors="pt", add_special_tokens=False)
+        token_ids = tuple(int(i) for i in inputs["input_ids"][0])
+        return Prompt(token_ids=token_ids, inputs=dict(inputs), num_images=len(images))
+
+    def encode(self, text: str | list[int]) -> Prompt:
+        if isinstance(text, str):
+            return self._tokenize(text, add_special_tokens=True)
+        ids = torch.tensor([text], dtype=torch.long)
+        return Prompt(
+            token_ids=tuple(text), inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        )
+
+    def _tokenize(self, text: str, add_special_tokens: bool) -> Prompt:
+        encoded = self.tokenizer(text, return_tensors="pt", add_special_tokens=add_special_tokens)
+        token_ids = tuple(int(i) for i in encoded["input_ids"][0])
+        return Prompt(token_ids=token_ids, inputs=dict(encoded))
+
+
+def preprocessor_class(kind: str) -> Any:
+    from transformers import AutoProcessor, AutoTokenizer
+
+    return AutoProcessor if kind == "vision" else AutoTokenizer
+
+
+def load_preprocessor(
+    spec: ModelSpec, path: str, config: Any = None, generation_config: Any = None
+) -> Preprocessor:
+    """The checkpoint's tokenizer (processor for vision) and EOS ids; `config` and `generation_config`
+    are read from `path` unless the caller has them (a loaded model does)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    common = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
+    preprocessor = preprocessor_class(spec.kind).from_pretrained(path, **common)
+    tokenizer = getattr(preprocessor, "tokenizer", preprocessor)
+    if config is None:
+        config = AutoConfig.from_pretrained(path, **common)
+        try:
+            generation_config = GenerationConfig.from_pretrained(path, **common)
+        except OSError:  # no generation_config.json: the model config's EOS ids are the ones
+            generation_config = None
+    return Preprocessor(
+        spec=spec,
+        tokenizer=tokenizer,
+        processor=preprocessor if spec.kind == "vision" else None,
+        eos_token_ids=frozenset(collect_eos_ids(generation_config, config, tokenizer, spec)),
+        embedding_rows=config.get_text_config().vocab_size,
+    )
