@@ -14,18 +14,18 @@ def create_engine(spec: ModelSpec) -> Engine:
     """Load the engine the spec asks for; heavy imports happen here, not at import time."""
     from shardbento.plan.preflight import run_preflight
 
-    preflight = run_preflight(spec)  # a spec that cannot work fails here, before any weight loads
+    plan = run_preflight(spec)  # a spec that cannot work fails here, before any weight loads
     if spec.engine != "transformers":
         engine = _create_vllm_engine(spec)
         if engine is not None:
             return engine
-    if preflight.mode == "tensor":
+    if plan.mode == "tensor":
         from shardbento.engine.tp.engine import TPEngine
 
-        return TPEngine.load(spec)
+        return TPEngine.load(spec, plan)
     from shardbento.engine.hf.engine import HFEngine
 
-    return HFEngine.load(spec)
+    return HFEngine.load(spec, plan)
 
 
 def _create_vllm_engine(spec: ModelSpec) -> Engine | None:

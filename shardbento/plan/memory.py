@@ -1,11 +1,10 @@
-"""Memory arithmetic before a byte loads: weights, KV cache, headroom, GPU count and the layer split."""
+"""Memory arithmetic before a byte loads: GPU kinds, a config's shape, weights, KV cache and the headroom."""
 
 from __future__ import annotations
 
 import json
-import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +13,7 @@ GB = 1000**3
 DTYPE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0}
 # Bytes per weight of a quantized linear layer; embeddings, norms and lm_head keep the dtype.
 QUANT_BYTES = {"none": None, "int8": 1.0, "int4": 0.5}
+# The headroom, defined here only: what planning, preflight and placement keep free beside weights + KV.
 ACTIVATION_FRACTION = 0.10  # activations and allocator slack, over weights + KV cache
 CUDA_CONTEXT_BYTES = 1 * GIB  # per GPU: CUDA context, cuBLAS workspaces, NCCL buffers
 CONCURRENT_SEQUENCES = 4
@@ -234,75 +234,9 @@ def tp_divides(shape: ModelShape, size: int) -> str | None:
     return None
 
 
-def tp_sizes(shape: ModelShape, limit: int = 64) -> list[int]:
-    return [n for n in range(1, limit + 1) if tp_divides(shape, n) is None]
-
-
 def min_gpus(need: Budget, gpu: GpuKind, shape: ModelShape, mode: Mode, limit: int = 64) -> int | None:
     """The fewest GPUs of this kind that hold the budget in `mode`, or None above `limit`."""
     for n in range(1, limit + 1):
         if fits(need, n, gpu) and (mode == "layers" or tp_divides(shape, n) is None):
             return n
     return None
-
-
-@dataclass(frozen=True, slots=True)
-class GpuShare:
-    gpu: int
-    first_layer: int | None
-    last_layer: int | None
-    other: tuple[str, ...]
-    weight_bytes: int
-
-
-@dataclass(slots=True)
-class _Fill:
-    blocks: list[tuple[str, int]] = field(default_factory=list)
-
-
-def layer_blocks(shape: ModelShape, dtype: str, quantization: str) -> list[tuple[str, int]]:
-    """The model as accelerate walks it: vision tower, embeddings, decoder layers, norm, lm_head."""
-    layer_b, embed_b = weight_bytes_per_param(dtype, quantization)
-    blocks: list[tuple[str, int]] = []
-    if shape.vision_params:
-        blocks.append(("vision", int(shape.vision_params * layer_b)))
-    blocks.append(("embed", int(shape.embed_params * embed_b)))
-    blocks += [(f"layer.{i}", int(shape.layer_params * layer_b)) for i in range(shape.num_layers)]
-    blocks.append(("norm", int(shape.hidden_size * embed_b)))
-    if not shape.tied:
-        blocks.append(("lm_head", int(shape.embed_params * embed_b)))
-    return blocks
-
-
-def split_layers(blocks: list[tuple[str, int]], max_memory: list[int]) -> list[GpuShare]:
-    """Fill GPUs in order like accelerate.infer_auto_device_map: GPU 0 keeps room for the largest
-    block (its buffer for offloaded layers); a block that does not fit moves to the next GPU."""
-    largest = max(size for name, size in blocks if name != "vision")
-    fills = [_Fill() for _ in max_memory]
-    gpu, used = 0, 0
-    for name, size in blocks:
-        while True:
-            room = max_memory[gpu] - (largest if gpu == 0 else 0)
-            if used + size <= room or gpu == len(max_memory) - 1:
-                break
-            gpu, used = gpu + 1, 0
-        if used + size > max_memory[gpu] - (largest if gpu == 0 else 0):
-            raise PlanError(f"{name} ({size / GIB:.1f} GiB) does not fit on any of {len(max_memory)} GPU(s)")
-        fills[gpu].blocks.append((name, size))
-        used += size
-    return [_share(i, fill.blocks) for i, fill in enumerate(fills)]
-
-
-def _share(gpu: int, blocks: list[tuple[str, int]]) -> GpuShare:
-    layers = [int(name.split(".")[1]) for name, _ in blocks if name.startswith("layer.")]
-    return GpuShare(
-        gpu=gpu,
-        first_layer=min(layers) if layers else None,
-        last_layer=max(layers) if layers else None,
-        other=tuple(name for name, _ in blocks if not name.startswith("layer.")),
-        weight_bytes=sum(size for _, size in blocks),
-    )
-
-
-def ceil_gib(num_bytes: int) -> int:
-    return math.ceil(num_bytes / GIB)

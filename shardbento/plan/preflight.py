@@ -4,48 +4,38 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from dataclasses import dataclass
 
 from shardbento.catalog import ModelSpec
 from shardbento.plan.memory import GIB, GpuKind, PlanError, load_config, model_shape, parse_gpus
-from shardbento.plan.sharding import ShardPlan, choose_mode, plan_spec, render
+from shardbento.plan.sharding import Plan, choose_mode, plan_spec, render, unplanned
 from shardbento.plan.source import config_path
+from shardbento.plan.tp_plan import tp_plan_available
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class Preflight:
-    mode: str  # "single", "layers" or "tensor"
-    plan: ShardPlan | None
-    notes: tuple[str, ...]
-
-
-def run_preflight(spec: ModelSpec) -> Preflight:
-    """Decide the parallel mode and fail with the numbers and the fix when the spec cannot work here."""
+def run_preflight(spec: ModelSpec) -> Plan:
+    """The Plan for this spec on the devices this process sees; raises PlanError, with the numbers and
+    the fix, when the spec cannot work here. Nothing is loaded yet."""
     try:
         config = load_config(config_path(spec))
     except PlanError as exc:  # a hub model without a shipped config.json: load as the spec says, unplanned
         logger.warning("model %s: no sharding plan (%s)", spec.name, exc)
         mode = "tensor" if spec.parallel == "tensor" else ("layers" if spec.world_size > 1 else "single")
-        return Preflight(mode=mode, plan=None, notes=(str(exc),))
+        return unplanned(spec, mode, f"parallel: {spec.parallel}, no config.json to plan from", (str(exc),))
     shape = model_shape(config)
-    from shardbento.plan.tp_plan import tp_plan_available
-
     tp_capable = tp_plan_available(config)
     mode, reason = choose_mode(spec.parallel, spec.world_size, shape, tp_capable)
     if spec.num_gpus == 0:
-        logger.info("model %s: %s on CPU (%d rank(s)): %s", spec.name, mode, spec.world_size, reason)
-        return Preflight(mode=mode, plan=None, notes=())
+        plan = unplanned(spec, mode, reason)
+        logger.info("model %s plan:\n%s", spec.name, render(plan))
+        return plan
     import torch
 
-    notes = list(_check_gpus(spec, torch))
-    gpu = _visible_kind(torch, spec)
-    plan = plan_spec(spec, shape, gpu, tp_capable=tp_capable)
-    logger.info("model %s sharding plan:\n%s", spec.name, render(plan))
-    for note in notes:
-        logger.warning("model %s: %s", spec.name, note)
-    return Preflight(mode=plan.mode, plan=plan, notes=tuple(notes))
+    notes = tuple(_check_gpus(spec, torch))
+    plan = plan_spec(spec, shape, _visible_kind(torch, spec), tp_capable=tp_capable, notes=notes)
+    logger.info("model %s plan:\n%s", spec.name, render(plan))
+    return plan
 
 
 def _check_gpus(spec: ModelSpec, torch: object) -> list[str]:

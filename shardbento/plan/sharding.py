@@ -1,9 +1,14 @@
-"""The sharding decision for a spec: mode, GPU count check, per-GPU layout, and how to print it."""
+"""The one Plan of a deployment: its mode, devices, memory budget and per-GPU layout, and how to print it.
+
+Built once at startup (preflight) from the spec and the devices this process sees, logged, and then
+used as it is: placement turns its layer split into the device map, the engine sizes its batch from it.
+`python -m shardbento plan` builds the same object offline for a declared GPU kind.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 from shardbento.catalog import ModelSpec
 from shardbento.plan.memory import (
@@ -11,32 +16,45 @@ from shardbento.plan.memory import (
     GIB,
     Budget,
     GpuKind,
-    GpuShare,
     ModelShape,
     PlanError,
     budget,
     fits,
-    layer_blocks,
     min_gpus,
-    split_layers,
     tp_divides,
 )
+from shardbento.plan.split import GpuShare, balanced_split
+
+PlanMode = Literal["single", "layers", "tensor"]
 
 
 @dataclass(frozen=True, slots=True)
-class ShardPlan:
+class Plan:
+    """How one model is served here. `gpu` and `budget` are None on CPU and for a model with no
+    config.json to plan from; `shares` is the per-GPU layout of a layer split, else empty."""
+
     model: str
-    mode: str  # "single", "layers" or "tensor"
+    mode: PlanMode
     reason: str
-    num_gpus: int
-    gpu: GpuKind
-    budget: Budget
-    min_gpus_layers: int | None
-    min_gpus_tensor: int | None
-    shares: tuple[GpuShare, ...]
+    device: Literal["cpu", "cuda"]
+    world_size: int  # GPUs, or CPU tensor-parallel ranks
+    max_num_seqs: int  # sequences the engine batches (its KV slots)
+    max_model_len: int
+    gpu: GpuKind | None = None
+    budget: Budget | None = None
+    min_gpus_layers: int | None = None
+    min_gpus_tensor: int | None = None
+    shares: tuple[GpuShare, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    @property
+    def num_gpus(self) -> int:
+        return self.world_size if self.device == "cuda" else 0
 
     def per_gpu_bytes(self) -> list[int]:
         """Weights, KV cache and headroom each GPU holds (tensor: an even share; layers: its layers)."""
+        if self.budget is None:
+            return []
         extra = self.budget.kv_bytes + self.budget.activation_bytes
         if self.mode != "layers":
             return [self.budget.total_bytes // self.num_gpus + CUDA_CONTEXT_BYTES] * self.num_gpus
@@ -45,22 +63,37 @@ class ShardPlan:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        data["gpu"] = {"name": self.gpu.name, "memory_gib": round(self.gpu.memory_bytes / GIB, 1)}
-        data["needed_bytes"] = self.budget.needed_bytes(self.num_gpus)
+        if self.gpu is not None:
+            data["gpu"] = {"name": self.gpu.name, "memory_gib": round(self.gpu.memory_bytes / GIB, 1)}
+        data["num_gpus"] = self.num_gpus
+        data["needed_bytes"] = self.budget.needed_bytes(self.num_gpus) if self.budget else None
         data["per_gpu_bytes"] = self.per_gpu_bytes()
         return data
 
 
-def choose_mode(parallel: str, num_gpus: int, shape: ModelShape, tp_capable: bool) -> tuple[str, str]:
+def unplanned(spec: ModelSpec, mode: PlanMode, reason: str, notes: tuple[str, ...] = ()) -> Plan:
+    """A Plan without memory figures: on CPU, or for a model with no config.json to plan from."""
+    return Plan(
+        model=spec.name,
+        mode=mode,
+        reason=reason,
+        device="cpu" if spec.num_gpus == 0 else "cuda",
+        world_size=spec.world_size,
+        max_num_seqs=spec.limits.max_num_seqs,
+        max_model_len=spec.max_model_len,
+        notes=notes,
+    )
+
+
+def choose_mode(parallel: str, num_gpus: int, shape: ModelShape, tp_capable: bool) -> tuple[PlanMode, str]:
     """(mode, why) for `num_gpus`; `parallel: tensor` that cannot work raises with the sizes that would."""
     if num_gpus <= 1:
         return "single", "one device"
     why_not = tp_divides(shape, num_gpus) or (None if tp_capable else "transformers has no TP plan for it")
     if parallel == "tensor":
         if why_not:
-            raise PlanError(
-                f"parallel: tensor with gpus: {num_gpus} cannot work: {why_not}; {_tp_fix(shape)}"
-            )
+            fix = _tp_fix(shape) if tp_capable else "set parallel: layers"  # no size helps without a TP plan
+            raise PlanError(f"parallel: tensor with gpus: {num_gpus} cannot work: {why_not}; {fix}")
         return "tensor", f"parallel: tensor over {num_gpus} ranks"
     if parallel == "auto" and why_not is None:
         return "tensor", f"auto: {num_gpus} divides the heads and transformers has a TP plan"
@@ -82,16 +115,18 @@ def plan_spec(
     max_model_len: int | None = None,
     tp_capable: bool = True,
     check: bool = True,
-) -> ShardPlan:
+    notes: tuple[str, ...] = (),
+) -> Plan:
     """Plan `spec` on `num_gpus` (default: the spec's) GPUs of `gpu`; raises PlanError when it cannot work."""
     dtype = dtype or (spec.dtype if spec.dtype != "auto" else "bfloat16")
     if dtype == "bfloat16" and gpu.capability < (8, 0):
         dtype = "float16"  # what the engine falls back to on pre-Ampere GPUs
+    context = max_model_len or spec.max_model_len
     need = budget(
         shape,
         dtype=dtype,
         quantization=spec.quantization,
-        max_model_len=max_model_len or spec.max_model_len,
+        max_model_len=context,
         max_images=spec.max_images if spec.kind == "vision" else 0,
     )
     count = num_gpus or max(spec.gpus, 1)
@@ -100,20 +135,22 @@ def plan_spec(
     mode, reason = choose_mode(spec.parallel, count, shape, tp_capable)
     if check and not fits(need, count, gpu):
         raise PlanError(_memory_message(spec.name, need, count, gpu, lowest_layers, lowest_tensor, shape))
-    shares: tuple[GpuShare, ...] = ()
-    if mode == "layers":
-        shares = tuple(_balanced_split(need, shape, gpu, count, dtype, spec.quantization))
-    return ShardPlan(spec.name, mode, reason, count, gpu, need, lowest_layers, lowest_tensor, shares)
-
-
-def _balanced_split(
-    need: Budget, shape: ModelShape, gpu: GpuKind, count: int, dtype: str, quantization: str
-) -> list[GpuShare]:
-    """Like accelerate's get_balanced_memory: cap every GPU but the last near an even share of weights."""
-    blocks = layer_blocks(shape, dtype, quantization)
-    usable = gpu.memory_bytes - CUDA_CONTEXT_BYTES - (need.kv_bytes + need.activation_bytes) // count
-    even = sum(size for _, size in blocks) // count + max(size for _, size in blocks)
-    return split_layers(blocks, [min(usable, even)] * (count - 1) + [usable])
+    shares = tuple(balanced_split(need, shape, gpu, count)) if mode == "layers" else ()
+    return Plan(
+        model=spec.name,
+        mode=mode,
+        reason=reason,
+        device="cuda",
+        world_size=count,
+        max_num_seqs=spec.limits.max_num_seqs,
+        max_model_len=context,
+        gpu=gpu,
+        budget=need,
+        min_gpus_layers=lowest_layers,
+        min_gpus_tensor=lowest_tensor,
+        shares=shares,
+        notes=notes,
+    )
 
 
 def _memory_message(
@@ -150,9 +187,16 @@ def _memory_message(
     )
 
 
-def render(plan: ShardPlan) -> str:
+def render(plan: Plan) -> str:
     """The human table: the budget, the chosen mode and what goes on each GPU."""
     need = plan.budget
+    if need is None or plan.gpu is None:
+        where = f"{plan.world_size} CPU rank(s)" if plan.device == "cpu" else f"{plan.world_size} GPU(s)"
+        lines = [
+            f"model      {plan.model}: no memory plan",
+            f"mode       {plan.mode} ({plan.reason}) on {where}",
+        ]
+        return "\n".join(lines + [f"note       {note}" for note in plan.notes])
     lines = [
         f"model      {plan.model}: {need.num_params / 1e9:.2f} B parameters, {need.dtype}"
         + (f", {need.quantization}" if need.quantization != "none" else ""),
@@ -174,10 +218,10 @@ def render(plan: ShardPlan) -> str:
     ]
     for gpu, used in enumerate(plan.per_gpu_bytes()):
         lines.append(f"{gpu:<4} {used / GIB:7.1f}  {_holds(plan, gpu)}")
-    return "\n".join(lines)
+    return "\n".join(lines + [f"note       {note}" for note in plan.notes])
 
 
-def _holds(plan: ShardPlan, gpu: int) -> str:
+def _holds(plan: Plan, gpu: int) -> str:
     if plan.mode != "layers":
         what = "all weights" if plan.mode == "single" else f"1/{plan.num_gpus} of every layer"
         return f"{what} and its KV cache"

@@ -1,33 +1,80 @@
-"""Device maps and the GPU-count check that runs before any weight is read."""
+"""Device maps: the Plan's layer split in the checkpoint's module names, CPU, one GPU, a manual map."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from accelerate.utils import check_device_map
 
 from shardbento.catalog import load_spec
-from shardbento.engine.hf.placement import PlacementError, _mapped_device, device_map_for
+from shardbento.engine.hf.placement import _mapped_device, device_map_for, meta_model
+from shardbento.plan.memory import CUDA_CONTEXT_BYTES, GIB, GpuKind, model_shape
+from shardbento.plan.preflight import run_preflight
+from shardbento.plan.sharding import plan_spec
+from shardbento.plan.source import config_path, resolve_source
+from shardbento.plan.split import device_map_from_shares
 
 
 def test_placement_cpu_spec_maps_to_cpu() -> None:
-    assert device_map_for(load_spec("tiny-llama"), "unused", torch.float32) == "cpu"
-
-
-def test_placement_missing_gpus_fail_with_numbers_and_fix() -> None:
-    if torch.cuda.is_available():
-        pytest.skip("this machine has GPUs")
-    spec = load_spec("llama-3.1-70b-instruct")
-    with pytest.raises(PlacementError) as info:
-        device_map_for(spec, spec.source, torch.bfloat16)
-    message = str(info.value)
-    assert f"gpus: {spec.gpus}" in message
-    assert "sees 0 GPU(s)" in message
-    assert "CUDA_VISIBLE_DEVICES" in message
+    spec = load_spec("tiny-llama")
+    assert device_map_for(spec, run_preflight(spec), "unused", torch.float32) == "cpu"
 
 
 def test_placement_manual_map_wins() -> None:
     spec = load_spec("tiny-llama").model_copy(update={"device_map": {"": "cpu"}})
-    assert device_map_for(spec, "unused", torch.float32) == {"": "cpu"}
+    assert device_map_for(spec, run_preflight(spec), "unused", torch.float32) == {"": "cpu"}
+
+
+def _two_gpu_plan(name: str):
+    """The model's plan on two GPUs that each hold only 90% of its weights beside their headroom."""
+    spec = load_spec(name).model_copy(update={"gpus": 2, "parallel": "layers"})
+    shape = model_shape(json.loads(config_path(spec).read_text()))
+    roomy = plan_spec(spec, shape, GpuKind("big", 1000 * GIB, (9, 0)), dtype="float32", max_model_len=256)
+    need = roomy.budget
+    memory = CUDA_CONTEXT_BYTES + (need.kv_bytes + need.activation_bytes) // 2 + int(0.9 * need.weight_bytes)
+    plan = plan_spec(spec, shape, GpuKind("small", memory, (9, 0)), dtype="float32", max_model_len=256)
+    return spec, resolve_source(spec), plan
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-llava"])
+def test_placement_layer_split_is_the_plans_in_real_module_names(name: str) -> None:
+    spec, path, plan = _two_gpu_plan(name)
+    assert plan.mode == "layers" and [s.gpu for s in plan.shares] == [0, 1]
+    assert all(share.weight_bytes > 0 for share in plan.shares)  # the split uses both GPUs
+    model = meta_model(spec, path, torch.float32)
+    device_map = device_map_from_shares(plan.shares, model)
+    check_device_map(model, device_map)  # every parameter is placed
+    names = {id(m): n for n, m in model.named_modules()}
+    blocks = {"embed": names[id(model.get_input_embeddings())]}
+    if "lm_head" in {b for share in plan.shares for b in share.other}:
+        blocks["lm_head"] = names[id(model.get_output_embeddings())]
+    for share in plan.shares:
+        if share.first_layer is not None:
+            for layer in range(share.first_layer, share.last_layer + 1):
+                assert [v for k, v in device_map.items() if k.endswith(f"layers.{layer}")] == [share.gpu]
+        for block in share.other:
+            if block in blocks:
+                assert device_map[blocks[block]] == share.gpu
+            elif block == "vision":
+                assert device_map["model.vision_tower"] == share.gpu
+
+
+@torch.inference_mode()
+def test_placement_planned_split_loads_as_mapped(tmp_path) -> None:
+    """transformers takes the planned map as it is: with GPU 0 as the CPU and GPU 1 offloaded to disk,
+    the model loads in exactly that layout and computes what it computes unsplit."""
+    from transformers import AutoModelForCausalLM
+
+    spec, path, plan = _two_gpu_plan("tiny-llama")
+    planned = device_map_from_shares(plan.shares, meta_model(spec, path, torch.float32))
+    on_host = {name: "cpu" if gpu == 0 else "disk" for name, gpu in planned.items()}
+    split = AutoModelForCausalLM.from_pretrained(path, device_map=on_host, offload_folder=str(tmp_path))
+    whole = AutoModelForCausalLM.from_pretrained(path)
+    assert split.hf_device_map == on_host
+    ids = torch.tensor([[5, 9, 14, 20, 33]])
+    assert torch.allclose(split(input_ids=ids).logits, whole(input_ids=ids).logits, atol=1e-5)
 
 
 @pytest.mark.parametrize(

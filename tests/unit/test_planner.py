@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -13,14 +15,15 @@ from shardbento.plan.memory import (
     GIB,
     PlanError,
     budget,
-    layer_blocks,
     load_config,
     model_shape,
     parse_gpus,
-    split_layers,
 )
 from shardbento.plan.sharding import plan_spec
 from shardbento.plan.source import CONFIG_DIR, config_path
+from shardbento.plan.split import GpuShare, layer_blocks, split_layers
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)$")
 
 NATIVE = [
     ("llama-3.1-8b-instruct", [6 * GIB] * 3),
@@ -35,10 +38,51 @@ def _config(name: str) -> dict:
     return load_config(CONFIG_DIR / f"{name}.json")
 
 
+def meta_model(config: dict[str, Any], dtype: str = "bfloat16") -> Any:
+    """The architecture with no weights allocated; raises for remote-code models (not available offline)."""
+    import torch
+    import transformers
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    fields = {k: v for k, v in config.items() if not k.startswith("_") and k != "auto_map"}
+    model_config = AutoConfig.for_model(**fields)
+    architecture = getattr(transformers, config["architectures"][0])
+    with init_empty_weights():
+        return architecture._from_config(model_config, dtype=getattr(torch, dtype))
+
+
+def accelerate_split(model: Any, max_memory: list[int], dtype: str = "bfloat16") -> list[GpuShare]:
+    """accelerate.infer_auto_device_map on fake GPUs, summarised like planner.split_layers."""
+    import torch
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import compute_module_sizes
+
+    device_map = infer_auto_device_map(
+        model,
+        max_memory=dict(enumerate(max_memory)),
+        no_split_module_classes=list(model._no_split_modules or []),
+        dtype=getattr(torch, dtype),
+    )
+    sizes = compute_module_sizes(model, dtype=getattr(torch, dtype))
+    shares = []
+    for gpu in range(len(max_memory)):
+        names = [name for name, placed in device_map.items() if placed == gpu]
+        layers = [int(m[1]) for name in names if (m := _LAYER.search(name))]
+        shares.append(
+            GpuShare(
+                gpu=gpu,
+                first_layer=min(layers) if layers else None,
+                last_layer=max(layers) if layers else None,
+                other=tuple(name for name in names if not _LAYER.search(name)),
+                weight_bytes=sum(sizes[name] for name in names),
+            )
+        )
+    return shares
+
+
 @pytest.mark.parametrize(("name", "max_memory"), NATIVE)
 def test_planner_matches_meta_model_and_accelerate(name: str, max_memory: list[int]) -> None:
-    from shardbento.plan.tp_plan import accelerate_split, meta_model
-
     config = _config(name)
     model = meta_model(config)
     exact = sum(p.numel() for p in model.parameters())

@@ -44,6 +44,21 @@ def test_preflight_gpu_plan_and_arch_checks_pass_on_this_gpu() -> None:
     from shardbento.plan.preflight import run_preflight
 
     spec = load_spec("tiny-llama").model_copy(update={"gpus": 1, "device": "cuda"})
-    result = run_preflight(spec)
-    assert result.mode == "single" and result.plan is not None
-    assert result.plan.per_gpu_bytes()[0] < torch.cuda.get_device_properties(0).total_memory
+    plan = run_preflight(spec)
+    assert plan.mode == "single" and plan.budget is not None
+    assert plan.per_gpu_bytes()[0] < torch.cuda.get_device_properties(0).total_memory
+
+
+def test_preflight_hub_model_without_its_gpus_fails_with_numbers_and_fix() -> None:
+    import torch
+
+    from shardbento.plan.preflight import run_preflight
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has GPUs")
+    spec = load_spec("llama-3.1-70b-instruct")
+    with pytest.raises(PlanError) as info:
+        run_preflight(spec)
+    message = str(info.value)
+    assert f"gpus: {spec.gpus}" in message and "sees 0 GPU(s)" in message
+    assert "CUDA_VISIBLE_DEVICES" in message

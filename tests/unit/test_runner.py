@@ -85,8 +85,10 @@ def test_select_tokens_equals_selecting_row_by_row() -> None:
 def test_pack_linear_weights_keeps_logits() -> None:
     from shardbento.catalog import load_spec
     from shardbento.engine.hf.loading import load_model
+    from shardbento.plan.preflight import run_preflight
 
-    plain = load_model(load_spec("tiny-llama").model_copy(update={"cpu_kernels": "default"})).model
+    spec = load_spec("tiny-llama").model_copy(update={"cpu_kernels": "default"})
+    plain = load_model(spec, run_preflight(spec)).model
     assert not any(isinstance(m.forward, functools.partial) for m in plain.modules())
     ids = torch.tensor([PROMPTS[1]])
     reference = plain(input_ids=ids).logits
@@ -101,11 +103,14 @@ import resource, sys, torch
 import shardbento.engine.hf.loading as loading
 from shardbento.catalog import ModelSpec
 from shardbento.engine.batch.runner import ModelRunner, PrefillChunk
+from shardbento.plan.preflight import run_preflight
 
 if sys.argv[1] == "default":
     loading.keep_freed_memory = lambda: None
-source = {"name": "bench-llama", "source": "generated:bench-llama", "kind": "text", "dtype": "float32"}
-runner = ModelRunner(loading.load_model(ModelSpec.model_validate(source)).model, 4, 1024)
+spec = ModelSpec.model_validate(
+    {"name": "bench-llama", "source": "generated:bench-llama", "kind": "text", "dtype": "float32"}
+)
+runner = ModelRunner(loading.load_model(spec, run_preflight(spec)).model, 4, 1024)
 
 def prefill(lengths):
     runner.release(list(range(runner.num_rows)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from shardbento.catalog import ServingLimits
 from shardbento.engine.base import ChatMessage, SamplingParams
 from shardbento.engine.hf.engine import HFEngine
 from shardbento.errors import Overloaded
+from shardbento.plan.preflight import run_preflight
 
 QUESTIONS = ("Hi.", "Tell me about the sharded bento and its many GPUs.", "Why?", "Count " * 40)
 
@@ -94,7 +96,7 @@ def test_scheduler_cancel_frees_slot(text_engine) -> None:
 
 def test_scheduler_overloaded_past_waiting_limit(text_engine) -> None:
     spec = text_engine.spec.model_copy(update={"limits": ServingLimits(max_num_seqs=1, max_waiting=1)})
-    engine = HFEngine(spec, text_engine._loaded)
+    engine = HFEngine(spec, replace(text_engine._loaded, plan=run_preflight(spec)))
     prompt = prompts(engine)[0]
     params = SamplingParams(max_tokens=spec.max_model_len - prompt.num_tokens, ignore_eos=True)
 

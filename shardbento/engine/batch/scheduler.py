@@ -87,7 +87,7 @@ class Scheduler:
         with self._wake:
             if len(self._waiting) >= self._limits.max_waiting + self._free_slots():
                 raise Overloaded(
-                    f"server is at capacity ({self._limits.max_num_seqs} running, "
+                    f"server is at capacity ({self._runner.kv.num_slots} running, "
                     f"{self._limits.max_waiting} waiting); retry later",
                     retry_after_s=1,
                 )
@@ -96,7 +96,7 @@ class Scheduler:
             self._wake.notify()
 
     def _free_slots(self) -> int:
-        return self._limits.max_num_seqs - len(self._running)
+        return self._runner.kv.num_slots - len(self._running)
 
     def wake(self) -> None:
         with self._wake:

@@ -20,6 +20,8 @@ from shardbento.engine.batch.scheduler import Scheduler, Sequence
 from shardbento.engine.hf.loading import LoadedModel, load_model
 from shardbento.engine.output import OutputStream
 from shardbento.metrics import RequestMetrics
+from shardbento.plan.preflight import run_preflight
+from shardbento.plan.sharding import Plan
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +96,7 @@ class HFEngine:
         self._scheduler: Scheduler | None = None
         self._batches_images = getattr(loaded.model.config, "model_type", None) in BATCHED_VISION_TYPES
         if spec.kind == "text" or self._batches_images:
-            runner = ModelRunner(loaded.model, spec.limits.max_num_seqs, spec.max_model_len)
+            runner = ModelRunner(loaded.model, loaded.plan.max_num_seqs, loaded.plan.max_model_len)
             self._scheduler = Scheduler(runner, spec.limits, self._metrics, start=False)
             self._executor.submit(self._scheduler.run)
         self.info = EngineInfo(
@@ -107,12 +109,13 @@ class HFEngine:
         )
 
     @classmethod
-    def load(cls, spec: ModelSpec) -> HFEngine:
-        """Load on the engine's own thread, which then runs every forward (see Scheduler.run for why
-        one thread must own the CPU's OpenMP pool)."""
+    def load(cls, spec: ModelSpec, plan: Plan | None = None) -> HFEngine:
+        """Load as `plan` (by default preflight's) says, on the engine's own thread, which then runs every
+        forward (see Scheduler.run for why one thread must own the CPU's OpenMP pool)."""
+        plan = plan or run_preflight(spec)
         executor = _engine_thread()
         try:
-            return executor.submit(lambda: cls(spec, load_model(spec), executor)).result()
+            return executor.submit(lambda: cls(spec, load_model(spec, plan), executor)).result()
         except BaseException:
             executor.shutdown(wait=False)
             raise

@@ -13,6 +13,7 @@ from shardbento.catalog import ModelSpec
 from shardbento.engine.hf.cpu_kernels import keep_freed_memory, pack_linear_weights
 from shardbento.engine.hf.placement import device_map_for, input_device
 from shardbento.engine.hf.preprocess import Preprocessor, load_preprocessor
+from shardbento.plan.sharding import Plan
 from shardbento.plan.source import resolve_source
 
 logger = logging.getLogger(__name__)
@@ -30,10 +31,11 @@ def resolve_dtype(spec: ModelSpec) -> torch.dtype:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model's weights, placed, with its Preprocessor and the device its inputs must go to."""
+    """A model's weights, placed as its Plan says, with its Preprocessor and the device its inputs go to."""
 
     model: Any
     prompts: Preprocessor
+    plan: Plan
     input_device: torch.device
     devices: tuple[str, ...]
     parallel: str
@@ -45,11 +47,11 @@ def _model_class(kind: str) -> Any:
     return AutoModelForImageTextToText if kind == "vision" else AutoModelForCausalLM
 
 
-def load_model(spec: ModelSpec) -> LoadedModel:
-    """Load weights where the spec says, with every check that can fail done before the weights."""
+def load_model(spec: ModelSpec, plan: Plan) -> LoadedModel:
+    """Load weights where the plan puts them (every check that can fail ran in preflight, before this)."""
     path = resolve_source(spec)
     dtype = resolve_dtype(spec)
-    device_map = device_map_for(spec, path, dtype)
+    device_map = device_map_for(spec, plan, path, dtype)
     common = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
     offload = {"offload_folder": str(Path(path) / ".offload")} if _uses_disk(device_map) else {}
     logger.info("loading %s from %s (%s, device_map=%s)", spec.name, path, dtype, device_map)
@@ -63,6 +65,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     return LoadedModel(
         model=model,
         prompts=load_preprocessor(spec, path, model.config, getattr(model, "generation_config", None)),
+        plan=plan,
         input_device=input_device(model),
         devices=tuple(sorted({str(p.device) for p in model.parameters()})),
         parallel="layers" if isinstance(device_map, dict) and len(set(device_map.values())) > 1 else "none",

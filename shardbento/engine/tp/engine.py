@@ -31,6 +31,8 @@ from shardbento.engine.tp.messages import (
 from shardbento.engine.tp.rank import run_rank
 from shardbento.errors import GenerationFailed, NotReady
 from shardbento.metrics import RequestMetrics
+from shardbento.plan.preflight import run_preflight
+from shardbento.plan.sharding import Plan
 from shardbento.plan.source import resolve_source
 
 logger = logging.getLogger(__name__)
@@ -86,38 +88,25 @@ class TPEngine:
         threading.Thread(target=self._watch, name="shardbento-tp-watchdog", daemon=True).start()
 
     @classmethod
-    def load(cls, spec: ModelSpec) -> TPEngine:
+    def load(cls, spec: ModelSpec, plan: Plan | None = None) -> TPEngine:
+        """Spawn `plan.world_size` ranks (by default preflight's plan) and wait until each holds its shard."""
         import torch.multiprocessing as mp
 
+        plan = plan or run_preflight(spec)
         path = resolve_source(spec)
         prompts = load_preprocessor(spec, path)
-        device = "cpu" if spec.device == "cpu" else "cuda"
-        port = free_port()
         context = mp.get_context("spawn")
         channels = RankChannels(
             requests=context.Queue(),
             results=context.Queue(),
             status=context.Queue(),
             cancel=context.Event(),
-            control=tuple(context.SimpleQueue() for _ in range(spec.world_size - 1)),
+            control=tuple(context.SimpleQueue() for _ in range(plan.world_size - 1)),
         )
+        port = free_port()
         ranks = []
-        for rank in range(spec.world_size):
-            config = RankConfig(
-                rank=rank,
-                world_size=spec.world_size,
-                master_port=port,
-                device=device,
-                model_path=path,
-                dtype=str(resolve_dtype(spec)).removeprefix("torch."),
-                kind=spec.kind,
-                trust_remote_code=spec.trust_remote_code,
-                cpu_kernels=spec.cpu_kernels,
-                eos_token_ids=tuple(sorted(prompts.eos_token_ids)),
-                pad_token_id=prompts.pad_token_id,
-                limits=spec.limits,
-                max_model_len=spec.max_model_len,
-            )
+        for rank in range(plan.world_size):
+            config = _rank_config(spec, plan, prompts, path, rank, port)
             process = context.Process(
                 target=run_rank, args=(config, channels), name=f"shardbento-tp-rank{rank}", daemon=True
             )
@@ -241,6 +230,27 @@ class TPEngine:
                 output.finished = True
                 emit(Delta(text="", finish_reason="stop"))
             return
+
+
+def _rank_config(
+    spec: ModelSpec, plan: Plan, prompts: Preprocessor, path: str, rank: int, port: int
+) -> RankConfig:
+    return RankConfig(
+        rank=rank,
+        world_size=plan.world_size,
+        master_port=port,
+        device=plan.device,
+        model_path=path,
+        dtype=str(resolve_dtype(spec)).removeprefix("torch."),
+        kind=spec.kind,
+        trust_remote_code=spec.trust_remote_code,
+        cpu_kernels=spec.cpu_kernels,
+        eos_token_ids=tuple(sorted(prompts.eos_token_ids)),
+        pad_token_id=prompts.pad_token_id,
+        limits=spec.limits,
+        max_num_seqs=plan.max_num_seqs,
+        max_model_len=plan.max_model_len,
+    )
 
 
 def _wait_ready(ranks: list[Any], status: Any) -> tuple[str, ...]:

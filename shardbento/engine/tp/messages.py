@@ -32,6 +32,7 @@ class RankConfig:
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
     limits: ServingLimits
+    max_num_seqs: int  # the plan's: KV slots of the batch
     max_model_len: int
 
 

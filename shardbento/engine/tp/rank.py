@@ -49,7 +49,7 @@ def _serve_batched(model: Any, config: RankConfig, channels: RankChannels, token
     from shardbento.engine.batch.runner import ModelRunner
     from shardbento.engine.tp.lead import follow, lead  # torch-heavy: imported in the rank process only
 
-    runner = ModelRunner(model, config.limits.max_num_seqs, config.max_model_len)
+    runner = ModelRunner(model, config.max_num_seqs, config.max_model_len)
     if config.rank == 0:
         lead(runner, tokenizer, config.limits, set(config.eos_token_ids), channels)
     else:
