@@ -13,6 +13,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from servers import Server, serve  # noqa: E402
 
+SERVER_DIRS = ("e2e", "vllm")  # every test there starts a server or a subprocess
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests under tests/e2e and tests/vllm are `slow`: `make unit` (-m "not slow") skips them."""
+    for item in items:
+        if any(part in SERVER_DIRS for part in item.path.relative_to(Path(__file__).parent).parts[:1]):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

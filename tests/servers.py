@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -73,6 +74,9 @@ def serve(
     """`bentoml serve` for a catalog model on a free port; stopped (SIGTERM, then SIGKILL) on exit."""
     port = free_port()
     log_path = log_dir / f"serve-{model}-{port}.log"
+    # Each server its own BENTOML_HOME: a BentoML server starting or stopping empties the Prometheus
+    # multiprocess directory under it, which hides the metrics of every other server sharing it.
+    home = {"BENTOML_HOME": str(tempfile.mkdtemp(prefix=f"bentoml-home-{port}-", dir=log_dir))}
     command = [str(BENTOML), "serve", target, "--port", str(port), "--host", "127.0.0.1"]
     command += ["--arg", f"model={model}", *(args or [])]
     with log_path.open("wb") as log:
@@ -81,7 +85,7 @@ def serve(
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "BENTOML_DO_NOT_TRACK": "true", **(env or {})},
+            env={**os.environ, "BENTOML_DO_NOT_TRACK": "true", **home, **(env or {})},
             start_new_session=True,
         )
     server = Server(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)

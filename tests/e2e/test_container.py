@@ -21,7 +21,6 @@ from servers import free_port
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "tiny-llama"
 BASE_IMAGE = "docker.io/library/python:3.11-slim"
-pytestmark = pytest.mark.slow
 
 
 def _podman_problem(env: dict[str, str]) -> str | None:

@@ -17,7 +17,6 @@ from servers import Server, free_port, stop, wait_ready
 REPO = Path(__file__).resolve().parents[2]
 OPENLLM_BIN = REPO / ".venv-openllm" / "bin"
 MODEL = "tiny-llama"
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

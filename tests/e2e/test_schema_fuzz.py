@@ -16,8 +16,6 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-pytestmark = pytest.mark.slow
-
 MAX_EXAMPLES = 20
 FUZZ_MAX_TOKENS = 4
 CHECKS = [not_a_server_error, response_schema_conformance]

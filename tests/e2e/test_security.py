@@ -9,8 +9,6 @@ import httpx
 import openai
 import pytest
 
-pytestmark = pytest.mark.slow
-
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
 
 

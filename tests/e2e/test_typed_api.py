@@ -11,6 +11,7 @@ import bentoml
 import httpx
 import pytest
 import torch
+from servers import Server, serve, wait_for
 
 from shardbento.engine.base import ChatMessage, SamplingParams
 
@@ -187,5 +188,20 @@ def test_typed_vision_matches_engine(vision_server, vision_engine, tmp_path: Pat
     assert answer["usage"]["prompt_tokens"] > 20  # the image expands into many image tokens
 
 
-def test_typed_readyz_ok_when_loaded(text_server) -> None:
-    assert httpx.get(f"{text_server.url}/readyz").status_code == 200
+def test_typed_readyz_ok_only_once_requests_are_served(log_dir) -> None:
+    """From the server's start /readyz answers 503 until it answers 200, and a 200 means a request is
+    served at once (not a 503 because the engine is still loading)."""
+    seen: list[int] = []
+
+    def ready(server: Server) -> bool:
+        try:
+            seen.append(httpx.get(f"{server.url}/readyz", timeout=5).status_code)
+        except httpx.TransportError:  # not listening yet
+            return False
+        return seen[-1] == 200
+
+    with serve("tiny-llama", log_dir, wait=False) as server:
+        wait_for(lambda: ready(server), "/readyz 200", timeout_s=180, poll_s=0.05)
+        answer = httpx.post(f"{server.url}/generate", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+    assert set(seen[:-1]) <= {503} and seen[-1] == 200
+    assert answer.status_code == 200, answer.text

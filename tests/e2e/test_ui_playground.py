@@ -12,7 +12,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-pytestmark = pytest.mark.slow
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright missing: run `make setup`")
 expect = sync_api.expect
 

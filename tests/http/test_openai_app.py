@@ -62,7 +62,7 @@ def test_openai_image_fetch_config_from_env() -> None:
 class FailingEngine:
     """Two deltas of output, then a failure: the mid-stream case a real tiny model cannot produce on demand."""
 
-    info = EngineInfo("tiny-llama", "text", 1024, "fake", "none", ("cpu",))
+    info = EngineInfo("tiny-llama", "text", 1024, "fake", "none", ("cpu",), vocab_size=1024)
 
     def render_chat(self, messages) -> Prompt:
         return Prompt(token_ids=(1, 2, 3))

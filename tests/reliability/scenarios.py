@@ -97,21 +97,31 @@ def _wait_status(server: Server, path: str, status: int, timeout_s: float) -> in
     return seen
 
 
-def sigterm_drain(log_dir: Path, grace_s: int = 8) -> dict[str, object]:
-    """SIGTERM with one short and one endless stream in flight: the short one ends whole, the long one
-    is cut at the grace period, and the server exits soon after."""
+def sigterm_drain(log_dir: Path, grace_s: int = 2, num_long: int = 16) -> dict[str, object]:
+    """SIGTERM with one short stream and `num_long` endless ones in flight (EOS ignored, 1,000 tokens
+    each: far more work than the grace period holds): the short one ends whole, the endless ones are
+    cut at the grace period, and the server exits cleanly soon after."""
     args = ["--timeout-graceful-shutdown", str(grace_s)]
     results: dict[str, object] = {}
+    short = ("/chat_stream", {**CHAT, "max_tokens": 24})
+    endless = {"model": "tiny-llama", **CHAT, "max_tokens": 1000, "ignore_eos": True, "stream": True}
     with serve("tiny-llama", log_dir, args=args) as server:
-        short_started, long_started = threading.Event(), threading.Event()
+        started = {name: threading.Event() for name in ["short", *(f"long{i}" for i in range(num_long))]}
         threads = [
-            threading.Thread(target=_stream, args=(server.url, 24, "short", results, short_started)),
-            threading.Thread(target=_stream, args=(server.url, 1000, "long", results, long_started)),
+            threading.Thread(target=_stream, args=(server.url, *short, "short", results, started["short"]))
         ]
-        threads[0].start()
-        short_started.wait(60)
-        threads[1].start()
-        long_started.wait(60)  # both streams are under way when the signal comes
+        threads += [
+            threading.Thread(
+                target=_stream,
+                args=(server.url, "/v1/chat/completions", endless, name, results, started[name]),
+            )
+            for name in started
+            if name != "short"
+        ]
+        for thread in threads:
+            thread.start()
+        for event in started.values():
+            event.wait(60)  # every stream is under way when the signal comes
         signalled = time.monotonic()
         os.killpg(server.process.pid, signal.SIGTERM)
         server.process.wait(timeout=grace_s + 60)
@@ -120,20 +130,25 @@ def sigterm_drain(log_dir: Path, grace_s: int = 8) -> dict[str, object]:
         for thread in threads:
             thread.join(timeout=30)
         results["grace_s"] = grace_s
+        longs = [results[name] for name in started if name != "short"]
+        results["long_cut"] = sum(1 for r in longs if not r["done"])
+        results["long_count"] = len(longs)
     return results
 
 
-def _stream(url: str, max_tokens: int, name: str, results: dict, started: threading.Event) -> None:
-    body = {**CHAT, "max_tokens": max_tokens}
-    chunks = 0
+def _stream(url: str, path: str, body: dict, name: str, results: dict, started: threading.Event) -> None:
+    """Read a stream to its end; record its chunks, whether the body ended cleanly, and whether an SSE
+    stream said [DONE] (a /v1 stream cut by the server does not)."""
+    chunks, done = 0, False
     try:
-        with httpx.stream("POST", f"{url}/chat_stream", json=body, timeout=120) as response:
-            for _ in response.iter_raw():
+        with httpx.stream("POST", f"{url}{path}", json=body, timeout=120) as response:
+            for line in response.iter_lines() if path.startswith("/v1") else response.iter_raw():
                 chunks += 1
+                done = done or line == "data: [DONE]"
                 started.set()
-        results[name] = {"status": response.status_code, "chunks": chunks, "complete": True}
+        results[name] = {"status": response.status_code, "chunks": chunks, "complete": True, "done": done}
     except httpx.HTTPError as exc:
-        results[name] = {"chunks": chunks, "complete": False, "error": type(exc).__name__}
+        results[name] = {"chunks": chunks, "complete": False, "done": done, "error": type(exc).__name__}
     finally:
         started.set()
 
@@ -151,12 +166,25 @@ def dead_rank(log_dir: Path) -> dict[str, object]:
         readyz = _wait_status(server, "/readyz", 503, timeout_s=30)
         started = time.monotonic()
         chat = httpx.post(f"{server.url}/chat", json=CHAT, timeout=60)
+        chat_after_s = round(time.monotonic() - started, 2)
         return {
             "ranks": len(ranks),
             "chat_before": ok,
             "readyz_after": readyz,
             "chat_after": chat.status_code,
-            "chat_after_s": round(time.monotonic() - started, 2),
+            "chat_after_s": chat_after_s,
             "retry_after": chat.headers.get("retry-after"),
             "chat_error": json.loads(chat.text).get("error"),
+            "log_names_rank": "tensor-parallel rank" in server.log(),
+            "ranks_reaped": _reaped(ranks, timeout_s=30),
         }
+
+
+def _reaped(processes: list[psutil.Process], timeout_s: float) -> bool:
+    """Whether every process is gone (or a zombie awaiting its parent) within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in processes):
+            return True
+        time.sleep(0.2)
+    return False

@@ -113,6 +113,7 @@ def test_bento_labels_carry_the_spec() -> None:
     assert all(isinstance(v, str) for v in labels.values())
 
 
+@pytest.mark.slow  # a subprocess
 def test_service_declares_hub_weights_without_downloading() -> None:
     """service.py, imported for a hub model with the hub switched off, lists its HuggingFaceModel."""
     spec = load_spec("qwen2.5-7b-instruct")

@@ -161,6 +161,7 @@ def test_engine_serves_next_request_after_client_leaves(text_engine) -> None:
         rest = [d async for d in text_engine.stream(prompt, SamplingParams(max_tokens=2), "next")]
         return first, rest
 
-    first, rest = asyncio.run(first_then_leave())
+    # bounded: were the engine still busy with the abandoned request, the next one would wait forever
+    first, rest = asyncio.run(asyncio.wait_for(first_then_leave(), timeout=120))
     assert len(first.token_ids) == 1
     assert rest[-1].finish_reason is not None

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 RECIPE = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_recipe.py"
 
 
@@ -19,6 +21,7 @@ def recipe_module():
     return module
 
 
+@pytest.mark.slow  # a subprocess
 def test_gpu_recipe_smoke_run_reports_decode_rate_and_batched_throughput() -> None:
     command = [sys.executable, str(RECIPE), "--device", "cpu", "--tiny", "--bandwidth-gbps", "20"]
     command += ["--concurrency", "3", "--input-tokens", "12", "--output-tokens", "6"]
@@ -30,6 +33,7 @@ def test_gpu_recipe_smoke_run_reports_decode_rate_and_batched_throughput() -> No
     assert abs(report["fraction_of_limit"] - report["batch1_decode_tok_s"] / limit) < 0.002
 
 
+@pytest.mark.slow  # a subprocess
 def test_gpu_recipe_needs_a_bandwidth_for_an_unknown_device() -> None:
     command = [sys.executable, str(RECIPE), "--device", "cpu", "--tiny"]
     result = subprocess.run(command, capture_output=True, text=True)

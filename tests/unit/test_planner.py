@@ -151,6 +151,7 @@ def test_planner_every_catalog_model_plans_offline() -> None:
         assert sum(plan.per_gpu_bytes()) <= plan.num_gpus * plan.gpu.memory_bytes
 
 
+@pytest.mark.slow  # a subprocess
 def test_plan_cli_90b_on_four_h100() -> None:
     command = [
         sys.executable,
@@ -170,6 +171,7 @@ def test_plan_cli_90b_on_four_h100() -> None:
     assert all(b < 80e9 for b in data["per_gpu_bytes"])
 
 
+@pytest.mark.slow  # a subprocess
 def test_plan_cli_wrong_gpus_fails_with_fix() -> None:
     command = [sys.executable, "-m", "shardbento", "plan", "llama-3.1-70b-instruct", "--gpus", "1xA100-80GB"]
     result = subprocess.run(command, capture_output=True, text=True)

@@ -121,17 +121,23 @@ def test_scheduler_overloaded_past_waiting_limit(text_engine) -> None:
 
 
 def test_scheduler_metrics_move_with_requests(text_engine) -> None:
-    before = {
-        n: metric(n)
-        for n in ("prompt_tokens_total", "generation_tokens_total", "time_to_first_token_seconds_count")
-    }
+    names = (
+        "prompt_tokens_total",
+        "generation_tokens_total",
+        "time_to_first_token_seconds_count",
+        "inter_token_latency_seconds_count",
+    )
+    before = {n: metric(n) for n in names}
+    finished = metric("request_success_total", finished_reason="length")
     prompt = prompts(text_engine)[0]
     tokens, _, reason = alone(text_engine, [(prompt, SamplingParams(max_tokens=5, ignore_eos=True))])[0]
-    assert metric("prompt_tokens_total") - before["prompt_tokens_total"] == prompt.num_tokens
-    assert metric("generation_tokens_total") - before["generation_tokens_total"] == len(tokens)
-    assert metric("time_to_first_token_seconds_count") == before["time_to_first_token_seconds_count"] + 1
-    assert metric("inter_token_latency_seconds_count") >= len(tokens) - 1
-    assert metric("request_success_total", finished_reason=reason) >= 1
+    moved = {n: metric(n) - before[n] for n in names}
+    assert reason == "length" and len(tokens) == 5
+    assert moved["prompt_tokens_total"] == prompt.num_tokens
+    assert moved["generation_tokens_total"] == len(tokens)
+    assert moved["time_to_first_token_seconds_count"] == 1
+    assert moved["inter_token_latency_seconds_count"] == len(tokens) - 1
+    assert metric("request_success_total", finished_reason="length") == finished + 1
 
 
 def test_scheduler_vision_requests_batch_like_alone(vision_engine) -> None:
@@ -154,3 +160,10 @@ def test_scheduler_vision_requests_batch_like_alone(vision_engine) -> None:
     ]
     assert vision_engine._scheduler is not None  # tiny-llava's architecture batches image prompts
     assert together(vision_engine, pairs) == alone(vision_engine, pairs)
+
+
+def test_scheduler_close_ends_the_loop_on_its_engine_thread(text_engine) -> None:
+    engine = HFEngine(text_engine.spec, text_engine._loaded)  # its own engine thread, the same weights
+    assert engine._scheduler.is_alive
+    engine.close()  # waits (bounded) for the loop, not for the executor's thread, which lives on
+    assert not engine._scheduler.is_alive and not engine.is_ready()

@@ -79,6 +79,7 @@ class Scheduler:
         self._wake = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()  # set when the loop has ended
         if start:
             threading.Thread(target=self.run, name="shardbento-scheduler", daemon=True).start()
 
@@ -103,17 +104,17 @@ class Scheduler:
             self._wake.notify()
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Stop after the current step; requests still queued get no more tokens."""
+        """Stop after the current step (waiting for it, bounded); queued requests get no more tokens."""
         with self._wake:
             self._closed = True
             self._wake.notify()
         if self._thread is not None and threading.current_thread() is not self._thread:
-            self._thread.join(timeout_s)
+            self._stopped.wait(timeout_s)  # the loop, not its thread: an executor's thread lives on
 
     @property
     def is_alive(self) -> bool:
         """False once the loop has ended; True before it starts (queued on its engine thread)."""
-        return not self._closed if self._thread is None else self._thread.is_alive()
+        return not self._closed if self._thread is None else not self._stopped.is_set()
 
     def run(self) -> None:
         """The engine loop, on the calling thread until close(); `start=True` gives it its own thread.
@@ -123,7 +124,10 @@ class Scheduler:
         stops spinning between ops, which made every forward of a second thread ~40% slower here.
         """
         self._thread = threading.current_thread()
-        self._loop()
+        try:
+            self._loop()
+        finally:
+            self._stopped.set()
 
     def _loop(self) -> None:
         while True:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from shardbento.bench.loadgen import RequestResult, chat_url
 from shardbento.bench.report import percentile, summarize, table
@@ -47,6 +48,7 @@ def test_loadgen_chat_url_accepts_base_or_full_path() -> None:
     assert chat_url("http://h:1") == chat_url("http://h:1/v1/") == chat_url(full) == full
 
 
+@pytest.mark.slow  # a subprocess
 def test_bench_cli_says_why_when_nothing_answers() -> None:
     with socket.socket() as sock:  # a port nothing listens on once this closes
         sock.bind(("127.0.0.1", 0))

@@ -1,0 +1,79 @@
+"""CPU kernels: oneDNN-packed linears compute what plain ones do; glibc keeps freed activation memory."""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from shardbento.engine.hf.cpu_kernels import pack_linear_weights
+
+PROMPTS = ((5, 9, 14), tuple(range(20, 61)), (7, 8, 9, 10, 11, 12, 13))
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.allclose(a, b, atol=1e-4) and torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+@torch.inference_mode()
+def test_cpu_kernels_packed_linears_keep_logits() -> None:
+    from shardbento.catalog import load_spec
+    from shardbento.engine.hf.loading import load_model
+    from shardbento.plan.preflight import run_preflight
+
+    spec = load_spec("tiny-llama").model_copy(update={"cpu_kernels": "default"})
+    plain = load_model(spec, run_preflight(spec)).model
+    assert not any(isinstance(m.forward, functools.partial) for m in plain.modules())
+    ids = torch.tensor([PROMPTS[1]])
+    reference = plain(input_ids=ids).logits
+    linears = sum(type(m) is torch.nn.Linear for m in plain.modules())
+    assert pack_linear_weights(plain, available_bytes=1) == 0  # copies would not fit: left alone
+    assert pack_linear_weights(plain) == linears > 0
+    assert close(plain(input_ids=ids).logits, reference)
+
+
+PREFILL_PAGE_FAULTS = """
+import resource, sys, torch
+import shardbento.engine.hf.loading as loading
+from shardbento.catalog import ModelSpec
+from shardbento.engine.batch.runner import ModelRunner, PrefillChunk
+from shardbento.plan.preflight import run_preflight
+
+if sys.argv[1] == "default":
+    loading.keep_freed_memory = lambda: None
+spec = ModelSpec.model_validate(
+    {"name": "bench-llama", "source": "generated:bench-llama", "kind": "text", "dtype": "float32"}
+)
+runner = ModelRunner(loading.load_model(spec, run_preflight(spec)).model, 4, 1024)
+
+def prefill(lengths):
+    runner.release(list(range(runner.num_rows)))
+    runner.prefill([PrefillChunk(i, tuple(range(10, 10 + n)), 0, i) for i, n in enumerate(lengths)])
+
+with torch.inference_mode():
+    prefill([132, 120, 128])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for i in range(8):
+        prefill([120 + 7 * i, 130, 110 + i][: 1 + i % 3])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.slow  # a subprocess
+def test_cpu_kernels_keep_freed_memory_stops_refaulting_prefill_pages() -> None:
+    """The benchmark model's batched prefills, in fresh processes: glibc's defaults hand each forward's
+    activation memory back and fault it in again; with keep_freed_memory (applied at load) they do not."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's malloc settings apply on Linux only")
+    faults = {
+        mode: int(
+            subprocess.run(
+                [sys.executable, "-c", PREFILL_PAGE_FAULTS, mode], capture_output=True, text=True, check=True
+            ).stdout.split()[-1]
+        )
+        for mode in ("default", "keep")
+    }
+    assert faults["keep"] * 3 < faults["default"], faults
