@@ -6,10 +6,10 @@ import asyncio
 import logging
 from collections.abc import AsyncGenerator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import bentoml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from shardbento.api.errors import ErrorShapeMiddleware, typed_errors, typed_stream_errors
 from shardbento.api.images import decode_image
@@ -18,8 +18,17 @@ from shardbento.api.middleware.faults import FaultInjectionMiddleware
 from shardbento.api.middleware.limits import BodySizeLimit, InFlightLimit, RequestIdMiddleware
 from shardbento.api.middleware.openapi_doc import OpenAPIErrorShapeMiddleware
 from shardbento.api.openai.routes import attach_serving, create_openai_app
-from shardbento.api.protocol import ChatInput, GenerateInput, ModelCard, TextOutput, Usage
-from shardbento.api.serving import Completion, Serving, new_request_id
+from shardbento.api.protocol import (
+    ChatInput,
+    GenerateInput,
+    ModelCard,
+    TextOutput,
+    Usage,
+    VisionInput,
+    sampling_of,
+)
+from shardbento.api.request import Completion, GenerationRequest
+from shardbento.api.serving import Serving, new_request_id
 from shardbento.api.ui import ui_app
 from shardbento.catalog import select_spec
 from shardbento.deploy.bento import bento_labels, hub_weights, image_for
@@ -39,10 +48,6 @@ HUB_WEIGHTS = hub_weights(SPEC)
 OPENAI_APP = create_openai_app()
 
 
-def _messages(messages: list[Any]) -> list[ChatMessage]:
-    return [ChatMessage(role=m.role, text=m.content) for m in messages]
-
-
 def _output(completion: Completion) -> TextOutput:
     usage = Usage(
         prompt_tokens=completion.prompt_tokens,
@@ -52,6 +57,11 @@ def _output(completion: Completion) -> TextOutput:
     return TextOutput(
         model=SPEC.name, text=completion.text, finish_reason=completion.finish_reason, usage=usage
     )
+
+
+def _chat(messages: list[Any], sampling: dict[str, Any]) -> GenerationRequest:
+    chat = tuple(ChatMessage(role=m.role, text=m.content) for m in messages)
+    return GenerationRequest(new_request_id(), sampling_of(sampling), messages=chat)
 
 
 @bentoml.service(
@@ -109,15 +119,9 @@ class ShardBento:
     def __is_alive__(self) -> bool:
         return self.serving.load_error is None
 
-    async def _complete(self, prompt_task: Any, sampling: dict[str, Any]) -> TextOutput:
-        prompt = await prompt_task
-        params = self.serving.sampling(prompt, **sampling)
-        return _output(await self.serving.complete(prompt, params, new_request_id()))
-
-    async def _stream(self, prompt_task: Any, sampling: dict[str, Any]) -> AsyncGenerator[str, None]:
-        prompt = await prompt_task
-        params = self.serving.sampling(prompt, **sampling)
-        async for delta in self.serving.stream(prompt, params, new_request_id()):
+    async def _stream(self, request: GenerationRequest) -> AsyncGenerator[str, None]:
+        generation = await self.serving.stream(request)
+        async for delta in generation.deltas:
             if delta.text:
                 yield delta.text
 
@@ -125,62 +129,47 @@ class ShardBento:
     @typed_errors
     async def chat(self, messages: list[Any], **sampling: Any) -> TextOutput:
         """Chat messages in, the assistant's whole answer out."""
-        return await self._complete(self.serving.chat_prompt(_messages(messages)), sampling)
+        return _output(await self.serving.complete(_chat(messages, sampling)))
 
     @bentoml.api(input_spec=ChatInput)
     @typed_stream_errors
     async def chat_stream(self, messages: list[Any], **sampling: Any) -> AsyncGenerator[str, None]:
         """Chat messages in, text deltas out as they are generated."""
-        async for text in self._stream(self.serving.chat_prompt(_messages(messages)), sampling):
+        async for text in self._stream(_chat(messages, sampling)):
             yield text
 
     @bentoml.api(input_spec=GenerateInput)
     @typed_errors
     async def generate(self, prompt: str, **sampling: Any) -> TextOutput:
         """Raw completion of a prompt, no chat template (for base models)."""
-        return await self._complete(self.serving.text_prompt(prompt), sampling)
+        request = GenerationRequest(new_request_id(), sampling_of(sampling), prompt=prompt)
+        return _output(await self.serving.complete(request))
 
-    @bentoml.api
+    @bentoml.api(input_spec=VisionInput)
     @typed_errors
-    async def vision(
-        self,
-        image: Path,
-        prompt: Annotated[str, Field(min_length=1)],
-        max_tokens: Annotated[int | None, Field(ge=1)] = None,
-        temperature: Annotated[float | None, Field(ge=0.0, le=2.0)] = None,
-        top_p: Annotated[float | None, Field(gt=0.0, le=1.0)] = None,
-        top_k: Annotated[int | None, Field(ge=0)] = None,
-        seed: int | None = None,
-        stop: list[str] | None = None,
-    ) -> TextOutput:
+    async def vision(self, image: Path, prompt: str, **sampling: Any) -> TextOutput:
         """An image and a question in, the answer out."""
-        sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-        return await self._complete(self._vision_prompt(image, prompt), {**sampling, "stop": stop or []})
+        return _output(await self.serving.complete(await self._vision(image, prompt, sampling)))
 
-    @bentoml.api
+    @bentoml.api(input_spec=VisionInput)
     @typed_stream_errors
-    async def vision_stream(
-        self,
-        image: Path,
-        prompt: Annotated[str, Field(min_length=1)],
-        max_tokens: Annotated[int | None, Field(ge=1)] = None,
-        temperature: Annotated[float | None, Field(ge=0.0, le=2.0)] = None,
-        seed: int | None = None,
-    ) -> AsyncGenerator[str, None]:
+    async def vision_stream(self, image: Path, prompt: str, **sampling: Any) -> AsyncGenerator[str, None]:
         """An image and a question in, text deltas out."""
-        sampling = dict(max_tokens=max_tokens, temperature=temperature, seed=seed)
-        async for text in self._stream(self._vision_prompt(image, prompt), sampling):
+        async for text in self._stream(await self._vision(image, prompt, sampling)):
             yield text
 
-    async def _vision_prompt(self, image: Any, prompt: str) -> Any:
+    async def _vision(self, image: Path | None, prompt: str, sampling: dict[str, Any]) -> GenerationRequest:
+        """The upload read and decoded in a worker thread (a large image would stall the event loop)."""
         if image is None:
             raise InvalidRequest("an image is required", param="image")
         limits = self.serving.settings
-        decoded = decode_image(
-            image.read_bytes(), max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels
+        decoded = await asyncio.to_thread(
+            lambda: decode_image(
+                image.read_bytes(), max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels
+            )
         )
         message = ChatMessage(role="user", text=prompt, images=(decoded,))
-        return await self.serving.chat_prompt([message])
+        return GenerationRequest(new_request_id(), sampling_of(sampling), messages=(message,))
 
     @bentoml.api
     async def models(self) -> ModelCard:

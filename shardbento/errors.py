@@ -76,6 +76,22 @@ class NotReady(ShardbentoError):
         return {"Retry-After": "5"}
 
 
+class HTTPError(ShardbentoError):
+    """An HTTP-level refusal raised outside our code (no such route, wrong method): its status as given."""
+
+    def __init__(self, message: str, *, status: int, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.status = status  # type: ignore[misc]
+        self.type = status_type(status)  # type: ignore[misc]
+
+
+class InternalError(ShardbentoError):
+    """Anything unexpected: a 500 whose message says nothing of the internals."""
+
+    status = 500
+    type = "server_error"
+
+
 class GenerationFailed(ShardbentoError):
     status = 500
     type = "server_error"

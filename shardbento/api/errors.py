@@ -1,7 +1,12 @@
-"""One place that turns exceptions and BentoML's own error bodies into OpenAI's error shape."""
+"""One place that turns exceptions and BentoML's own error bodies into OpenAI's error shape.
+
+`as_error` is the one mapping from an exception to what the client sees; the typed APIs, the /v1 app,
+SSE error events and the outermost middleware all go through it.
+"""
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import json
 import logging
@@ -9,9 +14,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
-from shardbento.errors import ShardbentoError, error_body, status_type
+from shardbento.errors import HTTPError, InternalError, ShardbentoError, error_body, status_type
 
 logger = logging.getLogger(__name__)
 
@@ -19,8 +25,27 @@ Message = dict[str, Any]
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
 
-def error_response(exc: ShardbentoError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+# The typed error behind a stream that failed before its first chunk, for ErrorShapeMiddleware: BentoML
+# answers such a failure itself, from a BentoMLException's status and message alone.
+_FAILED_STREAM: contextvars.ContextVar[list[ShardbentoError] | None] = contextvars.ContextVar(
+    "shardbento_failed_stream", default=None
+)
+
+
+def as_error(exc: BaseException, where: str = "") -> ShardbentoError:
+    """What the client sees for `exc`: our typed errors as they are, an HTTP error by its status, anything
+    else an internal error (logged here with its traceback, never shown)."""
+    if isinstance(exc, ShardbentoError):
+        return exc
+    if isinstance(exc, HTTPException):
+        return HTTPError(f"{where}: {exc.detail}" if where else str(exc.detail), status=exc.status_code)
+    logger.error("unhandled error%s", f" on {where}" if where else "", exc_info=exc)
+    return InternalError("internal server error")
+
+
+def error_response(exc: BaseException, where: str = "") -> JSONResponse:
+    error = as_error(exc, where)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
 
 
 def typed_errors(func: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -37,8 +62,8 @@ def typed_errors(func: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable
 
 
 def typed_stream_errors(func: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-    """Wrap an async-generator API: BentoML primes the first chunk and maps a BentoMLException's
-    status, so a ShardbentoError travels as one carrying our error body (reshape() unpacks it)."""
+    """Wrap an async-generator API: BentoML primes the first chunk and answers a failure there from a
+    BentoMLException's status; the typed error itself is handed to ErrorShapeMiddleware beside it."""
     from bentoml.exceptions import BentoMLException
 
     @functools.wraps(func)
@@ -47,7 +72,10 @@ def typed_stream_errors(func: Callable[..., AsyncIterator[Any]]) -> Callable[...
             async for item in func(*args, **kwargs):
                 yield item
         except ShardbentoError as exc:
-            raise BentoMLException(json.dumps(exc.body()), error_code=HTTPStatus(exc.status)) from exc
+            failed = _FAILED_STREAM.get()
+            if failed is not None:
+                failed.append(exc)
+            raise BentoMLException(exc.message, error_code=HTTPStatus(exc.status)) from exc
 
     return wrapper
 
@@ -60,8 +88,6 @@ def reshape(status: int, body: bytes) -> bytes:
         data = {"error": body.decode(errors="replace")}
     if isinstance(data, list) and data:
         data = data[0]
-    if isinstance(data, dict) and isinstance(data.get("error"), str) and data["error"].startswith('{"error"'):
-        data = json.loads(data["error"])  # a ShardbentoError carried through BentoML by typed_stream_errors
     if isinstance(data, dict) and isinstance(data.get("error"), dict):
         return json.dumps(data).encode()
     message, param = _message_and_param(data, status)
@@ -95,19 +121,22 @@ class ErrorShapeMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        sender = _HeldSender(send)
+        failed: list[ShardbentoError] = []
+        token = _FAILED_STREAM.set(failed)
+        sender = _HeldSender(send, failed)
         try:
             await self.app(scope, receive, sender)
-        except ShardbentoError as exc:
-            await sender.fail(exc.status, exc.body(), exc.headers())
-        except Exception:
-            logger.exception("unhandled error on %s", scope.get("path"))
-            await sender.fail(500, error_body("internal server error", "server_error"), {})
+        except Exception as exc:  # noqa: BLE001 - every error leaves in the one shape
+            error = as_error(exc, scope.get("path", ""))
+            await sender.fail(error.status, error.body(), error.headers())
+        finally:
+            _FAILED_STREAM.reset(token)
 
 
 class _HeldSender:
-    def __init__(self, send: Any) -> None:
+    def __init__(self, send: Any, failed: list[ShardbentoError]) -> None:
         self._send = send
+        self._failed = failed  # a typed stream's error, when BentoML answered it
         self._start: Message | None = None
         self._sent_start = False
         self._error_chunks: list[bytes] | None = None
@@ -124,9 +153,12 @@ class _HeldSender:
         if self._error_chunks is not None:
             self._error_chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
-                await self._send_error(
-                    self._start["status"], reshape(self._start["status"], b"".join(self._error_chunks))
-                )
+                if self._failed:
+                    error = self._failed[-1]
+                    await self._send_error(error.status, json.dumps(error.body()).encode(), error.headers())
+                    return
+                status = self._start["status"]
+                await self._send_error(status, reshape(status, b"".join(self._error_chunks)))
             return
         if not self._sent_start:
             self._sent_start = True

@@ -62,13 +62,3 @@ def decode_data_uri(uri: str, *, param: str, **limits: int) -> Any:
     except (binascii.Error, ValueError):
         raise InvalidRequest("the image data URI is not valid base64", param=param) from None
     return decode_image(data, param=param, **limits)
-
-
-def check_image(image: Any, *, param: str = "image", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Any:
-    """An image BentoML already decoded: check its size and make it RGB."""
-    width, height = image.size
-    if width * height > max_pixels:
-        raise InvalidRequest(
-            f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}", param=param
-        )
-    return image.convert("RGB")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from shardbento.api.request import Sampling
 
 MAX_STOP_STRINGS = 8
 
@@ -29,11 +32,23 @@ class SamplingFields(BaseModel):
     stop: Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP_STRINGS)] = []
 
 
+def sampling_of(fields: dict[str, Any]) -> Sampling:
+    """A typed API's SamplingFields (as BentoML passes them: keyword arguments) for Serving."""
+    return Sampling(**{**fields, "stop": tuple(fields.get("stop") or ())})
+
+
 class ChatInput(SamplingFields):
     messages: list[Message]
 
 
 class GenerateInput(SamplingFields):
+    prompt: Annotated[str, Field(min_length=1)]
+
+
+class VisionInput(SamplingFields):
+    """An image (a multipart file) and a question about it."""
+
+    image: Path
     prompt: Annotated[str, Field(min_length=1)]
 
 

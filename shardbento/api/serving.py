@@ -1,4 +1,4 @@
-"""The request path every API shares: validate, build the prompt, check the context, run the engine."""
+"""The request path every API shares: validate, render the prompt, check the context, run the engine."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict
 
 import anyio
 
 from shardbento.api.middleware.faults import raise_requested_fault
+from shardbento.api.request import Completion, Generation, GenerationRequest, Sampling
 from shardbento.catalog import ModelSpec
 from shardbento.engine.base import (
     ChatMessage,
@@ -29,21 +29,6 @@ from shardbento.settings import Settings
 logger = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
-
-
-@dataclass(slots=True)
-class Completion:
-    """A whole (non-streamed) answer."""
-
-    text: str
-    finish_reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
 
 
 def new_request_id(prefix: str = "req") -> str:
@@ -129,28 +114,28 @@ class Serving:
                 param="stop",
             )
 
-    async def chat_prompt(self, messages: Sequence[ChatMessage]) -> Prompt:
-        engine = self.ready_engine()
-        checked = self.check_messages(messages)
-        return await anyio.to_thread.run_sync(engine.render_chat, checked)
+    async def _prompt(self, engine: Engine, request: GenerationRequest) -> Prompt:
+        """The request's prompt as token ids: chat messages through the template, or the raw prompt.
+        Rendering and tokenizing run in a worker thread (templates and image processors are slow)."""
+        if request.messages is not None:
+            checked = self.check_messages(request.messages)
+            return await anyio.to_thread.run_sync(engine.render_chat, checked)
+        if isinstance(request.prompt, tuple):
+            self._check_token_ids(engine, request.prompt)
+            return await anyio.to_thread.run_sync(engine.encode, list(request.prompt))
+        return await anyio.to_thread.run_sync(engine.encode, request.prompt)
 
-    async def text_prompt(self, prompt: str | list[int]) -> Prompt:
-        engine = self.ready_engine()
-        if isinstance(prompt, list):
-            self._check_token_ids(prompt)
-        return await anyio.to_thread.run_sync(engine.encode, prompt)
-
-    def _check_token_ids(self, ids: list[int]) -> None:
-        vocab_size = getattr(getattr(self.engine, "tokenizer", None), "__len__", lambda: None)()
-        bad = [i for i in ids if i < 0 or (vocab_size is not None and i >= vocab_size)]
+    def _check_token_ids(self, engine: Engine, ids: tuple[int, ...]) -> None:
+        vocab_size = engine.info.vocab_size
+        bad = [i for i in ids if not 0 <= i < vocab_size]
         if not ids or bad:
             raise InvalidRequest(
                 f"prompt token ids must be a non-empty list of ids in [0, {vocab_size}); got {bad[:5]}",
                 param="prompt",
             )
 
-    def sampling(self, prompt: Prompt, max_tokens: int | None = None, **fields: Any) -> SamplingParams:
-        """Merge request fields with the spec's defaults and check the context length."""
+    def params(self, prompt: Prompt, sampling: Sampling) -> SamplingParams:
+        """Merge the request's fields with the spec's defaults and check the context length."""
         defaults = self.spec.generation
         limit = self.spec.max_model_len
         if prompt.num_tokens > self.max_prompt_tokens:
@@ -159,14 +144,17 @@ class Serving:
                 param="messages",
                 code="context_length_exceeded",
             )
-        self.check_stop(fields.get("stop") or ())
+        self.check_stop(sampling.stop)
         room = limit - prompt.num_tokens
+        max_tokens = sampling.max_tokens
         if max_tokens is None:
             if room < 1:
                 raise self._overflow(prompt.num_tokens, 1)
             max_tokens = min(defaults.max_tokens, room)
         elif prompt.num_tokens + max_tokens > limit:
             raise self._overflow(prompt.num_tokens, max_tokens)
+        fields = asdict(sampling)
+        del fields["max_tokens"]
         values = {k: v for k, v in fields.items() if v is not None}
         values.setdefault("temperature", defaults.temperature)
         values.setdefault("top_p", defaults.top_p)
@@ -190,9 +178,40 @@ class Serving:
             code="context_length_exceeded",
         )
 
-    async def stream(self, prompt: Prompt, params: SamplingParams, request_id: str) -> AsyncIterator[Delta]:
-        """The engine's deltas; an engine failure becomes one typed error for this request only."""
+    async def stream(self, request: GenerationRequest) -> Generation:
+        """Validate and render the request, check it against the context, start it, and return once its
+        first delta is there (see Generation); every failure is a typed error."""
         engine = self.ready_engine()
+        prompt = await self._prompt(engine, request)
+        params = self.params(prompt, request.sampling)
+        deltas = self._deltas(engine, prompt, params, request.request_id)
+        try:
+            first = await anext(deltas)
+        except StopAsyncIteration:
+            raise GenerationFailed("the engine ended the request without any output") from None
+        except BaseException:
+            await deltas.aclose()
+            raise
+        return Generation(request.request_id, prompt, params, _chained(first, deltas))
+
+    async def complete(self, request: GenerationRequest) -> Completion:
+        generation = await self.stream(request)
+        parts: list[str] = []
+        logprobs: list[TokenLogprob] = []
+        num_tokens = 0
+        finish: FinishReason = "length"
+        async for delta in generation.deltas:
+            parts.append(delta.text)
+            logprobs.extend(delta.logprobs)
+            num_tokens += len(delta.token_ids)
+            finish = delta.finish_reason or finish
+        return Completion("".join(parts), finish, generation.prompt.num_tokens, num_tokens, logprobs)
+
+    async def _deltas(
+        self, engine: Engine, prompt: Prompt, params: SamplingParams, request_id: str
+    ) -> AsyncIterator[Delta]:
+        """The engine's deltas under the request deadline; an engine failure becomes one typed error for
+        this request only."""
         deltas = engine.stream(prompt, params, request_id)
         deadline_s = asyncio.get_running_loop().time() + self.settings.request_timeout_s
         try:
@@ -219,14 +238,11 @@ class Serving:
             if aclose is not None:
                 await aclose()
 
-    async def complete(self, prompt: Prompt, params: SamplingParams, request_id: str) -> Completion:
-        parts: list[str] = []
-        logprobs: list[TokenLogprob] = []
-        num_tokens = 0
-        finish: FinishReason = "length"
-        async for delta in self.stream(prompt, params, request_id):
-            parts.append(delta.text)
-            logprobs.extend(delta.logprobs)
-            num_tokens += len(delta.token_ids)
-            finish = delta.finish_reason or finish
-        return Completion("".join(parts), finish, prompt.num_tokens, num_tokens, logprobs)
+
+async def _chained(first: Delta, rest: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+    try:
+        yield first
+        async for delta in rest:
+            yield delta
+    finally:
+        await rest.aclose()

@@ -7,7 +7,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from shardbento.catalog import ModelSpec, catalog_dir
 
@@ -131,10 +131,3 @@ def _stage(context: Path) -> None:
             shutil.copytree(source, context / name, ignore=shutil.ignore_patterns("__pycache__"))
         elif source.exists():
             shutil.copy2(source, context / name)
-
-
-def bento_info(bento: Bento) -> dict[str, Any]:
-    """bento.yaml as a dict."""
-    import yaml
-
-    return yaml.safe_load(Path(bento.path, "bento.yaml").read_text())

@@ -124,10 +124,12 @@ class EngineInfo:
     engine: str
     parallel: str
     devices: tuple[str, ...]
+    vocab_size: int  # prompt token ids must lie in [0, vocab_size): past it they index out of the embedding
 
 
 class Engine(Protocol):
-    """What the HTTP layer needs from any engine (transformers, tensor-parallel, vLLM)."""
+    """What the HTTP layer needs from any engine (transformers, tensor-parallel, vLLM); `info` names the
+    model, its devices and its vocabulary size, so every engine refuses the same bad token ids."""
 
     info: EngineInfo
 

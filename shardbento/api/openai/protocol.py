@@ -169,24 +169,15 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
-class ChunkDelta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatChunkChoice(BaseModel):
-    index: int = 0
-    delta: ChunkDelta
-    logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
-
-
 class ChatCompletionChunk(BaseModel):
+    """A stream's frame: serialized once per stream, each chunk's choices are then filled in as plain dicts
+    (a model instance per token costs event-loop time the engine shares)."""
+
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
-    choices: list[ChatChunkChoice]
+    choices: list[dict[str, Any]]
     usage: Usage | None = None
 
 

@@ -1,9 +1,8 @@
-"""The OpenAI-compatible /v1 ASGI app: one-line routes and its one exception-to-error-shape mapping."""
+"""The OpenAI-compatible /v1 ASGI app: one-line routes; errors leave through api.errors.error_response."""
 
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any
 
 from pydantic import BaseModel
@@ -17,9 +16,7 @@ from shardbento.api.errors import error_response
 from shardbento.api.image_urls import ImageFetchConfig
 from shardbento.api.openai.serving import OpenAIServing, Result
 from shardbento.api.serving import Serving
-from shardbento.errors import InvalidRequest, NotReady, ShardbentoError, error_body, status_type
-
-logger = logging.getLogger(__name__)
+from shardbento.errors import InvalidRequest, NotReady, ShardbentoError
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -61,18 +58,8 @@ async def models(request: Request) -> Response:
     return _respond(_openai(request).models())
 
 
-async def _typed_error(request: Request, exc: ShardbentoError) -> Response:
-    return error_response(exc)
-
-
-async def _http_error(request: Request, exc: HTTPException) -> Response:
-    message = f"{request.method} {request.url.path}: {exc.detail}"
-    return JSONResponse(error_body(message, status_type(exc.status_code)), status_code=exc.status_code)
-
-
-async def _unexpected(request: Request, exc: Exception) -> Response:
-    logger.exception("unhandled error on %s", request.url.path, exc_info=exc)
-    return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
+async def _error(request: Request, exc: Exception) -> Response:
+    return error_response(exc, f"{request.method} {request.url.path}")
 
 
 def create_openai_app() -> Starlette:
@@ -82,9 +69,7 @@ def create_openai_app() -> Starlette:
             Route("/completions", completions, methods=["POST"]),
             Route("/models", models, methods=["GET"]),
         ],
-        exception_handlers={
-            ShardbentoError: _typed_error,
-            HTTPException: _http_error,
-            Exception: _unexpected,
-        },
+        # ShardbentoError and HTTPException are answered where they are raised; a handler for Exception
+        # runs in Starlette's outermost middleware, which re-raises after answering.
+        exception_handlers={ShardbentoError: _error, HTTPException: _error, Exception: _error},
     )

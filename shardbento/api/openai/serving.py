@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from shardbento.api.errors import as_error
 from shardbento.api.image_urls import ImageFetchConfig, load_image
 from shardbento.api.openai.formatting import chat_logprobs, completion_logprobs, parse, sse, usage
 from shardbento.api.openai.protocol import (
@@ -25,9 +26,10 @@ from shardbento.api.openai.protocol import (
     SamplingRequest,
     TextCompletion,
 )
+from shardbento.api.request import Generation, GenerationRequest, Sampling
 from shardbento.api.serving import Serving, new_request_id
-from shardbento.engine.base import ChatMessage, Delta, Prompt, SamplingParams, TokenLogprob
-from shardbento.errors import GenerationFailed, InvalidRequest, ModelNotFound, ShardbentoError
+from shardbento.engine.base import ChatMessage, TokenLogprob
+from shardbento.errors import InvalidRequest, ModelNotFound
 
 logger = logging.getLogger(__name__)
 
@@ -59,23 +61,24 @@ class OpenAIServing:
         self._check_common(request)
         if request.top_logprobs is not None and not request.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
-        prompt = await self.serving.chat_prompt(
-            [await self._message(i, m) for i, m in enumerate(request.messages)]
-        )
+        messages = tuple([await self._message(i, m) for i, m in enumerate(request.messages)])
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         max_tokens = request.max_completion_tokens or request.max_tokens
-        params = self._sampling(prompt, request, max_tokens, logprobs)
+        generation = GenerationRequest(
+            request_id=new_request_id("chatcmpl"),
+            sampling=self._sampling(request, max_tokens, logprobs),
+            messages=messages,
+        )
         if request.stream:
-            return await self._chat_stream(prompt, params, request)
-        request_id = new_request_id("chatcmpl")
-        completion = await self.serving.complete(prompt, params, request_id)
+            return self._chat_stream(await self.serving.stream(generation), request)
+        completion = await self.serving.complete(generation)
         choice = ChatChoice(
             message=AssistantMessage(content=completion.text),
             logprobs=chat_logprobs(completion.logprobs) if logprobs is not None else None,
             finish_reason=completion.finish_reason,
         )
         return ChatCompletion(
-            id=request_id,
+            id=generation.request_id,
             created=int(time.time()),
             model=self.serving.spec.name,
             choices=[choice],
@@ -85,19 +88,21 @@ class OpenAIServing:
     async def completion(self, body: Any) -> Result:
         request = parse(CompletionRequest, body)
         self._check_common(request)
-        prompt = await self.serving.text_prompt(_single_prompt(request.prompt))
-        params = self._sampling(prompt, request, request.max_tokens, request.logprobs)
+        generation = GenerationRequest(
+            request_id=new_request_id("cmpl"),
+            sampling=self._sampling(request, request.max_tokens, request.logprobs),
+            prompt=_single_prompt(request.prompt),
+        )
         if request.stream:
-            return await self._completion_stream(prompt, params, request)
-        request_id = new_request_id("cmpl")
-        completion = await self.serving.complete(prompt, params, request_id)
+            return self._completion_stream(await self.serving.stream(generation), request)
+        completion = await self.serving.complete(generation)
         choice = CompletionChoice(
             text=completion.text,
             logprobs=completion_logprobs(completion.logprobs) if request.logprobs is not None else None,
             finish_reason=completion.finish_reason,
         )
         return TextCompletion(
-            id=request_id,
+            id=generation.request_id,
             created=int(time.time()),
             model=self.serving.spec.name,
             choices=[choice],
@@ -142,33 +147,28 @@ class OpenAIServing:
                 images.append(image)
         return ChatMessage(role=message.role, text="\n".join(texts), images=tuple(images))
 
-    def _sampling(
-        self, prompt: Prompt, request: SamplingRequest, max_tokens: int | None, logprobs: int | None
-    ) -> SamplingParams:
+    def _sampling(self, request: SamplingRequest, max_tokens: int | None, logprobs: int | None) -> Sampling:
         stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
         if "" in stop:
             raise InvalidRequest("stop strings must not be empty", param="stop")
-        return self.serving.sampling(
-            prompt,
+        return Sampling(
             max_tokens=max_tokens,
             temperature=request.temperature,
             top_p=request.top_p,
             top_k=0 if request.top_k == -1 else request.top_k,
             seed=request.seed,
-            stop=stop,
+            stop=tuple(stop),
             repetition_penalty=request.repetition_penalty,
             min_tokens=request.min_tokens,
             ignore_eos=request.ignore_eos,
             logprobs=logprobs,
         )
 
-    async def _chat_stream(
-        self, prompt: Prompt, params: SamplingParams, request: ChatCompletionRequest
-    ) -> AsyncIterator[str]:
+    def _chat_stream(self, generation: Generation, request: ChatCompletionRequest) -> AsyncIterator[str]:
         base = ChatCompletionChunk(
-            id=new_request_id("chatcmpl"), created=int(time.time()), model=self.serving.spec.name, choices=[]
+            id=generation.request_id, created=int(time.time()), model=self.serving.spec.name, choices=[]
         )
-        want_logprobs = params.logprobs is not None
+        want_logprobs = generation.params.logprobs is not None
         first = True
 
         def chunk(text: str, items: list[TokenLogprob], finish: str | None) -> dict[str, Any]:
@@ -179,15 +179,13 @@ class OpenAIServing:
             choice["logprobs"] = chat_logprobs(items).model_dump() if want_logprobs and items else None
             return choice
 
-        return self._stream(prompt, await self._first_delta(prompt, params, base.id), request, base, chunk)
+        return self._stream(generation, request, base, chunk)
 
-    async def _completion_stream(
-        self, prompt: Prompt, params: SamplingParams, request: CompletionRequest
-    ) -> AsyncIterator[str]:
+    def _completion_stream(self, generation: Generation, request: CompletionRequest) -> AsyncIterator[str]:
         base = TextCompletion(
-            id=new_request_id("cmpl"), created=int(time.time()), model=self.serving.spec.name, choices=[]
+            id=generation.request_id, created=int(time.time()), model=self.serving.spec.name, choices=[]
         )
-        want_logprobs = params.logprobs is not None
+        want_logprobs = generation.params.logprobs is not None
         offset = 0
 
         def chunk(text: str, items: list[TokenLogprob], finish: str | None) -> dict[str, Any]:
@@ -196,34 +194,11 @@ class OpenAIServing:
             offset += len(text)
             return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
-        return self._stream(prompt, await self._first_delta(prompt, params, base.id), request, base, chunk)
-
-    async def _first_delta(
-        self, prompt: Prompt, params: SamplingParams, request_id: str
-    ) -> AsyncIterator[Delta]:
-        """The engine's deltas, the first one already awaited: a refusal or failure before any output
-        (429 at capacity, 503, a failed first step) is then a plain HTTP error, not a 200 stream; the
-        client waits no longer for it, since the first chunk carries the first token anyway."""
-        deltas = self.serving.stream(prompt, params, request_id)
-        try:
-            first = await anext(deltas)
-        except StopAsyncIteration:
-            raise GenerationFailed("the engine ended the request without any output") from None
-
-        async def chained() -> AsyncIterator[Delta]:
-            try:
-                yield first
-                async for delta in deltas:
-                    yield delta
-            finally:
-                await deltas.aclose()
-
-        return chained()
+        return self._stream(generation, request, base, chunk)
 
     async def _stream(
         self,
-        prompt: Prompt,
-        deltas: AsyncIterator[Delta],
+        generation: Generation,
         request: SamplingRequest,
         base: ChatCompletionChunk | TextCompletion,
         choice: Callable[[str, list[TokenLogprob], str | None], dict[str, Any]],
@@ -235,26 +210,25 @@ class OpenAIServing:
         held: list[TokenLogprob] = []
         num_tokens = 0
         try:
-            async for delta in deltas:
+            async for delta in generation.deltas:
                 num_tokens += len(delta.token_ids)
                 held.extend(delta.logprobs)
                 if not delta.text and delta.finish_reason is None:
                     continue
                 yield sse({**frame, "choices": [choice(delta.text, held, delta.finish_reason)]})
                 held = []
-        except ShardbentoError as exc:
-            yield sse(exc.body())
+        except Exception as exc:  # noqa: BLE001 - the stream has started: an error event, not a cut
+            yield sse(as_error(exc, f"stream {generation.request_id}").body())
             return
-        except Exception as exc:  # the stream has started: the client gets an error event, not a cut
-            logger.exception("stream %s failed", base.id)
-            yield sse(GenerationFailed(f"generation failed: {type(exc).__name__}").body())
-            return
+        finally:
+            await generation.deltas.aclose()
         if include_usage:
-            yield sse({**frame, "choices": [], "usage": usage(prompt.num_tokens, num_tokens).model_dump()})
+            used = usage(generation.prompt.num_tokens, num_tokens).model_dump()
+            yield sse({**frame, "choices": [], "usage": used})
         yield "data: [DONE]\n\n"
 
 
-def _single_prompt(prompt: str | list[int] | list[str] | list[list[int]]) -> str | list[int]:
+def _single_prompt(prompt: str | list[int] | list[str] | list[list[int]]) -> str | tuple[int, ...]:
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
         if len(prompt) != 1:
             raise InvalidRequest(
@@ -264,4 +238,4 @@ def _single_prompt(prompt: str | list[int] | list[str] | list[list[int]]) -> str
         prompt = prompt[0]
     if isinstance(prompt, str) and not prompt:
         raise InvalidRequest("prompt must not be empty", param="prompt")
-    return prompt  # token ids are checked by Serving
+    return prompt if isinstance(prompt, str) else tuple(prompt)  # token ids are checked by Serving

@@ -106,6 +106,7 @@ class HFEngine:
             engine="transformers",
             parallel=loaded.parallel,
             devices=loaded.devices,
+            vocab_size=loaded.prompts.vocab_size,
         )
 
     @classmethod

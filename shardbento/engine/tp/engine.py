@@ -84,6 +84,7 @@ class TPEngine:
             engine="transformers",
             parallel=f"tensor x{len(ranks)}",
             devices=devices,
+            vocab_size=prompts.vocab_size,
         )
         threading.Thread(target=self._watch, name="shardbento-tp-watchdog", daemon=True).start()
 

@@ -60,6 +60,7 @@ class VLLMEngine:
             engine="vllm",
             parallel=f"{parallel},{backend}" if backend else parallel,
             devices=_devices(spec),
+            vocab_size=prompts.vocab_size,
         )
 
     @classmethod
