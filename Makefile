@@ -32,7 +32,7 @@ format: setup
 	$(BIN)/ruff format .
 
 unit: setup
-	$(BIN)/python -m pytest tests/unit -q
+	$(BIN)/python -m pytest tests/unit tests/http -q -m "not slow"
 
 # Load-and-fault run against real servers; prints the figures quoted in README "Reliability and security".
 reliability: setup

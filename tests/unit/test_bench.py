@@ -17,7 +17,7 @@ from shardbento.bench.loadgen import RequestResult, chat_url
 from shardbento.bench.report import percentile, summarize, table
 
 
-def test_report_percentile_matches_numpy() -> None:
+def test_bench_report_percentile_matches_numpy() -> None:
     rng = random.Random(3)
     values = [rng.random() for _ in range(37)]
     for q in (0, 50, 90, 99, 100):
@@ -25,7 +25,7 @@ def test_report_percentile_matches_numpy() -> None:
     assert percentile([], 50) is None
 
 
-def test_report_summarize_derives_latencies_and_throughput() -> None:
+def test_bench_report_summarize_derives_latencies_and_throughput() -> None:
     chunks = [0.1, 0.3, 0.6, 1.0]
     ok = RequestResult(
         ok=True, ttft_s=0.1, e2e_s=1.0, output_tokens=4, chunk_times_s=chunks, prompt_tokens=20
@@ -43,7 +43,7 @@ def test_report_summarize_derives_latencies_and_throughput() -> None:
     assert len(rows) == 3 and rows[2].startswith("| 2 | 3 | 1 | 4.0 |")
 
 
-def test_loadgen_chat_url_accepts_base_or_full_path() -> None:
+def test_bench_loadgen_chat_url_accepts_base_or_full_path() -> None:
     full = "http://h:1/v1/chat/completions"
     assert chat_url("http://h:1") == chat_url("http://h:1/v1/") == chat_url(full) == full
 
@@ -60,7 +60,7 @@ def test_bench_cli_says_why_when_nothing_answers() -> None:
         assert done.stderr.startswith(f"bench: http://127.0.0.1:{port}: ") and "Traceback" not in done.stderr
 
 
-def test_loadgen_probe_drops_fixed_lengths_a_strict_server_refuses() -> None:
+def test_bench_loadgen_probe_drops_fixed_lengths_a_strict_server_refuses() -> None:
     """A server that 400s on vLLM's ignore_eos/min_tokens still gets benchmarked, without them."""
     from aiohttp import ClientSession, web
 

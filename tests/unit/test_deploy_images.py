@@ -18,19 +18,19 @@ def _pins(path: Path) -> dict[str, str]:
     return pins
 
 
-def test_cuda_set_pins_what_the_cpu_set_pins() -> None:
+def test_deploy_images_cuda_set_pins_what_the_cpu_set_pins() -> None:
     cpu, cuda = _pins(ENV / "cpu.txt"), _pins(ENV / "cuda.txt")
     assert all(cpu.values()) and all(cuda.values())  # every line pinned
     assert {name: cuda.get(name) for name in cpu} == cpu
 
 
-def test_cuda_lock_holds_the_cuda_pins_and_the_cuda_runtime() -> None:
+def test_deploy_images_cuda_lock_holds_the_cuda_pins_and_the_cuda_runtime() -> None:
     lock, cuda = _pins(ENV / "cuda.lock.txt"), _pins(ENV / "cuda.txt")
     assert {name: lock.get(name) for name in cuda} == cuda
     assert any(name.startswith("nvidia-nccl") for name in lock)  # PyPI's torch is the CUDA build
 
 
-def test_image_for_picks_the_set_by_gpus() -> None:
+def test_deploy_images_image_for_picks_the_set_by_gpus() -> None:
     cpu_spec = load_spec("tiny-llama")
     gpu_spec = load_spec("llama-3.1-70b-instruct")
     assert requirements_file(cpu_spec) == "env/cpu.txt" and requirements_file(gpu_spec) == "env/cuda.lock.txt"
@@ -42,6 +42,6 @@ def test_image_for_picks_the_set_by_gpus() -> None:
     assert not any(line.startswith("bentoml==") for line in cpu_lines)  # BentoML adds its own pin
 
 
-def test_image_for_a_one_gpu_spec_is_cuda() -> None:
+def test_deploy_images_image_for_a_one_gpu_spec_is_cuda() -> None:
     spec = ModelSpec(name="x", source="org/model", kind="text", gpus=1)
     assert requirements_file(spec) == "env/cuda.lock.txt"

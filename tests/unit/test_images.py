@@ -16,7 +16,7 @@ def _reject(data: bytes) -> InvalidRequest:
     return caught.value
 
 
-def test_unrecognised_bytes_get_the_same_message_every_time() -> None:
+def test_images_unrecognised_bytes_get_the_same_message_every_time() -> None:
     first, second = _reject(b"definitely not an image"), _reject(b"\x00\x01 also not one")
     assert first.status == 400
     assert first.param == "messages[0].content[1].image_url"
@@ -25,7 +25,7 @@ def test_unrecognised_bytes_get_the_same_message_every_time() -> None:
     assert " at 0x" not in first.message
 
 
-def test_truncated_png_names_the_decoding_problem() -> None:
+def test_images_truncated_png_names_the_decoding_problem() -> None:
     from PIL import Image
 
     buffer = io.BytesIO()

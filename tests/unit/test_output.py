@@ -17,7 +17,7 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(ensure_generated("tiny-llama"))
 
 
-def test_stop_matcher_finds_stop_across_chunks() -> None:
+def test_output_stop_matcher_finds_stop_across_chunks() -> None:
     matcher = StopMatcher(["END"])
     emitted = []
     for chunk in ["hello E", "N", "D tail"]:
@@ -29,7 +29,7 @@ def test_stop_matcher_finds_stop_across_chunks() -> None:
     assert stopped
 
 
-def test_stop_matcher_releases_false_prefix() -> None:
+def test_output_stop_matcher_releases_false_prefix() -> None:
     matcher = StopMatcher(["ENDX"])
     first, _ = matcher.push("abc EN")
     second, stopped = matcher.push("Dy")
@@ -38,12 +38,12 @@ def test_stop_matcher_releases_false_prefix() -> None:
     assert first == "abc "
 
 
-def test_stop_matcher_earliest_stop_wins() -> None:
+def test_output_stop_matcher_earliest_stop_wins() -> None:
     text, stopped = StopMatcher(["b", "a"]).push("xxabc")
     assert (text, stopped) == ("xx", True)
 
 
-def test_detokenizer_never_splits_multibyte(tokenizer) -> None:
+def test_output_detokenizer_never_splits_multibyte(tokenizer) -> None:
     text = "héllo wörld 🍱 ok"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     detok = IncrementalDetokenizer(tokenizer)

@@ -74,7 +74,7 @@ async def single_process(engine, prompt, params) -> list[int]:
     return [t async for d in engine.stream(prompt, params, "ref") for t in d.token_ids]
 
 
-def test_tp_scheduler_batched_tokens_equal_single_process_and_follower_keeps_step(text_engine) -> None:
+def test_tp_lead_batched_tokens_equal_single_process_and_follower_keeps_step(text_engine) -> None:
     prompts = [text_engine.render_chat([ChatMessage(role="user", text=q)]) for q in QUESTIONS]
     params = [SamplingParams(max_tokens=6 + 4 * i, ignore_eos=True) for i in range(len(prompts))]
     expected = [asyncio.run(single_process(text_engine, p, s)) for p, s in zip(prompts, params, strict=True)]
@@ -92,7 +92,7 @@ def test_tp_scheduler_batched_tokens_equal_single_process_and_follower_keeps_ste
     assert REGISTRY.get_sample_value("shardbento:time_to_first_token_seconds_count", labels) == 3
 
 
-def test_tp_scheduler_overload_reaches_service_as_429(text_engine) -> None:
+def test_tp_lead_overload_reaches_service_as_429(text_engine) -> None:
     prompt = text_engine.encode("The quick brown fox")
     with ranks(text_engine, ServingLimits(max_num_seqs=1, max_waiting=0)) as world:
         for ticket in range(2):
@@ -107,7 +107,7 @@ def test_tp_scheduler_overload_reaches_service_as_429(text_engine) -> None:
     assert len(tokens(items, 0)) == 40
 
 
-def test_tp_scheduler_cancel_frees_slot_and_reports_abort(text_engine) -> None:
+def test_tp_lead_cancel_frees_slot_and_reports_abort(text_engine) -> None:
     prompt = text_engine.encode("Once upon a time")
     with ranks(text_engine, ServingLimits(max_num_seqs=2)) as world:
         params = SamplingParams(max_tokens=500, ignore_eos=True)
