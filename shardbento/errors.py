@@ -1,4 +1,4 @@
-"""Typed request errors and their one mapping to OpenAI's error shape and HTTP status."""
+"""Typed errors a client can see: status, OpenAI type and code, JSON body (api.errors maps the rest)."""
 
 from __future__ import annotations
 

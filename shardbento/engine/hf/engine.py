@@ -1,4 +1,4 @@
-"""The transformers engine: text models go through the continuous-batching scheduler, vision through generate()."""
+"""The transformers engine: text and LLaVA requests batch in the scheduler; other vision uses generate()."""
 
 from __future__ import annotations
 
