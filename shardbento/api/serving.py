@@ -139,8 +139,12 @@ class Serving:
         defaults = self.spec.generation
         limit = self.spec.max_model_len
         if prompt.num_tokens > self.max_prompt_tokens:
+            if self.max_prompt_tokens == limit:  # OpenAI's wording: clients classify overflows by it
+                raise self._overflow(prompt.num_tokens, sampling.max_tokens or 0)
             raise InvalidRequest(
-                f"the prompt has {prompt.num_tokens} tokens; the limit is {self.max_prompt_tokens}",
+                f"This server's maximum prompt length is {self.max_prompt_tokens} tokens "
+                f"(SHARDBENTO_MAX_PROMPT_TOKENS). However, your messages resulted in {prompt.num_tokens} "
+                "tokens. Please reduce the length of the messages.",
                 param="messages",
                 code="context_length_exceeded",
             )

@@ -218,3 +218,21 @@ def test_openai_stream_client_disconnect_aborts_generation(client, text_server) 
         time.sleep(0.5)
     assert metric(text_server, "request_success_total", 'finished_reason="abort"') == aborted + 1
     assert metric(text_server, "generation_tokens_total") - generated < 900
+
+
+def test_openai_models_retrieve_names_the_model_and_404s_others(client) -> None:
+    card = client.models.retrieve(MODEL)
+    assert (card.id, card.object) == (MODEL, "model")
+    assert card.model_dump() == client.models.list().data[0].model_dump() | {"created": card.created}
+    with pytest.raises(openai.NotFoundError) as refused:
+        client.models.retrieve("not-" + MODEL)
+    assert refused.value.body["code"] == "model_not_found"
+
+
+def test_openai_developer_role_is_the_system_role(client) -> None:
+    def answer(role: str) -> tuple[str, int]:
+        messages = [{"role": role, "content": "Answer briefly."}, *MESSAGES]
+        reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+        return reply.choices[0].message.content, reply.usage.prompt_tokens
+
+    assert answer("developer") == answer("system")

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import http.server
 import io
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,6 +110,17 @@ def test_openai_context_overflow_states_numbers(text_server) -> None:
         f"This model's maximum context length is 1024 tokens. However, you requested {prompt_tokens + 2000} "
         f"tokens ({prompt_tokens} in the messages, 2000 in the completion)."
     )
+
+
+def test_openai_prompt_alone_over_the_context_gets_openais_wording(text_server) -> None:
+    body = {"model": TEXT_MODEL, "messages": [{"role": "user", "content": "word " * 3000}], "max_tokens": 5}
+    error = assert_error(post(text_server, body), 400, "messages", "context_length_exceeded")
+    found = re.match(
+        r"This model's maximum context length is 1024 tokens\. However, you requested (\d+) tokens "
+        r"\((\d+) in the messages, 5 in the completion\)\.",
+        error["message"],
+    )
+    assert found and int(found[1]) == int(found[2]) + 5 and int(found[2]) > 1024
 
 
 def test_openai_stream_error_before_output_is_plain_4xx(text_server) -> None:

@@ -58,6 +58,10 @@ async def models(request: Request) -> Response:
     return _respond(_openai(request).models())
 
 
+async def model(request: Request) -> Response:
+    return _respond(_openai(request).model(request.path_params["model_id"]))
+
+
 async def _error(request: Request, exc: Exception) -> Response:
     return error_response(exc, f"{request.method} {request.url.path}")
 
@@ -68,6 +72,7 @@ def create_openai_app() -> Starlette:
             Route("/chat/completions", chat_completions, methods=["POST"]),
             Route("/completions", completions, methods=["POST"]),
             Route("/models", models, methods=["GET"]),
+            Route("/models/{model_id:path}", model, methods=["GET"]),
         ],
         # ShardbentoError and HTTPException are answered where they are raised; a handler for Exception
         # runs in Starlette's outermost middleware, which re-raises after answering.

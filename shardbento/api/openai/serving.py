@@ -44,6 +44,18 @@ class OpenAIServing:
         self.serving = serving
         self.images = images
 
+    def model(self, model_id: str) -> ModelObject:
+        """`GET /v1/models/{id}` (the SDK's models.retrieve): the served model, else a 404."""
+        self._check_model(model_id)
+        return self.models().data[0]
+
+    def _check_model(self, model_id: str) -> None:
+        if model_id != self.serving.spec.name:
+            raise ModelNotFound(
+                f"The model {model_id!r} does not exist; this server serves {self.serving.spec.name!r}",
+                param="model",
+            )
+
     def models(self) -> ModelList:
         spec = self.serving.spec
         card = ModelObject(
@@ -110,11 +122,7 @@ class OpenAIServing:
         )
 
     def _check_common(self, request: SamplingRequest) -> None:
-        if request.model != self.serving.spec.name:
-            raise ModelNotFound(
-                f"The model {request.model!r} does not exist; this server serves {self.serving.spec.name!r}",
-                param="model",
-            )
+        self._check_model(request.model)
         if request.n != 1:
             raise InvalidRequest(f"n is {request.n}; this server returns exactly one choice (n=1)", param="n")
         for name, neutral in NEUTRAL_VALUES.items():
@@ -127,8 +135,9 @@ class OpenAIServing:
             raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
 
     async def _message(self, index: int, message: Any) -> ChatMessage:
+        role = "system" if message.role == "developer" else message.role  # OpenAI's newer name for it
         if isinstance(message.content, str):
-            return ChatMessage(role=message.role, text=message.content)
+            return ChatMessage(role=role, text=message.content)
         texts: list[str] = []
         images: list[Any] = []
         for j, part in enumerate(message.content):
@@ -145,7 +154,7 @@ class OpenAIServing:
                     max_pixels=limits.max_image_pixels,
                 )
                 images.append(image)
-        return ChatMessage(role=message.role, text="\n".join(texts), images=tuple(images))
+        return ChatMessage(role=role, text="\n".join(texts), images=tuple(images))
 
     def _sampling(self, request: SamplingRequest, max_tokens: int | None, logprobs: int | None) -> Sampling:
         stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
