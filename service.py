@@ -12,6 +12,8 @@ import bentoml
 from pydantic import BaseModel
 
 from shardbento.api.errors import ErrorShapeMiddleware, typed_errors, typed_stream_errors
+from shardbento.api.health import attach as attach_health
+from shardbento.api.health import create_root_app
 from shardbento.api.images import decode_image
 from shardbento.api.middleware.auth import ApiKeyMiddleware
 from shardbento.api.middleware.faults import FaultInjectionMiddleware
@@ -23,11 +25,11 @@ from shardbento.api.protocol import (
     GenerateInput,
     ModelCard,
     TextOutput,
-    Usage,
     VisionInput,
     sampling_of,
+    text_output,
 )
-from shardbento.api.request import Completion, GenerationRequest
+from shardbento.api.request import GenerationRequest
 from shardbento.api.serving import Serving, new_request_id
 from shardbento.api.ui import ui_app
 from shardbento.catalog import select_spec
@@ -46,17 +48,7 @@ class ServiceArgs(BaseModel):
 SPEC = select_spec(bentoml.use_arguments(ServiceArgs).model)
 HUB_WEIGHTS = hub_weights(SPEC)
 OPENAI_APP = create_openai_app()
-
-
-def _output(completion: Completion) -> TextOutput:
-    usage = Usage(
-        prompt_tokens=completion.prompt_tokens,
-        completion_tokens=completion.completion_tokens,
-        total_tokens=completion.total_tokens,
-    )
-    return TextOutput(
-        model=SPEC.name, text=completion.text, finish_reason=completion.finish_reason, usage=usage
-    )
+ROOT_APP = create_root_app()  # GET /health, /version
 
 
 def _chat(messages: list[Any], sampling: dict[str, Any]) -> GenerationRequest:
@@ -75,6 +67,7 @@ def _chat(messages: list[Any], sampling: dict[str, Any]) -> GenerationRequest:
 )
 @bentoml.asgi_app(OPENAI_APP, path="/v1")
 @bentoml.asgi_app(ui_app, path="/ui")
+@bentoml.asgi_app(ROOT_APP, path="/")
 class ShardBento:
     """Serves one catalog model through typed APIs; see docs/structure.md for a request's path."""
 
@@ -84,6 +77,7 @@ class ShardBento:
     def __init__(self) -> None:
         self.serving = Serving(SPEC)
         attach_serving(OPENAI_APP, self.serving)  # /v1 shares this Serving: one model, one request path
+        attach_health(ROOT_APP, self.serving)
         self._loader: asyncio.Task[None] | None = None
 
     @bentoml.on_startup
@@ -129,7 +123,7 @@ class ShardBento:
     @typed_errors
     async def chat(self, messages: list[Any], **sampling: Any) -> TextOutput:
         """Chat messages in, the assistant's whole answer out."""
-        return _output(await self.serving.complete(_chat(messages, sampling)))
+        return text_output(SPEC.name, await self.serving.complete(_chat(messages, sampling)))
 
     @bentoml.api(input_spec=ChatInput)
     @typed_stream_errors
@@ -143,13 +137,15 @@ class ShardBento:
     async def generate(self, prompt: str, **sampling: Any) -> TextOutput:
         """Raw completion of a prompt, no chat template (for base models)."""
         request = GenerationRequest(new_request_id(), sampling_of(sampling), prompt=prompt)
-        return _output(await self.serving.complete(request))
+        return text_output(SPEC.name, await self.serving.complete(request))
 
     @bentoml.api(input_spec=VisionInput)
     @typed_errors
     async def vision(self, image: Path, prompt: str, **sampling: Any) -> TextOutput:
         """An image and a question in, the answer out."""
-        return _output(await self.serving.complete(await self._vision(image, prompt, sampling)))
+        return text_output(
+            SPEC.name, await self.serving.complete(await self._vision(image, prompt, sampling))
+        )
 
     @bentoml.api(input_spec=VisionInput)
     @typed_stream_errors

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shardbento.api.request import Sampling
+from shardbento.api.request import Completion, Sampling
 
 MAX_STOP_STRINGS = 8
 
@@ -63,6 +63,15 @@ class TextOutput(BaseModel):
     text: str
     finish_reason: Literal["stop", "length"]
     usage: Usage
+
+
+def text_output(model: str, completion: Completion) -> TextOutput:
+    usage = Usage(
+        prompt_tokens=completion.prompt_tokens,
+        completion_tokens=completion.completion_tokens,
+        total_tokens=completion.total_tokens,
+    )
+    return TextOutput(model=model, text=completion.text, finish_reason=completion.finish_reason, usage=usage)
 
 
 class ModelCard(BaseModel):

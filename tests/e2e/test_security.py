@@ -37,7 +37,7 @@ def test_auth_without_the_key_is_401_in_error_shape(guarded_server, headers, pat
     assert _error(response)["type"] == "authentication_error"
 
 
-@pytest.mark.parametrize("path", ["/livez", "/readyz", "/metrics"])
+@pytest.mark.parametrize("path", ["/livez", "/readyz", "/metrics", "/health", "/version"])
 def test_auth_probes_and_metrics_need_no_key(guarded_server, path) -> None:
     server, _ = guarded_server
     assert httpx.get(f"{server.url}{path}", timeout=30).status_code == 200

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import bentoml
 import httpx
 import pytest
 import torch
-from servers import Server, serve, wait_for
+from servers import REPO, Server, serve, wait_for
 
 from shardbento.engine.base import ChatMessage, SamplingParams
 
@@ -190,18 +191,28 @@ def test_typed_vision_matches_engine(vision_server, vision_engine, tmp_path: Pat
 
 def test_typed_readyz_ok_only_once_requests_are_served(log_dir) -> None:
     """From the server's start /readyz answers 503 until it answers 200, and a 200 means a request is
-    served at once (not a 503 because the engine is still loading)."""
+    served at once (not a 503 because the engine is still loading); /health agrees with it each time."""
     seen: list[int] = []
 
     def ready(server: Server) -> bool:
         try:
-            seen.append(httpx.get(f"{server.url}/readyz", timeout=5).status_code)
+            status = httpx.get(f"{server.url}/readyz", timeout=5).status_code
+            health = httpx.get(f"{server.url}/health", timeout=5).status_code
         except httpx.TransportError:  # not listening yet
             return False
-        return seen[-1] == 200
+        seen.append(status if status == health else -1)  # a loaded engine between the two reads
+        return status == health == 200
 
     with serve("tiny-llama", log_dir, wait=False) as server:
         wait_for(lambda: ready(server), "/readyz 200", timeout_s=180, poll_s=0.05)
         answer = httpx.post(f"{server.url}/generate", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
-    assert set(seen[:-1]) <= {503} and seen[-1] == 200
+    assert set(seen[:-1]) <= {503, -1} and seen.count(-1) <= 1 and seen[-1] == 200
     assert answer.status_code == 200, answer.text
+
+
+def test_typed_root_health_and_version(text_server) -> None:
+    health = httpx.get(f"{text_server.url}/health", timeout=10)
+    assert (health.status_code, health.json()) == (200, {})
+    version = httpx.get(f"{text_server.url}/version", timeout=10).json()["version"]
+    assert version == tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert httpx.get(f"{text_server.url}/healthy", timeout=10).status_code == 404  # the mount takes no more

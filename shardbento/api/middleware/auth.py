@@ -15,7 +15,7 @@ from shardbento.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-PROBE_PATHS = frozenset({"/livez", "/readyz", "/healthz"})
+PROBE_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/health", "/version"})
 # The playground page is static and holds no secret; the key typed into it goes with every API call.
 OPEN_PATHS = PROBE_PATHS | UI_PATHS
 METRICS_PATH = "/metrics"
