@@ -30,6 +30,9 @@ class SamplingFields(BaseModel):
     top_k: Annotated[int | None, Field(ge=0)] = None
     seed: int | None = None
     stop: Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP_STRINGS)] = []
+    presence_penalty: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
+    frequency_penalty: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
+    min_p: Annotated[float | None, Field(ge=0.0, le=1.0)] = None
 
 
 def sampling_of(fields: dict[str, Any]) -> Sampling:

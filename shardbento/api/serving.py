@@ -134,8 +134,17 @@ class Serving:
                 param="prompt",
             )
 
-    def params(self, prompt: Prompt, sampling: Sampling) -> SamplingParams:
-        """Merge the request's fields with the spec's defaults and check the context length."""
+    def params(self, prompt: Prompt, sampling: Sampling, vocab_size: int) -> SamplingParams:
+        """Merge the request's fields with the spec's defaults; check the context and the token ids."""
+        for name, ids in (
+            ("logit_bias", [i for i, _ in sampling.logit_bias]),
+            ("stop_token_ids", sampling.stop_token_ids),
+        ):
+            bad = [i for i in ids if not 0 <= i < vocab_size]
+            if bad:
+                raise InvalidRequest(
+                    f"{name} names token ids outside [0, {vocab_size}): {bad[:5]}", param=name
+                )
         defaults = self.spec.generation
         limit = self.spec.max_model_len
         if prompt.num_tokens > self.max_prompt_tokens:
@@ -187,7 +196,7 @@ class Serving:
         first delta is there (see Generation); every failure is a typed error."""
         engine = self.ready_engine()
         prompt = await self._prompt(engine, request)
-        params = self.params(prompt, request.sampling)
+        params = self.params(prompt, request.sampling, engine.info.vocab_size)
         deltas = self._deltas(engine, prompt, params, request.request_id)
         try:
             first = await anext(deltas)

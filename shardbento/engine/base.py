@@ -21,10 +21,25 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = 1.0  # over prompt and output tokens (transformers' and vLLM's meaning)
+    presence_penalty: float = 0.0  # subtracted once from every token the output already holds (OpenAI's)
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the output so far (OpenAI's)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the raw logits
+    min_p: float = 0.0  # after temperature: drop tokens below min_p x the most likely one's probability
+    stop_token_ids: tuple[int, ...] = ()  # end the output like EOS ids, even with ignore_eos
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; N: the chosen token plus N alternatives
+
+    @property
+    def shapes_logits(self) -> bool:
+        """Whether anything but the EOS block changes the logits a token is picked from."""
+        return bool(
+            self.repetition_penalty != 1.0
+            or self.presence_penalty
+            or self.frequency_penalty
+            or self.logit_bias
+        )
 
     @property
     def greedy(self) -> bool:

@@ -85,7 +85,7 @@ class OutputStream:
         self._detok = IncrementalDetokenizer(tokenizer, prompt_ids)
         self._stops = StopMatcher(params.stop)
         self._params = params
-        self._eos_ids = set() if params.ignore_eos else set(eos_ids)
+        self._eos_ids = (set() if params.ignore_eos else set(eos_ids)) | set(params.stop_token_ids)
         self.num_tokens = 0
         self.finished = False
 

@@ -236,3 +236,68 @@ def test_openai_developer_role_is_the_system_role(client) -> None:
         return reply.choices[0].message.content, reply.usage.prompt_tokens
 
     assert answer("developer") == answer("system")
+
+
+def engine_answer(engine, params) -> tuple[str, list[int]]:
+    """The in-process engine's answer to MESSAGES with these SamplingParams: (text, token ids)."""
+    prompt = engine.render_chat([ChatMessage(role=m["role"], text=m["content"]) for m in MESSAGES])
+
+    async def collect():
+        return [d async for d in engine.stream(prompt, params, "in-process")]
+
+    deltas = asyncio.run(collect())
+    return "".join(d.text for d in deltas), [t for d in deltas for t in d.token_ids]
+
+
+def test_openai_chat_penalties_and_logit_bias_match_the_engine(client, text_engine) -> None:
+    from shardbento.engine.base import SamplingParams
+
+    plain_text, plain_ids = engine_answer(text_engine, SamplingParams(max_tokens=16, ignore_eos=True))
+    banned, boosted = plain_ids[0], plain_ids[-1]  # ids computed from the plain answer, not chosen by hand
+    fields = {"presence_penalty": 0.8, "frequency_penalty": 0.6, "logit_bias": {banned: -100, boosted: 3.0}}
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=16,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+        **fields,
+    )
+    params = SamplingParams(
+        max_tokens=16,
+        ignore_eos=True,
+        presence_penalty=0.8,
+        frequency_penalty=0.6,
+        logit_bias=tuple(sorted({banned: -100.0, boosted: 3.0}.items())),
+    )
+    expected_text, expected_ids = engine_answer(text_engine, params)
+    assert reply.choices[0].message.content == expected_text != plain_text
+    assert banned not in expected_ids
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"logit_bias": {"10000000": 5}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -3}, "frequency_penalty"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ],
+)
+def test_openai_chat_bad_sampling_fields_are_400_naming_them(text_server, extra: dict, param: str) -> None:
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4, **extra}
+    response = httpx.post(f"{text_server.url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"].split(".")[0] == param
+
+
+def test_openai_chat_penalties_equal_the_typed_chat(client, text_server) -> None:
+    fields = {"presence_penalty": 1.2, "frequency_penalty": 0.3}
+    reply = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0, **fields
+    )
+    with bentoml.SyncHTTPClient(text_server.url, timeout=120) as typed:
+        answer = typed.chat(messages=MESSAGES, max_tokens=12, temperature=0, **fields)
+    assert answer["text"] == reply.choices[0].message.content

@@ -15,15 +15,17 @@ def samplers(eos: set[int]) -> list[RequestSampler]:
         SamplingParams(max_tokens=4, temperature=0.8, seed=3),
         SamplingParams(max_tokens=4, logprobs=2),
         SamplingParams(max_tokens=4, repetition_penalty=1.3),
+        SamplingParams(max_tokens=4, presence_penalty=1.5, frequency_penalty=0.5),
+        SamplingParams(max_tokens=4, logit_bias=((3, 4.0), (7, -100.0))),
     ]
     return [RequestSampler(p, eos_ids=eos, decode=str) for p in params]
 
 
 def test_sampler_select_tokens_equals_selecting_row_by_row() -> None:
-    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
+    logits = torch.randn(7, 50, generator=torch.Generator().manual_seed(0))
     favourite = int(logits[1].argmax())
     eos = {favourite, 49}  # row 1's favourite token is an EOS it must not pick yet (min_tokens=2)
-    histories = [None, None, None, None, [1, 2, int(logits[4].argmax())]]
+    histories = [None, None, None, None, [1, 2, int(logits[4].argmax())], None, None]
     batched = select_tokens(samplers(eos), logits, histories)
     one_by_one = [s.select(logits[i], histories[i]) for i, s in enumerate(samplers(eos))]
     assert batched == one_by_one
@@ -37,3 +39,59 @@ def test_sampler_tiny_temperature_is_greedy_not_overflow() -> None:
         for t in (2.2e-308, 1e-6)
     ]
     assert select_tokens(tiny, logits, [None, None]) == logits.argmax(-1).tolist()
+
+
+def _greedy(params: SamplingParams, rows: list[torch.Tensor]) -> list[int]:
+    sampler = RequestSampler(params, eos_ids=set(), decode=str)
+    return [sampler.select(row) for row in rows]
+
+
+def test_sampler_presence_and_frequency_penalties_follow_openais_formula() -> None:
+    logits = torch.randn(40, generator=torch.Generator().manual_seed(1))
+    presence, frequency = 0.7, 0.4
+    picked = _greedy(
+        SamplingParams(max_tokens=8, presence_penalty=presence, frequency_penalty=frequency), [logits] * 8
+    )
+    counts: dict[int, int] = {}
+    for token in picked:  # each pick is the argmax after subtracting f * count + p * (count > 0)
+        penalised = logits.clone()
+        for seen, times in counts.items():
+            penalised[seen] -= frequency * times + presence
+        assert token == int(penalised.argmax())
+        counts[token] = counts.get(token, 0) + 1
+    assert len(set(picked)) > 1  # the same logits every step: only the penalties move the pick
+
+
+def test_sampler_logit_bias_is_added_to_the_raw_logits() -> None:
+    logits = torch.randn(40, generator=torch.Generator().manual_seed(2))
+    top, runner_up = torch.topk(logits, 2).indices.tolist()
+    assert _greedy(SamplingParams(max_tokens=1, logit_bias=((top, -100.0),)), [logits]) == [runner_up]
+    weakest = int(logits.argmin())
+    assert _greedy(SamplingParams(max_tokens=1, logit_bias=((weakest, 100.0),)), [logits]) == [weakest]
+
+
+def test_sampler_min_p_keeps_only_tokens_near_the_most_likely() -> None:
+    logits = torch.full((40,), -5.0)
+    logits[[4, 9]] = torch.tensor(
+        [3.0, 2.9]
+    )  # at temperature 1, 9 is ~0.9x as likely as 4; the rest far less
+    seen = set()
+    for seed in range(30):
+        params = SamplingParams(max_tokens=1, temperature=1.0, seed=seed, min_p=0.5)
+        seen.update(_greedy(params, [logits]))
+    assert seen == {4, 9}
+
+
+def test_sampler_stop_token_ids_end_the_output_even_when_eos_is_ignored() -> None:
+    from shardbento.engine.output import OutputStream
+
+    class Chars:
+        def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+            return "".join(chr(97 + i % 26) for i in ids)
+
+    params = SamplingParams(max_tokens=10, ignore_eos=True, stop_token_ids=(3,), min_tokens=2)
+    output = OutputStream(Chars(), (), params, eos_ids={1})
+    finishes = [output.push(token).finish_reason for token in (1, 3, 2, 3)]
+    assert finishes == [None, None, None, "stop"]  # EOS 1 ignored; 3 held back by min_tokens, then stops
+    sampler = RequestSampler(params, eos_ids={1}, decode=str)
+    assert sampler.blocks_eos and 3 in sampler.eos_ids  # masked until min_tokens like an EOS id

@@ -42,6 +42,18 @@ def test_vllm_service_reports_vllm_engine(vllm_server: Server) -> None:
         ("/generate", {"prompt": "Once upon a time", "max_tokens": 16}),
         ("/v1/chat/completions", {**CHAT, "model": MODEL}),
         ("/v1/completions", {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 16}),
+        (
+            "/v1/completions",
+            {
+                "model": MODEL,
+                "prompt": "Once upon a time",
+                "max_tokens": 16,
+                "ignore_eos": True,
+                "presence_penalty": 0.8,
+                "frequency_penalty": 0.6,
+                "logit_bias": {"5": 4.0, "6": -100},
+            },
+        ),
     ],
 )
 def test_vllm_service_greedy_answers_equal_transformers(

@@ -23,9 +23,6 @@ NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "audio": (None,),
     "modalities": (None, ["text"]),
     "prediction": (None,),
-    "logit_bias": (None, {}),
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
     "best_of": (None, 1),
     "echo": (None, False),
     "suffix": (None, ""),
@@ -62,6 +59,11 @@ class SamplingRequest(BaseModel):
     ignore_eos: bool = False
     min_tokens: Annotated[int, Field(ge=0)] = 0
     repetition_penalty: Annotated[float | None, Field(gt=0.0)] = None
+    presence_penalty: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
+    frequency_penalty: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
+    logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None  # JSON keys: "id"
+    min_p: Annotated[float | None, Field(ge=0.0, le=1.0)] = None
+    stop_token_ids: list[int] | None = None
 
     tools: Any = None
     tool_choice: Any = None
@@ -72,9 +74,6 @@ class SamplingRequest(BaseModel):
     audio: Any = None
     modalities: Any = None
     prediction: Any = None
-    logit_bias: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
     store: Any = None
     reasoning_effort: Any = None
     web_search_options: Any = None

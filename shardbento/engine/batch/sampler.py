@@ -1,4 +1,4 @@
-"""Per-request token selection inside generate(): penalties, sampling with the request's own generator."""
+"""Per-request token selection: logit bias, penalties, sampling with the request's own generator, logprobs."""
 
 from __future__ import annotations
 
@@ -32,6 +32,26 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.T
     return logits
 
 
+def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Mask tokens less likely than min_p times the most likely one (on temperature-scaled logits)."""
+    if min_p <= 0.0:
+        return logits
+    probs = logits.softmax(dim=-1)
+    return logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+
+
+def apply_output_penalties(
+    logits: torch.Tensor, counts: dict[int, int], presence: float, frequency: float
+) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties over the tokens this request has generated so far."""
+    if not counts or not (presence or frequency):
+        return logits
+    ids = torch.tensor(list(counts), dtype=torch.long, device=logits.device)
+    times = torch.tensor(list(counts.values()), dtype=logits.dtype, device=logits.device)
+    penalty = -(frequency * times + presence)
+    return logits.index_add(-1, ids, penalty.expand(*logits.shape[:-1], -1))
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen_ids: torch.Tensor, penalty: float) -> torch.Tensor:
     if penalty == 1.0:
         return logits
@@ -56,10 +76,11 @@ class RequestSampler:
         device: torch.device | str = "cpu",
     ) -> None:
         self._params = params
-        self._eos_ids = sorted(eos_ids)
+        self._eos_ids = sorted(set(eos_ids) | set(params.stop_token_ids))  # blocked until min_tokens
         self._decode = decode
         self._generator = None if params.greedy else request_generator(params.seed, device)
         self._num_generated = 0
+        self._counts: dict[int, int] = {}  # generated token -> times, for presence/frequency penalties
         self._logprobs: deque[TokenLogprob] = deque()
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -75,7 +96,7 @@ class RequestSampler:
     @property
     def is_plain_greedy(self) -> bool:
         """Greedy with nothing per-row but the EOS block: select_tokens() batches these rows."""
-        return self._generator is None and self._params.logprobs is None and not self.needs_history
+        return self._generator is None and self._params.logprobs is None and not self._params.shapes_logits
 
     def select(self, scores: torch.Tensor, seen_ids: list[int] | None = None) -> int:
         """The next token for one request from its row of a batch's logits ([vocab] or [1, vocab])."""
@@ -84,15 +105,23 @@ class RequestSampler:
         return int(self._pick(ids, scores)[0])
 
     def _pick(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """vLLM's order: logit bias and the EOS block, then the penalties, then temperature and the rest."""
+        params = self._params
         logits = scores.float()
-        raw_logprobs = logits.log_softmax(dim=-1) if self._params.logprobs is not None else None
-        if input_ids.shape[-1]:
-            logits = apply_repetition_penalty(logits, input_ids, self._params.repetition_penalty)
-        if self.blocks_eos:
+        raw_logprobs = logits.log_softmax(dim=-1) if params.logprobs is not None else None
+        if params.logit_bias or self.blocks_eos:
             logits = logits.clone()  # float() of float32 logits is the caller's tensor: never write into it
-            logits[:, self._eos_ids] = float("-inf")
+            for token_id, bias in params.logit_bias:
+                logits[:, token_id] += bias
+            if self.blocks_eos:
+                logits[:, self._eos_ids] = float("-inf")
+        if input_ids.shape[-1]:
+            logits = apply_repetition_penalty(logits, input_ids, params.repetition_penalty)
+        logits = apply_output_penalties(
+            logits, self._counts, params.presence_penalty, params.frequency_penalty
+        )
         chosen = self._choose(logits)
-        self._num_generated += 1
+        self.count_token(int(chosen[0]))
         if raw_logprobs is not None:
             self._logprobs.append(self._logprob(raw_logprobs[0], int(chosen[0])))
         return chosen
@@ -100,7 +129,8 @@ class RequestSampler:
     def _choose(self, logits: torch.Tensor) -> torch.Tensor:
         if self._generator is None:
             return logits.argmax(dim=-1)
-        scaled = apply_top_k_top_p(logits / self._params.temperature, self._params.top_k, self._params.top_p)
+        scaled = apply_min_p(logits / self._params.temperature, self._params.min_p)
+        scaled = apply_top_k_top_p(scaled, self._params.top_k, self._params.top_p)
         probs = scaled.softmax(dim=-1)
         if not bool(torch.isfinite(probs).all()):  # overflow or all masked: greedy is the limit
             return logits.argmax(dim=-1)
@@ -124,9 +154,10 @@ class RequestSampler:
         """Whether EOS ids are still masked (min_tokens not reached yet)."""
         return bool(self._eos_ids) and self._num_generated < self._params.min_tokens
 
-    def count_token(self) -> None:
-        """Record a token chosen for this request outside _pick (a batched greedy row)."""
+    def count_token(self, token_id: int) -> None:
+        """Record a token chosen for this request (by _pick, or outside it for a batched greedy row)."""
         self._num_generated += 1
+        self._counts[token_id] = self._counts.get(token_id, 0) + 1
 
     def pop_logprob(self) -> TokenLogprob | None:
         return self._logprobs.popleft() if self._logprobs else None
@@ -146,7 +177,7 @@ def select_tokens(
             eos = torch.tensor(samplers[plain[blocked[0]]].eos_ids, device=rows.device)
             rows[torch.tensor(blocked, device=rows.device)[:, None], eos[None, :]] = float("-inf")
         for i, token in zip(plain, rows.argmax(dim=-1).tolist(), strict=True):
-            samplers[i].count_token()
+            samplers[i].count_token(token)
             tokens[i] = token
     for i, sampler in enumerate(samplers):
         if not sampler.is_plain_greedy:

@@ -35,9 +35,13 @@ def to_vllm_params(params: SamplingParams, eos_ids: set[int]) -> Any:
         top_k=params.top_k,  # 0: off, as in ours
         seed=params.seed,
         repetition_penalty=params.repetition_penalty,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        logit_bias=dict(params.logit_bias) or None,
+        min_p=params.min_p,
         min_tokens=params.min_tokens,
         ignore_eos=params.ignore_eos,
-        stop_token_ids=[] if params.ignore_eos else sorted(eos_ids),
+        stop_token_ids=sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))),
         logprobs=params.logprobs,
         detokenize=False,
     )
