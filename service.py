@@ -33,7 +33,7 @@ from shardbento.api.request import GenerationRequest
 from shardbento.api.serving import Serving, new_request_id
 from shardbento.api.ui import ui_app
 from shardbento.catalog import select_spec
-from shardbento.deploy.bento import bento_labels, hub_weights, image_for
+from shardbento.deploy.bento import bento_labels, hub_weights, image_for, service_envs
 from shardbento.engine.base import ChatMessage
 from shardbento.errors import InvalidRequest
 from shardbento.plan.weights import check_spec_weights
@@ -61,7 +61,9 @@ def _chat(messages: list[Any], sampling: dict[str, Any]) -> GenerationRequest:
     resources=SPEC.resources(),
     # No traffic.max_concurrency: BentoML's check runs outside our middlewares and answers a bare 429
     # (no Retry-After, not OpenAI's shape) counting even the requests InFlightLimit refuses cheaply.
-    traffic={"timeout": 600},
+    # traffic.concurrency is what BentoCloud autoscales on: the batch this replica runs at once.
+    traffic={"timeout": 600, "concurrency": SPEC.limits.max_num_seqs},
+    envs=service_envs(SPEC),
     labels=bento_labels(SPEC),
     image=image_for(SPEC),
 )

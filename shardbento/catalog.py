@@ -108,6 +108,9 @@ class ModelSpec(BaseModel):
     description: str = ""
     source: str = Field(description="Hub id, local path, or 'generated:<recipe>' for an offline tiny model.")
     revision: str = "main"
+    gated: bool = Field(
+        False, description="The hub repository needs an accepted license: the service declares HF_TOKEN."
+    )
     kind: Literal["text", "vision"]
     engine: EngineName = "transformers"
     vllm: VLLMOptions = VLLMOptions()

@@ -56,6 +56,12 @@ def bento_labels(spec: ModelSpec) -> dict[str, str]:
     return labels
 
 
+def service_envs(spec: ModelSpec) -> list[dict[str, str]]:
+    """Environment variables the service declares to BentoML: HF_TOKEN for a gated hub repository
+    (BentoCloud then asks for it at deploy time; the weights download reads it)."""
+    return [{"name": "HF_TOKEN"}] if spec.gated and is_hub_source(spec) else []
+
+
 def is_hub_source(spec: ModelSpec) -> bool:
     """A hub id (`org/name`), as opposed to a generated recipe or a local directory."""
     if spec.is_generated or spec.source.startswith(("/", ".", "~")):

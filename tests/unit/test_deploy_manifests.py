@@ -113,16 +113,17 @@ def test_bento_labels_carry_the_spec() -> None:
     assert all(isinstance(v, str) for v in labels.values())
 
 
-@pytest.mark.slow  # a subprocess
-def test_service_declares_hub_weights_without_downloading() -> None:
-    """service.py, imported for a hub model with the hub switched off, lists its HuggingFaceModel."""
-    spec = load_spec("qwen2.5-7b-instruct")
+def _service_declaration(model: str) -> dict:
+    """What service.py declares to BentoML for a catalog model, imported with the hub switched off."""
     code = (
         "import json, bentoml\n"
         "from bentoml._internal.utils.args import set_arguments\n"
-        f"set_arguments({{'model': {spec.name!r}}})\n"
+        f"set_arguments({{'model': {model!r}}})\n"
         "import service\n"
-        "print(json.dumps([[m.model_id, m.revision] for m in service.ShardBento.models]))\n"
+        "config = service.ShardBento.config\n"
+        "models = [[m.model_id, m.revision] for m in service.ShardBento.models]\n"
+        "envs = [{'name': e.name} for e in service.ShardBento.envs]\n"
+        "print(json.dumps({'models': models, 'traffic': config['traffic'], 'envs': envs}))\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "BENTOML_DO_NOT_TRACK": "true"}
     repo = Path(__file__).resolve().parents[2]
@@ -130,4 +131,22 @@ def test_service_declares_hub_weights_without_downloading() -> None:
         [sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == [[spec.source, spec.revision]]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow  # a subprocess
+def test_service_declares_hub_weights_without_downloading() -> None:
+    """service.py, imported for a hub model with the hub switched off, lists its HuggingFaceModel."""
+    spec = load_spec("qwen2.5-7b-instruct")
+    assert _service_declaration(spec.name)["models"] == [[spec.source, spec.revision]]
+
+
+@pytest.mark.slow  # a subprocess
+@pytest.mark.parametrize("model", ["llama-3.1-8b-instruct", "qwen2.5-7b-instruct", "tiny-llama"])
+def test_service_declares_concurrency_and_hf_token_from_the_spec(model: str) -> None:
+    spec = load_spec(model)
+    declared = _service_declaration(model)
+    assert declared["traffic"]["concurrency"] == spec.limits.max_num_seqs
+    assert "max_concurrency" not in declared["traffic"]
+    assert declared["envs"] == ([{"name": "HF_TOKEN"}] if spec.gated else [])
+    assert spec.gated == (model == "llama-3.1-8b-instruct")
