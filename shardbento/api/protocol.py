@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shardbento.api.request import Completion, Sampling
+from shardbento.api.request import SEED_MAX, SEED_MIN, Completion, Sampling
 
 MAX_STOP_STRINGS = 8
 
@@ -28,7 +28,7 @@ class SamplingFields(BaseModel):
     temperature: Annotated[float | None, Field(ge=0.0, le=2.0)] = None
     top_p: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
     top_k: Annotated[int | None, Field(ge=0)] = None
-    seed: int | None = None
+    seed: Annotated[int | None, Field(ge=SEED_MIN, le=SEED_MAX)] = None
     stop: Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP_STRINGS)] = []
     presence_penalty: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
     frequency_penalty: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None

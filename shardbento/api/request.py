@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 
 from shardbento.engine.base import ChatMessage, Delta, FinishReason, Prompt, SamplingParams, TokenLogprob
 
+# What a torch.Generator takes as a seed; past it sampling would fail with an overflow (a 500).
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
 
 @dataclass(frozen=True, slots=True)
 class Sampling:

@@ -129,6 +129,7 @@ def assert_error(response: httpx.Response, status: int, param: str | None) -> di
         ({"messages": [{"role": "user", "content": "hi"}], "tools": []}, "tools"),
         ({"messages": [{"role": "user", "content": "hi"}], "stop": [""]}, "stop.0"),
         ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "hi"}], "seed": 2**64, "temperature": 1}, "seed"),
     ],
 )
 def test_typed_bad_input_is_400(text_server, path, body, param) -> None:

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from shardbento.api.protocol import Usage
+from shardbento.api.request import SEED_MAX, SEED_MIN
 
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
@@ -50,7 +51,7 @@ class SamplingRequest(BaseModel):
     temperature: Annotated[float | None, Field(ge=0.0, le=2.0)] = None
     top_p: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
     top_k: Annotated[int | None, Field(ge=-1)] = None  # -1 (vLLM's "off") is the same as 0
-    seed: int | None = None
+    seed: Annotated[int | None, Field(ge=SEED_MIN, le=SEED_MAX)] = None
     stop: StopField = None
     stream: bool = False
     stream_options: StreamOptions | None = None
