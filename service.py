@@ -12,14 +12,12 @@ import bentoml
 from pydantic import BaseModel
 
 from shardbento.api.errors import ErrorShapeMiddleware, typed_errors, typed_stream_errors
-from shardbento.api.health import attach as attach_health
-from shardbento.api.health import create_root_app
 from shardbento.api.images import decode_image
 from shardbento.api.middleware.auth import ApiKeyMiddleware
 from shardbento.api.middleware.faults import FaultInjectionMiddleware
 from shardbento.api.middleware.limits import BodySizeLimit, InFlightLimit, RequestIdMiddleware
 from shardbento.api.middleware.openapi_doc import OpenAPIErrorShapeMiddleware
-from shardbento.api.openai.routes import attach_serving, create_openai_app
+from shardbento.api.openai.routes import attach_serving, create_openai_app, create_root_app
 from shardbento.api.protocol import (
     ChatInput,
     GenerateInput,
@@ -48,7 +46,7 @@ class ServiceArgs(BaseModel):
 SPEC = select_spec(bentoml.use_arguments(ServiceArgs).model)
 HUB_WEIGHTS = hub_weights(SPEC)
 OPENAI_APP = create_openai_app()
-ROOT_APP = create_root_app()  # GET /health, /version
+ROOT_APP = create_root_app()  # vLLM's root endpoints: /health, /version, /tokenize, /detokenize
 
 
 def _chat(messages: list[Any], sampling: dict[str, Any]) -> GenerationRequest:
@@ -78,8 +76,8 @@ class ShardBento:
 
     def __init__(self) -> None:
         self.serving = Serving(SPEC)
-        attach_serving(OPENAI_APP, self.serving)  # /v1 shares this Serving: one model, one request path
-        attach_health(ROOT_APP, self.serving)
+        for app in (OPENAI_APP, ROOT_APP):  # they share this Serving: one model, one request path
+            attach_serving(app, self.serving)
         self._loader: asyncio.Task[None] | None = None
 
     @bentoml.on_startup

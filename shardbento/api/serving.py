@@ -125,13 +125,13 @@ class Serving:
             return await anyio.to_thread.run_sync(engine.encode, list(request.prompt))
         return await anyio.to_thread.run_sync(engine.encode, request.prompt)
 
-    def _check_token_ids(self, engine: Engine, ids: tuple[int, ...]) -> None:
+    def _check_token_ids(self, engine: Engine, ids: tuple[int, ...], param: str = "prompt") -> None:
         vocab_size = engine.info.vocab_size
         bad = [i for i in ids if not 0 <= i < vocab_size]
         if not ids or bad:
             raise InvalidRequest(
-                f"prompt token ids must be a non-empty list of ids in [0, {vocab_size}); got {bad[:5]}",
-                param="prompt",
+                f"{param} token ids must be a non-empty list of ids in [0, {vocab_size}); got {bad[:5]}",
+                param=param,
             )
 
     def params(self, prompt: Prompt, sampling: Sampling, vocab_size: int) -> SamplingParams:
@@ -190,6 +190,15 @@ class Serving:
             param="messages",
             code="context_length_exceeded",
         )
+
+    async def tokenize(self, request: GenerationRequest) -> Prompt:
+        """The request's prompt as the engine would see it, validated the same way; nothing runs."""
+        return await self._prompt(self.ready_engine(), request)
+
+    async def detokenize(self, token_ids: tuple[int, ...]) -> str:
+        engine = self.ready_engine()
+        self._check_token_ids(engine, token_ids, param="tokens")
+        return await anyio.to_thread.run_sync(engine.decode, list(token_ids))
 
     async def stream(self, request: GenerationRequest) -> Generation:
         """Validate and render the request, check it against the context, start it, and return once its

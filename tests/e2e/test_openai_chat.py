@@ -301,3 +301,33 @@ def test_openai_chat_penalties_equal_the_typed_chat(client, text_server) -> None
     with bentoml.SyncHTTPClient(text_server.url, timeout=120) as typed:
         answer = typed.chat(messages=MESSAGES, max_tokens=12, temperature=0, **fields)
     assert answer["text"] == reply.choices[0].message.content
+
+
+def test_tokenize_matches_the_tokenizer_and_the_chat_usage(client, text_server, text_engine) -> None:
+    text = "Once upon a time, bentos."
+    raw = httpx.post(f"{text_server.url}/tokenize", json={"model": MODEL, "prompt": text}, timeout=30).json()
+    assert raw["tokens"] == text_engine.tokenizer(text)["input_ids"]
+    assert (raw["count"], raw["max_model_len"]) == (len(raw["tokens"]), text_engine.spec.max_model_len)
+    chat = httpx.post(f"{text_server.url}/tokenize", json={"messages": MESSAGES}, timeout=30).json()
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1)
+    assert chat["count"] == reply.usage.prompt_tokens
+    back = httpx.post(f"{text_server.url}/detokenize", json={"tokens": raw["tokens"]}, timeout=30).json()
+    assert back["prompt"] == text_engine.tokenizer.decode(raw["tokens"], skip_special_tokens=False)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [
+        ("/detokenize", {"tokens": [10_000_000]}, 400, "tokens"),
+        ("/detokenize", {"tokens": []}, 400, "tokens"),
+        ("/tokenize", {"prompt": "hi", "add_special_tokens": False}, 400, "add_special_tokens"),
+        ("/tokenize", {"messages": MESSAGES, "add_generation_prompt": False}, 400, "add_generation_prompt"),
+        ("/tokenize", {"model": "not-" + MODEL, "prompt": "hi"}, 404, "model"),
+    ],
+)
+def test_tokenize_bad_requests_name_the_field(
+    text_server, path: str, body: dict, status: int, param: str
+) -> None:
+    response = httpx.post(f"{text_server.url}{path}", json=body, timeout=30)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["param"] == param

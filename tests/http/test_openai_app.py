@@ -70,6 +70,9 @@ class FailingEngine:
     def encode(self, text) -> Prompt:
         return Prompt(token_ids=(1, 2))
 
+    def decode(self, token_ids) -> str:
+        return " ".join(map(str, token_ids))
+
     async def stream(self, prompt, params, request_id):
         yield Delta(text="Hello", token_ids=[5])
         yield Delta(text="", token_ids=[6])  # a token whose text is held back (half a character)

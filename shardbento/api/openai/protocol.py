@@ -210,3 +210,43 @@ class ModelObject(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelObject]
+
+
+class TokenizeCompletionRequest(BaseModel):
+    """vLLM's POST /tokenize for a raw prompt; the options this server cannot honour are refused by name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: Literal[True] = True
+    return_token_strs: Literal[False] = False
+
+
+class TokenizeChatRequest(BaseModel):
+    """vLLM's POST /tokenize for chat messages, rendered with the chat template as a chat request is."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    messages: list[ChatMessageIn]
+    add_generation_prompt: Literal[True] = True
+    return_token_strs: Literal[False] = False
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

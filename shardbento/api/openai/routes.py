@@ -1,4 +1,4 @@
-"""The OpenAI-compatible /v1 ASGI app: one-line routes; errors leave through api.errors.error_response."""
+"""The OpenAI-compatible /v1 app and vLLM's root endpoints: one-line routes; errors via api.errors."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from shardbento import __version__
 from shardbento.api.errors import error_response
 from shardbento.api.image_urls import ImageFetchConfig
 from shardbento.api.openai.serving import OpenAIServing, Result
@@ -66,6 +67,43 @@ async def _error(request: Request, exc: Exception) -> Response:
     return error_response(exc, f"{request.method} {request.url.path}")
 
 
+# ShardbentoError and HTTPException are answered where they are raised; a handler for Exception runs in
+# Starlette's outermost middleware, which re-raises after answering.
+EXCEPTION_HANDLERS: dict[Any, Any] = {ShardbentoError: _error, HTTPException: _error, Exception: _error}
+
+
+async def tokenize(request: Request) -> Response:
+    return _respond(await _openai(request).tokenize(await _body(request)))
+
+
+async def detokenize(request: Request) -> Response:
+    return _respond(await _openai(request).detokenize(await _body(request)))
+
+
+async def health(request: Request) -> Response:
+    """200 with an empty body, as vLLM answers, once requests are served; else the 503 they would get."""
+    _openai(request).serving.ready_engine()
+    return JSONResponse({})
+
+
+async def version(request: Request) -> Response:
+    return JSONResponse({"version": __version__})
+
+
+def create_root_app() -> Starlette:
+    """What vLLM serves beside /v1, mounted at the service's root: BentoML's passive mount takes only
+    the paths these routes match, so the typed APIs and probes are untouched."""
+    return Starlette(
+        routes=[
+            Route("/health", health, methods=["GET"]),
+            Route("/version", version, methods=["GET"]),
+            Route("/tokenize", tokenize, methods=["POST"]),
+            Route("/detokenize", detokenize, methods=["POST"]),
+        ],
+        exception_handlers=EXCEPTION_HANDLERS,
+    )
+
+
 def create_openai_app() -> Starlette:
     return Starlette(
         routes=[
@@ -74,7 +112,5 @@ def create_openai_app() -> Starlette:
             Route("/models", models, methods=["GET"]),
             Route("/models/{model_id:path}", model, methods=["GET"]),
         ],
-        # ShardbentoError and HTTPException are answered where they are raised; a handler for Exception
-        # runs in Starlette's outermost middleware, which re-raises after answering.
-        exception_handlers={ShardbentoError: _error, HTTPException: _error, Exception: _error},
+        exception_handlers=EXCEPTION_HANDLERS,
     )

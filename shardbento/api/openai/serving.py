@@ -21,10 +21,15 @@ from shardbento.api.openai.protocol import (
     ChatCompletionRequest,
     CompletionChoice,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ModelList,
     ModelObject,
     SamplingRequest,
     TextCompletion,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
 )
 from shardbento.api.request import Generation, GenerationRequest, Sampling
 from shardbento.api.serving import Serving, new_request_id
@@ -55,6 +60,30 @@ class OpenAIServing:
                 f"The model {model_id!r} does not exist; this server serves {self.serving.spec.name!r}",
                 param="model",
             )
+
+    async def tokenize(self, body: Any) -> TokenizeResponse:
+        """vLLM's POST /tokenize: chat messages (through the chat template) or a raw prompt."""
+        chat = isinstance(body, dict) and "messages" in body
+        request = parse(TokenizeChatRequest if chat else TokenizeCompletionRequest, body)
+        if request.model is not None:
+            self._check_model(request.model)
+        if isinstance(request, TokenizeChatRequest):
+            messages = tuple([await self._message(i, m) for i, m in enumerate(request.messages)])
+            generation = GenerationRequest(new_request_id("tokenize"), Sampling(), messages=messages)
+        else:
+            generation = GenerationRequest(new_request_id("tokenize"), Sampling(), prompt=request.prompt)
+        prompt = await self.serving.tokenize(generation)
+        tokens = list(prompt.token_ids)
+        return TokenizeResponse(
+            count=len(tokens), max_model_len=self.serving.spec.max_model_len, tokens=tokens
+        )
+
+    async def detokenize(self, body: Any) -> DetokenizeResponse:
+        """vLLM's POST /detokenize: token ids in, their text out (ids outside the vocabulary: a 400)."""
+        request = parse(DetokenizeRequest, body)
+        if request.model is not None:
+            self._check_model(request.model)
+        return DetokenizeResponse(prompt=await self.serving.detokenize(tuple(request.tokens)))
 
     def models(self) -> ModelList:
         spec = self.serving.spec

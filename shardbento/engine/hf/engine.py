@@ -135,6 +135,9 @@ class HFEngine:
     def encode(self, text: str | list[int]) -> Prompt:
         return self._prompts.encode(text)
 
+    def decode(self, token_ids: list[int]) -> str:
+        return self._prompts.decode(token_ids)
+
     def is_ready(self) -> bool:
         return not self._closed and (self._scheduler is None or self._scheduler.is_alive)
 

@@ -52,6 +52,10 @@ class Preprocessor:
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
+    def decode(self, token_ids: list[int]) -> str:
+        """The text of these ids, special tokens included (what /detokenize returns, as vLLM's does)."""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=False)
+
     def _template_kwargs(self) -> dict[str, Any]:
         return {"chat_template": self.spec.chat_template} if self.spec.chat_template else {}
 

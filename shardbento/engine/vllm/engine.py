@@ -107,6 +107,9 @@ class VLLMEngine:
     def encode(self, text: str | list[int]) -> Prompt:
         return self._prompts.encode(text)
 
+    def decode(self, token_ids: list[int]) -> str:
+        return self._prompts.decode(token_ids)
+
     def is_ready(self) -> bool:
         return not self._closed and not getattr(self._llm, "errored", False)
 
