@@ -24,6 +24,7 @@ from shardbento.api.protocol import (
     ModelCard,
     TextOutput,
     VisionInput,
+    chat_request,
     sampling_of,
     text_output,
 )
@@ -47,11 +48,6 @@ SPEC = select_spec(bentoml.use_arguments(ServiceArgs).model)
 HUB_WEIGHTS = hub_weights(SPEC)
 OPENAI_APP = create_openai_app()
 ROOT_APP = create_root_app()  # vLLM's root endpoints: /health, /version, /tokenize, /detokenize
-
-
-def _chat(messages: list[Any], sampling: dict[str, Any]) -> GenerationRequest:
-    chat = tuple(ChatMessage(role=m.role, text=m.content) for m in messages)
-    return GenerationRequest(new_request_id(), sampling_of(sampling), messages=chat)
 
 
 @bentoml.service(
@@ -123,13 +119,15 @@ class ShardBento:
     @typed_errors
     async def chat(self, messages: list[Any], **sampling: Any) -> TextOutput:
         """Chat messages in, the assistant's whole answer out."""
-        return text_output(SPEC.name, await self.serving.complete(_chat(messages, sampling)))
+        return text_output(
+            SPEC.name, await self.serving.complete(chat_request(messages, sampling, new_request_id()))
+        )
 
     @bentoml.api(input_spec=ChatInput)
     @typed_stream_errors
     async def chat_stream(self, messages: list[Any], **sampling: Any) -> AsyncGenerator[str, None]:
         """Chat messages in, text deltas out as they are generated."""
-        async for text in self._stream(_chat(messages, sampling)):
+        async for text in self._stream(chat_request(messages, sampling, new_request_id())):
             yield text
 
     @bentoml.api(input_spec=GenerateInput)

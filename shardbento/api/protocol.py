@@ -7,7 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shardbento.api.request import SEED_MAX, SEED_MIN, Completion, Sampling
+from shardbento.api.request import SEED_MAX, SEED_MIN, Completion, GenerationRequest, Sampling
+from shardbento.engine.base import ChatMessage
 
 MAX_STOP_STRINGS = 8
 
@@ -40,8 +41,18 @@ def sampling_of(fields: dict[str, Any]) -> Sampling:
     return Sampling(**{**fields, "stop": tuple(fields.get("stop") or ())})
 
 
+def chat_request(messages: list[Any], fields: dict[str, Any], request_id: str) -> GenerationRequest:
+    """A typed chat API's input (messages, sampling fields, template variables) for Serving."""
+    template_kwargs = fields.pop("chat_template_kwargs", None)
+    chat = tuple(ChatMessage(role=m.role, text=m.content) for m in messages)
+    return GenerationRequest(
+        request_id, sampling_of(fields), messages=chat, chat_template_kwargs=template_kwargs
+    )
+
+
 class ChatInput(SamplingFields):
     messages: list[Message]
+    chat_template_kwargs: dict[str, Any] | None = None  # extra chat-template variables
 
 
 class GenerateInput(SamplingFields):

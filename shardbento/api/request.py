@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from shardbento.engine.base import ChatMessage, Delta, FinishReason, Prompt, SamplingParams, TokenLogprob
 
@@ -44,6 +45,7 @@ class GenerationRequest:
     sampling: Sampling
     messages: tuple[ChatMessage, ...] | None = None
     prompt: str | tuple[int, ...] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the chat template
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):

@@ -7,6 +7,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict
+from typing import Any
 
 import anyio
 
@@ -119,7 +120,8 @@ class Serving:
         Rendering and tokenizing run in a worker thread (templates and image processors are slow)."""
         if request.messages is not None:
             checked = self.check_messages(request.messages)
-            return await anyio.to_thread.run_sync(engine.render_chat, checked)
+            template_kwargs = _template_kwargs(request.chat_template_kwargs)
+            return await anyio.to_thread.run_sync(engine.render_chat, checked, template_kwargs)
         if isinstance(request.prompt, tuple):
             self._check_token_ids(engine, request.prompt)
             return await anyio.to_thread.run_sync(engine.encode, list(request.prompt))
@@ -259,6 +261,34 @@ class Serving:
             aclose = getattr(deltas, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+
+# Variables the chat template call sets itself: a request may not replace them through its kwargs.
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "messages",
+        "conversation",
+        "chat_template",
+        "add_generation_prompt",
+        "tokenize",
+        "return_dict",
+        "continue_final_message",
+        "tools",
+        "documents",
+        "tokenizer",
+        "processor",
+    }
+)
+
+
+def _template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+    reserved = sorted(set(kwargs or ()) & RESERVED_TEMPLATE_KWARGS)
+    if reserved:
+        raise InvalidRequest(
+            f"chat_template_kwargs may not set {', '.join(reserved)}: the server sets them",
+            param="chat_template_kwargs",
+        )
+    return kwargs
 
 
 async def _chained(first: Delta, rest: AsyncIterator[Delta]) -> AsyncIterator[Delta]:

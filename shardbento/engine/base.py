@@ -148,7 +148,10 @@ class Engine(Protocol):
 
     info: EngineInfo
 
-    def render_chat(self, messages: list[ChatMessage]) -> Prompt: ...
+    def render_chat(
+        self, messages: list[ChatMessage], template_kwargs: dict[str, Any] | None = None
+    ) -> Prompt:
+        """The chat template's prompt; `template_kwargs` are the request's extra template variables."""
 
     def encode(self, text: str | list[int]) -> Prompt: ...
 

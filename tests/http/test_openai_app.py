@@ -64,7 +64,7 @@ class FailingEngine:
 
     info = EngineInfo("tiny-llama", "text", 1024, "fake", "none", ("cpu",), vocab_size=1024)
 
-    def render_chat(self, messages) -> Prompt:
+    def render_chat(self, messages, template_kwargs=None) -> Prompt:
         return Prompt(token_ids=(1, 2, 3))
 
     def encode(self, text) -> Prompt:

@@ -114,6 +114,7 @@ class ChatMessageIn(BaseModel):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessageIn]
+    chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": false}, as vLLM takes
     max_completion_tokens: Annotated[int | None, Field(ge=1)] = None
     logprobs: bool = False
     top_logprobs: Annotated[int | None, Field(ge=0, le=MAX_TOP_LOGPROBS)] = None
@@ -230,6 +231,7 @@ class TokenizeChatRequest(BaseModel):
 
     model: str | None = None
     messages: list[ChatMessageIn]
+    chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: Literal[True] = True
     return_token_strs: Literal[False] = False
 

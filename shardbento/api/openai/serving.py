@@ -69,7 +69,12 @@ class OpenAIServing:
             self._check_model(request.model)
         if isinstance(request, TokenizeChatRequest):
             messages = tuple([await self._message(i, m) for i, m in enumerate(request.messages)])
-            generation = GenerationRequest(new_request_id("tokenize"), Sampling(), messages=messages)
+            generation = GenerationRequest(
+                new_request_id("tokenize"),
+                Sampling(),
+                messages=messages,
+                chat_template_kwargs=request.chat_template_kwargs,
+            )
         else:
             generation = GenerationRequest(new_request_id("tokenize"), Sampling(), prompt=request.prompt)
         prompt = await self.serving.tokenize(generation)
@@ -109,6 +114,7 @@ class OpenAIServing:
             request_id=new_request_id("chatcmpl"),
             sampling=self._sampling(request, max_tokens, logprobs),
             messages=messages,
+            chat_template_kwargs=request.chat_template_kwargs,
         )
         if request.stream:
             return self._chat_stream(await self.serving.stream(generation), request)

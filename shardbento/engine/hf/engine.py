@@ -129,8 +129,10 @@ class HFEngine:
     def model(self) -> Any:
         return self._loaded.model
 
-    def render_chat(self, messages: list[ChatMessage]) -> Prompt:
-        return self._prompts.render_chat(messages)
+    def render_chat(
+        self, messages: list[ChatMessage], template_kwargs: dict[str, Any] | None = None
+    ) -> Prompt:
+        return self._prompts.render_chat(messages, template_kwargs)
 
     def encode(self, text: str | list[int]) -> Prompt:
         return self._prompts.encode(text)

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import jinja2
 import torch
 
 from shardbento.catalog import ModelSpec
 from shardbento.engine.base import ChatMessage, Prompt
+from shardbento.errors import InvalidRequest
 
 
 def collect_eos_ids(generation_config: Any, config: Any, tokenizer: Any, spec: ModelSpec) -> set[int]:
@@ -56,29 +58,39 @@ class Preprocessor:
         """The text of these ids, special tokens included (what /detokenize returns, as vLLM's does)."""
         return self.tokenizer.decode(token_ids, skip_special_tokens=False)
 
-    def _template_kwargs(self) -> dict[str, Any]:
-        return {"chat_template": self.spec.chat_template} if self.spec.chat_template else {}
+    def chat_text(self, messages: list[ChatMessage], template_kwargs: dict[str, Any] | None = None) -> str:
+        """The chat template's text; with a processor each image is one image token (not yet expanded).
 
-    def chat_text(self, messages: list[ChatMessage]) -> str:
-        """The chat template's text; with a processor each image is one image token (not yet expanded)."""
+        A template that refuses the conversation (its `raise_exception`, e.g. roles that must alternate)
+        is the request's fault: a 400 with the template's own words.
+        """
+        extra = {
+            **(template_kwargs or {}),
+            **({"chat_template": self.spec.chat_template} if self.spec.chat_template else {}),
+        }
         if self.processor is None:
             conversation = [{"role": m.role, "content": m.text} for m in messages]
-            return self.tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=True, tokenize=False, **self._template_kwargs()
-            )
-        conversation = [
-            {
-                "role": m.role,
-                "content": [{"type": "image"}] * len(m.images) + [{"type": "text", "text": m.text}],
-            }
-            for m in messages
-        ]
-        return self.processor.apply_chat_template(
-            conversation, add_generation_prompt=True, tokenize=False, **self._template_kwargs()
-        )
+            render = self.tokenizer.apply_chat_template
+        else:
+            conversation = [
+                {
+                    "role": m.role,
+                    "content": [{"type": "image"}] * len(m.images) + [{"type": "text", "text": m.text}],
+                }
+                for m in messages
+            ]
+            render = self.processor.apply_chat_template
+        try:
+            return render(conversation, add_generation_prompt=True, tokenize=False, **extra)
+        except jinja2.TemplateError as exc:
+            raise InvalidRequest(
+                f"the model's chat template refused the messages: {exc}", param="messages"
+            ) from exc
 
-    def render_chat(self, messages: list[ChatMessage]) -> Prompt:
-        text = self.chat_text(messages)
+    def render_chat(
+        self, messages: list[ChatMessage], template_kwargs: dict[str, Any] | None = None
+    ) -> Prompt:
+        text = self.chat_text(messages, template_kwargs)
         images = [image for m in messages for image in m.images]
         if self.processor is None or not images:
             return self._tokenize(text, add_special_tokens=False)

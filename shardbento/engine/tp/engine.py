@@ -117,8 +117,10 @@ class TPEngine:
         logger.info("model %s: %d tensor-parallel ranks ready on %s", spec.name, len(ranks), devices)
         return cls(spec, prompts, ranks, channels, devices)
 
-    def render_chat(self, messages: list[ChatMessage]) -> Prompt:
-        return self._prompts.render_chat(messages)
+    def render_chat(
+        self, messages: list[ChatMessage], template_kwargs: dict[str, Any] | None = None
+    ) -> Prompt:
+        return self._prompts.render_chat(messages, template_kwargs)
 
     def encode(self, text: str | list[int]) -> Prompt:
         return self._prompts.encode(text)

@@ -83,25 +83,29 @@ class VLLMEngine:
     def tokenizer(self) -> Any:
         return self._prompts.tokenizer
 
-    def render_chat(self, messages: list[ChatMessage]) -> Prompt:
+    def render_chat(
+        self, messages: list[ChatMessage], template_kwargs: dict[str, Any] | None = None
+    ) -> Prompt:
         """The transformers engine's prompt; with images, `inputs` is vLLM's prompt for the same chat.
 
         `token_ids` (what usage counts) are the processor's, image tokens expanded; vLLM gets the chat
         before that expansion with the images, and expands it with the same processor.
         """
-        prompt = self._prompts.render_chat(messages)
+        prompt = self._prompts.render_chat(messages, template_kwargs)
         images = [image for m in messages for image in m.images]
         if not images:
             return prompt
         vllm_prompt = {
-            "prompt_token_ids": self._chat_token_ids(messages),
+            "prompt_token_ids": self._chat_token_ids(messages, template_kwargs),
             "multi_modal_data": {"image": images},
         }
         return Prompt(token_ids=prompt.token_ids, inputs=vllm_prompt, num_images=len(images))
 
-    def _chat_token_ids(self, messages: list[ChatMessage]) -> list[int]:
+    def _chat_token_ids(
+        self, messages: list[ChatMessage], template_kwargs: dict[str, Any] | None
+    ) -> list[int]:
         """The chat with one image token per image: vLLM expands each image itself."""
-        text = self._prompts.chat_text(messages)
+        text = self._prompts.chat_text(messages, template_kwargs)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def encode(self, text: str | list[int]) -> Prompt:
