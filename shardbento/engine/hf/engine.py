@@ -13,11 +13,12 @@ from typing import Any
 import torch
 
 from shardbento.catalog import ModelSpec
-from shardbento.engine.base import ChatMessage, Delta, DeltaChannel, EngineInfo, Prompt, SamplingParams
+from shardbento.engine.base import Delta, DeltaChannel, EngineInfo, Prompt, SamplingParams
 from shardbento.engine.batch.runner import ModelRunner
 from shardbento.engine.batch.sampler import RequestSampler, forced_generate_kwargs
 from shardbento.engine.batch.scheduler import Scheduler, Sequence
 from shardbento.engine.hf.loading import LoadedModel, load_model
+from shardbento.engine.hf.preprocess import PreprocessorPrompts
 from shardbento.engine.output import OutputStream
 from shardbento.metrics import RequestMetrics
 from shardbento.plan.preflight import run_preflight
@@ -77,7 +78,7 @@ class _StopWhenDone:
 BATCHED_VISION_TYPES = frozenset({"llava"})
 
 
-class HFEngine:
+class HFEngine(PreprocessorPrompts):
     """Requests join one continuous batch (the Scheduler's loop): every text model, and vision
     models of BATCHED_VISION_TYPES (their image prompts are prefilled alone, then decode in the
     batch). Other vision models run one request at a time through generate(). Either way every
@@ -122,23 +123,8 @@ class HFEngine:
             raise
 
     @property
-    def tokenizer(self) -> Any:
-        return self._prompts.tokenizer
-
-    @property
     def model(self) -> Any:
         return self._loaded.model
-
-    def render_chat(
-        self, messages: list[ChatMessage], template_kwargs: dict[str, Any] | None = None
-    ) -> Prompt:
-        return self._prompts.render_chat(messages, template_kwargs)
-
-    def encode(self, text: str | list[int]) -> Prompt:
-        return self._prompts.encode(text)
-
-    def decode(self, token_ids: list[int]) -> str:
-        return self._prompts.decode(token_ids)
 
     def is_ready(self) -> bool:
         return not self._closed and (self._scheduler is None or self._scheduler.is_alive)

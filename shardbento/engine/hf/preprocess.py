@@ -112,6 +112,27 @@ class Preprocessor:
         return Prompt(token_ids=token_ids, inputs=dict(encoded))
 
 
+class PreprocessorPrompts:
+    """The prompt half of the Engine protocol for an engine that holds its Preprocessor as `_prompts`."""
+
+    _prompts: Preprocessor
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._prompts.tokenizer
+
+    def render_chat(
+        self, messages: list[ChatMessage], template_kwargs: dict[str, Any] | None = None
+    ) -> Prompt:
+        return self._prompts.render_chat(messages, template_kwargs)
+
+    def encode(self, text: str | list[int]) -> Prompt:
+        return self._prompts.encode(text)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self._prompts.decode(token_ids)
+
+
 def preprocessor_class(kind: str) -> Any:
     from transformers import AutoProcessor, AutoTokenizer
 

@@ -15,9 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from shardbento.catalog import ModelSpec
-from shardbento.engine.base import ChatMessage, Delta, DeltaChannel, EngineInfo, Prompt, SamplingParams
+from shardbento.engine.base import Delta, DeltaChannel, EngineInfo, Prompt, SamplingParams
 from shardbento.engine.hf.loading import resolve_dtype
-from shardbento.engine.hf.preprocess import Preprocessor, load_preprocessor
+from shardbento.engine.hf.preprocess import Preprocessor, PreprocessorPrompts, load_preprocessor
 from shardbento.engine.output import OutputStream
 from shardbento.engine.tp.client import BatchClient
 from shardbento.engine.tp.messages import (
@@ -47,7 +47,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class TPEngine:
+class TPEngine(PreprocessorPrompts):
     """Tensor-parallel engine: the service process tokenizes; ranks hold the shards.
 
     Text requests join one continuous batch that rank 0 schedules (tp_scheduler; this process routes
@@ -116,17 +116,6 @@ class TPEngine:
         devices = _wait_ready(ranks, channels.status)
         logger.info("model %s: %d tensor-parallel ranks ready on %s", spec.name, len(ranks), devices)
         return cls(spec, prompts, ranks, channels, devices)
-
-    def render_chat(
-        self, messages: list[ChatMessage], template_kwargs: dict[str, Any] | None = None
-    ) -> Prompt:
-        return self._prompts.render_chat(messages, template_kwargs)
-
-    def encode(self, text: str | list[int]) -> Prompt:
-        return self._prompts.encode(text)
-
-    def decode(self, token_ids: list[int]) -> str:
-        return self._prompts.decode(token_ids)
 
     def is_ready(self) -> bool:
         return not self._closing and self.failure is None

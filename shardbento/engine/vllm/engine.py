@@ -9,7 +9,7 @@ from typing import Any
 
 from shardbento.catalog import ModelSpec
 from shardbento.engine.base import ChatMessage, Delta, EngineInfo, Prompt, SamplingParams, TokenLogprob
-from shardbento.engine.hf.preprocess import Preprocessor, load_preprocessor
+from shardbento.engine.hf.preprocess import Preprocessor, PreprocessorPrompts, load_preprocessor
 from shardbento.engine.output import OutputStream
 from shardbento.engine.vllm.args import engine_kwargs
 from shardbento.plan.source import resolve_source
@@ -47,7 +47,7 @@ def to_vllm_params(params: SamplingParams, eos_ids: set[int]) -> Any:
     )
 
 
-class VLLMEngine:
+class VLLMEngine(PreprocessorPrompts):
     """One vLLM AsyncLLM (its own engine-core process, TP/PP workers) serving one catalog model."""
 
     def __init__(self, spec: ModelSpec, llm: Any, prompts: Preprocessor, kwargs: dict[str, Any]) -> None:
@@ -79,10 +79,6 @@ class VLLMEngine:
         llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         return cls(spec, llm, prompts, kwargs)
 
-    @property
-    def tokenizer(self) -> Any:
-        return self._prompts.tokenizer
-
     def render_chat(
         self, messages: list[ChatMessage], template_kwargs: dict[str, Any] | None = None
     ) -> Prompt:
@@ -107,12 +103,6 @@ class VLLMEngine:
         """The chat with one image token per image: vLLM expands each image itself."""
         text = self._prompts.chat_text(messages, template_kwargs)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def encode(self, text: str | list[int]) -> Prompt:
-        return self._prompts.encode(text)
-
-    def decode(self, token_ids: list[int]) -> str:
-        return self._prompts.decode(token_ids)
 
     def is_ready(self) -> bool:
         return not self._closed and not getattr(self._llm, "errored", False)
