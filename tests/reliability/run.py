@@ -14,6 +14,7 @@ sys.path[:0] = [str(TESTS), str(TESTS.parent)]
 from load import measure, report  # noqa: E402
 from scenarios import corrupt_shard, dead_rank, guarded_catalog, guarded_config, sigterm_drain  # noqa: E402
 from servers import serve  # noqa: E402
+from soak import soak  # noqa: E402
 
 
 def main() -> int:
@@ -21,6 +22,9 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=48)
     parser.add_argument("--skip-tp", action="store_true", help="leave out the dead tensor-parallel rank")
+    parser.add_argument(
+        "--soak-thousands", type=int, default=4, help="requests in the soak, in thousands (0: none)"
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="shardbento-reliability-"))
     config = guarded_config()
@@ -46,8 +50,12 @@ def main() -> int:
         faults["dead tensor-parallel rank"] = dead_rank(work)
     for name, seen in faults.items():
         print(f"== fault: {name}\n{json.dumps(seen, indent=2)}")
+    soaked = soak(work, num_thousands=args.soak_thousands) if args.soak_thousands >= 2 else None
+    if soaked is not None:
+        print(f"== soak: {args.soak_thousands},000 streamed /v1 chats after warm-up\n{soaked.report()}")
     print(f"logs in {work}")
     bad = figures.problems or figures.unexpected_5xx or figures.in_flight_after or key_logged
+    bad = bad or (soaked is not None and not soaked.levels_off)
     return 1 if bad else 0
 
 
