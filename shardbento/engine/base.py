@@ -12,6 +12,16 @@ GREEDY_BELOW_TEMPERATURE = 1e-5  # as vLLM's sampling epsilon
 
 
 @dataclass(frozen=True, slots=True)
+class Constraint:
+    """What the output must match: a JSON schema (its JSON text), any JSON object, a Lark grammar or a
+    regex. `param` is the request field it came from, named by the 400 when it cannot be compiled."""
+
+    kind: Literal["json_schema", "json_object", "lark", "regex"]
+    source: str = ""
+    param: str = "response_format"
+
+
+@dataclass(frozen=True, slots=True)
 class SamplingParams:
     """Per-request generation settings, already validated and merged with the spec's defaults."""
 
@@ -30,12 +40,14 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; N: the chosen token plus N alternatives
+    constraint: Constraint | None = None  # a grammar the output must match (engine/grammar.py)
 
     @property
     def shapes_logits(self) -> bool:
         """Whether anything but the EOS block changes the logits a token is picked from."""
         return bool(
-            self.repetition_penalty != 1.0
+            self.constraint is not None
+            or self.repetition_penalty != 1.0
             or self.presence_penalty
             or self.frequency_penalty
             or self.logit_bias
@@ -156,6 +168,9 @@ class Engine(Protocol):
     def encode(self, text: str | list[int]) -> Prompt: ...
 
     def decode(self, token_ids: list[int]) -> str: ...
+
+    def check_constraint(self, constraint: Constraint) -> None:
+        """Compile the constraint (cached); one this engine cannot use is an InvalidRequest."""
 
     def stream(self, prompt: Prompt, params: SamplingParams, request_id: str) -> AsyncIterator[Delta]: ...
 

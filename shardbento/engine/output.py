@@ -85,14 +85,18 @@ class OutputStream:
         self._detok = IncrementalDetokenizer(tokenizer, prompt_ids)
         self._stops = StopMatcher(params.stop)
         self._params = params
-        self._eos_ids = (set() if params.ignore_eos else set(eos_ids)) | set(params.stop_token_ids)
+        # A constrained output ends at EOS even with ignore_eos or before min_tokens: its grammar allows
+        # EOS only once the output is complete, and allows nothing after it.
+        self._constrained = params.constraint is not None
+        ignores = params.ignore_eos and not self._constrained
+        self._eos_ids = (set() if ignores else set(eos_ids)) | set(params.stop_token_ids)
         self.num_tokens = 0
         self.finished = False
 
     def push(self, token_id: int, logprob: TokenLogprob | None = None) -> Delta:
         self.num_tokens += 1
         delta = Delta(text="", token_ids=[token_id], logprobs=[logprob] if logprob else [])
-        if token_id in self._eos_ids and self.num_tokens > self._params.min_tokens:
+        if token_id in self._eos_ids and (self.num_tokens > self._params.min_tokens or self._constrained):
             return self._finish(delta, "stop", self._detok.flush())
         text, stopped = self._stops.push(self._detok.push(token_id))
         delta.text = text

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from shardbento.engine.base import SamplingParams, TokenLogprob
+from shardbento.engine.grammar import Grammars
 
 
 def request_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
@@ -74,6 +75,7 @@ class RequestSampler:
         eos_ids: set[int],
         decode: Callable[[int], str],
         device: torch.device | str = "cpu",
+        grammars: Grammars | None = None,
     ) -> None:
         self._params = params
         self._eos_ids = sorted(set(eos_ids) | set(params.stop_token_ids))  # blocked until min_tokens
@@ -82,6 +84,13 @@ class RequestSampler:
         self._num_generated = 0
         self._counts: dict[int, int] = {}  # generated token -> times, for presence/frequency penalties
         self._logprobs: deque[TokenLogprob] = deque()
+        self.grammars = grammars
+        self.matcher: Any = None  # the constraint's state: advanced with every chosen token
+        self.allowed: torch.Tensor | None = None  # this step's mask, when select_tokens computed it
+        if params.constraint is not None:
+            if grammars is None:
+                raise ValueError("a constrained request needs the engine's Grammars")
+            self.matcher = grammars.matcher(params.constraint)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         chosen = self._pick(input_ids, scores)
@@ -109,12 +118,15 @@ class RequestSampler:
         params = self._params
         logits = scores.float()
         raw_logprobs = logits.log_softmax(dim=-1) if params.logprobs is not None else None
-        if params.logit_bias or self.blocks_eos:
+        blocks_eos = self.blocks_eos and not (self.matcher is not None and self.matcher.is_accepting())
+        if params.logit_bias or blocks_eos or self.matcher is not None:
             logits = logits.clone()  # float() of float32 logits is the caller's tensor: never write into it
             for token_id, bias in params.logit_bias:
                 logits[:, token_id] += bias
-            if self.blocks_eos:
+            if blocks_eos:
                 logits[:, self._eos_ids] = float("-inf")
+            if self.matcher is not None:
+                self._mask(logits)
         if input_ids.shape[-1]:
             logits = apply_repetition_penalty(logits, input_ids, params.repetition_penalty)
         logits = apply_output_penalties(
@@ -122,9 +134,19 @@ class RequestSampler:
         )
         chosen = self._choose(logits)
         self.count_token(int(chosen[0]))
+        if self.matcher is not None and not self.matcher.consume_token(int(chosen[0])):
+            raise RuntimeError(f"the grammar refused its own token: {self.matcher.get_error()}")
         if raw_logprobs is not None:
             self._logprobs.append(self._logprob(raw_logprobs[0], int(chosen[0])))
         return chosen
+
+    def _mask(self, logits: torch.Tensor) -> None:
+        """-inf for every token the grammar does not allow next (in place, on the caller's clone)."""
+        allowed = self.allowed if self.allowed is not None else self.grammars.allowed([self.matcher])[0]
+        self.allowed = None
+        width = min(logits.shape[-1], allowed.shape[-1])
+        logits[:, width:] = float("-inf")
+        logits[:, :width].masked_fill_(~allowed[:width].to(logits.device), float("-inf"))
 
     def _choose(self, logits: torch.Tensor) -> torch.Tensor:
         if self._generator is None:
@@ -169,6 +191,11 @@ def select_tokens(
     """The next token of every row of a batch's logits: plain greedy rows in one argmax, others each
     by its own sampler (its generator, penalties, logprobs). Same tokens as select() row by row."""
     tokens = [0] * len(samplers)
+    constrained = [sampler for sampler in samplers if sampler.matcher is not None]
+    if constrained:  # one mask computation for the whole batch, not one per row
+        masks = constrained[0].grammars.allowed([sampler.matcher for sampler in constrained])
+        for sampler, allowed in zip(constrained, masks, strict=True):
+            sampler.allowed = allowed
     plain = [i for i, sampler in enumerate(samplers) if sampler.is_plain_greedy]
     if plain:
         rows = logits[plain].float()

@@ -158,7 +158,7 @@ class HFEngine(PreprocessorPrompts):
         output: OutputStream,
         channel: DeltaChannel,
     ) -> AsyncIterator[Delta]:
-        sampler = RequestSampler(params, eos_ids=self._prompts.eos_token_ids, decode=self._prompts.token_text)
+        sampler = self._prompts.sampler(params)
         seq = Sequence(request_id, list(prompt.token_ids), sampler, output, channel)
         if prompt.num_images:
             seq.inputs = dict(prompt.inputs)
@@ -184,7 +184,7 @@ class HFEngine(PreprocessorPrompts):
         params = job.params
         device = self._loaded.input_device
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in job.prompt.inputs.items()}
-        sampler = RequestSampler(params, eos_ids=self._prompts.eos_token_ids, decode=self._prompts.token_text)
+        sampler = self._prompts.sampler(params)
         with torch.inference_mode():
             self.model.generate(
                 **inputs,

@@ -9,7 +9,9 @@ import jinja2
 import torch
 
 from shardbento.catalog import ModelSpec
-from shardbento.engine.base import ChatMessage, Prompt
+from shardbento.engine.base import ChatMessage, Constraint, Prompt, SamplingParams
+from shardbento.engine.batch.sampler import RequestSampler
+from shardbento.engine.grammar import Grammars
 from shardbento.errors import InvalidRequest
 
 
@@ -39,6 +41,7 @@ class Preprocessor:
     processor: Any | None
     eos_token_ids: frozenset[int]
     embedding_rows: int  # the input embedding's rows: ids past them would index out of range
+    grammars: Grammars  # constrained decoding over this tokenizer (built on first use)
 
     @property
     def vocab_size(self) -> int:
@@ -50,6 +53,12 @@ class Preprocessor:
         """The tokenizer's pad id, else the smallest EOS id (batched generate() needs one)."""
         pad_id = self.tokenizer.pad_token_id
         return pad_id if pad_id is not None else min(self.eos_token_ids)
+
+    def sampler(self, params: SamplingParams) -> RequestSampler:
+        """The token picker for one request: its EOS ids, token names for logprobs, its grammar."""
+        return RequestSampler(
+            params, eos_ids=self.eos_token_ids, decode=self.token_text, grammars=self.grammars
+        )
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -132,6 +141,9 @@ class PreprocessorPrompts:
     def decode(self, token_ids: list[int]) -> str:
         return self._prompts.decode(token_ids)
 
+    def check_constraint(self, constraint: Constraint) -> None:
+        self._prompts.grammars.check(constraint)
+
 
 def preprocessor_class(kind: str) -> Any:
     from transformers import AutoProcessor, AutoTokenizer
@@ -155,10 +167,13 @@ def load_preprocessor(
             generation_config = GenerationConfig.from_pretrained(path, **common)
         except OSError:  # no generation_config.json: the model config's EOS ids are the ones
             generation_config = None
+    eos_ids = frozenset(collect_eos_ids(generation_config, config, tokenizer, spec))
+    rows = config.get_text_config().vocab_size
     return Preprocessor(
         spec=spec,
         tokenizer=tokenizer,
         processor=preprocessor if spec.kind == "vision" else None,
-        eos_token_ids=frozenset(collect_eos_ids(generation_config, config, tokenizer, spec)),
-        embedding_rows=config.get_text_config().vocab_size,
+        eos_token_ids=eos_ids,
+        embedding_rows=rows,
+        grammars=Grammars(tokenizer, eos_ids, logits_width=rows),
     )

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from shardbento.catalog import ModelSpec
-from shardbento.engine.base import Delta, DeltaChannel, EngineInfo, Prompt, SamplingParams
+from shardbento.engine.base import Constraint, Delta, DeltaChannel, EngineInfo, Prompt, SamplingParams
 from shardbento.engine.hf.loading import resolve_dtype
 from shardbento.engine.hf.preprocess import Preprocessor, PreprocessorPrompts, load_preprocessor
 from shardbento.engine.output import OutputStream
@@ -29,7 +29,7 @@ from shardbento.engine.tp.messages import (
     Stop,
 )
 from shardbento.engine.tp.rank import run_rank
-from shardbento.errors import GenerationFailed, NotReady
+from shardbento.errors import GenerationFailed, InvalidRequest, NotReady
 from shardbento.metrics import RequestMetrics
 from shardbento.plan.preflight import run_preflight
 from shardbento.plan.sharding import Plan
@@ -87,6 +87,15 @@ class TPEngine(PreprocessorPrompts):
             vocab_size=prompts.vocab_size,
         )
         threading.Thread(target=self._watch, name="shardbento-tp-watchdog", daemon=True).start()
+
+    def check_constraint(self, constraint: Constraint) -> None:
+        if self._batch is None:  # generate() on every rank: only rank 0 has a tokenizer to constrain with
+            raise InvalidRequest(
+                f"{constraint.param}: constrained output is not available for tensor-parallel vision "
+                f"models; serve {self.spec.name!r} on one process or with parallel: layers",
+                param=constraint.param,
+            )
+        super().check_constraint(constraint)
 
     @classmethod
     def load(cls, spec: ModelSpec, plan: Plan | None = None) -> TPEngine:

@@ -14,10 +14,11 @@ from shardbento.engine.base import Delta
 from shardbento.engine.batch.runner import ModelRunner, PrefillChunk
 from shardbento.engine.batch.sampler import RequestSampler
 from shardbento.engine.batch.scheduler import Scheduler, Sequence
+from shardbento.engine.grammar import Grammars
 from shardbento.engine.output import OutputStream
 from shardbento.engine.tp.messages import Cancel, RankFailure, RunnerCall, StepReport, Stop, Submit
 from shardbento.engine.tp.relay import MetricsRelay
-from shardbento.errors import Overloaded
+from shardbento.errors import Overloaded, ShardbentoError
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,12 @@ class ReportSender:
 
 
 def lead(
-    runner: ModelRunner, tokenizer: Any, limits: ServingLimits, eos_ids: set[int], channels: Any
+    runner: ModelRunner,
+    tokenizer: Any,
+    limits: ServingLimits,
+    eos_ids: set[int],
+    grammars: Grammars,
+    channels: Any,
 ) -> None:
     """Rank 0: run the Scheduler over a MirrorRunner until the service sends Stop; then stop followers.
 
@@ -106,7 +112,7 @@ def lead(
     scheduler = Scheduler(mirror, limits, relay, deliver=sender.deliver, start=False)
     intake = threading.Thread(
         target=_intake,
-        args=(scheduler, channels.requests, tokenizer, eos_ids, live, sender),
+        args=(scheduler, channels.requests, tokenizer, eos_ids, grammars, live, sender),
         name="shardbento-tp-intake",
         daemon=True,
     )
@@ -123,6 +129,7 @@ def _intake(
     requests: Any,
     tokenizer: Any,
     eos_ids: set[int],
+    grammars: Grammars,
     live: dict[int, Sequence],
     sender: ReportSender,
 ) -> None:
@@ -135,7 +142,7 @@ def _intake(
                 sender.flush_metrics()
                 continue
             if isinstance(message, Submit):
-                _admit(scheduler, message, tokenizer, eos_ids, live, sender)
+                _admit(scheduler, message, tokenizer, eos_ids, grammars, live, sender)
             elif isinstance(message, Cancel):
                 seq = live.pop(message.ticket, None)
                 if seq is not None:
@@ -152,11 +159,19 @@ def _admit(
     message: Submit,
     tokenizer: Any,
     eos_ids: set[int],
+    grammars: Grammars,
     live: dict[int, Sequence],
     sender: ReportSender,
 ) -> None:
-    """A Sequence for the request, built where the scheduler decides its finish; a 429 goes straight back."""
-    sampler = RequestSampler(message.params, eos_ids=eos_ids, decode=lambda t: tokenizer.decode([t]))
+    """A Sequence for the request, built where the scheduler decides its finish (rank 0 samples, its
+    grammar state included); a 429 or a grammar refusal goes straight back."""
+    try:
+        sampler = RequestSampler(
+            message.params, eos_ids=eos_ids, decode=lambda t: tokenizer.decode([t]), grammars=grammars
+        )
+    except ShardbentoError as exc:
+        sender.deliver([(message.ticket, exc)])
+        return
     output = OutputStream(tokenizer, message.prompt_ids, message.params, eos_ids)
     seq = Sequence(message.request_id, list(message.prompt_ids), sampler, output, message.ticket)
     live[message.ticket] = seq  # before submit: the scheduler may finish it before submit returns

@@ -47,11 +47,14 @@ def run_rank(config: RankConfig, channels: RankChannels) -> None:
 def _serve_batched(model: Any, config: RankConfig, channels: RankChannels, tokenizer: Any) -> None:
     """Text: rank 0 schedules and samples; every other rank replays its runner calls."""
     from shardbento.engine.batch.runner import ModelRunner
+    from shardbento.engine.grammar import Grammars
     from shardbento.engine.tp.lead import follow, lead  # torch-heavy: imported in the rank process only
 
     runner = ModelRunner(model, config.max_num_seqs, config.max_model_len)
     if config.rank == 0:
-        lead(runner, tokenizer, config.limits, set(config.eos_token_ids), channels)
+        eos_ids = set(config.eos_token_ids)
+        grammars = Grammars(tokenizer, eos_ids, logits_width=model.config.get_text_config().vocab_size)
+        lead(runner, tokenizer, config.limits, eos_ids, grammars, channels)
     else:
         follow(runner, channels.control[config.rank - 1])
 

@@ -37,6 +37,8 @@ def engine_kwargs(spec: ModelSpec, model_path: str, known_args: set[str] | None 
         "gpu_memory_utilization": options.gpu_memory_utilization,
         "trust_remote_code": spec.trust_remote_code,
         "seed": 0,
+        # The transformers engine's grammars exactly: llguidance, compact JSON (engine/grammar.py).
+        "structured_outputs_config": {"backend": "guidance", "disable_any_whitespace": True},
     }
     if not Path(model_path).is_dir():
         kwargs["revision"] = spec.revision

@@ -8,7 +8,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from shardbento.catalog import ModelSpec
-from shardbento.engine.base import ChatMessage, Delta, EngineInfo, Prompt, SamplingParams, TokenLogprob
+from shardbento.engine.base import (
+    ChatMessage,
+    Constraint,
+    Delta,
+    EngineInfo,
+    Prompt,
+    SamplingParams,
+    TokenLogprob,
+)
 from shardbento.engine.hf.preprocess import Preprocessor, PreprocessorPrompts, load_preprocessor
 from shardbento.engine.output import OutputStream
 from shardbento.engine.vllm.args import engine_kwargs
@@ -44,7 +52,23 @@ def to_vllm_params(params: SamplingParams, eos_ids: set[int]) -> Any:
         stop_token_ids=sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))),
         logprobs=params.logprobs,
         detokenize=False,
+        structured_outputs=_structured_outputs(params.constraint),
     )
+
+
+def _structured_outputs(constraint: Constraint | None) -> Any:
+    """The same constraint as vLLM's structured outputs (its guidance backend: the same library)."""
+    if constraint is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if constraint.kind == "json_schema":
+        return StructuredOutputsParams(json=constraint.source)
+    if constraint.kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if constraint.kind == "regex":
+        return StructuredOutputsParams(regex=constraint.source)
+    return StructuredOutputsParams(grammar=constraint.source)
 
 
 class VLLMEngine(PreprocessorPrompts):
