@@ -138,6 +138,11 @@ class ModelSpec(BaseModel):
     stop: list[str] = Field(default_factory=list, description="Extra stop strings, trimmed from output.")
     eos_token_ids: list[int] = Field(default_factory=list, description="Extra EOS ids besides the model's.")
     chat_template: str | None = None
+    tool_parser: Literal["hermes", "llama3_json", "glm4"] | None = Field(
+        None,
+        description="How the model writes tool calls; detected from the chat template when unset "
+        "(<tool_call>: hermes, <|python_tag|>: llama3_json, <|observation|>: glm4).",
+    )
     trust_remote_code: bool = False
 
     @field_validator("gpu_type")

@@ -31,6 +31,8 @@ class Settings:
     max_image_pixels: int = 40_000_000
     max_stop_strings: int = 8
     max_stop_length: int = 256
+    max_schema_bytes: int = 64 * 1024  # a response_format schema or a tool's parameters, as compact JSON
+    max_n: int = 8  # choices one request may ask for
     request_timeout_s: float = 300.0
     fault_injection: str | None = None  # test-only: see shardbento/api/middleware/faults.py
 

@@ -6,7 +6,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from shardbento.engine.base import ChatMessage, Delta, FinishReason, Prompt, SamplingParams, TokenLogprob
+from shardbento.engine.base import (
+    ChatMessage,
+    Constraint,
+    Delta,
+    FinishReason,
+    Prompt,
+    SamplingParams,
+    TokenLogprob,
+)
+from shardbento.toolcalls import FunctionTool, ParsedCall, ToolParser
 
 # What a torch.Generator takes as a seed; past it sampling would fail with an overflow (a 500).
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
@@ -31,6 +40,31 @@ class Sampling:
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; N: the chosen token plus N alternatives
+    constraint: Constraint | None = None  # response_format (a tool_choice that forces a call wins)
+
+
+@dataclass(frozen=True, slots=True)
+class Tools:
+    """The tools a chat request offers: `choice` is "none", "auto", "required" or one tool's name."""
+
+    tools: tuple[FunctionTool, ...]
+    choice: str = "auto"
+    parallel: bool = True
+
+    @property
+    def forced(self) -> tuple[FunctionTool, ...]:
+        """The tools a call must be made to (all for "required", the named one), else none."""
+        if self.choice == "required":
+            return self.tools
+        return tuple(t for t in self.tools if t.name == self.choice)
+
+
+@dataclass(frozen=True, slots=True)
+class ToolUse:
+    """How a started generation's output turns into calls: its family's parser and the offered tools."""
+
+    parser: ToolParser
+    tools: Tools
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +72,7 @@ class GenerationRequest:
     """One generation as a front end parsed it: chat `messages` (rendered with the chat template) or a
     raw `prompt` (text or token ids, no template), how to sample, and the id logs and responses carry.
 
-    Output constraints (response_format, tools) join here as fields of their own.
+    `sampling.constraint` carries response_format; `tools` what the template lists and the parser reads.
     """
 
     request_id: str
@@ -46,6 +80,7 @@ class GenerationRequest:
     messages: tuple[ChatMessage, ...] | None = None
     prompt: str | tuple[int, ...] | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the chat template
+    tools: Tools | None = None
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
@@ -64,6 +99,7 @@ class Generation:
     prompt: Prompt
     params: SamplingParams
     deltas: AsyncIterator[Delta]
+    tool_use: ToolUse | None = None  # set when the output may hold tool calls
 
 
 @dataclass(slots=True)
@@ -75,6 +111,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    tool_calls: list[ParsedCall] = field(default_factory=list)  # then `text` is the content around them
 
     @property
     def total_tokens(self) -> int:

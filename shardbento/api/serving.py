@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import asdict
 from typing import Any
 
 import anyio
 
 from shardbento.api.middleware.faults import raise_requested_fault
-from shardbento.api.request import Completion, Generation, GenerationRequest, Sampling
+from shardbento.api.request import Completion, Generation, GenerationRequest, Sampling, ToolUse
 from shardbento.catalog import ModelSpec
 from shardbento.engine.base import (
     ChatMessage,
+    Constraint,
     Delta,
     Engine,
     FinishReason,
@@ -26,10 +27,11 @@ from shardbento.engine.base import (
 from shardbento.errors import GenerationFailed, InvalidRequest, NotReady, RequestTimeout, ShardbentoError
 from shardbento.logs import REQUEST_ID
 from shardbento.settings import Settings
+from shardbento.toolcalls import PARSERS
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 def new_request_id(prefix: str = "req") -> str:
@@ -71,11 +73,20 @@ class Serving:
                 "(SHARDBENTO_MAX_MESSAGES)",
                 param="messages",
             )
+        call_ids: set[str] = set()
         for i, message in enumerate(messages):
             if message.role not in ROLES:
                 raise InvalidRequest(
                     f"messages[{i}].role is {message.role!r}; allowed: {', '.join(ROLES)}",
                     param=f"messages[{i}].role",
+                )
+            call_ids.update(call.id for call in message.tool_calls)
+            if message.role == "tool" and message.tool_call_id not in call_ids:
+                raise InvalidRequest(
+                    f"messages[{i}] is a tool result for call {message.tool_call_id!r}, which no earlier "
+                    "assistant message made (its tool_calls ids: "
+                    f"{', '.join(sorted(call_ids)) or 'none'})",
+                    param=f"messages[{i}].tool_call_id",
                 )
         num_images = sum(len(m.images) for m in messages)
         if num_images and self.spec.kind != "vision":
@@ -121,6 +132,11 @@ class Serving:
         if request.messages is not None:
             checked = self.check_messages(request.messages)
             template_kwargs = _template_kwargs(request.chat_template_kwargs)
+            if request.tools is not None:
+                template_kwargs = {
+                    **(template_kwargs or {}),
+                    "tools": [t.template_dict() for t in request.tools.tools],
+                }
             return await anyio.to_thread.run_sync(engine.render_chat, checked, template_kwargs)
         if isinstance(request.prompt, tuple):
             self._check_token_ids(engine, request.prompt)
@@ -168,9 +184,11 @@ class Serving:
             max_tokens = min(defaults.max_tokens, room)
         elif prompt.num_tokens + max_tokens > limit:
             raise self._overflow(prompt.num_tokens, max_tokens)
-        fields = asdict(sampling)
-        del fields["max_tokens"]
-        values = {k: v for k, v in fields.items() if v is not None}
+        values = {
+            f.name: getattr(sampling, f.name)
+            for f in dataclasses.fields(sampling)
+            if f.name != "max_tokens" and getattr(sampling, f.name) is not None
+        }
         values.setdefault("temperature", defaults.temperature)
         values.setdefault("top_p", defaults.top_p)
         values.setdefault("top_k", defaults.top_k)
@@ -206,8 +224,14 @@ class Serving:
         """Validate and render the request, check it against the context, start it, and return once its
         first delta is there (see Generation); every failure is a typed error."""
         engine = self.ready_engine()
+        tool_use = self._tool_use(engine, request)
         prompt = await self._prompt(engine, request)
         params = self.params(prompt, request.sampling, engine.info.vocab_size)
+        if tool_use is not None and tool_use.tools.forced:  # the call is made by grammar, so it parses
+            grammar = tool_use.parser.grammar(tool_use.tools.forced, tool_use.tools.parallel)
+            params = dataclasses.replace(params, constraint=Constraint("lark", grammar, param="tool_choice"))
+        if params.constraint is not None:
+            await anyio.to_thread.run_sync(engine.check_constraint, params.constraint)
         deltas = self._deltas(engine, prompt, params, request.request_id)
         try:
             first = await anext(deltas)
@@ -216,7 +240,20 @@ class Serving:
         except BaseException:
             await deltas.aclose()
             raise
-        return Generation(request.request_id, prompt, params, _chained(first, deltas))
+        return Generation(request.request_id, prompt, params, _chained(first, deltas), tool_use)
+
+    def _tool_use(self, engine: Engine, request: GenerationRequest) -> ToolUse | None:
+        """The parser for a request that offers tools (None when it offers none or says "none")."""
+        if request.tools is None or request.tools.choice == "none":
+            return None
+        family = engine.info.tool_parser
+        if family is None:
+            raise InvalidRequest(
+                f"model {self.spec.name!r} has no known tool-call format (its chat template names none); "
+                "set tool_parser in its catalog entry or send tool_choice: none",
+                param="tools",
+            )
+        return ToolUse(PARSERS[family](), request.tools)
 
     async def complete(self, request: GenerationRequest) -> Completion:
         generation = await self.stream(request)
@@ -229,7 +266,14 @@ class Serving:
             logprobs.extend(delta.logprobs)
             num_tokens += len(delta.token_ids)
             finish = delta.finish_reason or finish
-        return Completion("".join(parts), finish, generation.prompt.num_tokens, num_tokens, logprobs)
+        text = "".join(parts)
+        completion = Completion(text, finish, generation.prompt.num_tokens, num_tokens, logprobs)
+        if generation.tool_use is not None:
+            use = generation.tool_use
+            completion.text, completion.tool_calls = use.parser.parse(text, use.tools.tools)
+            if completion.tool_calls:
+                completion.finish_reason = "tool_calls"
+        return completion
 
     async def _deltas(
         self, engine: Engine, prompt: Prompt, params: SamplingParams, request_id: str

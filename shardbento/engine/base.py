@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]  # the engines end with the first two
 GREEDY_BELOW_TEMPERATURE = 1e-5  # as vLLM's sampling epsilon
 
 
@@ -60,12 +61,46 @@ class SamplingParams:
 
 
 @dataclass(frozen=True, slots=True)
-class ChatMessage:
-    """One message after validation; `images` are decoded PIL images in content order."""
+class ToolCall:
+    """A function call the assistant made: `arguments` is its JSON object as text (OpenAI's form)."""
 
-    role: Literal["system", "user", "assistant"]
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    """One message after validation; `images` are decoded PIL images in content order.
+
+    An assistant turn may carry `tool_calls` (its text then often empty); a `tool` message answers the
+    call named by `tool_call_id`.
+    """
+
+    role: Literal["system", "user", "assistant", "tool"]
     text: str
     images: tuple[Any, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    name: str | None = None
+
+    def template_dict(self) -> dict[str, Any]:
+        """The message as chat templates read it (HF's convention: tool-call arguments as a mapping)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text}
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": json.loads(c.arguments)},
+                }
+                for c in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            message["name"] = self.name
+        return message
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +187,7 @@ class EngineInfo:
     parallel: str
     devices: tuple[str, ...]
     vocab_size: int  # prompt token ids must lie in [0, vocab_size): past it they index out of the embedding
+    tool_parser: str | None = None  # the family its tool calls are written in (shardbento.toolcalls)
 
 
 class Engine(Protocol):

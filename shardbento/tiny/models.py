@@ -19,6 +19,7 @@ from shardbento.tiny.tokenizer import (
     ENDOFTEXT,
     IM_END,
     IMAGE,
+    chat_template,
     corpus_lines,
     make_tokenizer_config_portable,
     train_tokenizer,
@@ -111,6 +112,7 @@ def recipe_digest(recipe: Recipe) -> str:
     """A short hash of the recipe, the corpus and the format version: any change gives a new directory."""
     hasher = hashlib.sha256(json.dumps(asdict(recipe), sort_keys=True).encode())
     hasher.update(f"format={FORMAT_VERSION}".encode())
+    hasher.update(chat_template(recipe.vision is not None).encode())  # saved with the model
     for line in corpus_lines():
         hasher.update(line.encode())
     return hasher.hexdigest()[:10]

@@ -162,17 +162,55 @@ def train_tokenizer(vocab_size: int, vision: bool, model_max_length: int) -> Pre
     return tokenizer
 
 
+TOOL_PREAMBLE = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+TOOL_INSTRUCTIONS = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\n</tool_call>'
+)
+
+
 def chat_template(vision: bool) -> str:
-    """ChatML; content may be a string or a list of parts, image parts becoming `<image>` when `vision`."""
+    """ChatML with Hermes-style tools (Qwen2.5's layout): `tools` listed in the system turn, assistant
+    `tool_calls` as `<tool_call>` JSON, `tool` messages as `<tool_response>` in a user turn. Content may
+    be a string or a list of parts, image parts becoming `<image>` when `vision`."""
     image_branch = "{%- elif part['type'] == 'image' -%}{{- '" + IMAGE + "' -}}" if vision else ""
-    return (
-        "{%- for message in messages -%}"
-        "{{- '" + IM_START + "' + message['role'] + '\\n' -}}"
+    content = (
         "{%- if message['content'] is string -%}{{- message['content'] -}}"
         "{%- elif message['content'] is iterable -%}{%- for part in message['content'] -%}"
         "{%- if part['type'] == 'text' -%}{{- part['text'] -}}" + image_branch + "{%- endif -%}"
         "{%- endfor -%}{%- endif -%}"
+    )
+    return (
+        "{%- if tools -%}"
+        "{{- '" + IM_START + "system\\n' -}}"
+        "{%- if messages[0]['role'] == 'system' -%}{{- messages[0]['content'] + '\\n\\n' -}}{%- endif -%}"
+        "{{- '" + TOOL_PREAMBLE + "' -}}"
+        "{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}"
+        "{{- '" + TOOL_INSTRUCTIONS + IM_END + "\\n' -}}"
+        "{%- endif -%}"
+        "{%- for message in messages -%}"
+        "{%- if tools and loop.first and message['role'] == 'system' -%}"
+        "{%- elif message['role'] == 'tool' -%}"
+        "{{- '"
+        + IM_START
+        + "user\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>"
+        + IM_END
+        + "\\n' -}}"
+        "{%- else -%}"
+        "{{- '"
+        + IM_START
+        + "' + message['role'] + '\\n' -}}"
+        + content
+        + "{%- for call in message.get('tool_calls') or [] -%}"
+        "{{- '\\n<tool_call>\\n{\"name\": \"' + call['function']['name'] + '\", \"arguments\": '"
+        " + (call['function']['arguments'] | tojson) + '}\\n</tool_call>' -}}"
+        "{%- endfor -%}"
         "{{- '" + IM_END + "\\n' -}}"
+        "{%- endif -%}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{- '" + IM_START + "assistant\\n' -}}{%- endif -%}"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import queue
 import threading
 import time
@@ -14,7 +15,7 @@ from types import SimpleNamespace
 from prometheus_client import REGISTRY
 
 from shardbento.catalog import ServingLimits
-from shardbento.engine.base import ChatMessage, Delta, SamplingParams
+from shardbento.engine.base import ChatMessage, Constraint, Delta, SamplingParams
 from shardbento.engine.batch.runner import ModelRunner
 from shardbento.engine.tp.lead import follow, lead
 from shardbento.engine.tp.messages import Cancel, RankFailure, Stop, Submit
@@ -30,7 +31,8 @@ def ranks(engine, limits: ServingLimits) -> Iterator[SimpleNamespace]:
     """Rank 0 and one follower as threads over the same (unsharded) model, wired like spawned ranks."""
     leader, follower = (ModelRunner(engine.model, limits.max_num_seqs, 1024) for _ in range(2))
     channels = SimpleNamespace(requests=queue.Queue(), results=queue.Queue(), control=(queue.SimpleQueue(),))
-    args = (leader, engine.tokenizer, limits, engine._prompts.eos_token_ids, channels)
+    prompts = engine._prompts
+    args = (leader, engine.tokenizer, limits, set(prompts.eos_token_ids), prompts.grammars, channels)
     threads = [
         threading.Thread(target=lead, args=args, daemon=True),
         threading.Thread(target=follow, args=(follower, channels.control[0]), daemon=True),
@@ -117,3 +119,19 @@ def test_tp_lead_cancel_frees_slot_and_reports_abort(text_engine) -> None:
         freed = {("finished", "finished", "abort"), ("running", "set", 0)}
         reports(world.channels, lambda items, ops: freed <= set(ops))
     assert world.follower.num_rows == world.leader.num_rows == 0
+
+
+def test_tp_lead_constrained_requests_sample_on_rank_0_as_in_one_process(text_engine) -> None:
+    schema = {"type": "object", "properties": {"pick": {"enum": ["a", "b", "c"]}}, "required": ["pick"]}
+    constraint = Constraint("json_schema", json.dumps(schema))
+    prompts = [text_engine.render_chat([ChatMessage(role="user", text=q)]) for q in QUESTIONS]
+    params = [SamplingParams(max_tokens=30, constraint=constraint), SamplingParams(max_tokens=8)] * 2
+    params = params[: len(prompts)]
+    expected = [asyncio.run(single_process(text_engine, p, s)) for p, s in zip(prompts, params, strict=True)]
+    with ranks(text_engine, ServingLimits(max_num_seqs=4, max_prefill_tokens=64)) as world:
+        for ticket, (prompt, sampling) in enumerate(zip(prompts, params, strict=True)):
+            world.channels.requests.put(Submit(ticket, f"req-{ticket}", prompt.token_ids, sampling))
+        items, _ = reports(world.channels, finished(set(range(len(prompts)))))
+    assert [tokens(items, ticket) for ticket in range(len(prompts))] == expected
+    constrained = text_engine.tokenizer.decode(expected[0], skip_special_tokens=True)
+    assert json.loads(constrained)["pick"] in ("a", "b", "c")

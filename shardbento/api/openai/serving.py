@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from pydantic import BaseModel
 
-from shardbento.api.errors import as_error
 from shardbento.api.image_urls import ImageFetchConfig, load_image
-from shardbento.api.openai.formatting import chat_logprobs, completion_logprobs, parse, sse, usage
+from shardbento.api.openai.formatting import chat_logprobs, completion_logprobs, parse, usage
 from shardbento.api.openai.protocol import (
     NEUTRAL_VALUES,
     AssistantMessage,
@@ -23,6 +24,7 @@ from shardbento.api.openai.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
+    FunctionCallOut,
     ModelList,
     ModelObject,
     SamplingRequest,
@@ -30,10 +32,13 @@ from shardbento.api.openai.protocol import (
     TokenizeChatRequest,
     TokenizeCompletionRequest,
     TokenizeResponse,
+    ToolCallOut,
 )
-from shardbento.api.request import Generation, GenerationRequest, Sampling
+from shardbento.api.openai.streaming import ChatChoiceStream, CompletionChoiceStream, sse_stream
+from shardbento.api.openai.structured import history_calls, request_tools, response_constraint
+from shardbento.api.request import SEED_MAX, Completion, Generation, GenerationRequest, Sampling
 from shardbento.api.serving import Serving, new_request_id
-from shardbento.engine.base import ChatMessage, TokenLogprob
+from shardbento.engine.base import ChatMessage
 from shardbento.errors import InvalidRequest, ModelNotFound
 
 logger = logging.getLogger(__name__)
@@ -107,6 +112,8 @@ class OpenAIServing:
         self._check_common(request)
         if request.top_logprobs is not None and not request.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
+        limits = self.serving.settings
+        tools = request_tools(request, limits.max_schema_bytes)
         messages = tuple([await self._message(i, m) for i, m in enumerate(request.messages)])
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         max_tokens = request.max_completion_tokens or request.max_tokens
@@ -115,51 +122,117 @@ class OpenAIServing:
             sampling=self._sampling(request, max_tokens, logprobs),
             messages=messages,
             chat_template_kwargs=request.chat_template_kwargs,
+            tools=tools,
         )
         if request.stream:
-            return self._chat_stream(await self.serving.stream(generation), request)
-        completion = await self.serving.complete(generation)
-        choice = ChatChoice(
-            message=AssistantMessage(content=completion.text),
-            logprobs=chat_logprobs(completion.logprobs) if logprobs is not None else None,
-            finish_reason=completion.finish_reason,
-        )
+            started = await self._start(generation, request.n)
+            choices = [ChatChoiceStream(g, i) for i, g in enumerate(started)]
+            return self._sse(generation.request_id, started, choices, request)
+        completions = await self._complete(generation, request.n)
+        choices = [
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(
+                    content=c.text if c.text or not c.tool_calls else None,
+                    tool_calls=[
+                        ToolCallOut(id=t.id, function=FunctionCallOut(name=t.name, arguments=t.arguments))
+                        for t in c.tool_calls
+                    ],
+                ),
+                logprobs=chat_logprobs(c.logprobs) if logprobs is not None else None,
+                finish_reason=c.finish_reason,
+            )
+            for i, c in enumerate(completions)
+        ]
         return ChatCompletion(
             id=generation.request_id,
             created=int(time.time()),
             model=self.serving.spec.name,
-            choices=[choice],
-            usage=usage(completion.prompt_tokens, completion.completion_tokens),
+            choices=choices,
+            usage=_usage(completions),
         )
 
     async def completion(self, body: Any) -> Result:
         request = parse(CompletionRequest, body)
         self._check_common(request)
+        prompt = _single_prompt(request.prompt)
+        if request.echo and request.logprobs is not None:
+            raise InvalidRequest("echo with logprobs is not supported (no prompt logprobs)", param="echo")
         generation = GenerationRequest(
             request_id=new_request_id("cmpl"),
             sampling=self._sampling(request, request.max_tokens, request.logprobs),
-            prompt=_single_prompt(request.prompt),
+            prompt=prompt,
         )
+        echo = ""
+        if request.echo:
+            echo = prompt if isinstance(prompt, str) else await self.serving.detokenize(prompt)
         if request.stream:
-            return self._completion_stream(await self.serving.stream(generation), request)
-        completion = await self.serving.complete(generation)
-        choice = CompletionChoice(
-            text=completion.text,
-            logprobs=completion_logprobs(completion.logprobs) if request.logprobs is not None else None,
-            finish_reason=completion.finish_reason,
-        )
+            started = await self._start(generation, request.n)
+            choices = [CompletionChoiceStream(g, i, echo) for i, g in enumerate(started)]
+            return self._sse(generation.request_id, started, choices, request)
+        completions = await self._complete(generation, request.n)
+        choices = [
+            CompletionChoice(
+                index=i,
+                text=echo + c.text,
+                logprobs=completion_logprobs(c.logprobs) if request.logprobs is not None else None,
+                finish_reason=c.finish_reason,
+            )
+            for i, c in enumerate(completions)
+        ]
         return TextCompletion(
             id=generation.request_id,
             created=int(time.time()),
             model=self.serving.spec.name,
-            choices=[choice],
-            usage=usage(completion.prompt_tokens, completion.completion_tokens),
+            choices=choices,
+            usage=_usage(completions),
         )
+
+    def _choices(self, request: GenerationRequest, n: int) -> list[GenerationRequest]:
+        """The n choices as n requests: the same prompt; a seed moves by one per choice so seeded
+        sampled choices differ and still reproduce."""
+        seed = request.sampling.seed
+        if n == 1:
+            return [request]
+        return [
+            dataclasses.replace(
+                request,
+                request_id=f"{request.request_id}-{i}",
+                sampling=dataclasses.replace(request.sampling, seed=_nth_seed(seed, i)),
+            )
+            for i in range(n)
+        ]
+
+    async def _start(self, request: GenerationRequest, n: int) -> list[Generation]:
+        """Start every choice (each past its first delta); one refused or failed start stops them all."""
+        results = await asyncio.gather(
+            *(self.serving.stream(r) for r in self._choices(request, n)), return_exceptions=True
+        )
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            for started in results:
+                if isinstance(started, Generation):
+                    await started.deltas.aclose()
+            raise failed[0]
+        return list(results)  # type: ignore[arg-type]
+
+    async def _complete(self, request: GenerationRequest, n: int) -> list[Completion]:
+        return list(await asyncio.gather(*(self.serving.complete(r) for r in self._choices(request, n))))
+
+    def _sse(
+        self, request_id: str, started: list[Generation], choices: list[Any], request: SamplingRequest
+    ) -> Any:
+        kind = ChatCompletionChunk if isinstance(request, ChatCompletionRequest) else TextCompletion
+        base = kind(id=request_id, created=int(time.time()), model=self.serving.spec.name, choices=[])
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        frame = base.model_dump(mode="json", exclude={"usage"} if not include_usage else set())
+        return sse_stream(started, choices, frame, include_usage)
 
     def _check_common(self, request: SamplingRequest) -> None:
         self._check_model(request.model)
-        if request.n != 1:
-            raise InvalidRequest(f"n is {request.n}; this server returns exactly one choice (n=1)", param="n")
+        max_n = self.serving.settings.max_n
+        if request.n > max_n:
+            raise InvalidRequest(f"n is {request.n}; the limit is {max_n} (SHARDBENTO_MAX_N)", param="n")
         for name, neutral in NEUTRAL_VALUES.items():
             value = getattr(request, name, None)
             if not any(value == v and type(value) is type(v) for v in neutral):
@@ -171,8 +244,24 @@ class OpenAIServing:
 
     async def _message(self, index: int, message: Any) -> ChatMessage:
         role = "system" if message.role == "developer" else message.role  # OpenAI's newer name for it
-        if isinstance(message.content, str):
-            return ChatMessage(role=role, text=message.content)
+        calls = history_calls(index, getattr(message, "tool_calls", None))
+        if calls and role != "assistant":
+            raise InvalidRequest(
+                f"messages[{index}]: only assistant messages carry tool_calls",
+                param=f"messages[{index}].tool_calls",
+            )
+        if message.content is None and not calls:
+            raise InvalidRequest(
+                f"messages[{index}].content is missing; only an assistant message with tool_calls may omit it",
+                param=f"messages[{index}].content",
+            )
+        extra = {
+            "tool_calls": calls,
+            "tool_call_id": getattr(message, "tool_call_id", None),
+            "name": message.name,
+        }
+        if message.content is None or isinstance(message.content, str):
+            return ChatMessage(role=role, text=message.content or "", **extra)
         texts: list[str] = []
         images: list[Any] = []
         for j, part in enumerate(message.content):
@@ -189,7 +278,7 @@ class OpenAIServing:
                     max_pixels=limits.max_image_pixels,
                 )
                 images.append(image)
-        return ChatMessage(role=role, text="\n".join(texts), images=tuple(images))
+        return ChatMessage(role=role, text="\n".join(texts), images=tuple(images), **extra)
 
     def _sampling(self, request: SamplingRequest, max_tokens: int | None, logprobs: int | None) -> Sampling:
         stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
@@ -211,70 +300,19 @@ class OpenAIServing:
             min_tokens=request.min_tokens,
             ignore_eos=request.ignore_eos,
             logprobs=logprobs,
+            constraint=response_constraint(request.response_format, self.serving.settings.max_schema_bytes),
         )
 
-    def _chat_stream(self, generation: Generation, request: ChatCompletionRequest) -> AsyncIterator[str]:
-        base = ChatCompletionChunk(
-            id=generation.request_id, created=int(time.time()), model=self.serving.spec.name, choices=[]
-        )
-        want_logprobs = generation.params.logprobs is not None
-        first = True
 
-        def chunk(text: str, items: list[TokenLogprob], finish: str | None) -> dict[str, Any]:
-            nonlocal first
-            delta = {"role": "assistant", "content": text} if first else {"content": text} if text else {}
-            first = False
-            choice = {"index": 0, "delta": delta, "finish_reason": finish}
-            choice["logprobs"] = chat_logprobs(items).model_dump() if want_logprobs and items else None
-            return choice
+def _nth_seed(seed: int | None, index: int) -> int | None:
+    if seed is None:
+        return None
+    return seed + index if seed + index <= SEED_MAX else seed - index
 
-        return self._stream(generation, request, base, chunk)
 
-    def _completion_stream(self, generation: Generation, request: CompletionRequest) -> AsyncIterator[str]:
-        base = TextCompletion(
-            id=generation.request_id, created=int(time.time()), model=self.serving.spec.name, choices=[]
-        )
-        want_logprobs = generation.params.logprobs is not None
-        offset = 0
-
-        def chunk(text: str, items: list[TokenLogprob], finish: str | None) -> dict[str, Any]:
-            nonlocal offset
-            logprobs = completion_logprobs(items, offset).model_dump() if want_logprobs and items else None
-            offset += len(text)
-            return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
-
-        return self._stream(generation, request, base, chunk)
-
-    async def _stream(
-        self,
-        generation: Generation,
-        request: SamplingRequest,
-        base: ChatCompletionChunk | TextCompletion,
-        choice: Callable[[str, list[TokenLogprob], str | None], dict[str, Any]],
-    ) -> AsyncIterator[str]:
-        """SSE framing shared by both endpoints: a chunk per text delta (the first carries the role and
-        the first token; token-less deltas wait), the usage chunk, [DONE]; an error ends it with one event."""
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        frame = base.model_dump(mode="json", exclude={"usage"} if not include_usage else set())
-        held: list[TokenLogprob] = []
-        num_tokens = 0
-        try:
-            async for delta in generation.deltas:
-                num_tokens += len(delta.token_ids)
-                held.extend(delta.logprobs)
-                if not delta.text and delta.finish_reason is None:
-                    continue
-                yield sse({**frame, "choices": [choice(delta.text, held, delta.finish_reason)]})
-                held = []
-        except Exception as exc:  # noqa: BLE001 - the stream has started: an error event, not a cut
-            yield sse(as_error(exc, f"stream {generation.request_id}").body())
-            return
-        finally:
-            await generation.deltas.aclose()
-        if include_usage:
-            used = usage(generation.prompt.num_tokens, num_tokens).model_dump()
-            yield sse({**frame, "choices": [], "usage": used})
-        yield "data: [DONE]\n\n"
+def _usage(completions: list[Completion]) -> Any:
+    """The prompt counted once (as OpenAI does for n choices), every choice's tokens added up."""
+    return usage(completions[0].prompt_tokens, sum(c.completion_tokens for c in completions))
 
 
 def _single_prompt(prompt: str | list[int] | list[str] | list[list[int]]) -> str | tuple[int, ...]:

@@ -108,6 +108,7 @@ class HFEngine(PreprocessorPrompts):
             parallel=loaded.parallel,
             devices=loaded.devices,
             vocab_size=loaded.prompts.vocab_size,
+            tool_parser=loaded.prompts.tool_parser,
         )
 
     @classmethod

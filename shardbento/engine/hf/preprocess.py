@@ -13,6 +13,7 @@ from shardbento.engine.base import ChatMessage, Constraint, Prompt, SamplingPara
 from shardbento.engine.batch.sampler import RequestSampler
 from shardbento.engine.grammar import Grammars
 from shardbento.errors import InvalidRequest
+from shardbento.toolcalls import detect_tool_parser
 
 
 def collect_eos_ids(generation_config: Any, config: Any, tokenizer: Any, spec: ModelSpec) -> set[int]:
@@ -54,6 +55,12 @@ class Preprocessor:
         pad_id = self.tokenizer.pad_token_id
         return pad_id if pad_id is not None else min(self.eos_token_ids)
 
+    @property
+    def tool_parser(self) -> str | None:
+        """The catalog's `tool_parser`, else the family the chat template's markers name."""
+        template = self.spec.chat_template or getattr(self.processor or self.tokenizer, "chat_template", None)
+        return self.spec.tool_parser or detect_tool_parser(template if isinstance(template, str) else None)
+
     def sampler(self, params: SamplingParams) -> RequestSampler:
         """The token picker for one request: its EOS ids, token names for logprobs, its grammar."""
         return RequestSampler(
@@ -77,17 +84,12 @@ class Preprocessor:
             **(template_kwargs or {}),
             **({"chat_template": self.spec.chat_template} if self.spec.chat_template else {}),
         }
+        conversation = [m.template_dict() for m in messages]
         if self.processor is None:
-            conversation = [{"role": m.role, "content": m.text} for m in messages]
             render = self.tokenizer.apply_chat_template
         else:
-            conversation = [
-                {
-                    "role": m.role,
-                    "content": [{"type": "image"}] * len(m.images) + [{"type": "text", "text": m.text}],
-                }
-                for m in messages
-            ]
+            for message, m in zip(conversation, messages, strict=True):
+                message["content"] = [{"type": "image"}] * len(m.images) + [{"type": "text", "text": m.text}]
             render = self.processor.apply_chat_template
         try:
             return render(conversation, add_generation_prompt=True, tokenize=False, **extra)

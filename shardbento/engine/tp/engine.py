@@ -85,6 +85,7 @@ class TPEngine(PreprocessorPrompts):
             parallel=f"tensor x{len(ranks)}",
             devices=devices,
             vocab_size=prompts.vocab_size,
+            tool_parser=prompts.tool_parser,
         )
         threading.Thread(target=self._watch, name="shardbento-tp-watchdog", daemon=True).start()
 

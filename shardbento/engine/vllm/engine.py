@@ -89,6 +89,7 @@ class VLLMEngine(PreprocessorPrompts):
             parallel=f"{parallel},{backend}" if backend else parallel,
             devices=_devices(spec),
             vocab_size=prompts.vocab_size,
+            tool_parser=prompts.tool_parser,
         )
 
     @classmethod

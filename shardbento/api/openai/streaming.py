@@ -1,0 +1,155 @@
+"""SSE for /v1: each choice's deltas as OpenAI chunks (tool calls as OpenAI's tool-call deltas), the n
+choices of one request interleaved as they come, then usage and [DONE]."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from shardbento.api.errors import as_error
+from shardbento.api.openai.formatting import chat_logprobs, completion_logprobs, sse, usage
+from shardbento.api.request import Generation
+from shardbento.engine.base import Delta, TokenLogprob
+
+Choice = dict[str, Any]
+
+
+class ChatChoiceStream:
+    """One chat choice's chunks. With tools, content streams up to where a call may start; the call
+    text is held, parsed at the end and sent as tool-call deltas (id and name, then the arguments)."""
+
+    def __init__(self, generation: Generation, index: int) -> None:
+        self.index = index
+        self.want_logprobs = generation.params.logprobs is not None
+        self.tool_use = generation.tool_use
+        self.first = True
+        self.text = ""
+        self.sent = 0  # characters of `text` already sent as content
+        self.held: list[TokenLogprob] = []
+
+    def _choice(self, delta: dict[str, Any], finish: str | None = None) -> Choice:
+        if self.first:
+            delta = {"role": "assistant", **delta}
+            self.first = False
+        logprobs = chat_logprobs(self.held).model_dump() if self.want_logprobs and self.held else None
+        self.held = []
+        return {"index": self.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+
+    def chunks(self, delta: Delta) -> list[Choice]:
+        self.held.extend(delta.logprobs)
+        if self.tool_use is None:
+            if not delta.text and delta.finish_reason is None:
+                return []
+            return [
+                self._choice({"content": delta.text} if delta.text or self.first else {}, delta.finish_reason)
+            ]
+        self.text += delta.text
+        if delta.finish_reason is None:
+            use = self.tool_use
+            end = 0 if use.tools.forced else use.parser.content_end(self.text, use.tools.tools)
+            if end <= self.sent:
+                return []
+            piece, self.sent = self.text[self.sent : end], end
+            return [self._choice({"content": piece})]
+        return self._finish(delta.finish_reason)
+
+    def _finish(self, finish: str) -> list[Choice]:
+        use = self.tool_use
+        content, calls = use.parser.parse(self.text, use.tools.tools)
+        rest = (content if calls else self.text)[self.sent :]
+        out = [self._choice({"content": rest})] if rest else []
+        for k, call in enumerate(calls):
+            head = {
+                "index": k,
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": ""},
+            }
+            out.append(self._choice({"tool_calls": [head]}))
+            out.append(
+                self._choice({"tool_calls": [{"index": k, "function": {"arguments": call.arguments}}]})
+            )
+        out.append(self._choice({}, "tool_calls" if calls else finish))
+        return out
+
+
+class CompletionChoiceStream:
+    """One completion choice's chunks, text offsets counted across them; `echo` text goes first."""
+
+    def __init__(self, generation: Generation, index: int, echo: str = "") -> None:
+        self.index = index
+        self.want_logprobs = generation.params.logprobs is not None
+        self.offset = 0
+        self.echo = echo
+        self.held: list[TokenLogprob] = []
+
+    def chunks(self, delta: Delta) -> list[Choice]:
+        self.held.extend(delta.logprobs)
+        text, self.echo = self.echo + delta.text, ""
+        if not text and delta.finish_reason is None:
+            return []
+        items, self.held = self.held, []
+        logprobs = (
+            completion_logprobs(items, self.offset).model_dump() if self.want_logprobs and items else None
+        )
+        self.offset += len(text)
+        return [
+            {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": delta.finish_reason}
+        ]
+
+
+async def interleaved(generations: list[Generation]) -> AsyncIterator[tuple[int, Delta]]:
+    """Every generation's deltas tagged with its index, in the order they arrive; the first failure
+    ends the whole stream (the others are closed)."""
+    if len(generations) == 1:
+        async for delta in generations[0].deltas:
+            yield 0, delta
+        return
+    queue: asyncio.Queue[tuple[int, Delta | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, generation: Generation) -> None:
+        try:
+            async for delta in generation.deltas:
+                await queue.put((index, delta))
+            await queue.put((index, None))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            await queue.put((index, exc))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(generations)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def sse_stream(
+    generations: list[Generation], choices: list[Any], frame: dict[str, Any], include_usage: bool
+) -> AsyncIterator[str]:
+    """The SSE body: chunks per choice as they come, an error event if one fails, usage, [DONE]."""
+    num_tokens = 0
+    try:
+        async for index, delta in interleaved(generations):
+            num_tokens += len(delta.token_ids)
+            for choice in choices[index].chunks(delta):
+                yield sse({**frame, "choices": [choice]})
+    except Exception as exc:  # noqa: BLE001 - the stream has started: an error event, not a cut
+        yield sse(as_error(exc, f"stream {generations[0].request_id}").body())
+        return
+    finally:
+        for generation in generations:
+            await generation.deltas.aclose()
+    if include_usage:
+        used = usage(generations[0].prompt.num_tokens, num_tokens).model_dump()
+        yield sse({**frame, "choices": [], "usage": used})
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,92 @@
+"""OpenAI's response_format and tools as the request object's constraint and Tools, checked by name."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from shardbento.api.openai.protocol import (
+    ChatCompletionRequest,
+    JsonObjectFormat,
+    JsonSchemaResponseFormat,
+    NamedToolChoice,
+    ResponseFormat,
+    ToolCallIn,
+)
+from shardbento.api.request import Tools
+from shardbento.engine.base import Constraint, ToolCall
+from shardbento.errors import InvalidRequest
+from shardbento.toolcalls import FunctionTool
+
+
+def schema_text(schema: dict[str, Any], param: str, max_bytes: int) -> str:
+    """A schema as compact JSON text (the grammar cache's key), refused past `max_bytes`."""
+    text = json.dumps(schema, sort_keys=True, separators=(",", ":"))
+    if len(text.encode()) > max_bytes:
+        raise InvalidRequest(
+            f"{param} is {len(text.encode())} bytes of JSON schema; the limit is {max_bytes} "
+            "(SHARDBENTO_MAX_SCHEMA_BYTES)",
+            param=param,
+        )
+    return text
+
+
+def response_constraint(response_format: ResponseFormat | None, max_bytes: int) -> Constraint | None:
+    """`text` (or none): unconstrained; `json_object`: any JSON object; `json_schema`: that schema."""
+    if isinstance(response_format, JsonObjectFormat):
+        return Constraint("json_object")
+    if isinstance(response_format, JsonSchemaResponseFormat):
+        param = "response_format.json_schema.schema"
+        return Constraint(
+            "json_schema", schema_text(response_format.json_schema.json_schema, param, max_bytes), param
+        )
+    return None
+
+
+def request_tools(request: ChatCompletionRequest, max_bytes: int) -> Tools | None:
+    """The offered tools with tool_choice resolved ("auto" when tools are sent, as OpenAI's default)."""
+    if not request.tools:
+        if request.tool_choice not in (None, "none"):
+            raise InvalidRequest(
+                "tool_choice needs tools: send the tools it may choose from", param="tool_choice"
+            )
+        return None
+    tools = []
+    seen: set[str] = set()
+    for i, tool in enumerate(request.tools):
+        function = tool.function
+        if function.name in seen:
+            raise InvalidRequest(
+                f"tools[{i}]: a second function named {function.name!r}", param=f"tools[{i}]"
+            )
+        seen.add(function.name)
+        parameters = function.parameters or {"type": "object", "properties": {}}
+        schema_text(parameters, f"tools[{i}].function.parameters", max_bytes)
+        tools.append(FunctionTool(function.name, function.description, parameters))
+    choice = request.tool_choice or "auto"
+    if isinstance(choice, NamedToolChoice):
+        choice = choice.function.name
+        if choice not in seen:
+            raise InvalidRequest(
+                f"tool_choice names function {choice!r}, which is not among tools ({', '.join(sorted(seen))})",
+                param="tool_choice",
+            )
+    parallel = True if request.parallel_tool_calls is None else request.parallel_tool_calls
+    return Tools(tuple(tools), choice, parallel)
+
+
+def history_calls(index: int, calls: list[ToolCallIn] | None) -> tuple[ToolCall, ...]:
+    """An assistant message's earlier calls; their arguments must be JSON objects (templates read them)."""
+    result = []
+    for j, call in enumerate(calls or []):
+        try:
+            arguments = json.loads(call.function.arguments)
+        except json.JSONDecodeError as exc:
+            arguments = exc
+        if not isinstance(arguments, dict):
+            raise InvalidRequest(
+                f"messages[{index}].tool_calls[{j}].function.arguments must be a JSON object as text",
+                param=f"messages[{index}].tool_calls[{j}].function.arguments",
+            )
+        result.append(ToolCall(call.id, call.function.name, call.function.arguments))
+    return tuple(result)
