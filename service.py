@@ -121,16 +121,20 @@ class ShardBento:
     @typed_errors
     async def chat(self, messages: list[Any], **sampling: Any) -> TextOutput:
         """Chat messages in, the assistant's whole answer out."""
-        return text_output(
-            SPEC.name, await self.serving.complete(chat_request(messages, sampling, new_request_id()))
-        )
+        return text_output(SPEC.name, await self.serving.complete(self._chat(messages, sampling)))
 
     @bentoml.api(input_spec=ChatInput)
     @typed_stream_errors
     async def chat_stream(self, messages: list[Any], **sampling: Any) -> AsyncGenerator[str, None]:
         """Chat messages in, text deltas out as they are generated."""
-        async for text in self._stream(chat_request(messages, sampling, new_request_id())):
+        request = self._chat(messages, sampling)
+        if request.tools is not None and request.tools.choice != "none":
+            raise InvalidRequest("chat_stream streams text only: send tools to chat or /v1", param="tools")
+        async for text in self._stream(request):
             yield text
+
+    def _chat(self, messages: list[Any], sampling: dict[str, Any]) -> GenerationRequest:
+        return chat_request(messages, sampling, new_request_id(), self.serving.settings.max_schema_bytes)
 
     @bentoml.api(input_spec=GenerateInput)
     @typed_errors

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shardbento.api.openai.protocol import (
+    FunctionCallOut,
+    NamedToolChoice,
+    ResponseFormat,
+    ToolCallIn,
+    ToolCallOut,
+    ToolDefinition,
+    Usage,
+)
+from shardbento.api.openai.structured import history_calls, request_tools, response_constraint
 from shardbento.api.request import SEED_MAX, SEED_MIN, Completion, GenerationRequest, Sampling
 from shardbento.engine.base import ChatMessage
+from shardbento.errors import InvalidRequest
 
 MAX_STOP_STRINGS = 8
 
@@ -16,8 +28,10 @@ MAX_STOP_STRINGS = 8
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = None  # None only beside an assistant's tool_calls
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
 
 
 class SamplingFields(BaseModel):
@@ -41,18 +55,43 @@ def sampling_of(fields: dict[str, Any]) -> Sampling:
     return Sampling(**{**fields, "stop": tuple(fields.get("stop") or ())})
 
 
-def chat_request(messages: list[Any], fields: dict[str, Any], request_id: str) -> GenerationRequest:
-    """A typed chat API's input (messages, sampling fields, template variables) for Serving."""
+def chat_request(
+    messages: list[Any], fields: dict[str, Any], request_id: str, max_schema_bytes: int
+) -> GenerationRequest:
+    """A typed chat API's input (messages, sampling fields, template variables, tools, response
+    format) for Serving, checked as /v1 checks them."""
     template_kwargs = fields.pop("chat_template_kwargs", None)
-    chat = tuple(ChatMessage(role=m.role, text=m.content) for m in messages)
+    offered = ChatInput.model_construct(
+        tools=fields.pop("tools", None),
+        tool_choice=fields.pop("tool_choice", None),
+        parallel_tool_calls=fields.pop("parallel_tool_calls", None),
+    )
+    constraint = response_constraint(fields.pop("response_format", None), max_schema_bytes)
+    chat = []
+    for i, m in enumerate(messages):
+        calls = history_calls(i, m.tool_calls)
+        if m.content is None and not (calls and m.role == "assistant"):
+            raise InvalidRequest(f"messages[{i}].content is missing", param=f"messages[{i}].content")
+        chat.append(
+            ChatMessage(role=m.role, text=m.content or "", tool_calls=calls, tool_call_id=m.tool_call_id)
+        )
+    sampling = dataclasses.replace(sampling_of(fields), constraint=constraint)
     return GenerationRequest(
-        request_id, sampling_of(fields), messages=chat, chat_template_kwargs=template_kwargs
+        request_id,
+        sampling,
+        messages=tuple(chat),
+        chat_template_kwargs=template_kwargs,
+        tools=request_tools(offered, max_schema_bytes),  # type: ignore[arg-type]
     )
 
 
 class ChatInput(SamplingFields):
     messages: list[Message]
     chat_template_kwargs: dict[str, Any] | None = None  # extra chat-template variables
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None  # text, json_object or json_schema, as /v1 takes it
 
 
 class GenerateInput(SamplingFields):
@@ -66,17 +105,12 @@ class VisionInput(SamplingFields):
     prompt: Annotated[str, Field(min_length=1)]
 
 
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
 class TextOutput(BaseModel):
     model: str
     text: str
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     usage: Usage
+    tool_calls: list[ToolCallOut] = []
 
 
 def text_output(model: str, completion: Completion) -> TextOutput:
@@ -85,7 +119,17 @@ def text_output(model: str, completion: Completion) -> TextOutput:
         completion_tokens=completion.completion_tokens,
         total_tokens=completion.total_tokens,
     )
-    return TextOutput(model=model, text=completion.text, finish_reason=completion.finish_reason, usage=usage)
+    calls = [
+        ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments))
+        for c in completion.tool_calls
+    ]
+    return TextOutput(
+        model=model,
+        text=completion.text,
+        finish_reason=completion.finish_reason,
+        usage=usage,
+        tool_calls=calls,
+    )
 
 
 class ModelCard(BaseModel):

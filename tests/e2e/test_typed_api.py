@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -105,6 +106,49 @@ def test_typed_models_card(client) -> None:
     assert card["devices"] == ["cpu"]
 
 
+CITY_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"enum": ["Paris", "Oslo"]}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+def test_typed_chat_takes_tools_and_response_format(client) -> None:
+    called = client.chat(
+        messages=MESSAGES,
+        tools=[CITY_TOOL],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=100,
+    )
+    assert called["finish_reason"] == "tool_calls"
+    assert called["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert json.loads(called["tool_calls"][0]["function"]["arguments"])["city"] in ("Paris", "Oslo")
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+    }
+    answer = client.chat(
+        messages=MESSAGES,
+        response_format={"type": "json_schema", "json_schema": {"name": "ok", "schema": schema}},
+        max_tokens=20,
+    )
+    assert isinstance(json.loads(answer["text"])["ok"], bool) and answer["finish_reason"] == "stop"
+
+
+def test_typed_chat_stream_refuses_tools(text_server) -> None:
+    body = {"messages": MESSAGES, "tools": [CITY_TOOL]}
+    assert_error(post(text_server, "/chat_stream", json=body), 400, "tools")
+
+
 def post(server, path: str, **kwargs) -> httpx.Response:
     return httpx.post(f"{server.url}{path}", timeout=60, **kwargs)
 
@@ -126,7 +170,8 @@ def assert_error(response: httpx.Response, status: int, param: str | None) -> di
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, "messages"),
         ({"messages": [{"role": "user", "content": "hi"}], "temperature": 7}, "temperature"),
-        ({"messages": [{"role": "user", "content": "hi"}], "tools": []}, "tools"),
+        ({"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, "tool_choice"),
+        ({"messages": [{"role": "user", "content": "hi"}], "functions": []}, "functions"),
         ({"messages": [{"role": "user", "content": "hi"}], "stop": [""]}, "stop.0"),
         ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
         ({"messages": [{"role": "user", "content": "hi"}], "seed": 2**64, "temperature": 1}, "seed"),

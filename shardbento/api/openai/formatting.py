@@ -13,8 +13,8 @@ from shardbento.api.openai.protocol import (
     ChatTokenLogprob,
     CompletionLogprobs,
     TopLogprob,
+    Usage,
 )
-from shardbento.api.protocol import Usage
 from shardbento.engine.base import TokenLogprob
 from shardbento.errors import InvalidRequest
 

@@ -6,7 +6,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shardbento.api.protocol import Usage
 from shardbento.api.request import SEED_MAX, SEED_MIN
 
 MAX_TOP_LOGPROBS = 20
@@ -28,6 +27,12 @@ NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
 }
 
 StopField = str | list[str] | None  # count and length limits: Serving.check_stop
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
 
 
 class StreamOptions(BaseModel):
