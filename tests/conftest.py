@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from servers import Server, serve  # noqa: E402
 
-SERVER_DIRS = ("e2e", "vllm")  # every test there starts a server or a subprocess
+SERVER_DIRS = ("e2e", "vllm", "clients")  # every test there starts a server or a subprocess
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

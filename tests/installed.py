@@ -17,3 +17,16 @@ def vllm_installed() -> bool:
             continue
         return True
     return False
+
+
+CLIENT_LIBRARIES = ("langchain-openai", "openai-agents", "instructor", "guidellm")
+
+
+def client_libraries_installed() -> bool:
+    """Whether this is the client-library environment (.venv-clients, `make test-clients`)."""
+    try:
+        for name in CLIENT_LIBRARIES:
+            importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True

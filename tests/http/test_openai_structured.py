@@ -272,3 +272,22 @@ def test_openai_structured_bad_input_is_a_400_naming_the_field(app, fields, para
     with pytest.raises(openai.BadRequestError) as caught:
         create(app, **fields)
     assert caught.value.body["param"] == param, caught.value.body
+
+
+def test_openai_structured_continuous_usage_counts_on_every_chunk(app) -> None:
+    body = {
+        "model": "tiny-llama",
+        "messages": MESSAGES,
+        "max_tokens": 5,
+        "extra_body": {"ignore_eos": True},
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+
+    async def scenario(client):
+        stream = await client.chat.completions.create(**body)
+        return [chunk async for chunk in stream]
+
+    chunks = with_client(app, scenario)
+    counts = [c.usage.completion_tokens for c in chunks if c.choices]
+    assert counts == sorted(counts) and counts[-1] == 5 and all(c.usage for c in chunks)

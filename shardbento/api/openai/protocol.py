@@ -39,6 +39,7 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: usage so far on every chunk (guidellm asks for it)
 
 
 class JsonSchemaFormat(BaseModel):

@@ -224,9 +224,11 @@ class OpenAIServing:
     ) -> Any:
         kind = ChatCompletionChunk if isinstance(request, ChatCompletionRequest) else TextCompletion
         base = kind(id=request_id, created=int(time.time()), model=self.serving.spec.name, choices=[])
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        options = request.stream_options
+        include_usage = bool(options and options.include_usage)
+        continuous = bool(options and options.continuous_usage_stats)
         frame = base.model_dump(mode="json", exclude={"usage"} if not include_usage else set())
-        return sse_stream(started, choices, frame, include_usage)
+        return sse_stream(started, choices, frame, include_usage, continuous)
 
     def _check_common(self, request: SamplingRequest) -> None:
         self._check_model(request.model)

@@ -134,15 +134,24 @@ async def interleaved(generations: list[Generation]) -> AsyncIterator[tuple[int,
 
 
 async def sse_stream(
-    generations: list[Generation], choices: list[Any], frame: dict[str, Any], include_usage: bool
+    generations: list[Generation],
+    choices: list[Any],
+    frame: dict[str, Any],
+    include_usage: bool,
+    continuous_usage: bool = False,
 ) -> AsyncIterator[str]:
-    """The SSE body: chunks per choice as they come, an error event if one fails, usage, [DONE]."""
+    """The SSE body: chunks per choice as they come (with the usage so far when `continuous_usage`),
+    an error event if one fails, usage, [DONE]."""
     num_tokens = 0
+    prompt_tokens = generations[0].prompt.num_tokens
     try:
         async for index, delta in interleaved(generations):
             num_tokens += len(delta.token_ids)
             for choice in choices[index].chunks(delta):
-                yield sse({**frame, "choices": [choice]})
+                chunk = {**frame, "choices": [choice]}
+                if continuous_usage:
+                    chunk["usage"] = usage(prompt_tokens, num_tokens).model_dump()
+                yield sse(chunk)
     except Exception as exc:  # noqa: BLE001 - the stream has started: an error event, not a cut
         yield sse(as_error(exc, f"stream {generations[0].request_id}").body())
         return
@@ -150,6 +159,6 @@ async def sse_stream(
         for generation in generations:
             await generation.deltas.aclose()
     if include_usage:
-        used = usage(generations[0].prompt.num_tokens, num_tokens).model_dump()
+        used = usage(prompt_tokens, num_tokens).model_dump()
         yield sse({**frame, "choices": [], "usage": used})
     yield "data: [DONE]\n\n"

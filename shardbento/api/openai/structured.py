@@ -16,7 +16,7 @@ from shardbento.api.openai.protocol import (
 from shardbento.api.request import Tools
 from shardbento.engine.base import Constraint, ToolCall
 from shardbento.errors import InvalidRequest
-from shardbento.toolcalls import FunctionTool
+from shardbento.toolcalls import FunctionTool, closed
 
 
 def schema_text(schema: dict[str, Any], param: str, max_bytes: int) -> str:
@@ -36,10 +36,11 @@ def response_constraint(response_format: ResponseFormat | None, max_bytes: int) 
     if isinstance(response_format, JsonObjectFormat):
         return Constraint("json_object")
     if isinstance(response_format, JsonSchemaResponseFormat):
+        # Objects that leave additionalProperties unsaid are closed, as for forced tool calls: the output
+        # has the declared shape (`"additionalProperties": true` still allows more keys).
         param = "response_format.json_schema.schema"
-        return Constraint(
-            "json_schema", schema_text(response_format.json_schema.json_schema, param, max_bytes), param
-        )
+        schema = closed(response_format.json_schema.json_schema)
+        return Constraint("json_schema", schema_text(schema, param, max_bytes), param)
     return None
 
 

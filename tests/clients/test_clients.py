@@ -1,0 +1,183 @@
+"""The client libraries applications are built on, unchanged, against a real `bentoml serve` of tiny-llama.
+
+The model has random weights, so every schema here is bounded (enums, ranged integers, booleans):
+free strings would run to max_tokens. What is asserted is what the libraries do with our answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Literal
+
+import pytest
+from pydantic import BaseModel, Field
+
+MODEL = "tiny-llama"
+
+
+class Pet(BaseModel):
+    """A pet."""
+
+    kind: Literal["cat", "dog", "fish"]
+    age: int = Field(ge=0, le=30)
+    happy: bool
+
+
+class Weather(BaseModel):
+    """The weather in a city."""
+
+    city: Literal["Paris", "Oslo", "Rome"]
+
+
+@pytest.fixture(scope="module")
+def base_url(text_server) -> str:
+    return f"{text_server.url}/v1"
+
+
+def test_clients_openai_parse_and_streamed_tools(base_url: str) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key="unused")
+    parsed = client.chat.completions.parse(
+        model=MODEL, messages=[{"role": "user", "content": "A pet?"}], response_format=Pet, max_tokens=60
+    )
+    assert isinstance(parsed.choices[0].message.parsed, Pet)
+    tool = openai.pydantic_function_tool(Weather, name="get_weather")
+    with client.chat.completions.stream(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Weather?"}],
+        tools=[tool],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=80,
+    ) as stream:
+        final = stream.get_final_completion()
+    call = final.choices[0].message.tool_calls[0]
+    assert isinstance(call.function.parsed_arguments, Weather)
+    assert final.choices[0].finish_reason == "tool_calls"
+
+
+def langchain_model(base_url: str):
+    from langchain_openai import ChatOpenAI
+
+    return ChatOpenAI(model=MODEL, base_url=base_url, api_key="unused", max_tokens=80, temperature=0)
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling"])
+def test_clients_langchain_structured_output(base_url: str, method: str) -> None:
+    result = langchain_model(base_url).with_structured_output(Pet, method=method).invoke("Describe a pet.")
+    assert isinstance(result, Pet)
+
+
+def test_clients_langchain_json_mode(base_url: str) -> None:
+    model = langchain_model(base_url).bind(max_tokens=120)
+    result = model.with_structured_output(None, method="json_mode").invoke("Answer in JSON.")
+    assert isinstance(result, dict)
+
+
+def test_clients_langchain_bind_tools(base_url: str) -> None:
+    model = langchain_model(base_url).bind_tools([Weather], tool_choice="Weather", parallel_tool_calls=False)
+    message = model.invoke("What is the weather?")
+    assert message.tool_calls and message.tool_calls[0]["name"] == "Weather"
+    Weather(**message.tool_calls[0]["args"])
+
+
+def agents_model(base_url: str):
+    from agents import OpenAIChatCompletionsModel
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=base_url, api_key="unused")
+    return OpenAIChatCompletionsModel(model=MODEL, openai_client=client)
+
+
+def test_clients_agents_sdk_calls_a_function_tool_and_uses_its_result(base_url: str) -> None:
+    from agents import Agent, ModelSettings, Runner, ToolCallOutputItem, function_tool, set_tracing_disabled
+
+    set_tracing_disabled(True)
+    calls: list[str] = []
+
+    @function_tool
+    def get_weather(city: Literal["Paris", "Oslo", "Rome"]) -> str:
+        """The weather in a city."""
+        calls.append(city)
+        return f"sunny in {city}"
+
+    agent = Agent(
+        name="forecaster",
+        instructions="Use the tool, then answer.",
+        tools=[get_weather],
+        model=agents_model(base_url),
+        model_settings=ModelSettings(tool_choice="required", parallel_tool_calls=False, max_tokens=80),
+    )
+    result = asyncio.run(Runner.run(agent, "Weather in Oslo?", max_turns=4))
+    assert calls and calls[0] in ("Paris", "Oslo", "Rome")
+    outputs = [item.output for item in result.new_items if isinstance(item, ToolCallOutputItem)]
+    assert outputs[0] == f"sunny in {calls[0]}"
+    assert isinstance(result.final_output, str)  # the turn after the tool's result (tool_choice reset)
+
+
+def test_clients_agents_sdk_typed_output(base_url: str) -> None:
+    from agents import Agent, ModelSettings, Runner, set_tracing_disabled
+
+    set_tracing_disabled(True)
+    agent = Agent(
+        name="describer",
+        instructions="Describe a pet.",
+        output_type=Pet,
+        model=agents_model(base_url),
+        model_settings=ModelSettings(max_tokens=80),
+    )
+    assert isinstance(asyncio.run(Runner.run(agent, "A pet, please.")).final_output, Pet)
+
+
+@pytest.mark.parametrize("mode", ["TOOLS", "JSON_SCHEMA"])
+def test_clients_instructor(base_url: str, mode: str) -> None:
+    import instructor
+    import openai
+
+    client = instructor.from_openai(
+        openai.OpenAI(base_url=base_url, api_key="unused"), mode=getattr(instructor.Mode, mode)
+    )
+    pet = client.chat.completions.create(
+        model=MODEL,
+        response_model=Pet,
+        messages=[{"role": "user", "content": "Describe a pet."}],
+        max_tokens=80,
+        max_retries=0,
+    )
+    assert isinstance(pet, Pet)
+
+
+def test_clients_guidellm_short_run_with_its_default_validation(text_server, tmp_path: Path) -> None:
+    """guidellm checks GET /health before it starts, then drives fixed-length synthetic requests."""
+    from shardbento.tiny.models import ensure_generated
+
+    output = tmp_path / "guidellm.json"
+    command = [
+        str(Path(sys.executable).parent / "guidellm"),
+        "run",
+        "--backend",
+        f"kind=openai_http,target={text_server.url},model={MODEL}",
+        "--profile",
+        "kind=synchronous",
+        "--constraint",
+        "kind=max_requests,count=4",
+        "--tokenizer",
+        f"kind=huggingface_auto,model={ensure_generated(MODEL)}",
+        "--data",
+        "kind=synthetic_text,prompt_tokens=32,output_tokens=8",
+        "--output",
+        f"kind=json,path={output}",
+        "--disable-console-interactive",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(output.read_text())
+    benchmark = report["benchmarks"][0]
+    successful = benchmark["requests"]["successful"]
+    assert len(successful) == 4
+    assert all(r["output_tokens"] == 8 for r in successful)
