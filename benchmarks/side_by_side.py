@@ -166,8 +166,11 @@ def start_peer(peer: Peer, work: Path) -> Running | str:
     return running
 
 
-def bench_level(running: Running, level: int, args: argparse.Namespace, work: Path) -> dict | str:
-    """One concurrency level of `python -m shardbento bench` against a running server."""
+def bench_level(
+    running: Running, level: int, args: argparse.Namespace, work: Path, extra: list[str] | None = None
+) -> dict | str:
+    """One concurrency level of `python -m shardbento bench` against a running server (`extra`: more
+    bench arguments, e.g. a response format)."""
     report_path = work / f"{running.log_path.stem}-c{level}.json"
     command = [
         sys.executable,
@@ -182,7 +185,7 @@ def bench_level(running: Running, level: int, args: argparse.Namespace, work: Pa
     command += ["--concurrency", str(level), "--input-tokens", str(args.input_tokens), "--seed", str(level)]
     command += ["--output-tokens", str(args.output_tokens), "--label", running.peer.label]
     command += ["--requests-per-client", str(args.requests_per_client)]
-    command += ["--min-requests", str(args.min_requests), "--json", str(report_path)]
+    command += ["--min-requests", str(args.min_requests), "--json", str(report_path), *(extra or [])]
     try:
         subprocess.run(command, cwd=REPO, check=True, timeout=3600)
     except Exception as exc:  # noqa: BLE001
@@ -211,6 +214,28 @@ def merge_levels(runs: list[dict]) -> dict:
         "prefill_ms": round(statistics.median(run["prefill_ms"] for run in runs), 2),
         "tpot_ms": round(statistics.median(run["tpot_ms"] for run in runs), 3),
     }
+
+
+SECTION_MARK = "<!-- section:"  # sections other scripts own (benchmarks/constrained.py), kept on rewrite
+
+
+def keep_sections(path: Path) -> str:
+    """The file's text from the first section another script owns, to be written back after ours."""
+    text = path.read_text() if path.exists() else ""
+    at = text.find(SECTION_MARK)
+    return "\n" + text[at:] if at >= 0 else ""
+
+
+def replace_section(path: Path, name: str, body: str) -> None:
+    """Write `body` as section `name` of the file (replacing that section, keeping the rest)."""
+    begin, end = f"{SECTION_MARK} {name} -->", f"<!-- end: {name} -->"
+    text = path.read_text() if path.exists() else ""
+    block = f"{begin}\n{body.rstrip()}\n{end}\n"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) + 1 :]
+    else:
+        text = text.rstrip() + "\n\n" + block
+    path.write_text(text)
 
 
 def markdown(
@@ -347,7 +372,8 @@ def main() -> int:
             stop(server.process)
     load_after = " ".join(f"{x:.1f}" for x in os.getloadavg())
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(markdown(reports, base, args, (load_before, load_after)))
+    kept = keep_sections(args.out)
+    args.out.write_text(markdown(reports, base, args, (load_before, load_after)) + kept)
     series = {label: r["levels"] for label, r in reports.items() if isinstance(r, dict)}
     plot(series, args.out.with_suffix(".png"))
     raw = args.out.with_name("benchmarks.json")

@@ -26,6 +26,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--min-requests", type=int, default=8, help="at least this many requests per level")
     parser.add_argument("--warmup", type=int, default=2, help="requests sent (and not counted) first")
     parser.add_argument("--api-key", help="sent as a Bearer token")
+    parser.add_argument(
+        "--response-format",
+        type=Path,
+        help="a JSON file holding an OpenAI response_format, sent with every request (constrained load)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     parser.add_argument("--json", type=Path, help="write the report as JSON here")
     parser.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
@@ -74,7 +79,10 @@ async def run_bench(args: argparse.Namespace, levels: list[int]) -> dict[str, An
     timeout = aiohttp.ClientTimeout(total=600.0)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:
         model = args.model or await _first_model(client, args.url, headers)
-        target, probe_tokens = await probe(client, Target(chat_url(args.url), model, True, headers))
+        extra = (
+            {"response_format": json.loads(args.response_format.read_text())} if args.response_format else {}
+        )
+        target, probe_tokens = await probe(client, Target(chat_url(args.url), model, True, headers, extra))
         words = max(1, round(args.input_tokens * 50 / probe_tokens)) if probe_tokens else args.input_tokens
         if not target.fixed_length:
             logger.warning(

@@ -96,6 +96,7 @@ class Target:
     model: str
     fixed_length: bool
     headers: dict[str, str]
+    extra: dict[str, Any] = field(default_factory=dict)  # sent with every request (a response_format)
 
 
 def chat_url(base: str) -> str:
@@ -120,7 +121,7 @@ def request_body(target: Target, prompt: str, output_tokens: int) -> dict[str, A
     }
     if target.fixed_length:  # vLLM's extensions, accepted by shardbento and vllm; not by every server
         body.update(ignore_eos=True, min_tokens=output_tokens)
-    return body
+    return {**body, **target.extra}
 
 
 async def send(session: aiohttp.ClientSession, target: Target, body: dict[str, Any]) -> RequestResult:
@@ -170,7 +171,7 @@ async def probe(client: aiohttp.ClientSession, target: Target) -> tuple[Target, 
     body = request_body(target, make_prompt(words, random.Random(0)), 2)
     result = await send(client, target, body)
     if not result.ok and target.fixed_length and result.error.startswith(("HTTP 400", "HTTP 422")):
-        target = Target(target.url, target.model, False, target.headers)
+        target = Target(target.url, target.model, False, target.headers, target.extra)
         result = await send(client, target, request_body(target, make_prompt(words, random.Random(0)), 2))
     if not result.ok:
         raise ProbeFailed(f"the probe request failed: {result.error}")

@@ -60,10 +60,15 @@ def assert_error(response: httpx.Response, status: int, param: str | None, code:
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "not a name"}}]}, "tools[0].function.name"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "sometimes"},
+            "tool_choice",
+        ),
+        ({"response_format": {"type": "yaml"}}, "response_format"),
+        ({"functions": [{"name": "f"}]}, "functions"),
         ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
-        ({"n": 2}, "n"),
+        ({"n": 99}, "n"),
         ({"seed": 2**64, "temperature": 1}, "seed"),
         ({"seed": -(2**63) - 1}, "seed"),
         ({"temperature": 3}, "temperature"),
@@ -84,9 +89,9 @@ def test_openai_unsupported_field_raises_bad_request_in_client(text_server) -> N
     client = openai.OpenAI(base_url=f"{text_server.url}/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(
-            model=TEXT_MODEL, messages=HI, tools=[{"type": "function", "function": {"name": "f"}}]
+            model=TEXT_MODEL, messages=HI, extra_body={"functions": [{"name": "f"}]}
         )
-    assert "tools" in caught.value.message
+    assert "functions" in caught.value.message
 
 
 def test_openai_unknown_model_is_404(text_server) -> None:
@@ -134,7 +139,7 @@ def test_openai_completions_bad_prompts_are_400(text_server) -> None:
         assert_error(
             post(text_server, {"model": TEXT_MODEL, "prompt": prompt}, "/v1/completions"), 400, "prompt"
         )
-    body = {"model": TEXT_MODEL, "prompt": "x", "echo": True}
+    body = {"model": TEXT_MODEL, "prompt": "x", "echo": True, "logprobs": 1}  # no prompt logprobs
     assert_error(post(text_server, body, "/v1/completions"), 400, "echo")
 
 

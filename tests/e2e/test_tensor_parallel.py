@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from pathlib import Path
 
@@ -173,3 +174,32 @@ def test_tensor_parallel_out_of_vocab_ids_are_the_same_400(
     errors = [r.json()["error"] for r in replies]
     assert errors[0] == errors[1] and errors[0]["param"] == "prompt"
     assert "[0, " in errors[0]["message"]
+
+
+def test_tensor_parallel_constrained_output_and_tool_calls_equal_single_process(
+    tp_server: Server, text_server: Server
+) -> None:
+    """Rank 0 samples under the grammar: the same schema-valid answer and the same forced call."""
+    schema = {"type": "object", "properties": {"pick": {"enum": ["a", "b", "c"]}}, "required": ["pick"]}
+    tool = {"type": "function", "function": {"name": "choose", "parameters": schema}}
+    bodies = [
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "pick", "schema": schema}}},
+        {"tools": [tool], "tool_choice": "required", "parallel_tool_calls": False},
+    ]
+    for extra in bodies:
+        body = {
+            "model": "tiny-llama",
+            "messages": [{"role": "user", "content": PROMPTS[0]}],
+            "max_tokens": 80,
+        }
+        answers = []
+        for server, model in ((tp_server, TP_MODEL), (text_server, "tiny-llama")):
+            response = httpx.post(
+                f"{server.url}/v1/chat/completions", json={**body, **extra, "model": model}, timeout=120
+            )
+            assert response.status_code == 200, response.text
+            message = response.json()["choices"][0]["message"]
+            answers.append((message["content"], [c["function"] for c in message["tool_calls"]]))
+        assert answers[0] == answers[1]
+        content, calls = answers[0]
+        assert json.loads(calls[0]["arguments"] if calls else content)["pick"] in ("a", "b", "c")

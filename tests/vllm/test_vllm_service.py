@@ -13,6 +13,14 @@ from vllm_helpers import comparable, post, vllm_serve_env
 
 MODEL = "tiny-llama"
 CHAT = {"messages": [{"role": "user", "content": "Tell me about shards."}], "max_tokens": 24}
+PET = {
+    "type": "object",
+    "properties": {"kind": {"enum": ["cat", "dog"]}, "age": {"type": "integer", "minimum": 0, "maximum": 20}},
+    "required": ["kind", "age"],
+}
+PET_FORMAT = {"type": "json_schema", "json_schema": {"name": "pet", "schema": PET}}
+CITY = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"]}
+CITY_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": CITY}}
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +60,27 @@ def test_vllm_service_reports_vllm_engine(vllm_server: Server) -> None:
                 "presence_penalty": 0.8,
                 "frequency_penalty": 0.6,
                 "logit_bias": {"5": 4.0, "6": -100},
+            },
+        ),
+        ("/v1/chat/completions", {**CHAT, "model": MODEL, "max_tokens": 60, "response_format": PET_FORMAT}),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "model": MODEL, "max_tokens": 60, "response_format": {"type": "json_object"}},
+        ),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "model": MODEL, "max_tokens": 80, "tools": [CITY_TOOL], "tool_choice": "required"},
+        ),
+        ("/v1/chat/completions", {**CHAT, "model": MODEL, "tools": [CITY_TOOL]}),
+        ("/v1/chat/completions", {**CHAT, "model": MODEL, "n": 2}),
+        (
+            "/chat",
+            {
+                **CHAT,
+                "max_tokens": 80,
+                "tools": [CITY_TOOL],
+                "tool_choice": "required",
+                "parallel_tool_calls": False,
             },
         ),
     ],

@@ -40,5 +40,11 @@ def post(server: Server, path: str, body: dict) -> httpx.Response:
 
 
 def comparable(body: dict) -> dict:
-    """A response without what differs between any two calls (ids, timestamps)."""
-    return {k: v for k, v in body.items() if k not in {"id", "created", "system_fingerprint"}}
+    """A response without what differs between any two calls (ids, timestamps, tool-call ids)."""
+    result = {k: v for k, v in body.items() if k not in {"id", "created", "system_fingerprint"}}
+    for choice in result.get("choices", []):
+        for call in choice.get("message", {}).get("tool_calls") or []:
+            call.pop("id", None)
+    for call in result.get("tool_calls") or []:
+        call.pop("id", None)
+    return result
