@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -85,6 +86,8 @@ class RequestSampler:
         self._counts: dict[int, int] = {}  # generated token -> times, for presence/frequency penalties
         self._logprobs: deque[TokenLogprob] = deque()
         self.grammars = grammars
+        unshaped = not dataclasses.replace(params, constraint=None).shapes_logits
+        self._plain_greedy = self._generator is None and params.logprobs is None and unshaped
         self.matcher: Any = None  # the constraint's state: advanced with every chosen token
         self.allowed: torch.Tensor | None = None  # this step's mask, when select_tokens computed it
         if params.constraint is not None:
@@ -104,8 +107,18 @@ class RequestSampler:
 
     @property
     def is_plain_greedy(self) -> bool:
-        """Greedy with nothing per-row but the EOS block: select_tokens() batches these rows."""
-        return self._generator is None and self._params.logprobs is None and not self._params.shapes_logits
+        """Greedy with nothing per-row but the EOS block and a grammar mask: select_tokens() batches
+        these rows (one masked argmax for all of them)."""
+        return self._plain_greedy
+
+    @property
+    def blocks_eos_now(self) -> bool:
+        """The EOS block this step: lifted once the grammar is complete (EOS is then all it allows)."""
+        return self.blocks_eos and not (self.matcher is not None and self.matcher.is_accepting())
+
+    def advance_grammar(self, token_id: int) -> None:
+        if self.matcher is not None and not self.matcher.consume_token(token_id):
+            raise RuntimeError(f"the grammar refused its own token: {self.matcher.get_error()}")
 
     def select(self, scores: torch.Tensor, seen_ids: list[int] | None = None) -> int:
         """The next token for one request from its row of a batch's logits ([vocab] or [1, vocab])."""
@@ -118,7 +131,7 @@ class RequestSampler:
         params = self._params
         logits = scores.float()
         raw_logprobs = logits.log_softmax(dim=-1) if params.logprobs is not None else None
-        blocks_eos = self.blocks_eos and not (self.matcher is not None and self.matcher.is_accepting())
+        blocks_eos = self.blocks_eos_now
         if params.logit_bias or blocks_eos or self.matcher is not None:
             logits = logits.clone()  # float() of float32 logits is the caller's tensor: never write into it
             for token_id, bias in params.logit_bias:
@@ -134,8 +147,7 @@ class RequestSampler:
         )
         chosen = self._choose(logits)
         self.count_token(int(chosen[0]))
-        if self.matcher is not None and not self.matcher.consume_token(int(chosen[0])):
-            raise RuntimeError(f"the grammar refused its own token: {self.matcher.get_error()}")
+        self.advance_grammar(int(chosen[0]))
         if raw_logprobs is not None:
             self._logprobs.append(self._logprob(raw_logprobs[0], int(chosen[0])))
         return chosen
@@ -188,28 +200,54 @@ class RequestSampler:
 def select_tokens(
     samplers: list[RequestSampler], logits: torch.Tensor, histories: list[list[int] | None]
 ) -> list[int]:
-    """The next token of every row of a batch's logits: plain greedy rows in one argmax, others each
-    by its own sampler (its generator, penalties, logprobs). Same tokens as select() row by row."""
+    """The next token of every row of a batch's logits: plain greedy rows (constrained or not) in one
+    masked argmax, others each by its own sampler (its generator, penalties, logprobs). Same tokens as
+    select() row by row."""
     tokens = [0] * len(samplers)
-    constrained = [sampler for sampler in samplers if sampler.matcher is not None]
+    constrained = [i for i, sampler in enumerate(samplers) if sampler.matcher is not None]
+    masks = None
     if constrained:  # one mask computation for the whole batch, not one per row
-        masks = constrained[0].grammars.allowed([sampler.matcher for sampler in constrained])
-        for sampler, allowed in zip(constrained, masks, strict=True):
-            sampler.allowed = allowed
+        masks = samplers[constrained[0]].grammars.allowed([samplers[i].matcher for i in constrained])
     plain = [i for i, sampler in enumerate(samplers) if sampler.is_plain_greedy]
     if plain:
         rows = logits[plain].float()
-        blocked = [j for j, i in enumerate(plain) if samplers[i].blocks_eos]
+        blocked = [j for j, i in enumerate(plain) if samplers[i].blocks_eos_now]
         if blocked:
             eos = torch.tensor(samplers[plain[blocked[0]]].eos_ids, device=rows.device)
             rows[torch.tensor(blocked, device=rows.device)[:, None], eos[None, :]] = float("-inf")
+        if masks is not None:
+            _mask_rows(rows, plain, constrained, masks)
         for i, token in zip(plain, rows.argmax(dim=-1).tolist(), strict=True):
             samplers[i].count_token(token)
+            samplers[i].advance_grammar(token)
             tokens[i] = token
+    if masks is not None:
+        for row, i in enumerate(constrained):
+            if not samplers[i].is_plain_greedy:
+                samplers[i].allowed = masks[row]
     for i, sampler in enumerate(samplers):
         if not sampler.is_plain_greedy:
             tokens[i] = sampler.select(logits[i], histories[i])
     return tokens
+
+
+def _mask_rows(rows: torch.Tensor, plain: list[int], constrained: list[int], masks: torch.Tensor) -> None:
+    """-inf outside each grammar's allowed tokens on the plain rows that have one, in one masked_fill."""
+    width = min(rows.shape[-1], masks.shape[-1])
+    if plain == constrained:  # every plain row constrained, in the same order: no gather or scatter
+        rows[:, width:] = float("-inf")
+        rows[:, :width].masked_fill_(~masks[:, :width].to(rows.device), float("-inf"))
+        return
+    at = {i: row for row, i in enumerate(constrained)}
+    pairs = [(j, at[i]) for j, i in enumerate(plain) if i in at]
+    if not pairs:
+        return
+    targets = torch.tensor([j for j, _ in pairs], device=rows.device)
+    sources = torch.tensor([k for _, k in pairs])
+    keep = torch.ones((len(pairs), rows.shape[-1]), dtype=torch.bool)
+    keep[:, width:] = False
+    keep[:, :width] = masks[sources, :width]
+    rows[targets] = rows[targets].masked_fill(~keep.to(rows.device), float("-inf"))
 
 
 def forced_generate_kwargs(
