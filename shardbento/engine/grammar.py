@@ -52,6 +52,7 @@ class Grammars:
         self._ll_tokenizer: Any = None
         self._executor: Any = None
         self._compiled = functools.lru_cache(maxsize=256)(self._compile)
+        self._mask_width = max(logits_width, len(tokenizer))  # ids past the tokenizer: always masked
 
     def _vocabulary(self) -> Any:
         """The tokenizer as llguidance sees it (about a second for a 150k vocabulary): made once."""
@@ -60,9 +61,8 @@ class Grammars:
                 import llguidance
 
                 backend = self._tokenizer.backend_tokenizer
-                width = max(self.logits_width, len(self._tokenizer))
                 self._ll_tokenizer = llguidance.LLTokenizer(
-                    backend.to_str(), n_vocab=width, eos_token=self._eos_ids or None
+                    backend.to_str(), n_vocab=self._mask_width, eos_token=self._eos_ids or None
                 )
                 self._executor = llguidance.LLExecutor()
             return self._ll_tokenizer
@@ -71,7 +71,8 @@ class Grammars:
         """Compile (cached); a grammar the library refuses is a 400 naming the field and the reason."""
         self._compiled(constraint)
 
-    def _compile(self, constraint: Constraint) -> str:
+    def _compile(self, constraint: Constraint) -> Any:
+        """A fresh matcher for the constraint, never advanced: each request's matcher is a copy of it."""
         import llguidance
 
         try:
@@ -80,28 +81,22 @@ class Grammars:
             raise InvalidRequest(
                 f"{constraint.param} cannot be compiled: {exc}", param=constraint.param
             ) from exc
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text, self._vocabulary())
-        if is_error:
+        prototype = llguidance.LLMatcher(self._vocabulary(), text, log_level=0)
+        if prototype.is_error():
             raise InvalidRequest(
-                f"{constraint.param} cannot be compiled: {'; '.join(messages)}", param=constraint.param
+                f"{constraint.param} cannot be compiled: {prototype.get_error()}", param=constraint.param
             )
-        return text
+        return prototype
 
     def matcher(self, constraint: Constraint) -> Any:
-        import llguidance
-
-        matcher = llguidance.LLMatcher(self._vocabulary(), self._compiled(constraint), log_level=0)
-        if matcher.is_error():
-            raise InvalidRequest(
-                f"{constraint.param} cannot be compiled: {matcher.get_error()}", param=constraint.param
-            )
-        return matcher
+        """The request's own grammar state: a copy of the compiled one (no second compile)."""
+        return self._compiled(constraint).deep_copy()
 
     def allowed(self, matchers: list[Any]) -> torch.Tensor:
         """[len(matchers), logits_width] booleans: the tokens each matcher allows next (computed in
-        parallel by llguidance's executor, one call for the whole batch)."""
-        self._vocabulary()
-        words = (max(self.logits_width, len(self._tokenizer)) + 31) // 32
+        parallel by llguidance's executor, one call for the whole batch). Matchers come from matcher(),
+        so the vocabulary and the executor exist."""
+        words = (self._mask_width + 31) // 32
         bitmask = torch.zeros((len(matchers), words), dtype=torch.int32)
         self._executor.unsafe_compute_mask_ptr(
             [(m, i) for i, m in enumerate(matchers)], bitmask.data_ptr(), words * 4, len(matchers)
@@ -116,3 +111,11 @@ def unpack_bitmask(bitmask: torch.Tensor, width: int) -> torch.Tensor:
     """int32 words, bit j of word w = token 32w + j, into booleans [rows, width]."""
     bits = (bitmask.unsqueeze(-1) >> _BITS) & 1
     return bits.reshape(bitmask.shape[0], -1)[:, :width].bool()
+
+
+def mask_disallowed(logits: torch.Tensor, allowed: torch.Tensor) -> None:
+    """In place: -inf for every token of `logits` ([rows, vocab]) that `allowed` ([rows, width]
+    booleans) leaves out, and for every id past its width."""
+    width = min(logits.shape[-1], allowed.shape[-1])
+    logits[:, width:] = float("-inf")
+    logits[:, :width].masked_fill_(~allowed[:, :width].to(logits.device), float("-inf"))

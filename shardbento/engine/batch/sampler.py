@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from shardbento.engine.base import SamplingParams, TokenLogprob
-from shardbento.engine.grammar import Grammars
+from shardbento.engine.grammar import Grammars, mask_disallowed
 
 
 def request_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
@@ -89,7 +89,6 @@ class RequestSampler:
         unshaped = not dataclasses.replace(params, constraint=None).shapes_logits
         self._plain_greedy = self._generator is None and params.logprobs is None and unshaped
         self.matcher: Any = None  # the constraint's state: advanced with every chosen token
-        self.allowed: torch.Tensor | None = None  # this step's mask, when select_tokens computed it
         if params.constraint is not None:
             if grammars is None:
                 raise ValueError("a constrained request needs the engine's Grammars")
@@ -120,13 +119,18 @@ class RequestSampler:
         if self.matcher is not None and not self.matcher.consume_token(token_id):
             raise RuntimeError(f"the grammar refused its own token: {self.matcher.get_error()}")
 
-    def select(self, scores: torch.Tensor, seen_ids: list[int] | None = None) -> int:
-        """The next token for one request from its row of a batch's logits ([vocab] or [1, vocab])."""
+    def select(
+        self, scores: torch.Tensor, seen_ids: list[int] | None = None, allowed: torch.Tensor | None = None
+    ) -> int:
+        """The next token for one request from its row of a batch's logits ([vocab] or [1, vocab]);
+        `allowed` is this step's grammar mask when the caller computed it for the batch."""
         scores = scores.reshape(1, -1)
         ids = torch.tensor([seen_ids or []], dtype=torch.long, device=scores.device)
-        return int(self._pick(ids, scores)[0])
+        return int(self._pick(ids, scores, allowed)[0])
 
-    def _pick(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def _pick(
+        self, input_ids: torch.Tensor, scores: torch.Tensor, allowed: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """vLLM's order: logit bias and the EOS block, then the penalties, then temperature and the rest."""
         params = self._params
         logits = scores.float()
@@ -139,7 +143,9 @@ class RequestSampler:
             if blocks_eos:
                 logits[:, self._eos_ids] = float("-inf")
             if self.matcher is not None:
-                self._mask(logits)
+                if allowed is None:
+                    allowed = self.grammars.allowed([self.matcher])[0]
+                mask_disallowed(logits, allowed[None])
         if input_ids.shape[-1]:
             logits = apply_repetition_penalty(logits, input_ids, params.repetition_penalty)
         logits = apply_output_penalties(
@@ -151,14 +157,6 @@ class RequestSampler:
         if raw_logprobs is not None:
             self._logprobs.append(self._logprob(raw_logprobs[0], int(chosen[0])))
         return chosen
-
-    def _mask(self, logits: torch.Tensor) -> None:
-        """-inf for every token the grammar does not allow next (in place, on the caller's clone)."""
-        allowed = self.allowed if self.allowed is not None else self.grammars.allowed([self.matcher])[0]
-        self.allowed = None
-        width = min(logits.shape[-1], allowed.shape[-1])
-        logits[:, width:] = float("-inf")
-        logits[:, :width].masked_fill_(~allowed[:width].to(logits.device), float("-inf"))
 
     def _choose(self, logits: torch.Tensor) -> torch.Tensor:
         if self._generator is None:
@@ -221,33 +219,26 @@ def select_tokens(
             samplers[i].count_token(token)
             samplers[i].advance_grammar(token)
             tokens[i] = token
-    if masks is not None:
-        for row, i in enumerate(constrained):
-            if not samplers[i].is_plain_greedy:
-                samplers[i].allowed = masks[row]
+    mask_of = {i: masks[row] for row, i in enumerate(constrained)} if masks is not None else {}
     for i, sampler in enumerate(samplers):
         if not sampler.is_plain_greedy:
-            tokens[i] = sampler.select(logits[i], histories[i])
+            tokens[i] = sampler.select(logits[i], histories[i], mask_of.get(i))
     return tokens
 
 
 def _mask_rows(rows: torch.Tensor, plain: list[int], constrained: list[int], masks: torch.Tensor) -> None:
-    """-inf outside each grammar's allowed tokens on the plain rows that have one, in one masked_fill."""
-    width = min(rows.shape[-1], masks.shape[-1])
+    """The grammar masks on the plain rows that have one, in one masked_fill."""
     if plain == constrained:  # every plain row constrained, in the same order: no gather or scatter
-        rows[:, width:] = float("-inf")
-        rows[:, :width].masked_fill_(~masks[:, :width].to(rows.device), float("-inf"))
+        mask_disallowed(rows, masks)
         return
     at = {i: row for row, i in enumerate(constrained)}
     pairs = [(j, at[i]) for j, i in enumerate(plain) if i in at]
     if not pairs:
         return
     targets = torch.tensor([j for j, _ in pairs], device=rows.device)
-    sources = torch.tensor([k for _, k in pairs])
-    keep = torch.ones((len(pairs), rows.shape[-1]), dtype=torch.bool)
-    keep[:, width:] = False
-    keep[:, :width] = masks[sources, :width]
-    rows[targets] = rows[targets].masked_fill(~keep.to(rows.device), float("-inf"))
+    picked = rows[targets]
+    mask_disallowed(picked, masks[torch.tensor([k for _, k in pairs])])
+    rows[targets] = picked
 
 
 def forced_generate_kwargs(
