@@ -9,7 +9,6 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from shardbento.api.openai.protocol import (
-    FunctionCallOut,
     NamedToolChoice,
     ResponseFormat,
     ToolCallIn,
@@ -17,10 +16,9 @@ from shardbento.api.openai.protocol import (
     ToolDefinition,
     Usage,
 )
-from shardbento.api.openai.structured import history_calls, request_tools, response_constraint
+from shardbento.api.openai.structured import message_calls, request_tools, response_constraint, tool_calls_out
 from shardbento.api.request import SEED_MAX, SEED_MIN, Completion, GenerationRequest, Sampling
 from shardbento.engine.base import ChatMessage
-from shardbento.errors import InvalidRequest
 
 MAX_STOP_STRINGS = 8
 
@@ -61,17 +59,16 @@ def chat_request(
     """A typed chat API's input (messages, sampling fields, template variables, tools, response
     format) for Serving, checked as /v1 checks them."""
     template_kwargs = fields.pop("chat_template_kwargs", None)
-    offered = ChatInput.model_construct(
-        tools=fields.pop("tools", None),
-        tool_choice=fields.pop("tool_choice", None),
-        parallel_tool_calls=fields.pop("parallel_tool_calls", None),
+    tools = request_tools(
+        fields.pop("tools", None),
+        fields.pop("tool_choice", None),
+        fields.pop("parallel_tool_calls", None),
+        max_schema_bytes,
     )
     constraint = response_constraint(fields.pop("response_format", None), max_schema_bytes)
     chat = []
     for i, m in enumerate(messages):
-        calls = history_calls(i, m.tool_calls)
-        if m.content is None and not (calls and m.role == "assistant"):
-            raise InvalidRequest(f"messages[{i}].content is missing", param=f"messages[{i}].content")
+        calls = message_calls(i, m.role, m.content, m.tool_calls)
         chat.append(
             ChatMessage(role=m.role, text=m.content or "", tool_calls=calls, tool_call_id=m.tool_call_id)
         )
@@ -81,7 +78,7 @@ def chat_request(
         sampling,
         messages=tuple(chat),
         chat_template_kwargs=template_kwargs,
-        tools=request_tools(offered, max_schema_bytes),  # type: ignore[arg-type]
+        tools=tools,
     )
 
 
@@ -119,16 +116,12 @@ def text_output(model: str, completion: Completion) -> TextOutput:
         completion_tokens=completion.completion_tokens,
         total_tokens=completion.total_tokens,
     )
-    calls = [
-        ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments))
-        for c in completion.tool_calls
-    ]
     return TextOutput(
         model=model,
         text=completion.text,
         finish_reason=completion.finish_reason,
         usage=usage,
-        tool_calls=calls,
+        tool_calls=tool_calls_out(completion.tool_calls),
     )
 
 

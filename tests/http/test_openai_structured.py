@@ -266,6 +266,24 @@ def test_openai_structured_echo_prepends_the_prompt(app) -> None:
             "messages[0].tool_calls[0].function.arguments",
         ),
         ({"tools": [TOOLS[0], TOOLS[0]]}, "tools[1]"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": "hi",
+                        "tool_calls": [
+                            {
+                                "id": "c",
+                                "type": "function",
+                                "function": {"name": "get_weather", "arguments": "{}"},
+                            }
+                        ],
+                    }
+                ]
+            },
+            "messages[0].tool_calls",
+        ),
     ],
 )
 def test_openai_structured_bad_input_is_a_400_naming_the_field(app, fields, param: str) -> None:

@@ -143,3 +143,13 @@ def text_template_family() -> str | None:
     from shardbento.tiny.tokenizer import chat_template
 
     return detect_tool_parser(chat_template(False))
+
+
+def test_toolcalls_catalog_tool_parser_wins_over_the_template(text_engine) -> None:
+    from shardbento.engine.hf.preprocess import load_preprocessor
+    from shardbento.plan.source import resolve_source
+
+    spec = text_engine.spec
+    assert text_engine.info.tool_parser == "hermes"  # detected from the tiny models' template
+    named = spec.model_copy(update={"tool_parser": "glm4"})
+    assert load_preprocessor(named, resolve_source(named)).tool_parser == "glm4"

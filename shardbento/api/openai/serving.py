@@ -24,7 +24,6 @@ from shardbento.api.openai.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
-    FunctionCallOut,
     ModelList,
     ModelObject,
     SamplingRequest,
@@ -32,10 +31,14 @@ from shardbento.api.openai.protocol import (
     TokenizeChatRequest,
     TokenizeCompletionRequest,
     TokenizeResponse,
-    ToolCallOut,
 )
 from shardbento.api.openai.streaming import ChatChoiceStream, CompletionChoiceStream, sse_stream
-from shardbento.api.openai.structured import history_calls, request_tools, response_constraint
+from shardbento.api.openai.structured import (
+    message_calls,
+    request_tools,
+    response_constraint,
+    tool_calls_out,
+)
 from shardbento.api.request import SEED_MAX, Completion, Generation, GenerationRequest, Sampling
 from shardbento.api.serving import Serving, new_request_id
 from shardbento.engine.base import ChatMessage
@@ -113,7 +116,9 @@ class OpenAIServing:
         if request.top_logprobs is not None and not request.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
         limits = self.serving.settings
-        tools = request_tools(request, limits.max_schema_bytes)
+        tools = request_tools(
+            request.tools, request.tool_choice, request.parallel_tool_calls, limits.max_schema_bytes
+        )
         messages = tuple([await self._message(i, m) for i, m in enumerate(request.messages)])
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         max_tokens = request.max_completion_tokens or request.max_tokens
@@ -134,10 +139,7 @@ class OpenAIServing:
                 index=i,
                 message=AssistantMessage(
                     content=c.text if c.text or not c.tool_calls else None,
-                    tool_calls=[
-                        ToolCallOut(id=t.id, function=FunctionCallOut(name=t.name, arguments=t.arguments))
-                        for t in c.tool_calls
-                    ],
+                    tool_calls=tool_calls_out(c.tool_calls),
                 ),
                 logprobs=chat_logprobs(c.logprobs) if logprobs is not None else None,
                 finish_reason=c.finish_reason,
@@ -246,17 +248,7 @@ class OpenAIServing:
 
     async def _message(self, index: int, message: Any) -> ChatMessage:
         role = "system" if message.role == "developer" else message.role  # OpenAI's newer name for it
-        calls = history_calls(index, getattr(message, "tool_calls", None))
-        if calls and role != "assistant":
-            raise InvalidRequest(
-                f"messages[{index}]: only assistant messages carry tool_calls",
-                param=f"messages[{index}].tool_calls",
-            )
-        if message.content is None and not calls:
-            raise InvalidRequest(
-                f"messages[{index}].content is missing; only an assistant message with tool_calls may omit it",
-                param=f"messages[{index}].content",
-            )
+        calls = message_calls(index, role, message.content, getattr(message, "tool_calls", None))
         extra = {
             "tool_calls": calls,
             "tool_call_id": getattr(message, "tool_call_id", None),

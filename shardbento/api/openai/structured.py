@@ -6,17 +6,19 @@ import json
 from typing import Any
 
 from shardbento.api.openai.protocol import (
-    ChatCompletionRequest,
+    FunctionCallOut,
     JsonObjectFormat,
     JsonSchemaResponseFormat,
     NamedToolChoice,
     ResponseFormat,
     ToolCallIn,
+    ToolCallOut,
+    ToolDefinition,
 )
 from shardbento.api.request import Tools
 from shardbento.engine.base import Constraint, ToolCall
 from shardbento.errors import InvalidRequest
-from shardbento.toolcalls import FunctionTool, closed
+from shardbento.toolcalls import FunctionTool, ParsedCall, closed
 
 
 def schema_text(schema: dict[str, Any], param: str, max_bytes: int) -> str:
@@ -44,17 +46,22 @@ def response_constraint(response_format: ResponseFormat | None, max_bytes: int) 
     return None
 
 
-def request_tools(request: ChatCompletionRequest, max_bytes: int) -> Tools | None:
+def request_tools(
+    offered: list[ToolDefinition] | None,
+    tool_choice: str | NamedToolChoice | None,
+    parallel_tool_calls: bool | None,
+    max_bytes: int,
+) -> Tools | None:
     """The offered tools with tool_choice resolved ("auto" when tools are sent, as OpenAI's default)."""
-    if not request.tools:
-        if request.tool_choice not in (None, "none"):
+    if not offered:
+        if tool_choice not in (None, "none"):
             raise InvalidRequest(
                 "tool_choice needs tools: send the tools it may choose from", param="tool_choice"
             )
         return None
     tools = []
     seen: set[str] = set()
-    for i, tool in enumerate(request.tools):
+    for i, tool in enumerate(offered):
         function = tool.function
         if function.name in seen:
             raise InvalidRequest(
@@ -64,7 +71,7 @@ def request_tools(request: ChatCompletionRequest, max_bytes: int) -> Tools | Non
         parameters = function.parameters or {"type": "object", "properties": {}}
         schema_text(parameters, f"tools[{i}].function.parameters", max_bytes)
         tools.append(FunctionTool(function.name, function.description, parameters))
-    choice = request.tool_choice or "auto"
+    choice = tool_choice or "auto"
     if isinstance(choice, NamedToolChoice):
         choice = choice.function.name
         if choice not in seen:
@@ -72,12 +79,25 @@ def request_tools(request: ChatCompletionRequest, max_bytes: int) -> Tools | Non
                 f"tool_choice names function {choice!r}, which is not among tools ({', '.join(sorted(seen))})",
                 param="tool_choice",
             )
-    parallel = True if request.parallel_tool_calls is None else request.parallel_tool_calls
+    parallel = True if parallel_tool_calls is None else parallel_tool_calls
     return Tools(tuple(tools), choice, parallel)
 
 
-def history_calls(index: int, calls: list[ToolCallIn] | None) -> tuple[ToolCall, ...]:
-    """An assistant message's earlier calls; their arguments must be JSON objects (templates read them)."""
+def message_calls(
+    index: int, role: str, content: Any, calls: list[ToolCallIn] | None
+) -> tuple[ToolCall, ...]:
+    """A history message's earlier tool calls, checked: only an assistant makes them, only beside them
+    may its content be missing, and their arguments are JSON objects (templates read them as mappings)."""
+    if calls and role != "assistant":
+        raise InvalidRequest(
+            f"messages[{index}]: only assistant messages carry tool_calls",
+            param=f"messages[{index}].tool_calls",
+        )
+    if content is None and not calls:
+        raise InvalidRequest(
+            f"messages[{index}].content is missing; only an assistant message with tool_calls may omit it",
+            param=f"messages[{index}].content",
+        )
     result = []
     for j, call in enumerate(calls or []):
         try:
@@ -91,3 +111,8 @@ def history_calls(index: int, calls: list[ToolCallIn] | None) -> tuple[ToolCall,
             )
         result.append(ToolCall(call.id, call.function.name, call.function.arguments))
     return tuple(result)
+
+
+def tool_calls_out(calls: list[ParsedCall]) -> list[ToolCallOut]:
+    """Calls parsed from an answer in OpenAI's response shape (both the typed /chat and /v1 use it)."""
+    return [ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments)) for c in calls]
