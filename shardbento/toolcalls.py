@@ -13,6 +13,8 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from shardbento.textmatch import held_suffix
+
 
 @dataclass(frozen=True, slots=True)
 class FunctionTool:
@@ -79,12 +81,7 @@ class ToolParser:
         """How much of the output so far is surely content: up to a call's start, less any tail that
         may be the beginning of one."""
         at = text.find(self.start)
-        if at >= 0:
-            return at
-        for size in range(min(len(text), len(self.start) - 1), 0, -1):
-            if self.start.startswith(text[-size:]):
-                return len(text) - size
-        return len(text)
+        return at if at >= 0 else len(text) - held_suffix(text, [self.start])
 
     def parse(self, text: str, tools: tuple[FunctionTool, ...]) -> tuple[str, list[ParsedCall]]:
         """(content, calls) from the whole output; text that does not parse as a call stays content."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from shardbento.engine.base import Delta, SamplingParams, TokenLogprob
+from shardbento.textmatch import held_suffix
 
 # Decode a few prompt tokens with the first outputs so tokenizers that mark word starts
 # (SentencePiece's leading space) render the first generated word as they would mid-text.
@@ -60,16 +61,9 @@ class StopMatcher:
         if hits:
             self._pending = ""
             return buffer[: min(hits)], True
-        hold = self._held_suffix(buffer)
+        hold = held_suffix(buffer, self._stops)
         self._pending = buffer[len(buffer) - hold :]
         return buffer[: len(buffer) - hold], False
-
-    def _held_suffix(self, buffer: str) -> int:
-        for size in range(min(len(buffer), max((len(s) for s in self._stops), default=0)), 0, -1):
-            tail = buffer[-size:]
-            if any(s.startswith(tail) for s in self._stops):
-                return size
-        return 0
 
     def flush(self) -> str:
         text, self._pending = self._pending, ""
