@@ -150,8 +150,8 @@ round by round.
 Rounds (unconstrained / constrained): {rounds}.
 
 Grammar compile of a {size}-byte JSON schema (32 typed properties, enums, bounds, an array of objects)
-on the same vocabulary: first {first_ms:.2f} ms, cached {cached_ms:.3f} ms (cached: the compiled text is
-reused; a request still builds its own matcher, about 0.4 ms, off the engine thread).
+on the same vocabulary: first {first_ms:.2f} ms, cached {cached_ms:.3f} ms (cached: the compiled matcher is
+reused; a request's own matcher is a copy of it).
 
 Where the time goes: tiny-llama's decode step at c=16 is about 9 ms on these two cores, and a constrained
 batch adds about 1 ms to it: llguidance's masks for 16 rows (~0.1-0.2 ms), unpacking and applying them,
