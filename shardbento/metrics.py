@@ -42,6 +42,8 @@ class EngineMetrics:
     kv_cache_usage: Any
     prompt_tokens: Any
     generation_tokens: Any
+    prefix_cache_queries: Any
+    prefix_cache_hits: Any
     request_success: Any
 
 
@@ -75,6 +77,12 @@ def engine_metrics() -> EngineMetrics:
         kv_cache_usage=gauge("kv_cache_usage_perc", "Fraction of the KV slots' tokens in use (0-1)."),
         prompt_tokens=Counter(f"{PREFIX}:prompt_tokens", "Prefilled prompt tokens.", ["model_name"]),
         generation_tokens=Counter(f"{PREFIX}:generation_tokens", "Generated tokens.", ["model_name"]),
+        prefix_cache_queries=Counter(
+            f"{PREFIX}:prefix_cache_queries", "Prompt tokens looked up for reusable KV.", ["model_name"]
+        ),
+        prefix_cache_hits=Counter(
+            f"{PREFIX}:prefix_cache_hits", "Prompt tokens whose KV was reused, not computed.", ["model_name"]
+        ),
         request_success=Counter(
             f"{PREFIX}:request_success",
             "Finished requests by finish reason (stop, length, abort, error).",
@@ -97,6 +105,8 @@ class RequestMetrics:
         "kv_usage": "kv_cache_usage",
         "prompt_tokens": "prompt_tokens",
         "generation_tokens": "generation_tokens",
+        "prefix_queries": "prefix_cache_queries",
+        "prefix_hits": "prefix_cache_hits",
     }
 
     def __init__(self, model_name: str) -> None:

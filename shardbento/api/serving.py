@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 
 from shardbento.api.middleware.faults import raise_requested_fault
-from shardbento.api.request import Completion, Generation, GenerationRequest, Sampling, ToolUse
+from shardbento.api.request import SEED_MAX, Completion, Generation, GenerationRequest, Sampling, ToolUse
 from shardbento.catalog import ModelSpec
 from shardbento.engine.base import (
     ChatMessage,
@@ -221,8 +221,12 @@ class Serving:
         return await anyio.to_thread.run_sync(engine.decode, list(token_ids))
 
     async def stream(self, request: GenerationRequest) -> Generation:
-        """Validate and render the request, check it against the context, start it, and return once its
-        first delta is there (see Generation); every failure is a typed error."""
+        return (await self.stream_choices(request, 1))[0]
+
+    async def stream_choices(self, request: GenerationRequest, n: int) -> list[Generation]:
+        """Validate and render the request once, check it against the context, start its n choices
+        (the engine prefills the prompt once for them) and return once each has its first delta (see
+        Generation); every failure is a typed error, and one choice's failure stops them all."""
         engine = self.ready_engine()
         tool_use = self._tool_use(engine, request)
         prompt = await self._prompt(engine, request)
@@ -232,15 +236,21 @@ class Serving:
             params = dataclasses.replace(params, constraint=Constraint("lark", grammar, param="tool_choice"))
         if params.constraint is not None:
             await anyio.to_thread.run_sync(engine.check_constraint, params.constraint)
-        deltas = self._deltas(engine, prompt, params, request.request_id)
-        try:
-            first = await anext(deltas)
-        except StopAsyncIteration:
-            raise GenerationFailed("the engine ended the request without any output") from None
-        except BaseException:
-            await deltas.aclose()
-            raise
-        return Generation(request.request_id, prompt, params, _chained(first, deltas), tool_use)
+        choices = [dataclasses.replace(params, seed=_nth_seed(params.seed, i)) for i in range(n)]
+        streams = engine.stream_choices(prompt, choices, request.request_id)
+        deltas = [self._deltas(stream, request.request_id) for stream in streams]
+        firsts = await asyncio.gather(*(anext(d) for d in deltas), return_exceptions=True)
+        failed = [first for first in firsts if isinstance(first, BaseException)]
+        if failed:
+            for d in deltas:
+                await d.aclose()
+            if isinstance(failed[0], StopAsyncIteration):
+                raise GenerationFailed("the engine ended the request without any output")
+            raise failed[0]
+        return [
+            Generation(request.request_id, prompt, p, _chained(first, d), tool_use)
+            for p, first, d in zip(choices, firsts, deltas, strict=True)
+        ]
 
     def _tool_use(self, engine: Engine, request: GenerationRequest) -> ToolUse | None:
         """The parser for a request that offers tools (None when it offers none or says "none")."""
@@ -256,31 +266,14 @@ class Serving:
         return ToolUse(PARSERS[family](), request.tools)
 
     async def complete(self, request: GenerationRequest) -> Completion:
-        generation = await self.stream(request)
-        parts: list[str] = []
-        logprobs: list[TokenLogprob] = []
-        num_tokens = 0
-        finish: FinishReason = "length"
-        async for delta in generation.deltas:
-            parts.append(delta.text)
-            logprobs.extend(delta.logprobs)
-            num_tokens += len(delta.token_ids)
-            finish = delta.finish_reason or finish
-        text = "".join(parts)
-        completion = Completion(text, finish, generation.prompt.num_tokens, num_tokens, logprobs)
-        if generation.tool_use is not None:
-            use = generation.tool_use
-            completion.text, completion.tool_calls = use.parser.parse(text, use.tools.tools)
-            if completion.tool_calls:
-                completion.finish_reason = "tool_calls"
-        return completion
+        return (await self.complete_choices(request, 1))[0]
 
-    async def _deltas(
-        self, engine: Engine, prompt: Prompt, params: SamplingParams, request_id: str
-    ) -> AsyncIterator[Delta]:
+    async def complete_choices(self, request: GenerationRequest, n: int) -> list[Completion]:
+        return list(await asyncio.gather(*map(_completion, await self.stream_choices(request, n))))
+
+    async def _deltas(self, deltas: AsyncIterator[Delta], request_id: str) -> AsyncIterator[Delta]:
         """The engine's deltas under the request deadline; an engine failure becomes one typed error for
         this request only."""
-        deltas = engine.stream(prompt, params, request_id)
         deadline_s = asyncio.get_running_loop().time() + self.settings.request_timeout_s
         try:
             while True:
@@ -305,6 +298,34 @@ class Serving:
             aclose = getattr(deltas, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+
+async def _completion(generation: Generation) -> Completion:
+    """A started generation read to its end."""
+    parts: list[str] = []
+    logprobs: list[TokenLogprob] = []
+    num_tokens = 0
+    finish: FinishReason = "length"
+    async for delta in generation.deltas:
+        parts.append(delta.text)
+        logprobs.extend(delta.logprobs)
+        num_tokens += len(delta.token_ids)
+        finish = delta.finish_reason or finish
+    text = "".join(parts)
+    completion = Completion(text, finish, generation.prompt.num_tokens, num_tokens, logprobs)
+    if generation.tool_use is not None:
+        use = generation.tool_use
+        completion.text, completion.tool_calls = use.parser.parse(text, use.tools.tools)
+        if completion.tool_calls:
+            completion.finish_reason = "tool_calls"
+    return completion
+
+
+def _nth_seed(seed: int | None, index: int) -> int | None:
+    """Choice i's seed: one more per choice, so seeded sampled choices differ and still reproduce."""
+    if seed is None or index == 0:
+        return seed
+    return seed + index if seed + index <= SEED_MAX else seed - index
 
 
 # Variables the chat template call sets itself: a request may not replace them through its kwargs.

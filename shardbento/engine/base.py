@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 FinishReason = Literal["stop", "length", "tool_calls"]  # the engines end with the first two
 GREEDY_BELOW_TEMPERATURE = 1e-5  # as vLLM's sampling epsilon
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +211,47 @@ class Engine(Protocol):
 
     def stream(self, prompt: Prompt, params: SamplingParams, request_id: str) -> AsyncIterator[Delta]: ...
 
+    def stream_choices(
+        self, prompt: Prompt, params: list[SamplingParams], request_id: str
+    ) -> list[AsyncIterator[Delta]]:
+        """One stream per choice of one prompt (named by choice_ids); a batching engine queues them
+        together when the first starts, so the prompt is prefilled once for all of them."""
+
     def is_ready(self) -> bool: ...
 
     def close(self) -> None: ...
+
+
+def choice_ids(request_id: str, n: int) -> list[str]:
+    """The engine-side ids of a request's n choices (the request's own id when there is one)."""
+    return [request_id] if n == 1 else [f"{request_id}-{i}" for i in range(n)]
+
+
+def separate_choices(
+    engine: Engine, prompt: Prompt, params: list[SamplingParams], request_id: str
+) -> list[AsyncIterator[Delta]]:
+    """stream_choices for an engine that runs each choice on its own (vLLM shares the prompt's KV by
+    its own prefix caching)."""
+    ids = choice_ids(request_id, len(params))
+    return [engine.stream(prompt, p, rid) for p, rid in zip(params, ids, strict=True)]
+
+
+class StartTogether(Generic[T]):
+    """What the streams of one request's choices share: `start` builds and queues every choice's item,
+    all at once, when the first of the streams starts; a refusal then reaches every stream."""
+
+    def __init__(self, start: Callable[[], list[T]]) -> None:
+        self._start: Callable[[], list[T]] | None = start
+        self._items: list[T] = []
+        self._error: BaseException | None = None
+
+    def get(self, index: int) -> T:
+        if self._start is not None:
+            start, self._start = self._start, None
+            try:
+                self._items = start()
+            except Exception as exc:
+                self._error = exc
+        if self._error is not None:
+            raise self._error
+        return self._items[index]

@@ -13,7 +13,7 @@ from shardbento.api.image_urls import ImageFetchConfig
 from shardbento.api.openai.routes import attach_serving, create_openai_app
 from shardbento.api.serving import Serving
 from shardbento.catalog import load_spec
-from shardbento.engine.base import Delta, EngineInfo, Prompt
+from shardbento.engine.base import Delta, EngineInfo, Prompt, separate_choices
 
 BODY = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -78,6 +78,9 @@ class FailingEngine:
         yield Delta(text="", token_ids=[6])  # a token whose text is held back (half a character)
         yield Delta(text=" world", token_ids=[7])
         raise RuntimeError("device lost")
+
+    def stream_choices(self, prompt, params, request_id):
+        return separate_choices(self, prompt, params, request_id)
 
     def is_ready(self) -> bool:
         return True

@@ -167,3 +167,63 @@ def test_scheduler_close_ends_the_loop_on_its_engine_thread(text_engine) -> None
     assert engine._scheduler.is_alive
     engine.close()  # waits (bounded) for the loop, not for the executor's thread, which lives on
     assert not engine._scheduler.is_alive and not engine.is_ready()
+
+
+@pytest.mark.parametrize("budget", [512, 16], ids=["one-chunk", "chunked"])
+def test_scheduler_choices_prefill_their_prompt_once(text_engine, budget) -> None:
+    """n choices of one prompt: one prefill computes it (in chunks when it is long), every choice
+    decodes from its KV and equals a request run alone with that choice's parameters."""
+    spec = text_engine.spec.model_copy(update={"limits": ServingLimits(max_prefill_tokens=budget)})
+    engine = HFEngine(spec, replace(text_engine._loaded, plan=run_preflight(spec)))
+    prompt = prompts(engine)[1]
+    choices = [
+        SamplingParams(max_tokens=9, ignore_eos=True),
+        *(SamplingParams(max_tokens=9, temperature=1.0, seed=40 + i, ignore_eos=True) for i in range(3)),
+    ]
+    runner = engine._scheduler._runner
+    computed: list[int] = []
+    prefill = runner.prefill
+
+    def counting(chunks):
+        computed.extend(len(chunk.token_ids) for chunk in chunks)
+        return prefill(chunks)
+
+    async def run():
+        streams = engine.stream_choices(prompt, choices, "choices")
+        return await asyncio.gather(*(_read(s) for s in streams))
+
+    try:
+        expected = alone(engine, [(prompt, params) for params in choices])
+        hits = metric("prefix_cache_hits_total")
+        runner.prefill = counting
+        got = asyncio.run(run())
+    finally:
+        engine.close()
+    assert got == expected
+    assert sum(computed) == prompt.num_tokens
+    assert len(computed) == -(-prompt.num_tokens // budget)  # the long case really is chunked
+    assert metric("prefix_cache_hits_total") - hits == prompt.num_tokens * (len(choices) - 1)
+
+
+async def _read(stream):
+    deltas = [d async for d in stream]
+    return [t for d in deltas for t in d.token_ids], "".join(d.text for d in deltas), deltas[-1].finish_reason
+
+
+def test_scheduler_choices_refused_together(text_engine) -> None:
+    """Choices queue all or none: n past the free room is one 429 for every choice, nothing runs."""
+    spec = text_engine.spec.model_copy(update={"limits": ServingLimits(max_num_seqs=2, max_waiting=1)})
+    engine = HFEngine(spec, replace(text_engine._loaded, plan=run_preflight(spec)))
+    prompt = prompts(engine)[0]
+    prompted = metric("prompt_tokens_total")
+
+    async def overfill():
+        streams = engine.stream_choices(prompt, [SamplingParams(max_tokens=4)] * 4, "too-many")
+        return await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
+
+    try:
+        refused = asyncio.run(overfill())
+    finally:
+        engine.close()
+    assert len(refused) == 4 and all(isinstance(r, Overloaded) for r in refused)
+    assert metric("prompt_tokens_total") == prompted

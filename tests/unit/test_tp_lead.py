@@ -18,7 +18,7 @@ from shardbento.catalog import ServingLimits
 from shardbento.engine.base import ChatMessage, Constraint, Delta, SamplingParams
 from shardbento.engine.batch.runner import ModelRunner
 from shardbento.engine.tp.lead import follow, lead
-from shardbento.engine.tp.messages import Cancel, RankFailure, Stop, Submit
+from shardbento.engine.tp.messages import Cancel, RankFailure, Stop, Submit, SubmitChoices
 from shardbento.engine.tp.relay import apply_metrics
 from shardbento.errors import Overloaded
 from shardbento.metrics import RequestMetrics
@@ -135,3 +135,25 @@ def test_tp_lead_constrained_requests_sample_on_rank_0_as_in_one_process(text_en
     assert [tokens(items, ticket) for ticket in range(len(prompts))] == expected
     constrained = text_engine.tokenizer.decode(expected[0], skip_special_tokens=True)
     assert json.loads(constrained)["pick"] in ("a", "b", "c")
+
+
+def test_tp_lead_choices_prefill_once_on_every_rank(text_engine) -> None:
+    """SubmitChoices: one prefill on rank 0 and on the follower, each choice as in one process."""
+    prompt = text_engine.render_chat([ChatMessage(role="user", text=QUESTIONS[1])])
+    params = [SamplingParams(max_tokens=7, temperature=1.0, seed=3 + i, ignore_eos=True) for i in range(3)]
+    expected = [asyncio.run(single_process(text_engine, prompt, p)) for p in params]
+    with ranks(text_engine, ServingLimits(max_num_seqs=4)) as world:
+        computed: list[int] = []
+        replay = world.follower.prefill
+
+        def counting(chunks):
+            computed.extend(len(chunk.token_ids) for chunk in chunks)
+            return replay(chunks)
+
+        world.follower.prefill = counting
+        choices = tuple(Submit(t, f"req-{t}", prompt.token_ids, p) for t, p in enumerate(params))
+        world.channels.requests.put(SubmitChoices(choices))
+        items, _ = reports(world.channels, finished({0, 1, 2}))
+    assert [tokens(items, ticket) for ticket in range(3)] == expected
+    assert computed == [prompt.num_tokens]
+    assert world.follower.kv.lengths == world.leader.kv.lengths

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -39,7 +37,7 @@ from shardbento.api.openai.structured import (
     response_constraint,
     tool_calls_out,
 )
-from shardbento.api.request import SEED_MAX, Completion, Generation, GenerationRequest, Sampling
+from shardbento.api.request import Completion, Generation, GenerationRequest, Sampling
 from shardbento.api.serving import Serving, new_request_id
 from shardbento.engine.base import ChatMessage
 from shardbento.errors import InvalidRequest, ModelNotFound
@@ -130,10 +128,10 @@ class OpenAIServing:
             tools=tools,
         )
         if request.stream:
-            started = await self._start(generation, request.n)
+            started = await self.serving.stream_choices(generation, request.n)
             choices = [ChatChoiceStream(g, i) for i, g in enumerate(started)]
             return self._sse(generation.request_id, started, choices, request)
-        completions = await self._complete(generation, request.n)
+        completions = await self.serving.complete_choices(generation, request.n)
         choices = [
             ChatChoice(
                 index=i,
@@ -169,10 +167,10 @@ class OpenAIServing:
         if request.echo:
             echo = prompt if isinstance(prompt, str) else await self.serving.detokenize(prompt)
         if request.stream:
-            started = await self._start(generation, request.n)
+            started = await self.serving.stream_choices(generation, request.n)
             choices = [CompletionChoiceStream(g, i, echo) for i, g in enumerate(started)]
             return self._sse(generation.request_id, started, choices, request)
-        completions = await self._complete(generation, request.n)
+        completions = await self.serving.complete_choices(generation, request.n)
         choices = [
             CompletionChoice(
                 index=i,
@@ -189,37 +187,6 @@ class OpenAIServing:
             choices=choices,
             usage=_usage(completions),
         )
-
-    def _choices(self, request: GenerationRequest, n: int) -> list[GenerationRequest]:
-        """The n choices as n requests: the same prompt; a seed moves by one per choice so seeded
-        sampled choices differ and still reproduce."""
-        seed = request.sampling.seed
-        if n == 1:
-            return [request]
-        return [
-            dataclasses.replace(
-                request,
-                request_id=f"{request.request_id}-{i}",
-                sampling=dataclasses.replace(request.sampling, seed=_nth_seed(seed, i)),
-            )
-            for i in range(n)
-        ]
-
-    async def _start(self, request: GenerationRequest, n: int) -> list[Generation]:
-        """Start every choice (each past its first delta); one refused or failed start stops them all."""
-        results = await asyncio.gather(
-            *(self.serving.stream(r) for r in self._choices(request, n)), return_exceptions=True
-        )
-        failed = [r for r in results if isinstance(r, BaseException)]
-        if failed:
-            for started in results:
-                if isinstance(started, Generation):
-                    await started.deltas.aclose()
-            raise failed[0]
-        return list(results)  # type: ignore[arg-type]
-
-    async def _complete(self, request: GenerationRequest, n: int) -> list[Completion]:
-        return list(await asyncio.gather(*(self.serving.complete(r) for r in self._choices(request, n))))
 
     def _sse(
         self, request_id: str, started: list[Generation], choices: list[Any], request: SamplingRequest
@@ -296,12 +263,6 @@ class OpenAIServing:
             logprobs=logprobs,
             constraint=response_constraint(request.response_format, self.serving.settings.max_schema_bytes),
         )
-
-
-def _nth_seed(seed: int | None, index: int) -> int | None:
-    if seed is None:
-        return None
-    return seed + index if seed + index <= SEED_MAX else seed - index
 
 
 def _usage(completions: list[Completion]) -> Any:

@@ -65,13 +65,17 @@ class SlotKVCache:
             values[slot, :, :length] = layer.values[row, :, offset:]
         self.lengths[slot] = length
 
-    def move(self, source: int, target: int) -> None:
-        """Put the sequence in `source` into `target` (freeing `source`)."""
+    def copy(self, source: int, target: int) -> None:
+        """Give `target` the sequence held in `source` (both keep it)."""
         length = self.lengths[source]
         for layer_idx in self._keys:
             self._keys[layer_idx][target, :, :length] = self._keys[layer_idx][source, :, :length]
             self._values[layer_idx][target, :, :length] = self._values[layer_idx][source, :, :length]
         self.lengths[target] = length
+
+    def move(self, source: int, target: int) -> None:
+        """Put the sequence in `source` into `target` (freeing `source`)."""
+        self.copy(source, target)
         self.lengths[source] = 0
 
     def free(self, slot: int) -> None:

@@ -16,7 +16,8 @@ class PrefillChunk:
 
     `start` is the position of the first token (0 for a fresh prompt, more for the next chunk of a
     long one); `slot` is the batch slot the request takes once this chunk completes its prompt, or
-    None while more chunks follow. `inputs` holds a vision prompt's processor outputs (pixel values
+    None while more chunks follow; `copies` are more slots that take the same KV (twins: the n choices
+    of one prompt, computed once). `inputs` holds a vision prompt's processor outputs (pixel values
     and the like): such a prompt is prefilled whole, alone, and decodes in the batch like text.
     """
 
@@ -25,6 +26,7 @@ class PrefillChunk:
     start: int
     slot: int | None
     inputs: dict[str, Any] | None = None
+    copies: tuple[int, ...] = ()
 
 
 class ModelRunner:
@@ -46,7 +48,9 @@ class ModelRunner:
 
     def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
         """Logits of each chunk's last token, one row per chunk, in order."""
-        self.num_rows = max([self.num_rows, *(c.slot + 1 for c in chunks if c.slot is not None)])
+        self.num_rows = max(
+            [self.num_rows, *(c.slot + 1 + len(c.copies) for c in chunks if c.slot is not None)]
+        )
         fresh = [i for i, c in enumerate(chunks) if c.start == 0 and c.slot is not None and c.inputs is None]
         rows: dict[int, torch.Tensor] = {}
         if fresh:
@@ -107,6 +111,7 @@ class ModelRunner:
         )
         for row, (pad, chunk) in enumerate(zip(pads, chunks, strict=True)):
             self.kv.load(chunk.slot, cache, row=row, offset=pad)
+            self._copy(chunk)
         return out.logits[:, -1]
 
     def _prefill_chunk(self, chunk: PrefillChunk) -> torch.Tensor:
@@ -131,7 +136,12 @@ class ModelRunner:
         else:
             self._partial.pop(chunk.seq_id, None)
             self.kv.load(chunk.slot, cache)
+            self._copy(chunk)
         return out.logits[0, -1]
+
+    def _copy(self, chunk: PrefillChunk) -> None:
+        for slot in chunk.copies:
+            self.kv.copy(chunk.slot, slot)
 
     def _attention_mask(self, keep: torch.Tensor) -> torch.Tensor:
         if not self._additive_mask:

@@ -8,7 +8,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -83,16 +83,17 @@ class Scheduler:
         if start:
             threading.Thread(target=self.run, name="shardbento-scheduler", daemon=True).start()
 
-    def submit(self, seq: Sequence) -> None:
-        """Queue a request; past the waiting bound it is refused with a 429."""
+    def submit(self, *seqs: Sequence) -> None:
+        """Queue requests, all or none (the n choices of one prompt come together, so one prefill
+        serves them all); past the waiting bound they are refused with a 429."""
         with self._wake:
-            if len(self._waiting) >= self._limits.max_waiting + self._free_slots():
+            if len(self._waiting) + len(seqs) > self._limits.max_waiting + self._free_slots():
                 raise Overloaded(
                     f"server is at capacity ({self._runner.kv.num_slots} running, "
                     f"{self._limits.max_waiting} waiting); retry later",
                     retry_after_s=1,
                 )
-            self._waiting.append(seq)
+            self._waiting.extend(seqs)
             self._metrics.waiting.set(len(self._waiting))
             self._wake.notify()
 
@@ -167,27 +168,33 @@ class Scheduler:
         self._release(gone)
 
     def _prefill(self) -> None:
-        chunks, seqs = self._plan_prefill()
+        chunks, groups = self._plan_prefill()
         if not chunks:
             return
         logits = self._runner.prefill(chunks)
         first_row = len(self._running)
         joined = []
-        for row, (chunk, seq) in enumerate(zip(chunks, seqs, strict=True)):
-            seq.num_prefilled += len(chunk.token_ids)
+        for row, (chunk, group) in enumerate(zip(chunks, groups, strict=True)):
+            group[0].num_prefilled += len(chunk.token_ids)
             if chunk.slot is None:
                 continue  # the rest of this prompt goes in the next step
             with self._wake:
-                self._waiting.remove(seq)
-            self._metrics.prompt_tokens.inc(len(seq.prompt_ids))
-            self._running.append(seq)
-            joined.append(row)
+                for seq in group:
+                    self._waiting.remove(seq)
+            for seq in group:  # the twins' prompts were not computed: they copy the first one's KV
+                self._metrics.prompt_tokens.inc(len(seq.prompt_ids))
+                self._metrics.prefix_queries.inc(len(seq.prompt_ids))
+                self._running.append(seq)
+                joined.append(row)
+            self._metrics.prefix_hits.inc(len(group[0].prompt_ids) * (len(group) - 1))
         if joined:
             self._advance(list(range(first_row, len(self._running))), logits[joined])
 
-    def _plan_prefill(self) -> tuple[list[PrefillChunk], list[Sequence]]:
-        """This step's prompt chunks: a vision, partial or too-long head alone, else fresh prompts that
-        fit the budget together (counted with their padding: the batch is as wide as its longest)."""
+    def _plan_prefill(self) -> tuple[list[PrefillChunk], list[list[Sequence]]]:
+        """This step's prompt chunks, each with the sequences it serves: a vision, partial or too-long
+        head alone, else fresh prompts that fit the budget together (counted with their padding: the
+        batch is as wide as its longest). A waiting text prompt equal to one that completes here (the
+        n choices of a request) joins it as a twin: it takes a slot and that prompt's KV, no compute."""
         budget = self._limits.max_prefill_tokens
         with self._wake:
             candidates = list(self._waiting)[: self._free_slots()]
@@ -195,29 +202,33 @@ class Scheduler:
             return [], []
         head = candidates[0]
         if head.inputs is not None or head.num_prefilled or len(head.prompt_ids) > budget:
-            return [self._head_chunk(head, budget)], [head]
-        chunks: list[PrefillChunk] = []
-        width = 0
-        for seq in candidates:
-            width = max(width, len(seq.prompt_ids))
-            if seq.inputs is not None or seq.num_prefilled or width * (len(chunks) + 1) > budget:
-                break
+            planned = [(self._head_chunk(head, budget), [head])]
+        else:
+            planned = []
+            width = 0
+            prompts = set()
+            for seq in candidates:
+                if tuple(seq.prompt_ids) in prompts and seq.inputs is None and not seq.num_prefilled:
+                    continue  # a twin: _join_twins adds it
+                prompts.add(tuple(seq.prompt_ids))
+                width = max(width, len(seq.prompt_ids))
+                if seq.inputs is not None or seq.num_prefilled or width * (len(planned) + 1) > budget:
+                    break
+                planned.append((PrefillChunk(seq.seq_id, tuple(seq.prompt_ids), 0, 0), [seq]))
+        _join_twins(planned, candidates)
+        for seq in (seq for _, group in planned for seq in group if not seq.num_prefilled):
             self._metrics.queue.observe(time.monotonic() - seq.arrival_s)
-            chunks.append(
-                PrefillChunk(seq.seq_id, tuple(seq.prompt_ids), 0, len(self._running) + len(chunks))
-            )
-        return chunks, candidates[: len(chunks)]
+        return _place(planned, len(self._running)), [group for _, group in planned]
 
-    def _head_chunk(self, seq: Sequence, budget: int) -> PrefillChunk:
-        """The next chunk of a prompt that runs alone: a vision prompt whole, a long one `budget` at a time."""
-        slot = len(self._running)
-        if seq.num_prefilled == 0:
-            self._metrics.queue.observe(time.monotonic() - seq.arrival_s)
+    @staticmethod
+    def _head_chunk(seq: Sequence, budget: int) -> PrefillChunk:
+        """The next chunk of a prompt that runs alone: a vision prompt whole, a long one `budget` at a
+        time; `slot` is set (to be placed) on the chunk that completes the prompt."""
         if seq.inputs is not None:  # its image tokens need the pixel values in the same forward
-            return PrefillChunk(seq.seq_id, tuple(seq.prompt_ids), 0, slot, seq.inputs)
+            return PrefillChunk(seq.seq_id, tuple(seq.prompt_ids), 0, 0, seq.inputs)
         take = seq.prompt_ids[seq.num_prefilled : seq.num_prefilled + budget]
         done = seq.num_prefilled + len(take) == len(seq.prompt_ids)
-        return PrefillChunk(seq.seq_id, tuple(take), seq.num_prefilled, slot if done else None)
+        return PrefillChunk(seq.seq_id, tuple(take), seq.num_prefilled, 0 if done else None)
 
     def _advance(self, rows: list[int], logits: torch.Tensor) -> None:
         """Pick, stream and account one token for each of `rows` (logits in the same order)."""
@@ -284,3 +295,32 @@ class Scheduler:
         for seq in failed:
             self._metrics.finished("error")
             self._outbox.append((seq, exc))
+
+
+def _join_twins(planned: list[tuple[PrefillChunk, list[Sequence]]], candidates: list[Sequence]) -> None:
+    """Add each waiting fresh text prompt equal to a prompt completed by a planned chunk to its group."""
+    completing = {
+        tuple(group[0].prompt_ids): group
+        for chunk, group in planned
+        if chunk.slot is not None and chunk.inputs is None
+    }
+    taken = {id(group[0]) for _, group in planned}
+    for seq in candidates:
+        if id(seq) in taken or seq.inputs is not None or seq.num_prefilled:
+            continue
+        group = completing.get(tuple(seq.prompt_ids))
+        if group is not None:
+            group.append(seq)
+
+
+def _place(planned: list[tuple[PrefillChunk, list[Sequence]]], first_slot: int) -> list[PrefillChunk]:
+    """Give every completing chunk its slots, in the order the scheduler appends the sequences."""
+    chunks = []
+    slot = first_slot
+    for chunk, group in planned:
+        if chunk.slot is None:
+            chunks.append(chunk)
+            continue
+        chunks.append(replace(chunk, slot=slot, copies=tuple(range(slot + 1, slot + len(group)))))
+        slot += len(group)
+    return chunks

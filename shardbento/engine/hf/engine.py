@@ -13,7 +13,16 @@ from typing import Any
 import torch
 
 from shardbento.catalog import ModelSpec
-from shardbento.engine.base import Delta, DeltaChannel, EngineInfo, Prompt, SamplingParams
+from shardbento.engine.base import (
+    Delta,
+    DeltaChannel,
+    EngineInfo,
+    Prompt,
+    SamplingParams,
+    StartTogether,
+    choice_ids,
+    separate_choices,
+)
 from shardbento.engine.batch.runner import ModelRunner
 from shardbento.engine.batch.sampler import RequestSampler, forced_generate_kwargs
 from shardbento.engine.batch.scheduler import Scheduler, Sequence
@@ -137,12 +146,12 @@ class HFEngine(PreprocessorPrompts):
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def stream(self, prompt: Prompt, params: SamplingParams, request_id: str) -> AsyncIterator[Delta]:
-        channel = DeltaChannel()
-        output = OutputStream(self.tokenizer, prompt.token_ids, params, self._prompts.eos_token_ids)
-        if self._scheduler is not None and (prompt.num_images == 0 or self._batches_images):
-            async for delta in self._stream_batched(prompt, params, request_id, output, channel):
+        if self._batches(prompt):
+            async for delta in self.stream_choices(prompt, [params], request_id)[0]:
                 yield delta
             return
+        channel = DeltaChannel()
+        output = OutputStream(self.tokenizer, prompt.token_ids, params, self._prompts.eos_token_ids)
         job = _Job(prompt=prompt, params=params, output=output, emit=channel.emit)
         asyncio.get_running_loop().run_in_executor(self._executor, self._run, job, request_id)
         try:
@@ -151,24 +160,42 @@ class HFEngine(PreprocessorPrompts):
         finally:
             job.cancelled.set()
 
-    async def _stream_batched(
-        self,
-        prompt: Prompt,
-        params: SamplingParams,
-        request_id: str,
-        output: OutputStream,
-        channel: DeltaChannel,
-    ) -> AsyncIterator[Delta]:
-        sampler = self._prompts.sampler(params)
-        seq = Sequence(request_id, list(prompt.token_ids), sampler, output, channel)
+    def stream_choices(
+        self, prompt: Prompt, params: list[SamplingParams], request_id: str
+    ) -> list[AsyncIterator[Delta]]:
+        if not self._batches(prompt):
+            return separate_choices(self, prompt, params, request_id)
+
+        def start() -> list[Sequence]:
+            seqs = [
+                self._sequence(prompt, p, rid)
+                for p, rid in zip(params, choice_ids(request_id, len(params)), strict=True)
+            ]
+            self._scheduler.submit(*seqs)
+            return seqs
+
+        together = StartTogether(start)
+        return [self._follow(together, i) for i in range(len(params))]
+
+    def _batches(self, prompt: Prompt) -> bool:
+        return self._scheduler is not None and (prompt.num_images == 0 or self._batches_images)
+
+    def _sequence(self, prompt: Prompt, params: SamplingParams, request_id: str) -> Sequence:
+        output = OutputStream(self.tokenizer, prompt.token_ids, params, self._prompts.eos_token_ids)
+        seq = Sequence(
+            request_id, list(prompt.token_ids), self._prompts.sampler(params), output, DeltaChannel()
+        )
         if prompt.num_images:
             seq.inputs = dict(prompt.inputs)
-        self._scheduler.submit(seq)
+        return seq
+
+    async def _follow(self, together: StartTogether[Sequence], index: int) -> AsyncIterator[Delta]:
+        seq = together.get(index)
         try:
-            async for delta in channel.deltas():
+            async for delta in seq.channel.deltas():
                 yield delta
         finally:
-            if not output.finished:
+            if not seq.output.finished:
                 seq.cancelled = True  # leaves the batch at the next step
                 self._scheduler.wake()
 

@@ -9,8 +9,8 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from shardbento.engine.base import Delta, DeltaChannel, SamplingParams
-from shardbento.engine.tp.messages import Cancel, RankFailure, StepReport, Submit
+from shardbento.engine.base import Delta, DeltaChannel, SamplingParams, StartTogether, choice_ids
+from shardbento.engine.tp.messages import Cancel, RankFailure, StepReport, Submit, SubmitChoices
 from shardbento.engine.tp.relay import apply_metrics
 from shardbento.errors import NotReady
 from shardbento.metrics import RequestMetrics
@@ -44,12 +44,28 @@ class BatchClient:
         self._router = threading.Thread(target=self._route, name="shardbento-tp-router", daemon=True)
         self._router.start()
 
-    async def stream(
-        self, prompt_ids: tuple[int, ...], params: SamplingParams, request_id: str
+    def stream_choices(
+        self, prompt_ids: tuple[int, ...], params: list[SamplingParams], request_id: str
+    ) -> list[AsyncIterator[Delta]]:
+        """One stream per choice; rank 0 gets them in one message when the first stream starts."""
+
+        def start() -> list[tuple[int, DeltaChannel]]:
+            opened = [self._open(DeltaChannel()) for _ in params]
+            ids = choice_ids(request_id, len(params))
+            submits = tuple(
+                Submit(ticket, rid, prompt_ids, p)
+                for (ticket, _), rid, p in zip(opened, ids, params, strict=True)
+            )
+            self._requests.put(submits[0] if len(submits) == 1 else SubmitChoices(submits))
+            return opened
+
+        together = StartTogether(start)
+        return [self._follow(together, i) for i in range(len(params))]
+
+    async def _follow(
+        self, together: StartTogether[tuple[int, DeltaChannel]], index: int
     ) -> AsyncIterator[Delta]:
-        channel = DeltaChannel()
-        ticket = self._open(channel)
-        self._requests.put(Submit(ticket, request_id, prompt_ids, params))
+        ticket, channel = together.get(index)
         finished = False
         try:
             async for delta in channel.deltas():
@@ -61,13 +77,13 @@ class BatchClient:
             if not finished and self._failure is None:
                 self._requests.put(Cancel(ticket))  # rank 0 ignores tickets it no longer holds
 
-    def _open(self, channel: DeltaChannel) -> int:
+    def _open(self, channel: DeltaChannel) -> tuple[int, DeltaChannel]:
         with self._lock:
             if self._failure is not None:
                 raise NotReady(self._failure)
             ticket = next(self._tickets)
             self._channels[ticket] = channel
-        return ticket
+        return ticket, channel
 
     def fail(self, message: str) -> None:
         """End every open stream with NotReady(message); later streams are refused with it."""

@@ -15,7 +15,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from shardbento.catalog import ModelSpec
-from shardbento.engine.base import Constraint, Delta, DeltaChannel, EngineInfo, Prompt, SamplingParams
+from shardbento.engine.base import (
+    Constraint,
+    Delta,
+    DeltaChannel,
+    EngineInfo,
+    Prompt,
+    SamplingParams,
+    separate_choices,
+)
 from shardbento.engine.hf.loading import resolve_dtype
 from shardbento.engine.hf.preprocess import Preprocessor, PreprocessorPrompts, load_preprocessor
 from shardbento.engine.output import OutputStream
@@ -181,7 +189,7 @@ class TPEngine(PreprocessorPrompts):
         if not self.is_ready():
             raise NotReady(f"model {self.spec.name!r} is not serving: {self.failure or 'shutting down'}")
         if self._batch is not None:
-            async for delta in self._batch.stream(prompt.token_ids, params, request_id):
+            async for delta in self._batch.stream_choices(prompt.token_ids, [params], request_id)[0]:
                 yield delta
             return
         if not params.greedy and params.seed is None:  # one seed for all ranks, so their samples agree
@@ -198,6 +206,13 @@ class TPEngine(PreprocessorPrompts):
                 yield delta
         finally:
             cancelled.set()
+
+    def stream_choices(
+        self, prompt: Prompt, params: list[SamplingParams], request_id: str
+    ) -> list[AsyncIterator[Delta]]:
+        if self._batch is None or not self.is_ready():
+            return separate_choices(self, prompt, params, request_id)
+        return self._batch.stream_choices(prompt.token_ids, params, request_id)
 
     def _run(self, call: GenerateCall, output: OutputStream, emit: Any, cancelled: threading.Event) -> None:
         if cancelled.is_set():

@@ -16,7 +16,15 @@ from shardbento.engine.batch.sampler import RequestSampler
 from shardbento.engine.batch.scheduler import Scheduler, Sequence
 from shardbento.engine.grammar import Grammars
 from shardbento.engine.output import OutputStream
-from shardbento.engine.tp.messages import Cancel, RankFailure, RunnerCall, StepReport, Stop, Submit
+from shardbento.engine.tp.messages import (
+    Cancel,
+    RankFailure,
+    RunnerCall,
+    StepReport,
+    Stop,
+    Submit,
+    SubmitChoices,
+)
 from shardbento.engine.tp.relay import MetricsRelay
 from shardbento.errors import Overloaded, ShardbentoError
 
@@ -141,8 +149,9 @@ def _intake(
             except queue.Empty:
                 sender.flush_metrics()
                 continue
-            if isinstance(message, Submit):
-                _admit(scheduler, message, tokenizer, eos_ids, grammars, live, sender)
+            if isinstance(message, Submit | SubmitChoices):
+                choices = message.choices if isinstance(message, SubmitChoices) else (message,)
+                _admit(scheduler, choices, tokenizer, eos_ids, grammars, live, sender)
             elif isinstance(message, Cancel):
                 seq = live.pop(message.ticket, None)
                 if seq is not None:
@@ -156,29 +165,35 @@ def _intake(
 
 def _admit(
     scheduler: Scheduler,
-    message: Submit,
+    choices: tuple[Submit, ...],
     tokenizer: Any,
     eos_ids: set[int],
     grammars: Grammars,
     live: dict[int, Sequence],
     sender: ReportSender,
 ) -> None:
-    """A Sequence for the request, built where the scheduler decides its finish (rank 0 samples, its
-    grammar state included); a 429 or a grammar refusal goes straight back."""
+    """Sequences for the request's choices, built where the scheduler decides their finish (rank 0
+    samples, grammar state included) and queued together; a 429 or a grammar refusal goes straight
+    back to every choice."""
     try:
-        sampler = RequestSampler(
-            message.params, eos_ids=eos_ids, decode=lambda t: tokenizer.decode([t]), grammars=grammars
-        )
+        seqs = [_sequence(message, tokenizer, eos_ids, grammars) for message in choices]
     except ShardbentoError as exc:
-        sender.deliver([(message.ticket, exc)])
+        sender.deliver([(message.ticket, exc) for message in choices])
         return
-    output = OutputStream(tokenizer, message.prompt_ids, message.params, eos_ids)
-    seq = Sequence(message.request_id, list(message.prompt_ids), sampler, output, message.ticket)
-    live[message.ticket] = seq  # before submit: the scheduler may finish it before submit returns
+    for seq in seqs:
+        live[seq.channel] = seq  # before submit: the scheduler may finish it before submit returns
     try:
-        scheduler.submit(seq)
+        scheduler.submit(*seqs)
     except Overloaded as exc:
-        sender.deliver([(message.ticket, exc)])
+        sender.deliver([(message.ticket, exc) for message in choices])
+
+
+def _sequence(message: Submit, tokenizer: Any, eos_ids: set[int], grammars: Grammars) -> Sequence:
+    sampler = RequestSampler(
+        message.params, eos_ids=eos_ids, decode=lambda t: tokenizer.decode([t]), grammars=grammars
+    )
+    output = OutputStream(tokenizer, message.prompt_ids, message.params, eos_ids)
+    return Sequence(message.request_id, list(message.prompt_ids), sampler, output, message.ticket)
 
 
 def follow(runner: ModelRunner, control: Any) -> None:

@@ -40,7 +40,7 @@ class RankConfig:
 class RankChannels:
     """The queues every rank is spawned with; which ones a rank uses depends on its rank and the model kind.
 
-    Text models batch (`lead`): `requests` carries Submit/Cancel/Stop to rank 0, `results` its
+    Text models batch (`lead`): `requests` carries Submit(Choices)/Cancel/Stop to rank 0, `results` its
     StepReports back, and `control[r - 1]` rank 0's RunnerCalls to follower r. Vision models run one
     request at a time through generate() on every rank: `requests` carries GenerateCalls that rank 0
     broadcasts, `results` GeneratedToken/GenerateEnded, `cancel` asks rank 0 to stop all ranks at the
@@ -79,6 +79,13 @@ class Submit:
     request_id: str
     prompt_ids: tuple[int, ...]
     params: SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitChoices:
+    """Service -> rank 0: the n choices of one prompt, queued together (one prefill serves them all)."""
+
+    choices: tuple[Submit, ...]
 
 
 @dataclass(frozen=True, slots=True)

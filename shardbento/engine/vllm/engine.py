@@ -16,6 +16,7 @@ from shardbento.engine.base import (
     Prompt,
     SamplingParams,
     TokenLogprob,
+    separate_choices,
 )
 from shardbento.engine.hf.preprocess import Preprocessor, PreprocessorPrompts, load_preprocessor
 from shardbento.engine.output import OutputStream
@@ -136,6 +137,11 @@ class VLLMEngine(PreprocessorPrompts):
         if not self._closed:
             self._closed = True
             self._llm.shutdown()
+
+    def stream_choices(
+        self, prompt: Prompt, params: list[SamplingParams], request_id: str
+    ) -> list[AsyncIterator[Delta]]:
+        return separate_choices(self, prompt, params, request_id)  # vLLM's prefix cache shares the prompt
 
     async def stream(self, prompt: Prompt, params: SamplingParams, request_id: str) -> AsyncIterator[Delta]:
         eos_ids = self._prompts.eos_token_ids
