@@ -6,6 +6,7 @@ import dataclasses
 import secrets
 from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -195,16 +196,31 @@ class RequestSampler:
         return self._logprobs.popleft() if self._logprobs else None
 
 
+def prefetch_masks(samplers: list[RequestSampler]) -> Future[torch.Tensor] | None:
+    """The grammar masks select_tokens() will need for these samplers, started now on the grammar
+    thread (the scheduler starts them before the decode forward); None when no row is constrained."""
+    matchers = [sampler.matcher for sampler in samplers if sampler.matcher is not None]
+    if not matchers:
+        return None
+    grammars = next(sampler.grammars for sampler in samplers if sampler.matcher is not None)
+    return grammars.allowed_soon(matchers)
+
+
 def select_tokens(
-    samplers: list[RequestSampler], logits: torch.Tensor, histories: list[list[int] | None]
+    samplers: list[RequestSampler],
+    logits: torch.Tensor,
+    histories: list[list[int] | None],
+    prefetched: Future[torch.Tensor] | None = None,
 ) -> list[int]:
     """The next token of every row of a batch's logits: plain greedy rows (constrained or not) in one
     masked argmax, others each by its own sampler (its generator, penalties, logprobs). Same tokens as
-    select() row by row."""
+    select() row by row. `prefetched` is prefetch_masks() of these same samplers."""
     tokens = [0] * len(samplers)
     constrained = [i for i, sampler in enumerate(samplers) if sampler.matcher is not None]
     masks = None
-    if constrained:  # one mask computation for the whole batch, not one per row
+    if prefetched is not None:
+        masks = prefetched.result()
+    elif constrained:  # one mask computation for the whole batch, not one per row
         masks = samplers[constrained[0]].grammars.allowed([samplers[i].matcher for i in constrained])
     plain = [i for i, sampler in enumerate(samplers) if sampler.is_plain_greedy]
     if plain:
@@ -219,10 +235,11 @@ def select_tokens(
             samplers[i].count_token(token)
             samplers[i].advance_grammar(token)
             tokens[i] = token
-    mask_of = {i: masks[row] for row, i in enumerate(constrained)} if masks is not None else {}
-    for i, sampler in enumerate(samplers):
-        if not sampler.is_plain_greedy:
-            tokens[i] = sampler.select(logits[i], histories[i], mask_of.get(i))
+    if len(plain) < len(samplers):
+        mask_of = {i: masks[row] for row, i in enumerate(constrained)} if masks is not None else {}
+        for i, sampler in enumerate(samplers):
+            if not sampler.is_plain_greedy:
+                tokens[i] = sampler.select(logits[i], histories[i], mask_of.get(i))
     return tokens
 
 

@@ -8,6 +8,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 from shardbento.catalog import ServingLimits
 from shardbento.engine.base import Delta, DeltaChannel
 from shardbento.engine.batch.runner import ModelRunner, PrefillChunk, release_moves
-from shardbento.engine.batch.sampler import RequestSampler, select_tokens
+from shardbento.engine.batch.sampler import RequestSampler, prefetch_masks, select_tokens
 from shardbento.engine.output import OutputStream
 from shardbento.errors import Overloaded
 from shardbento.metrics import RequestMetrics
@@ -150,8 +151,9 @@ class Scheduler:
         self._prefill()
         self._flush()  # first tokens go out now, not after this step's decode forward
         if self._running:
+            masks = prefetch_masks([seq.sampler for seq in self._running])  # made during the forward
             logits = self._runner.decode([seq.next_token for seq in self._running])
-            self._advance(list(range(len(self._running))), logits)
+            self._advance(list(range(len(self._running))), logits, masks)
         self._metrics.running.set(len(self._running))
         self._metrics.waiting.set(len(self._waiting))
         self._metrics.kv_usage.set(self._runner.kv.usage())
@@ -230,11 +232,13 @@ class Scheduler:
         done = seq.num_prefilled + len(take) == len(seq.prompt_ids)
         return PrefillChunk(seq.seq_id, tuple(take), seq.num_prefilled, 0 if done else None)
 
-    def _advance(self, rows: list[int], logits: torch.Tensor) -> None:
-        """Pick, stream and account one token for each of `rows` (logits in the same order)."""
+    def _advance(
+        self, rows: list[int], logits: torch.Tensor, masks: Future[torch.Tensor] | None = None
+    ) -> None:
+        """Pick, stream and account one token for each of `rows` (logits and `masks` in the same order)."""
         seqs = [self._running[row] for row in rows]
         histories = [self._history(seq) for seq in seqs]
-        tokens = select_tokens([seq.sampler for seq in seqs], logits, histories)
+        tokens = select_tokens([seq.sampler for seq in seqs], logits, histories, masks)
         done = [row for row, seq, token in zip(rows, seqs, tokens, strict=True) if self._accept(seq, token)]
         self._release(done)
 
