@@ -77,8 +77,8 @@ $(CLIENTS_STAMP): env/cpu.txt env/clients.txt
 
 clients-setup: $(CLIENTS_STAMP)
 
-test-clients: clients-setup
-	$(CLIENTS_BIN)/python -m pytest tests/clients -q
+test-clients: clients-setup vllm-setup
+	SHARDBENTO_TEST_VLLM_BENTOML=$(abspath $(VLLM_BIN))/bentoml $(CLIENTS_BIN)/python -m pytest tests/clients -q
 
 # Packaging and deployment (README: "Packaging and deployment"). Hub models download their weights at
 # build time (they are baked into the Bento); the tiny generated models build offline.

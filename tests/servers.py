@@ -70,14 +70,16 @@ def serve(
     args: list[str] | None = None,
     ready_timeout_s: float = 180,
     wait: bool = True,
+    bentoml: Path = BENTOML,
 ) -> Iterator[Server]:
-    """`bentoml serve` for a catalog model on a free port; stopped (SIGTERM, then SIGKILL) on exit."""
+    """`bentoml serve` for a catalog model on a free port; stopped (SIGTERM, then SIGKILL) on exit.
+    `bentoml` may be another venv's (the vLLM engine's), so a client venv can drive that server."""
     port = free_port()
     log_path = log_dir / f"serve-{model}-{port}.log"
     # Each server its own BENTOML_HOME: a BentoML server starting or stopping empties the Prometheus
     # multiprocess directory under it, which hides the metrics of every other server sharing it.
     home = {"BENTOML_HOME": str(tempfile.mkdtemp(prefix=f"bentoml-home-{port}-", dir=log_dir))}
-    command = [str(BENTOML), "serve", target, "--port", str(port), "--host", "127.0.0.1"]
+    command = [str(bentoml), "serve", target, "--port", str(port), "--host", "127.0.0.1"]
     command += ["--arg", f"model={model}", *(args or [])]
     with log_path.open("wb") as log:
         process = subprocess.Popen(

@@ -1,4 +1,5 @@
-"""The client libraries applications are built on, unchanged, against a real `bentoml serve` of tiny-llama.
+"""The client libraries applications are built on, unchanged, against a real `bentoml serve` of tiny-llama,
+once with the transformers engine and once with the vLLM engine (that server runs from .venv-vllm).
 
 The model has random weights, so every schema here is bounded (enums, ranged integers, booleans):
 free strings would run to max_tokens. What is asserted is what the libraries do with our answers.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +17,13 @@ from typing import Literal
 
 import pytest
 from pydantic import BaseModel, Field
+from servers import REPO, serve
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "vllm"))
+from vllm_helpers import vllm_serve_env  # noqa: E402
 
 MODEL = "tiny-llama"
+VLLM_BENTOML = Path(os.environ.get("SHARDBENTO_TEST_VLLM_BENTOML", REPO / ".venv-vllm" / "bin" / "bentoml"))
 
 
 class Pet(BaseModel):
@@ -33,9 +40,21 @@ class Weather(BaseModel):
     city: Literal["Paris", "Oslo", "Rome"]
 
 
+@pytest.fixture(scope="module", params=["transformers", "vllm"])
+def server(request: pytest.FixtureRequest, log_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    if request.param == "transformers":
+        yield request.getfixturevalue("text_server")
+        return
+    if not VLLM_BENTOML.exists():
+        pytest.skip(f"the vLLM engine's venv is missing ({VLLM_BENTOML}): make vllm-setup")
+    env = vllm_serve_env(tmp_path_factory, MODEL)
+    with serve(MODEL, log_dir, env=env, bentoml=VLLM_BENTOML, ready_timeout_s=300) as running:
+        yield running
+
+
 @pytest.fixture(scope="module")
-def base_url(text_server) -> str:
-    return f"{text_server.url}/v1"
+def base_url(server) -> str:
+    return f"{server.url}/v1"
 
 
 def test_clients_openai_parse_and_streamed_tools(base_url: str) -> None:
@@ -59,6 +78,28 @@ def test_clients_openai_parse_and_streamed_tools(base_url: str) -> None:
     call = final.choices[0].message.tool_calls[0]
     assert isinstance(call.function.parsed_arguments, Weather)
     assert final.choices[0].finish_reason == "tool_calls"
+
+
+def test_clients_openai_n_penalties_developer_role_and_model_card(base_url: str) -> None:
+    import httpx
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key="unused")
+    assert client.models.retrieve(MODEL).id == MODEL
+    messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi."}]
+    sampled = {"n": 3, "seed": 11, "temperature": 1.0, "max_tokens": 8, "presence_penalty": 0.5}
+    first = client.chat.completions.create(model=MODEL, messages=messages, frequency_penalty=0.5, **sampled)
+    again = client.chat.completions.create(model=MODEL, messages=messages, frequency_penalty=0.5, **sampled)
+    texts = [c.message.content for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert texts == [c.message.content for c in again.choices] and len(set(texts)) > 1
+    token = 100  # +100 outweighs any logit of the random model: greedy picks it every time
+    forced = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=5, temperature=0, logit_bias={str(token): 100}
+    )
+    root = base_url.removesuffix("/v1")
+    expected = httpx.post(f"{root}/detokenize", json={"model": MODEL, "tokens": [token] * 5}).json()
+    assert forced.choices[0].message.content == expected["prompt"]
 
 
 def langchain_model(base_url: str):
@@ -152,7 +193,7 @@ def test_clients_instructor(base_url: str, mode: str) -> None:
     assert isinstance(pet, Pet)
 
 
-def test_clients_guidellm_short_run_with_its_default_validation(text_server, tmp_path: Path) -> None:
+def test_clients_guidellm_short_run_with_its_default_validation(server, tmp_path: Path) -> None:
     """guidellm checks GET /health before it starts, then drives fixed-length synthetic requests."""
     from shardbento.tiny.models import ensure_generated
 
@@ -161,7 +202,7 @@ def test_clients_guidellm_short_run_with_its_default_validation(text_server, tmp
         str(Path(sys.executable).parent / "guidellm"),
         "run",
         "--backend",
-        f"kind=openai_http,target={text_server.url},model={MODEL}",
+        f"kind=openai_http,target={server.url},model={MODEL}",
         "--profile",
         "kind=synchronous",
         "--constraint",
