@@ -60,6 +60,13 @@ class ServingLimits(BaseModel):
     max_prefill_tokens: int = Field(
         512, ge=16, description="Prompt tokens prefilled per step (chunked prefill)."
     )
+    kv_cache_tokens: int | None = Field(
+        None, ge=16, description="The KV pool's size in tokens; wins over kv_cache_gib and the GPU rule."
+    )
+    kv_cache_gib: float = Field(4.0, gt=0.0, description="CPU: the KV pool's size in GiB.")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0.0, le=1.0, description="GPU: the share of memory weights, activations and the KV pool use."
+    )
 
 
 # Engine arguments the catalog sets through its own fields; extra_args may not repeat them.

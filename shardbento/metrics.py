@@ -44,6 +44,7 @@ class EngineMetrics:
     generation_tokens: Any
     prefix_cache_queries: Any
     prefix_cache_hits: Any
+    num_preemptions: Any
     request_success: Any
 
 
@@ -83,6 +84,11 @@ def engine_metrics() -> EngineMetrics:
         prefix_cache_hits=Counter(
             f"{PREFIX}:prefix_cache_hits", "Prompt tokens whose KV was reused, not computed.", ["model_name"]
         ),
+        num_preemptions=Counter(
+            f"{PREFIX}:num_preemptions",
+            "Sequences taken out of the batch because the KV pool was full (recomputed later).",
+            ["model_name"],
+        ),
         request_success=Counter(
             f"{PREFIX}:request_success",
             "Finished requests by finish reason (stop, length, abort, error).",
@@ -107,6 +113,7 @@ class RequestMetrics:
         "generation_tokens": "generation_tokens",
         "prefix_queries": "prefix_cache_queries",
         "prefix_hits": "prefix_cache_hits",
+        "preemptions": "num_preemptions",
     }
 
     def __init__(self, model_name: str) -> None:

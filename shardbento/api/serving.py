@@ -152,8 +152,11 @@ class Serving:
                 param=param,
             )
 
-    def params(self, prompt: Prompt, sampling: Sampling, vocab_size: int) -> SamplingParams:
-        """Merge the request's fields with the spec's defaults; check the context and the token ids."""
+    def params(
+        self, prompt: Prompt, sampling: Sampling, vocab_size: int, kv_pool_tokens: int | None = None
+    ) -> SamplingParams:
+        """Merge the request's fields with the spec's defaults; check the context, the KV pool (a request
+        must fit it alone) and the token ids."""
         for name, ids in (
             ("logit_bias", [i for i, _ in sampling.logit_bias]),
             ("stop_token_ids", sampling.stop_token_ids),
@@ -182,8 +185,19 @@ class Serving:
             if room < 1:
                 raise self._overflow(prompt.num_tokens, 1)
             max_tokens = min(defaults.max_tokens, room)
+            if kv_pool_tokens is not None:
+                max_tokens = max(min(max_tokens, kv_pool_tokens - prompt.num_tokens), 1)
         elif prompt.num_tokens + max_tokens > limit:
             raise self._overflow(prompt.num_tokens, max_tokens)
+        if kv_pool_tokens is not None and prompt.num_tokens + max_tokens > kv_pool_tokens:
+            raise InvalidRequest(
+                f"This request needs {prompt.num_tokens + max_tokens} tokens of KV cache "
+                f"({prompt.num_tokens} in the messages, {max_tokens} in the completion); the server's KV "
+                f"pool holds {kv_pool_tokens} tokens in all (limits.kv_cache_tokens, kv_cache_gib or "
+                "gpu_memory_utilization). Please reduce the length of the messages or completion.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         values = {
             f.name: getattr(sampling, f.name)
             for f in dataclasses.fields(sampling)
@@ -230,7 +244,7 @@ class Serving:
         engine = self.ready_engine()
         tool_use = self._tool_use(engine, request)
         prompt = await self._prompt(engine, request)
-        params = self.params(prompt, request.sampling, engine.info.vocab_size)
+        params = self.params(prompt, request.sampling, engine.info.vocab_size, engine.info.kv_pool_tokens)
         if tool_use is not None and tool_use.tools.forced:  # the call is made by grammar, so it parses
             grammar = tool_use.parser.grammar(tool_use.tools.forced, tool_use.tools.parallel)
             params = dataclasses.replace(params, constraint=Constraint("lark", grammar, param="tool_choice"))

@@ -189,6 +189,7 @@ class EngineInfo:
     devices: tuple[str, ...]
     vocab_size: int  # prompt token ids must lie in [0, vocab_size): past it they index out of the embedding
     tool_parser: str | None = None  # the family its tool calls are written in (shardbento.toolcalls)
+    kv_pool_tokens: int | None = None  # the batch's KV pool; a request must fit it alone (None: no pool)
 
 
 class Engine(Protocol):

@@ -240,3 +240,31 @@ def min_gpus(need: Budget, gpu: GpuKind, shape: ModelShape, mode: Mode, limit: i
         if fits(need, n, gpu) and (mode == "layers" or tp_divides(shape, n) is None):
             return n
     return None
+
+
+def kv_pool_tokens(
+    limits: Any,
+    bytes_per_token: dict[Any, int],
+    *,
+    max_num_seqs: int,
+    max_model_len: int,
+    free_bytes: dict[Any, int] | None = None,
+) -> tuple[int, str]:
+    """The KV pool in tokens and where the number comes from: the one rule the engine allocates by and
+    the planner prints.
+
+    `bytes_per_token` is the KV one token takes on each device (a layer split: each GPU's layers; tensor
+    parallel: one rank's share). `limits.kv_cache_tokens` wins; else, on GPUs, `free_bytes` (what each
+    device has left after the weights and a warm-up forward, within gpu_memory_utilization) divided by
+    that device's bytes per token, the smallest; else (CPU) `limits.kv_cache_gib` over all layers' bytes.
+    Never more than max_num_seqs sequences of max_model_len could use.
+    """
+    if limits.kv_cache_tokens is not None:
+        tokens, source = limits.kv_cache_tokens, "limits.kv_cache_tokens"
+    elif free_bytes is not None:
+        tokens = min(max(free_bytes[d], 0) // max(b, 1) for d, b in bytes_per_token.items())
+        source = f"GPU memory left x gpu_memory_utilization {limits.gpu_memory_utilization:g}"
+    else:
+        tokens = int(limits.kv_cache_gib * GIB) // max(sum(bytes_per_token.values()), 1)
+        source = f"limits.kv_cache_gib {limits.kv_cache_gib:g}"
+    return min(tokens, max_num_seqs * max_model_len), source

@@ -1,4 +1,4 @@
-"""The batched KV cache of the scheduler: one slot per running sequence, rows kept contiguous."""
+"""The batched KV cache of the scheduler: a pool of tokens allocated once, viewed as one row per sequence."""
 
 from __future__ import annotations
 
@@ -6,23 +6,32 @@ from typing import Any
 
 import torch
 
+BLOCK = 64  # row widths are multiples of this: a growing batch re-lays its rows out once per BLOCK steps
+
 
 class SlotKVCache:
-    """Keys and values for up to `num_slots` sequences of different lengths, batched in place.
+    """Keys and values of the running sequences in a pool of `pool_tokens` tokens per layer.
 
-    Running sequences occupy slots 0..n-1, so a decode step reads `buffer[:n, :, :longest]` as a
-    view (no re-stacking copy per step); a finished sequence's slot is filled by moving the last
-    one into it. Each layer's buffers live on the device of that layer's keys, which makes an
-    accelerate layer split work unchanged. Buffers grow by doubling up to `max_len` tokens.
+    Each layer's pool is allocated once, at its first use (the engine's warm-up forward at load), and
+    never grows: it is viewed as a rectangle [rows, kv heads, width, head dim] with rows x width <=
+    pool_tokens, `width` a multiple of BLOCK that covers the longest sequence. Running sequences occupy
+    rows 0..n-1, so a decode step reads `view[:n, :, :longest]` (no re-stacking copy per step); a
+    finished sequence's row is filled by moving the last one into it. When the longest sequence
+    outgrows the width, or the scheduler needs more rows than the width allows, the rows are laid out
+    again at the new width inside the same storage (`fit`). How many sequences fit is the scheduler's
+    admission and preemption rule: `rows_at(width_for(longest))`. Each layer's pool lives on the device
+    of that layer's keys, which makes an accelerate layer split work unchanged.
 
     The model calls `update()` the way it calls a transformers Cache; `begin_step()` says which
-    slots and positions the next forward writes.
+    rows and positions the next forward writes.
     """
 
-    def __init__(self, num_slots: int, max_len: int, initial_len: int = 256) -> None:
+    def __init__(self, num_slots: int, max_len: int, pool_tokens: int) -> None:
         self.num_slots = num_slots
         self.max_len = max_len
-        self._capacity = min(initial_len, max_len)
+        self.pool_tokens = pool_tokens
+        self.width = self.width_for(1)
+        self._storage: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # flat, never reallocated
         self._keys: dict[int, torch.Tensor] = {}
         self._values: dict[int, torch.Tensor] = {}
         self.lengths = [0] * num_slots
@@ -34,9 +43,30 @@ class SlotKVCache:
     def is_compileable(self) -> bool:
         return False
 
+    def width_for(self, length: int) -> int:
+        """The row width that holds `length` tokens."""
+        return min(-(-max(length, 1) // BLOCK) * BLOCK, self.max_len, self.pool_tokens)
+
+    def rows_at(self, width: int) -> int:
+        """How many sequences the pool holds at this width."""
+        return min(self.num_slots, self.pool_tokens // width)
+
+    def holds(self, num_rows: int, longest: int) -> bool:
+        """Whether `num_rows` sequences, the longest `longest` tokens, fit the pool."""
+        return longest <= min(self.max_len, self.pool_tokens) and num_rows <= self.rows_at(
+            self.width_for(longest)
+        )
+
+    def fit(self, num_rows: int, longest: int) -> None:
+        """Lay the rows out at the width for `longest` tokens (the scheduler checked holds())."""
+        width = self.width_for(longest)
+        if width != self.width:
+            self._relayout(width, num_rows)
+
     def begin_step(self, num_rows: int, kv_len: int, device: torch.device) -> None:
-        """The next forward decodes one token for slots 0..num_rows-1 and attends to kv_len keys."""
-        self._ensure_capacity(kv_len)
+        """The next forward decodes one token for rows 0..num_rows-1 and attends to kv_len keys."""
+        if kv_len > self.width:
+            self.fit(num_rows, kv_len)
         self._num_rows = num_rows
         self._starts = torch.tensor(self.lengths[:num_rows], dtype=torch.long, device=device)
         self._kv_len = kv_len
@@ -58,7 +88,8 @@ class SlotKVCache:
         """Copy row `row` of a finished prefill (a transformers cache) into `slot`, skipping `offset`
         left-padding positions."""
         length = prefill_cache.get_seq_length() - offset
-        self._ensure_capacity(length)
+        if length > self.width:
+            self.fit(max(slot + 1, self._live_rows()), length)
         for layer_idx, layer in enumerate(prefill_cache.layers):
             keys, values = self._layer(layer_idx, layer.keys)
             keys[slot, :, :length] = layer.keys[row, :, offset:]
@@ -86,27 +117,45 @@ class SlotKVCache:
             self.lengths[slot] += 1
 
     def usage(self) -> float:
-        """Tokens held over the tokens the slots could hold at the model's context length."""
-        return sum(self.lengths) / (self.num_slots * self.max_len)
+        """The share of the pool the running rows take at the current width (what admission sees)."""
+        return self._live_rows() * self.width / self.pool_tokens
+
+    def allocated_bytes(self) -> int:
+        return sum(k.numel() * k.element_size() * 2 for k, _ in self._storage.values())
+
+    def _live_rows(self) -> int:
+        return sum(1 for length in self.lengths if length)
 
     def _layer(self, layer_idx: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if layer_idx not in self._keys:
-            shape = (self.num_slots, like.shape[1], self._capacity, like.shape[3])
-            self._keys[layer_idx] = torch.zeros(shape, dtype=like.dtype, device=like.device)
-            self._values[layer_idx] = torch.zeros(shape, dtype=like.dtype, device=like.device)
+            numel = self.pool_tokens * like.shape[1] * like.shape[3]
+            flat = [torch.zeros(numel, dtype=like.dtype, device=like.device) for _ in range(2)]
+            self._storage[layer_idx] = (flat[0], flat[1])
+            self._keys[layer_idx], self._values[layer_idx] = (
+                self._view(t, like.shape[1], like.shape[3], self.width) for t in flat
+            )
         return self._keys[layer_idx], self._values[layer_idx]
 
-    def _ensure_capacity(self, length: int) -> None:
-        if length <= self._capacity:
-            return
-        if length > self.max_len:
-            raise ValueError(f"sequence of {length} tokens exceeds the cache's {self.max_len}")
-        capacity = self._capacity
-        while capacity < length:
-            capacity = min(capacity * 2, self.max_len)
-        for store in (self._keys, self._values):
-            for layer_idx, old in store.items():
-                grown = old.new_zeros((*old.shape[:2], capacity, old.shape[3]))
-                grown[:, :, : self._capacity] = old
-                store[layer_idx] = grown
-        self._capacity = capacity
+    def _view(self, flat: torch.Tensor, heads: int, head_dim: int, width: int) -> torch.Tensor:
+        rows = self.rows_at(width)
+        return flat[: rows * heads * width * head_dim].view(rows, heads, width, head_dim)
+
+    def _relayout(self, width: int, num_rows: int) -> None:
+        """Rows 0..num_rows-1 (and any other live row) re-laid at `width`, in place: growing, rows move
+        to later offsets, so they go last to first; shrinking, first to last. A row is copied out
+        before it is written back (one row of transient memory per layer)."""
+        live = max([num_rows, *(slot + 1 for slot, n in enumerate(self.lengths) if n)])
+        if live > self.rows_at(width):
+            raise ValueError(f"{live} sequences do not fit a {self.pool_tokens}-token pool at width {width}")
+        order = range(live - 1, -1, -1) if width > self.width else range(live)
+        for layer_idx, (flat_k, flat_v) in self._storage.items():
+            old_k, old_v = self._keys[layer_idx], self._values[layer_idx]
+            heads, head_dim = old_k.shape[1], old_k.shape[3]
+            new_k, new_v = (self._view(t, heads, head_dim, width) for t in (flat_k, flat_v))
+            for slot in order:
+                length = min(self.lengths[slot], width)
+                row_k, row_v = old_k[slot, :, :length].clone(), old_v[slot, :, :length].clone()
+                new_k[slot, :, :length] = row_k
+                new_v[slot, :, :length] = row_v
+            self._keys[layer_idx], self._values[layer_idx] = new_k, new_v
+        self.width = width

@@ -38,19 +38,29 @@ class ModelRunner:
     chunked prompt runs alone on the request's own transformers cache until its prompt is complete.
     """
 
-    def __init__(self, model: Any, num_slots: int, max_model_len: int) -> None:
+    def __init__(
+        self, model: Any, num_slots: int, max_model_len: int, pool_tokens: int | None = None
+    ) -> None:
         self.model = model
-        self.kv = SlotKVCache(num_slots, max_model_len)
+        self.kv = SlotKVCache(num_slots, max_model_len, pool_tokens or num_slots * max_model_len)
+        self.pool_source = "max_num_seqs x max_model_len"
         self._device = model.get_input_embeddings().weight.device
         self._additive_mask = getattr(model.config, "_attn_implementation", "sdpa") == "eager"
         self._partial: dict[int, Any] = {}  # seq id -> its prefill cache while chunks remain
         self.num_rows = 0  # slots 0..num_rows-1 hold running sequences
 
     def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
-        """Logits of each chunk's last token, one row per chunk, in order."""
-        self.num_rows = max(
-            [self.num_rows, *(c.slot + 1 + len(c.copies) for c in chunks if c.slot is not None)]
-        )
+        """Logits of each chunk's last token, one row per chunk, in order. The pool is first laid out
+        for the rows and lengths after this step (the scheduler checked that they fit)."""
+        completing = [c for c in chunks if c.slot is not None]
+        if completing:
+            rows = max(self.num_rows, *(c.slot + 1 + len(c.copies) for c in completing))
+            longest = max(
+                [length + 1 for length in self.kv.lengths[: self.num_rows]]
+                + [c.start + len(c.token_ids) + 1 for c in completing]
+            )
+            self.kv.fit(rows, longest)
+        self.num_rows = max([self.num_rows, *(c.slot + 1 + len(c.copies) for c in completing)])
         fresh = [i for i, c in enumerate(chunks) if c.start == 0 and c.slot is not None and c.inputs is None]
         rows: dict[int, torch.Tensor] = {}
         if fresh:
@@ -79,6 +89,49 @@ class ModelRunner:
         )
         self.kv.advance(num_rows)
         return out.logits[:, -1]
+
+    def allocate_pool(self, limits: Any) -> int:
+        """Size the KV pool by the one rule (plan.memory.kv_pool_tokens) after a warm-up forward of a
+        full prefill chunk, and allocate it now, at load; tensor-parallel ranks (every rank calls this,
+        in step) agree on the smallest. Returns the pool's tokens."""
+        from shardbento.plan.memory import kv_pool_tokens
+
+        per_token = self._kv_bytes_per_token(min(limits.max_prefill_tokens, self.kv.max_len))
+        free = None
+        if any(device.startswith("cuda") for device in per_token):
+            free = {d: _usable_cuda_bytes(d, limits.gpu_memory_utilization) for d in per_token}
+        tokens, source = kv_pool_tokens(
+            limits, per_token, max_num_seqs=self.kv.num_slots, max_model_len=self.kv.max_len, free_bytes=free
+        )
+        tokens = _smallest_of_ranks(tokens, self._device)
+        if tokens < min(16, self.kv.max_len):
+            raise RuntimeError(
+                f"no memory left for the KV cache: a pool of {tokens} tokens ({source}); "
+                "lower max_model_len, use more or larger GPUs, or set limits.kv_cache_tokens"
+            )
+        self.kv = SlotKVCache(self.kv.num_slots, self.kv.max_len, tokens)
+        self.pool_source = source
+        self.prefill([PrefillChunk(-1, (0,), 0, 0)])  # every layer's pool is allocated by this forward
+        self.release([0])
+        return tokens
+
+    def _kv_bytes_per_token(self, num_tokens: int) -> dict[str, int]:
+        """KV bytes one token takes on each device, read off a scratch forward's cache."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        ids = torch.zeros((1, num_tokens), dtype=torch.long, device=self._device)
+        self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        per_token: dict[str, int] = {}
+        for layer in cache.layers:
+            keys = getattr(layer, "keys", None)
+            if keys is None or keys.numel() == 0:
+                continue
+            device = str(keys.device)
+            per_token[device] = (
+                per_token.get(device, 0) + keys.shape[1] * keys.shape[3] * keys.element_size() * 2
+            )
+        return per_token
 
     def release(self, rows: list[int]) -> None:
         """Free rows of the batch; the last row fills each gap (the scheduler mirrors this order)."""
@@ -159,3 +212,20 @@ def release_moves(rows: list[int], num_rows: int) -> list[tuple[int, int]]:
         num_rows -= 1
         moves.append((row, num_rows))
     return moves
+
+
+def _usable_cuda_bytes(device: str, utilization: float) -> int:
+    """What the KV pool may take on a GPU: its share of the memory less what is in use now (weights and
+    the warm-up's activations, which torch's allocator keeps reserved)."""
+    free, total = torch.cuda.mem_get_info(torch.device(device))
+    return int(total * utilization) - (total - free)
+
+
+def _smallest_of_ranks(tokens: int, device: torch.device) -> int:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return tokens
+    value = torch.tensor([tokens], dtype=torch.long, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return int(value.item())

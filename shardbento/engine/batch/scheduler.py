@@ -33,7 +33,9 @@ class Sequence:
     """One request inside the scheduler; `cancelled` is set from the event loop, read by the thread.
 
     `channel` is where the scheduler's `deliver` function hands this request's Deltas (a
-    DeltaChannel in the service process); `inputs` carries a vision prompt's pixel values.
+    DeltaChannel in the service process); `inputs` carries a vision prompt's pixel values. A
+    preempted sequence keeps its `generated` tokens and is prefilled again with them (`context()`),
+    its sampler and output stream untouched, so its stream continues where it was.
     """
 
     request_id: str
@@ -49,6 +51,11 @@ class Sequence:
     last_token_s: float = 0.0
     seq_id: int = field(default_factory=itertools.count().__next__)  # unique; request ids may repeat
     inputs: dict[str, Any] | None = None
+    generated: list[int] = field(default_factory=list)
+
+    def context(self) -> list[int]:
+        """The tokens a prefill computes: the prompt, and after a preemption what was generated."""
+        return self.prompt_ids + self.generated if self.generated else self.prompt_ids
 
 
 class Scheduler:
@@ -150,6 +157,7 @@ class Scheduler:
         self._drop_cancelled()
         self._prefill()
         self._flush()  # first tokens go out now, not after this step's decode forward
+        self._preempt()
         if self._running:
             masks = prefetch_masks([seq.sampler for seq in self._running])  # made during the forward
             logits = self._runner.decode([seq.next_token for seq in self._running])
@@ -157,6 +165,21 @@ class Scheduler:
         self._metrics.running.set(len(self._running))
         self._metrics.waiting.set(len(self._waiting))
         self._metrics.kv_usage.set(self._runner.kv.usage())
+
+    def _preempt(self) -> None:
+        """Until the running set's next tokens fit the KV pool: the newest sequence leaves the batch (its
+        KV freed) for the front of the queue, to be prefilled again with what it generated."""
+        kv = self._runner.kv
+        while len(self._running) > 1 and not kv.holds(
+            len(self._running), max(kv.lengths[: len(self._running)]) + 1
+        ):
+            row = max(range(len(self._running)), key=lambda r: self._running[r].seq_id)
+            seq = self._running[row]
+            self._release([row])
+            seq.num_prefilled = 0
+            with self._wake:
+                self._waiting.appendleft(seq)
+            self._metrics.preemptions.inc()
 
     def _drop_cancelled(self) -> None:
         with self._wake:
@@ -184,8 +207,9 @@ class Scheduler:
                 for seq in group:
                     self._waiting.remove(seq)
             for seq in group:  # the twins' prompts were not computed: they copy the first one's KV
-                self._metrics.prompt_tokens.inc(len(seq.prompt_ids))
-                self._metrics.prefix_queries.inc(len(seq.prompt_ids))
+                if not seq.generated:  # a preempted sequence's prompt was counted when it first came
+                    self._metrics.prompt_tokens.inc(len(seq.prompt_ids))
+                    self._metrics.prefix_queries.inc(len(seq.prompt_ids))
                 self._running.append(seq)
                 joined.append(row)
             self._metrics.prefix_hits.inc(len(group[0].prompt_ids) * (len(group) - 1))
@@ -196,40 +220,55 @@ class Scheduler:
         """This step's prompt chunks, each with the sequences it serves: a vision, partial or too-long
         head alone, else fresh prompts that fit the budget together (counted with their padding: the
         batch is as wide as its longest). A waiting text prompt equal to one that completes here (the
-        n choices of a request) joins it as a twin: it takes a slot and that prompt's KV, no compute."""
+        n choices of a request) joins it as a twin: it takes a slot and that prompt's KV, no compute.
+        Nothing joins that the KV pool cannot hold beside the running sequences' next tokens."""
         budget = self._limits.max_prefill_tokens
         with self._wake:
             candidates = list(self._waiting)[: self._free_slots()]
         if not candidates:
             return [], []
+        kv = self._runner.kv
+        running = len(self._running)
+        grown = max(kv.lengths[:running], default=0) + 1
+
+        def room(rows: int, longest: int) -> bool:
+            return kv.holds(running + rows, max(grown, longest + 1))
+
         head = candidates[0]
-        if head.inputs is not None or head.num_prefilled or len(head.prompt_ids) > budget:
+        if head.inputs is not None or head.num_prefilled or len(head.context()) > budget:
+            if not room(1, len(head.context())):
+                return [], []  # it waits for running sequences to finish (or be preempted)
             planned = [(self._head_chunk(head, budget), [head])]
         else:
             planned = []
             width = 0
             prompts = set()
             for seq in candidates:
-                if tuple(seq.prompt_ids) in prompts and seq.inputs is None and not seq.num_prefilled:
+                context = seq.context()
+                if tuple(context) in prompts and _twin(seq):
                     continue  # a twin: _join_twins adds it
-                prompts.add(tuple(seq.prompt_ids))
-                width = max(width, len(seq.prompt_ids))
+                prompts.add(tuple(context))
+                width = max(width, len(context))
                 if seq.inputs is not None or seq.num_prefilled or width * (len(planned) + 1) > budget:
                     break
-                planned.append((PrefillChunk(seq.seq_id, tuple(seq.prompt_ids), 0, 0), [seq]))
-        _join_twins(planned, candidates)
+                if not room(len(planned) + 1, width):
+                    break
+                planned.append((PrefillChunk(seq.seq_id, tuple(context), 0, 0), [seq]))
+        _join_twins(planned, candidates, room)
         for seq in (seq for _, group in planned for seq in group if not seq.num_prefilled):
-            self._metrics.queue.observe(time.monotonic() - seq.arrival_s)
+            if not seq.generated:
+                self._metrics.queue.observe(time.monotonic() - seq.arrival_s)
         return _place(planned, len(self._running)), [group for _, group in planned]
 
     @staticmethod
     def _head_chunk(seq: Sequence, budget: int) -> PrefillChunk:
         """The next chunk of a prompt that runs alone: a vision prompt whole, a long one `budget` at a
         time; `slot` is set (to be placed) on the chunk that completes the prompt."""
+        context = seq.context()
         if seq.inputs is not None:  # its image tokens need the pixel values in the same forward
-            return PrefillChunk(seq.seq_id, tuple(seq.prompt_ids), 0, 0, seq.inputs)
-        take = seq.prompt_ids[seq.num_prefilled : seq.num_prefilled + budget]
-        done = seq.num_prefilled + len(take) == len(seq.prompt_ids)
+            return PrefillChunk(seq.seq_id, tuple(context), 0, 0, _with_generated(seq.inputs, seq.generated))
+        take = context[seq.num_prefilled : seq.num_prefilled + budget]
+        done = seq.num_prefilled + len(take) == len(context)
         return PrefillChunk(seq.seq_id, tuple(take), seq.num_prefilled, 0 if done else None)
 
     def _advance(
@@ -254,6 +293,7 @@ class Scheduler:
         """Stream the sequence's next token; True when the sequence is finished."""
         if seq.sampler.needs_history:
             seq.history.append(token)
+        seq.generated.append(token)
         now = time.monotonic()
         self._metrics.generation_tokens.inc()
         if seq.last_token_s:
@@ -301,20 +341,44 @@ class Scheduler:
             self._outbox.append((seq, exc))
 
 
-def _join_twins(planned: list[tuple[PrefillChunk, list[Sequence]]], candidates: list[Sequence]) -> None:
-    """Add each waiting fresh text prompt equal to a prompt completed by a planned chunk to its group."""
+def _twin(seq: Sequence) -> bool:
+    """Whether the sequence may share another's prefill: a fresh text prompt."""
+    return seq.inputs is None and not seq.num_prefilled and not seq.generated
+
+
+def _join_twins(
+    planned: list[tuple[PrefillChunk, list[Sequence]]],
+    candidates: list[Sequence],
+    room: Callable[[int, int], bool],
+) -> None:
+    """Add each waiting fresh text prompt equal to a prompt completed by a planned chunk to its group,
+    while the KV pool holds one more row."""
     completing = {
         tuple(group[0].prompt_ids): group
         for chunk, group in planned
-        if chunk.slot is not None and chunk.inputs is None
+        if chunk.slot is not None and chunk.inputs is None and not group[0].generated
     }
     taken = {id(group[0]) for _, group in planned}
+    rows = sum(len(group) for chunk, group in planned if chunk.slot is not None)
+    longest = max((len(group[0].context()) for _, group in planned), default=0)
     for seq in candidates:
-        if id(seq) in taken or seq.inputs is not None or seq.num_prefilled:
+        if id(seq) in taken or not _twin(seq):
             continue
         group = completing.get(tuple(seq.prompt_ids))
-        if group is not None:
+        if group is not None and room(rows + 1, longest):
             group.append(seq)
+            rows += 1
+
+
+def _with_generated(inputs: dict[str, Any], generated: list[int]) -> dict[str, Any]:
+    """A vision prompt's processor outputs with a preempted sequence's generated tokens appended."""
+    if not generated:
+        return inputs
+    extra = torch.tensor([generated], dtype=inputs["input_ids"].dtype)
+    resumed = dict(inputs, input_ids=torch.cat([inputs["input_ids"], extra], dim=-1))
+    if "attention_mask" in inputs:
+        resumed["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(extra)], dim=-1)
+    return resumed
 
 
 def _place(planned: list[tuple[PrefillChunk, list[Sequence]]], first_slot: int) -> list[PrefillChunk]:

@@ -105,8 +105,12 @@ class HFEngine(PreprocessorPrompts):
         self._metrics = RequestMetrics(spec.name)
         self._scheduler: Scheduler | None = None
         self._batches_images = getattr(loaded.model.config, "model_type", None) in BATCHED_VISION_TYPES
+        pool_tokens = None
         if spec.kind == "text" or self._batches_images:
             runner = ModelRunner(loaded.model, loaded.plan.max_num_seqs, loaded.plan.max_model_len)
+            with torch.inference_mode():
+                pool_tokens = runner.allocate_pool(spec.limits)
+            logger.info("model %s: KV pool of %d tokens (%s)", spec.name, pool_tokens, runner.pool_source)
             self._scheduler = Scheduler(runner, spec.limits, self._metrics, start=False)
             self._executor.submit(self._scheduler.run)
         self.info = EngineInfo(
@@ -118,6 +122,7 @@ class HFEngine(PreprocessorPrompts):
             devices=loaded.devices,
             vocab_size=loaded.prompts.vocab_size,
             tool_parser=loaded.prompts.tool_parser,
+            kv_pool_tokens=pool_tokens,
         )
 
     @classmethod

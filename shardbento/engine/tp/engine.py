@@ -71,6 +71,7 @@ class TPEngine(PreprocessorPrompts):
         ranks: list[Any],
         channels: RankChannels,
         devices: tuple[str, ...],
+        kv_pool_tokens: int | None = None,
     ) -> None:
         self.spec = spec
         self._prompts = prompts
@@ -94,6 +95,7 @@ class TPEngine(PreprocessorPrompts):
             devices=devices,
             vocab_size=prompts.vocab_size,
             tool_parser=prompts.tool_parser,
+            kv_pool_tokens=kv_pool_tokens,
         )
         threading.Thread(target=self._watch, name="shardbento-tp-watchdog", daemon=True).start()
 
@@ -131,9 +133,9 @@ class TPEngine(PreprocessorPrompts):
             )
             process.start()
             ranks.append(process)
-        devices = _wait_ready(ranks, channels.status)
+        devices, pool = _wait_ready(ranks, channels.status)
         logger.info("model %s: %d tensor-parallel ranks ready on %s", spec.name, len(ranks), devices)
-        return cls(spec, prompts, ranks, channels, devices)
+        return cls(spec, prompts, ranks, channels, devices, pool)
 
     def is_ready(self) -> bool:
         return not self._closing and self.failure is None
@@ -273,9 +275,11 @@ def _rank_config(
     )
 
 
-def _wait_ready(ranks: list[Any], status: Any) -> tuple[str, ...]:
-    """Wait until every rank has loaded its shard; any error or exit fails startup with its reason."""
+def _wait_ready(ranks: list[Any], status: Any) -> tuple[tuple[str, ...], int | None]:
+    """Wait until every rank has loaded its shard (devices, and rank 0's KV pool in tokens); any error
+    or exit fails startup with its reason."""
     devices: dict[int, str] = {}
+    pool: int | None = None
     deadline = time.monotonic() + LOAD_TIMEOUT_S
     while len(devices) < len(ranks):
         try:
@@ -293,4 +297,6 @@ def _wait_ready(ranks: list[Any], status: Any) -> tuple[str, ...]:
                 process.kill()
             raise RuntimeError(f"tensor-parallel rank {message.rank} failed to load:\n{message.traceback}")
         devices[message.rank] = message.device
-    return tuple(f"rank{r}:{devices[r]}" for r in sorted(devices))
+        if message.rank == 0:
+            pool = message.kv_pool_tokens
+    return tuple(f"rank{r}:{devices[r]}" for r in sorted(devices)), pool

@@ -63,6 +63,7 @@ class Stop:
 class RankReady:
     rank: int
     device: str
+    kv_pool_tokens: int | None = None  # text: the batch's KV pool, as every rank allocated it
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,13 +29,15 @@ def run_rank(config: RankConfig, channels: RankChannels) -> None:
 
         model = _join_and_load(config)
         tokenizer = _load_tokenizer(config) if config.rank == 0 else None
+        runner = _runner(model, config) if config.kind == "text" else None
     except Exception:  # noqa: BLE001 - reported to the service, which fails startup with it
         channels.status.put(RankLoadFailed(config.rank, traceback.format_exc()))
         return
-    channels.status.put(RankReady(config.rank, str(next(model.parameters()).device)))
+    pool = runner.kv.pool_tokens if runner is not None else None
+    channels.status.put(RankReady(config.rank, str(next(model.parameters()).device), pool))
     try:
-        if config.kind == "text":
-            _serve_batched(model, config, channels, tokenizer)
+        if runner is not None:
+            _serve_batched(runner, model, config, channels, tokenizer)
         else:
             _serve_generate(model, config, channels, tokenizer)
         dist.barrier()
@@ -44,13 +46,25 @@ def run_rank(config: RankConfig, channels: RankChannels) -> None:
             dist.destroy_process_group()
 
 
-def _serve_batched(model: Any, config: RankConfig, channels: RankChannels, tokenizer: Any) -> None:
-    """Text: rank 0 schedules and samples; every other rank replays its runner calls."""
+def _runner(model: Any, config: RankConfig) -> Any:
+    """The batch's runner with its KV pool allocated (every rank in step: the warm-up is collective)."""
+    import torch
+
     from shardbento.engine.batch.runner import ModelRunner
+
+    runner = ModelRunner(model, config.max_num_seqs, config.max_model_len)
+    with torch.inference_mode():
+        runner.allocate_pool(config.limits)
+    return runner
+
+
+def _serve_batched(
+    runner: Any, model: Any, config: RankConfig, channels: RankChannels, tokenizer: Any
+) -> None:
+    """Text: rank 0 schedules and samples; every other rank replays its runner calls."""
     from shardbento.engine.grammar import Grammars
     from shardbento.engine.tp.lead import follow, lead  # torch-heavy: imported in the rank process only
 
-    runner = ModelRunner(model, config.max_num_seqs, config.max_model_len)
     if config.rank == 0:
         eos_ids = set(config.eos_token_ids)
         grammars = Grammars(tokenizer, eos_ids, logits_width=model.config.get_text_config().vocab_size)
