@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from shardbento.catalog import ModelSpec
 from shardbento.plan.memory import (
+    ACTIVATION_FRACTION,
     CUDA_CONTEXT_BYTES,
     GIB,
     Budget,
@@ -20,6 +21,7 @@ from shardbento.plan.memory import (
     PlanError,
     budget,
     fits,
+    kv_pool_tokens,
     min_gpus,
     tp_divides,
 )
@@ -46,6 +48,8 @@ class Plan:
     min_gpus_tensor: int | None = None
     shares: tuple[GpuShare, ...] = ()
     notes: tuple[str, ...] = ()
+    kv_pool_tokens: int | None = None  # the pool the transformers engine allocates, by the same rule
+    kv_pool_source: str = ""
 
     @property
     def num_gpus(self) -> int:
@@ -136,6 +140,7 @@ def plan_spec(
     if check and not fits(need, count, gpu):
         raise PlanError(_memory_message(spec.name, need, count, gpu, lowest_layers, lowest_tensor, shape))
     shares = tuple(balanced_split(need, shape, gpu, count)) if mode == "layers" else ()
+    pool, source = _pool(spec, need, shape, gpu, count, shares, context)
     return Plan(
         model=spec.name,
         mode=mode,
@@ -150,6 +155,44 @@ def plan_spec(
         min_gpus_tensor=lowest_tensor,
         shares=shares,
         notes=notes,
+        kv_pool_tokens=pool,
+        kv_pool_source=source,
+    )
+
+
+def _pool(
+    spec: ModelSpec,
+    need: Budget,
+    shape: ModelShape,
+    gpu: GpuKind,
+    count: int,
+    shares: tuple[GpuShare, ...],
+    context: int,
+) -> tuple[int, str]:
+    """The KV pool the engine will allocate (plan/memory.kv_pool_tokens), from estimates of what each
+    GPU has left: its memory x gpu_memory_utilization less its weights, their activations and the CUDA
+    context (the engine measures these after its warm-up forward)."""
+    limits = spec.limits
+    if shares:
+        layers = {
+            s.gpu: (s.last_layer - s.first_layer + 1 if s.first_layer is not None else 0) for s in shares
+        }
+        per_token = {
+            s.gpu: need.kv_bytes_per_token * layers[s.gpu] // max(shape.num_layers, 1) for s in shares
+        }
+        weights = {s.gpu: s.weight_bytes for s in shares}
+        per_token = {g: b for g, b in per_token.items() if b}
+    else:
+        per_token = {g: need.kv_bytes_per_token // count for g in range(count)}
+        weights = {g: need.weight_bytes // count for g in range(count)}
+    free = {
+        g: int(gpu.memory_bytes * limits.gpu_memory_utilization)
+        - int(weights[g] * (1 + ACTIVATION_FRACTION))
+        - CUDA_CONTEXT_BYTES
+        for g in per_token
+    }
+    return kv_pool_tokens(
+        limits, per_token, max_num_seqs=limits.max_num_seqs, max_model_len=context, free_bytes=free
     )
 
 
@@ -209,6 +252,9 @@ def render(plan: Plan) -> str:
             else ")"
         ),
         f"headroom   {need.activation_bytes / GIB:8.1f} GiB activations + {plan.num_gpus} GiB CUDA context",
+        f"KV pool    {plan.kv_pool_tokens or 0:8d} tokens, {(plan.kv_pool_tokens or 0) * need.kv_bytes_per_token / GIB:.1f} "
+        f"GiB in all ({plan.kv_pool_source}): {(plan.kv_pool_tokens or 0) // need.max_model_len} sequences "
+        f"at the full {need.max_model_len} tokens",
         f"total      {need.needed_bytes(plan.num_gpus) / GIB:8.1f} GiB on {plan.num_gpus} x {plan.gpu.name} "
         f"({plan.num_gpus * plan.gpu.memory_bytes / GIB:.0f} GiB)",
         f"min GPUs   layers: {plan.min_gpus_layers or '-'}, tensor: {plan.min_gpus_tensor or '-'}",

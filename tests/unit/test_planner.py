@@ -12,6 +12,7 @@ import pytest
 
 from shardbento.catalog import CATALOG_DIR, load_spec
 from shardbento.plan.memory import (
+    CUDA_CONTEXT_BYTES,
     GIB,
     PlanError,
     budget,
@@ -19,7 +20,7 @@ from shardbento.plan.memory import (
     model_shape,
     parse_gpus,
 )
-from shardbento.plan.sharding import plan_spec
+from shardbento.plan.sharding import plan_spec, render
 from shardbento.plan.source import CONFIG_DIR, config_path
 from shardbento.plan.split import GpuShare, layer_blocks, split_layers
 
@@ -177,3 +178,27 @@ def test_plan_cli_wrong_gpus_fails_with_fix() -> None:
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 2
     assert "set gpus: 3" in result.stderr
+
+
+def test_planner_kv_pool_is_the_engine_rule_on_each_gpus_leftover() -> None:
+    """The pool `plan` prints: kv_cache_tokens when set, else the memory each GPU has left within
+    gpu_memory_utilization over a token's KV bytes there (tensor parallel: one rank's share)."""
+    spec = load_spec("llama-3.1-70b-instruct")
+    shape = model_shape(load_config(config_path(spec)))
+    _, gpu = parse_gpus("A100-80GB")
+    plan = plan_spec(spec, shape, gpu, num_gpus=4)
+    need = plan.budget
+    per_gpu_left = int(gpu.memory_bytes * 0.9) - int(need.weight_bytes // 4 * 1.1) - CUDA_CONTEXT_BYTES
+    expected = min(
+        per_gpu_left // (need.kv_bytes_per_token // 4), spec.limits.max_num_seqs * spec.max_model_len
+    )
+    assert plan.kv_pool_tokens == expected and "gpu_memory_utilization" in plan.kv_pool_source
+    tighter = spec.model_copy(
+        update={"limits": spec.limits.model_copy(update={"gpu_memory_utilization": 0.6})}
+    )
+    assert plan_spec(tighter, shape, gpu, num_gpus=4).kv_pool_tokens < plan.kv_pool_tokens
+    fixed = spec.model_copy(update={"limits": spec.limits.model_copy(update={"kv_cache_tokens": 5000})})
+    assert plan_spec(fixed, shape, gpu, num_gpus=4).kv_pool_tokens == 5000
+    assert "KV pool" in render(plan) and f"{plan.kv_pool_tokens // spec.max_model_len} sequences" in render(
+        plan
+    )
