@@ -64,6 +64,9 @@ class ServingLimits(BaseModel):
         None, ge=16, description="The KV pool's size in tokens; wins over kv_cache_gib and the GPU rule."
     )
     kv_cache_gib: float = Field(4.0, gt=0.0, description="CPU: the KV pool's size in GiB.")
+    prefix_caching: bool = Field(
+        True, description="Reuse the KV of prompt prefixes seen before (full 16-token blocks, LRU)."
+    )
     gpu_memory_utilization: float = Field(
         0.9, gt=0.0, le=1.0, description="GPU: the share of memory weights, activations and the KV pool use."
     )

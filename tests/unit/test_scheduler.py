@@ -173,7 +173,8 @@ def test_scheduler_close_ends_the_loop_on_its_engine_thread(text_engine) -> None
 def test_scheduler_choices_prefill_their_prompt_once(text_engine, budget) -> None:
     """n choices of one prompt: one prefill computes it (in chunks when it is long), every choice
     decodes from its KV and equals a request run alone with that choice's parameters."""
-    spec = text_engine.spec.model_copy(update={"limits": ServingLimits(max_prefill_tokens=budget)})
+    limits = ServingLimits(max_prefill_tokens=budget, prefix_caching=False)  # count this prefill alone
+    spec = text_engine.spec.model_copy(update={"limits": limits})
     engine = HFEngine(spec, replace(text_engine._loaded, plan=run_preflight(spec)))
     prompt = prompts(engine)[1]
     choices = [

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 
+import torch
 from prometheus_client import REGISTRY
 
 from shardbento.catalog import ServingLimits
@@ -157,3 +158,28 @@ def test_tp_lead_choices_prefill_once_on_every_rank(text_engine) -> None:
     assert [tokens(items, ticket) for ticket in range(3)] == expected
     assert computed == [prompt.num_tokens]
     assert world.follower.kv.lengths == world.leader.kv.lengths
+
+
+def test_tp_lead_prefix_cache_decided_on_rank_0_mirrored_by_the_follower(text_engine) -> None:
+    prompt = text_engine.render_chat([ChatMessage(role="user", text=" ".join(QUESTIONS) * 2)])
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    expected = asyncio.run(single_process(text_engine, prompt, params))
+    with ranks(text_engine, ServingLimits(max_num_seqs=4)) as world:
+        computed: list[int] = []
+        replay = world.follower.prefill
+
+        def counting(chunks):
+            computed.extend(len(chunk.token_ids) for chunk in chunks)
+            return replay(chunks)
+
+        world.follower.prefill = counting
+        for ticket in range(2):  # one after the other: the second finds the first's blocks
+            world.channels.requests.put(Submit(ticket, f"req-{ticket}", prompt.token_ids, params))
+            items, _ = reports(world.channels, finished({ticket}))
+            assert tokens(items, ticket) == expected
+    assert computed[1] < prompt.num_tokens == computed[0]  # the second prefill started past the cache
+    assert world.follower.kv.prefix_blocks == world.leader.kv.prefix_blocks > 0
+    leader, follower = (
+        w.kv._prefix_view(0, 0)[-world.leader.kv.prefix_blocks :] for w in (world.leader, world.follower)
+    )
+    assert torch.equal(leader, follower)

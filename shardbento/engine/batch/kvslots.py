@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 BLOCK = 64  # row widths are multiples of this: a growing batch re-lays its rows out once per BLOCK steps
+PREFIX_BLOCK = 16  # tokens per cached prefix block (vLLM's default block size)
 
 
 class SlotKVCache:
@@ -35,6 +36,7 @@ class SlotKVCache:
         self._keys: dict[int, torch.Tensor] = {}
         self._values: dict[int, torch.Tensor] = {}
         self.lengths = [0] * num_slots
+        self.prefix_blocks = 0  # cached prefix blocks, kept at the tail of the same storage
         self._num_rows = 0
         self._starts: torch.Tensor | None = None
         self._kv_len = 0
@@ -48,14 +50,16 @@ class SlotKVCache:
         return min(-(-max(length, 1) // BLOCK) * BLOCK, self.max_len, self.pool_tokens)
 
     def rows_at(self, width: int) -> int:
-        """How many sequences the pool holds at this width."""
+        """How many sequences the pool could hold at this width (with no prefix cached)."""
         return min(self.num_slots, self.pool_tokens // width)
 
-    def holds(self, num_rows: int, longest: int) -> bool:
-        """Whether `num_rows` sequences, the longest `longest` tokens, fit the pool."""
-        return longest <= min(self.max_len, self.pool_tokens) and num_rows <= self.rows_at(
-            self.width_for(longest)
-        )
+    def holds(self, num_rows: int, longest: int, prefix_blocks: int | None = None) -> bool:
+        """Whether `num_rows` sequences, the longest `longest` tokens, fit the pool beside the cached
+        prefix blocks (by default those held now)."""
+        blocks = self.prefix_blocks if prefix_blocks is None else prefix_blocks
+        width = self.width_for(longest)
+        fits = num_rows * width + blocks * PREFIX_BLOCK <= self.pool_tokens
+        return longest <= min(self.max_len, self.pool_tokens) and num_rows <= self.num_slots and fits
 
     def fit(self, num_rows: int, longest: int) -> None:
         """Lay the rows out at the width for `longest` tokens (the scheduler checked holds())."""
@@ -116,9 +120,48 @@ class SlotKVCache:
         for slot in range(num_rows):
             self.lengths[slot] += 1
 
+    def store_prefix(self, slot: int, pairs: list[tuple[int, int]]) -> None:
+        """Copy full blocks of row `slot` into the prefix cache: (block index in the row, cache block)
+        pairs; cache blocks are 0..prefix_blocks, the next ones appended."""
+        if not pairs:
+            return
+        starts = [j * PREFIX_BLOCK for j, _ in pairs]
+        for layer_idx in self._storage:
+            for rows, cache in (
+                (self._keys, self._prefix_view(layer_idx, 0)),
+                (self._values, self._prefix_view(layer_idx, 1)),
+            ):
+                row = rows[layer_idx][slot]
+                blocks = torch.stack([row[:, start : start + PREFIX_BLOCK] for start in starts])
+                cache[torch.tensor([_tail(b, cache) for _, b in pairs])] = blocks
+        self.prefix_blocks = max(self.prefix_blocks, *(b + 1 for _, b in pairs))
+
+    def drop_prefix(self, moves: list[tuple[int, int]], count: int) -> None:
+        """Forget cached blocks: each (last, gap) move fills an evicted block with the last one; then
+        `count` blocks remain."""
+        for layer_idx in self._storage:
+            for which in (0, 1):
+                cache = self._prefix_view(layer_idx, which)
+                for last, gap in moves:
+                    cache[_tail(gap, cache)] = cache[_tail(last, cache)]
+        self.prefix_blocks = count
+
+    def prefix(self, layer_idx: int, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of cached blocks, in order: [1, kv heads, len(blocks) x block, head dim]."""
+        out = []
+        for which in (0, 1):
+            cache = self._prefix_view(layer_idx, which)
+            picked = cache[torch.tensor([_tail(b, cache) for b in blocks])]  # [n, heads, block, dim]
+            out.append(picked.permute(1, 0, 2, 3).reshape(1, picked.shape[1], -1, picked.shape[3]))
+        return out[0], out[1]
+
+    def layer_indices(self) -> list[int]:
+        return sorted(self._storage)
+
     def usage(self) -> float:
-        """The share of the pool the running rows take at the current width (what admission sees)."""
-        return self._live_rows() * self.width / self.pool_tokens
+        """The share of the pool the running rows take at the current width (what admission sees) and
+        the cached prefix blocks."""
+        return (self._live_rows() * self.width + self.prefix_blocks * PREFIX_BLOCK) / self.pool_tokens
 
     def allocated_bytes(self) -> int:
         return sum(k.numel() * k.element_size() * 2 for k, _ in self._storage.values())
@@ -135,6 +178,14 @@ class SlotKVCache:
                 self._view(t, like.shape[1], like.shape[3], self.width) for t in flat
             )
         return self._keys[layer_idx], self._values[layer_idx]
+
+    def _prefix_view(self, layer_idx: int, which: int) -> torch.Tensor:
+        """The storage's tail as [pool // block, heads, block, dim]; cache block b is its row -1-b."""
+        flat = self._storage[layer_idx][which]
+        heads, head_dim = self._keys[layer_idx].shape[1], self._keys[layer_idx].shape[3]
+        count = self.pool_tokens // PREFIX_BLOCK
+        size = count * heads * PREFIX_BLOCK * head_dim
+        return flat[flat.numel() - size :].view(count, heads, PREFIX_BLOCK, head_dim)
 
     def _view(self, flat: torch.Tensor, heads: int, head_dim: int, width: int) -> torch.Tensor:
         rows = self.rows_at(width)
@@ -159,3 +210,7 @@ class SlotKVCache:
                 new_v[slot, :, :length] = row_v
             self._keys[layer_idx], self._values[layer_idx] = new_k, new_v
         self.width = width
+
+
+def _tail(block: int, cache: torch.Tensor) -> int:
+    return cache.shape[0] - 1 - block

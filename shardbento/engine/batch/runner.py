@@ -17,7 +17,7 @@ class PrefillChunk:
     `start` is the position of the first token (0 for a fresh prompt, more for the next chunk of a
     long one); `slot` is the batch slot the request takes once this chunk completes its prompt, or
     None while more chunks follow; `copies` are more slots that take the same KV (twins: the n choices
-    of one prompt, computed once). `inputs` holds a vision prompt's processor outputs (pixel values
+    of one prompt, computed once); `prefix` names cached KV blocks the chunk continues from. `inputs` holds a vision prompt's processor outputs (pixel values
     and the like): such a prompt is prefilled whole, alone, and decodes in the batch like text.
     """
 
@@ -27,6 +27,7 @@ class PrefillChunk:
     slot: int | None
     inputs: dict[str, Any] | None = None
     copies: tuple[int, ...] = ()
+    prefix: tuple[int, ...] = ()  # cached blocks that hold tokens 0..start-1 (prefix caching)
 
 
 class ModelRunner:
@@ -142,6 +143,13 @@ class ModelRunner:
                 self.kv.free(row)
         self.num_rows -= len(rows)
 
+    def store_prefix(self, slot: int, pairs: list[tuple[int, int]]) -> None:
+        """Cache full blocks of a row's KV (the scheduler's PrefixIndex chose which, and where)."""
+        self.kv.store_prefix(slot, pairs)
+
+    def drop_prefix(self, moves: list[tuple[int, int]], count: int) -> None:
+        self.kv.drop_prefix(moves, count)
+
     def drop(self, seq_id: int) -> None:
         """Forget a sequence whose prompt was only partly prefilled."""
         self._partial.pop(seq_id, None)
@@ -173,6 +181,8 @@ class ModelRunner:
         cache = self._partial.get(chunk.seq_id)
         if cache is None:
             cache = DynamicCache(config=self.model.config)
+            for layer_idx in self.kv.layer_indices() if chunk.prefix else ():
+                cache.update(*self.kv.prefix(layer_idx, list(chunk.prefix)), layer_idx)
         end = chunk.start + len(chunk.token_ids)
         if chunk.inputs is not None:
             inputs = {

@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from shardbento.catalog import ServingLimits
 from shardbento.engine.base import Delta, DeltaChannel
+from shardbento.engine.batch.kvslots import PREFIX_BLOCK
+from shardbento.engine.batch.prefix import PrefixCache
 from shardbento.engine.batch.runner import ModelRunner, PrefillChunk, release_moves
-from shardbento.engine.batch.sampler import RequestSampler, prefetch_masks, select_tokens
-from shardbento.engine.output import OutputStream
+from shardbento.engine.batch.sampler import prefetch_masks, select_tokens
+from shardbento.engine.batch.sequence import Sequence, is_twin, join_twins, place, with_generated
 from shardbento.errors import Overloaded
 from shardbento.metrics import RequestMetrics
 
@@ -26,36 +26,6 @@ logger = logging.getLogger(__name__)
 
 
 Outbox = list[tuple[Any, Delta | BaseException]]
-
-
-@dataclass(slots=True, eq=False)  # identity: the queues remove this very request
-class Sequence:
-    """One request inside the scheduler; `cancelled` is set from the event loop, read by the thread.
-
-    `channel` is where the scheduler's `deliver` function hands this request's Deltas (a
-    DeltaChannel in the service process); `inputs` carries a vision prompt's pixel values. A
-    preempted sequence keeps its `generated` tokens and is prefilled again with them (`context()`),
-    its sampler and output stream untouched, so its stream continues where it was.
-    """
-
-    request_id: str
-    prompt_ids: list[int]
-    sampler: RequestSampler
-    output: OutputStream
-    channel: Any
-    arrival_s: float = field(default_factory=time.monotonic)
-    cancelled: bool = False
-    history: list[int] = field(default_factory=list)
-    num_prefilled: int = 0
-    next_token: int = -1
-    last_token_s: float = 0.0
-    seq_id: int = field(default_factory=itertools.count().__next__)  # unique; request ids may repeat
-    inputs: dict[str, Any] | None = None
-    generated: list[int] = field(default_factory=list)
-
-    def context(self) -> list[int]:
-        """The tokens a prefill computes: the prompt, and after a preemption what was generated."""
-        return self.prompt_ids + self.generated if self.generated else self.prompt_ids
 
 
 class Scheduler:
@@ -80,6 +50,7 @@ class Scheduler:
         self._runner = runner
         self._limits = limits
         self._metrics = metrics
+        self._prefix = PrefixCache(runner) if limits.prefix_caching else None
         self._deliver = deliver
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
@@ -170,6 +141,8 @@ class Scheduler:
         """Until the running set's next tokens fit the KV pool: the newest sequence leaves the batch (its
         KV freed) for the front of the queue, to be prefilled again with what it generated."""
         kv = self._runner.kv
+        if self._running and self._prefix is not None:  # cached prefixes go first
+            self._prefix.make_room(len(self._running), max(kv.lengths[: len(self._running)]) + 1)
         while len(self._running) > 1 and not kv.holds(
             len(self._running), max(kv.lengths[: len(self._running)]) + 1
         ):
@@ -200,7 +173,7 @@ class Scheduler:
         first_row = len(self._running)
         joined = []
         for row, (chunk, group) in enumerate(zip(chunks, groups, strict=True)):
-            group[0].num_prefilled += len(chunk.token_ids)
+            group[0].num_prefilled = chunk.start + len(chunk.token_ids)
             if chunk.slot is None:
                 continue  # the rest of this prompt goes in the next step
             with self._wake:
@@ -213,8 +186,24 @@ class Scheduler:
                 self._running.append(seq)
                 joined.append(row)
             self._metrics.prefix_hits.inc(len(group[0].prompt_ids) * (len(group) - 1))
+            if not group[0].generated:
+                self._metrics.prefix_hits.inc(group[0].cached)
+        self._remember(range(first_row, len(self._running)))
         if joined:
             self._advance(list(range(first_row, len(self._running))), logits[joined])
+
+    def _remember(self, rows: Iterable[int]) -> None:
+        """Cache the full blocks these rows' KV holds (a prompt as it joins, a whole answer as it ends)."""
+        rows = list(rows)
+        if self._prefix is None or not rows:
+            return
+        kv = self._runner.kv
+        running = len(self._running)
+        longest = max(kv.lengths[:running]) + 1
+        for row in rows:
+            seq = self._running[row]
+            if seq.inputs is None:
+                self._prefix.remember(row, seq.context()[: kv.lengths[row]], running, longest)
 
     def _plan_prefill(self) -> tuple[list[PrefillChunk], list[list[Sequence]]]:
         """This step's prompt chunks, each with the sequences it serves: a vision, partial or too-long
@@ -231,45 +220,61 @@ class Scheduler:
         running = len(self._running)
         grown = max(kv.lengths[:running], default=0) + 1
 
-        def room(rows: int, longest: int) -> bool:
-            return kv.holds(running + rows, max(grown, longest + 1))
-
         head = candidates[0]
-        if head.inputs is not None or head.num_prefilled or len(head.context()) > budget:
+        hit = self._hit(head)
+        keep = frozenset(hit)
+
+        def room(rows: int, longest: int) -> bool:  # cached blocks but `keep` may be evicted for it
+            return kv.holds(running + rows, max(grown, longest + 1), prefix_blocks=len(keep))
+
+        if hit or head.inputs is not None or head.num_prefilled or len(head.context()) > budget:
             if not room(1, len(head.context())):
                 return [], []  # it waits for running sequences to finish (or be preempted)
-            planned = [(self._head_chunk(head, budget), [head])]
+            planned = [(self._head_chunk(head, budget, hit), [head])]
         else:
             planned = []
             width = 0
             prompts = set()
             for seq in candidates:
                 context = seq.context()
-                if tuple(context) in prompts and _twin(seq):
+                if tuple(context) in prompts and is_twin(seq):
                     continue  # a twin: _join_twins adds it
                 prompts.add(tuple(context))
                 width = max(width, len(context))
                 if seq.inputs is not None or seq.num_prefilled or width * (len(planned) + 1) > budget:
                     break
-                if not room(len(planned) + 1, width):
-                    break
+                if not room(len(planned) + 1, width) or (planned and self._hit(seq)):
+                    break  # no room, or a cached prefix: it goes alone, next
                 planned.append((PrefillChunk(seq.seq_id, tuple(context), 0, 0), [seq]))
-        _join_twins(planned, candidates, room)
+        join_twins(planned, candidates, room)
+        if self._prefix is not None:
+            rows = running + sum(len(group) for chunk, group in planned if chunk.slot is not None)
+            longest = max([grown, *(len(group[0].context()) + 1 for _, group in planned)])
+            self._prefix.make_room(rows, longest, keep)
         for seq in (seq for _, group in planned for seq in group if not seq.num_prefilled):
             if not seq.generated:
                 self._metrics.queue.observe(time.monotonic() - seq.arrival_s)
-        return _place(planned, len(self._running)), [group for _, group in planned]
+        return place(planned, len(self._running)), [group for _, group in planned]
+
+    def _hit(self, seq: Sequence) -> list[int]:
+        """The cached blocks a fresh text prompt (or a preempted one's context) starts with."""
+        if self._prefix is None or seq.inputs is not None or seq.num_prefilled:
+            return []
+        return self._prefix.hit(seq.context())
 
     @staticmethod
-    def _head_chunk(seq: Sequence, budget: int) -> PrefillChunk:
+    def _head_chunk(seq: Sequence, budget: int, hit: list[int]) -> PrefillChunk:
         """The next chunk of a prompt that runs alone: a vision prompt whole, a long one `budget` at a
-        time; `slot` is set (to be placed) on the chunk that completes the prompt."""
+        time, one with a cached prefix from its end; `slot` is set (to be placed) on the chunk that
+        completes the prompt."""
         context = seq.context()
         if seq.inputs is not None:  # its image tokens need the pixel values in the same forward
-            return PrefillChunk(seq.seq_id, tuple(context), 0, 0, _with_generated(seq.inputs, seq.generated))
-        take = context[seq.num_prefilled : seq.num_prefilled + budget]
-        done = seq.num_prefilled + len(take) == len(context)
-        return PrefillChunk(seq.seq_id, tuple(take), seq.num_prefilled, 0 if done else None)
+            return PrefillChunk(seq.seq_id, tuple(context), 0, 0, with_generated(seq.inputs, seq.generated))
+        start = len(hit) * PREFIX_BLOCK if hit else seq.num_prefilled
+        seq.cached = start if hit else seq.cached
+        take = context[start : start + budget]
+        done = start + len(take) == len(context)
+        return PrefillChunk(seq.seq_id, tuple(take), start, 0 if done else None, prefix=tuple(hit))
 
     def _advance(
         self, rows: list[int], logits: torch.Tensor, masks: Future[torch.Tensor] | None = None
@@ -279,6 +284,7 @@ class Scheduler:
         histories = [self._history(seq) for seq in seqs]
         tokens = select_tokens([seq.sampler for seq in seqs], logits, histories, masks)
         done = [row for row, seq, token in zip(rows, seqs, tokens, strict=True) if self._accept(seq, token)]
+        self._remember(done)
         self._release(done)
 
     @staticmethod
@@ -339,56 +345,3 @@ class Scheduler:
         for seq in failed:
             self._metrics.finished("error")
             self._outbox.append((seq, exc))
-
-
-def _twin(seq: Sequence) -> bool:
-    """Whether the sequence may share another's prefill: a fresh text prompt."""
-    return seq.inputs is None and not seq.num_prefilled and not seq.generated
-
-
-def _join_twins(
-    planned: list[tuple[PrefillChunk, list[Sequence]]],
-    candidates: list[Sequence],
-    room: Callable[[int, int], bool],
-) -> None:
-    """Add each waiting fresh text prompt equal to a prompt completed by a planned chunk to its group,
-    while the KV pool holds one more row."""
-    completing = {
-        tuple(group[0].prompt_ids): group
-        for chunk, group in planned
-        if chunk.slot is not None and chunk.inputs is None and not group[0].generated
-    }
-    taken = {id(group[0]) for _, group in planned}
-    rows = sum(len(group) for chunk, group in planned if chunk.slot is not None)
-    longest = max((len(group[0].context()) for _, group in planned), default=0)
-    for seq in candidates:
-        if id(seq) in taken or not _twin(seq):
-            continue
-        group = completing.get(tuple(seq.prompt_ids))
-        if group is not None and room(rows + 1, longest):
-            group.append(seq)
-            rows += 1
-
-
-def _with_generated(inputs: dict[str, Any], generated: list[int]) -> dict[str, Any]:
-    """A vision prompt's processor outputs with a preempted sequence's generated tokens appended."""
-    if not generated:
-        return inputs
-    extra = torch.tensor([generated], dtype=inputs["input_ids"].dtype)
-    resumed = dict(inputs, input_ids=torch.cat([inputs["input_ids"], extra], dim=-1))
-    if "attention_mask" in inputs:
-        resumed["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(extra)], dim=-1)
-    return resumed
-
-
-def _place(planned: list[tuple[PrefillChunk, list[Sequence]]], first_slot: int) -> list[PrefillChunk]:
-    """Give every completing chunk its slots, in the order the scheduler appends the sequences."""
-    chunks = []
-    slot = first_slot
-    for chunk, group in planned:
-        if chunk.slot is None:
-            chunks.append(chunk)
-            continue
-        chunks.append(replace(chunk, slot=slot, copies=tuple(range(slot + 1, slot + len(group)))))
-        slot += len(group)
-    return chunks

@@ -67,6 +67,14 @@ class MirrorRunner:
         self._send(RunnerCall("drop", (seq_id,)))
         self._runner.drop(seq_id)
 
+    def store_prefix(self, slot: int, pairs: list[tuple[int, int]]) -> None:
+        self._send(RunnerCall("store_prefix", (slot, pairs)))
+        self._runner.store_prefix(slot, pairs)
+
+    def drop_prefix(self, moves: list[tuple[int, int]], count: int) -> None:
+        self._send(RunnerCall("drop_prefix", (moves, count)))
+        self._runner.drop_prefix(moves, count)
+
 
 class ReportSender:
     """Rank 0's `deliver`: a step's items and metric observations go to the service as one StepReport.

@@ -1,0 +1,136 @@
+"""Prefix caching's bookkeeping: which blocks of token ids have their KV cached, least recently used first.
+
+The KV itself lives in the runner's pool (SlotKVCache keeps cached blocks at its tail); this index lives
+with the scheduler, which decides (on tensor-parallel rank 0) and tells the runner what to copy, so the
+ranks mirror it. Blocks are matched as vLLM's automatic prefix caching matches them: full blocks of token
+ids, each block's key covering every token before it (a chain), so a hit is always a prefix.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from shardbento.engine.batch.kvslots import PREFIX_BLOCK
+
+
+class PrefixIndex:
+    """Cached blocks 0..n-1 (kept contiguous: an evicted block's place is taken by the last one)."""
+
+    def __init__(self, block: int = PREFIX_BLOCK) -> None:
+        self.block = block
+        self._lru: OrderedDict[int, int] = OrderedDict()  # key -> cache block, least recent first
+        self._entry: dict[int, tuple[int, tuple[int, ...]]] = {}  # key -> (parent key, tokens): no false hits
+        self._key_at: list[int] = []  # cache block -> key
+
+    def __len__(self) -> int:
+        return len(self._key_at)
+
+    def match(self, tokens: Sequence[int]) -> list[int]:
+        """The cache blocks holding the longest cached prefix of `tokens`, leaving at least one token to
+        compute (its logits pick the next token); they become the most recently used."""
+        found = []
+        for key, parent, chunk in self._chain(tokens, (len(tokens) - 1) // self.block):
+            if self._entry.get(key) != (parent, chunk):
+                break
+            found.append(key)
+        self._touch(found)
+        return [self._lru[key] for key in found]
+
+    def add(self, tokens: Sequence[int], room: Callable[[int], bool]) -> list[tuple[int, int]]:
+        """Cache the full blocks of `tokens` not cached yet while `room(blocks after)` holds: the
+        (block index in the tokens, cache block) pairs the runner copies."""
+        pairs: list[tuple[int, int]] = []
+        chain = []
+        for index, (key, parent, chunk) in enumerate(self._chain(tokens, len(tokens) // self.block)):
+            entry = self._entry.get(key)
+            if entry is not None and entry != (parent, chunk):
+                break  # another chain's block under the same hash: this one stays uncached
+            if entry is None:
+                if not room(len(self._key_at) + 1):
+                    break
+                self._entry[key] = (parent, chunk)
+                self._lru[key] = len(self._key_at)
+                self._key_at.append(key)
+                pairs.append((index, self._lru[key]))
+            chain.append(key)
+        self._touch(chain)
+        return pairs
+
+    def cached(self, tokens: Sequence[int]) -> tuple[list[int], int]:
+        """(cache blocks of the full blocks of `tokens` cached now, how many more blocks it has)."""
+        links = self._chain(tokens, len(tokens) // self.block)
+        held = [self._lru[key] for key, parent, chunk in links if self._entry.get(key) == (parent, chunk)]
+        return held, len(links) - len(held)
+
+    def evict(self, count: int, keep: frozenset[int] = frozenset()) -> list[tuple[int, int]]:
+        """Forget up to `count` least recently used blocks (never those in `keep`): the (last, gap)
+        moves that keep the rest contiguous, in order."""
+        moves = []
+        victims = [key for key, block in self._lru.items() if block not in keep][:count]
+        for key in victims:
+            gap = self._lru.pop(key)
+            del self._entry[key]
+            last = len(self._key_at) - 1
+            moved = self._key_at.pop()
+            if gap != last:
+                self._key_at[gap] = moved
+                self._lru[moved] = gap
+                moves.append((last, gap))
+        return moves
+
+    def _chain(self, tokens: Sequence[int], num_blocks: int) -> list[tuple[int, int, tuple[int, ...]]]:
+        links = []
+        parent = 0
+        for index in range(num_blocks):
+            chunk = tuple(tokens[index * self.block : (index + 1) * self.block])
+            key = hash((parent, chunk))
+            links.append((key, parent, chunk))
+            parent = key
+        return links
+
+    def _touch(self, chain: list[int]) -> None:
+        """Most recent last; a chain's earlier blocks after its later ones, so leaves go first."""
+        for key in reversed(chain):
+            self._lru.move_to_end(key)
+
+
+class PrefixCache:
+    """The scheduler's side of prefix caching over a runner (a MirrorRunner on tensor-parallel rank 0):
+    it finds hits, stores a row's full blocks, and evicts blocks when the running rows need the room."""
+
+    def __init__(self, runner: Any) -> None:
+        self._runner = runner
+        self.index = PrefixIndex()
+
+    def hit(self, tokens: Sequence[int]) -> list[int]:
+        return self.index.match(tokens)
+
+    def make_room(self, rows: int, longest: int, keep: frozenset[int] = frozenset()) -> bool:
+        """Evict least recently used blocks (not `keep`) until `rows` rows of `longest` fit; False when
+        they cannot even without any block but `keep`."""
+        kv = self._runner.kv
+        if kv.holds(rows, longest):
+            return True
+        if not kv.holds(rows, longest, prefix_blocks=len(keep)):
+            return False
+        width = kv.width_for(longest)
+        allowed = (kv.pool_tokens - rows * width) // PREFIX_BLOCK
+        moves = self.index.evict(len(self.index) - allowed, keep)
+        self._runner.drop_prefix(moves, len(self.index))
+        return True
+
+    def remember(self, slot: int, tokens: Sequence[int], rows: int, longest: int) -> None:
+        """Cache the full blocks of row `slot` (holding `tokens`) beside `rows` rows of `longest`,
+        evicting the least recently used blocks of other prefixes to make room."""
+        kv = self._runner.kv
+        held, missing = self.index.cached(tokens)
+        capacity = (kv.pool_tokens - rows * kv.width_for(longest)) // PREFIX_BLOCK
+        excess = len(self.index) + missing - max(capacity, len(held))
+        if missing and excess > 0:
+            moves = self.index.evict(excess, frozenset(held))
+            self._runner.drop_prefix(moves, len(self.index))
+        pairs = self.index.add(tokens, lambda blocks: kv.holds(rows, longest, prefix_blocks=blocks))
+        if pairs:
+            self._runner.store_prefix(slot, pairs)

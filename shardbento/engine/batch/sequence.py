@@ -1,0 +1,99 @@
+"""A request inside the scheduler, and the pure planning helpers the scheduler uses on them."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from shardbento.engine.batch.runner import PrefillChunk
+from shardbento.engine.batch.sampler import RequestSampler
+from shardbento.engine.output import OutputStream
+
+
+@dataclass(slots=True, eq=False)  # identity: the queues remove this very request
+class Sequence:
+    """One request inside the scheduler; `cancelled` is set from the event loop, read by the thread.
+
+    `channel` is where the scheduler's `deliver` function hands this request's Deltas (a
+    DeltaChannel in the service process); `inputs` carries a vision prompt's pixel values. A
+    preempted sequence keeps its `generated` tokens and is prefilled again with them (`context()`),
+    its sampler and output stream untouched, so its stream continues where it was.
+    """
+
+    request_id: str
+    prompt_ids: list[int]
+    sampler: RequestSampler
+    output: OutputStream
+    channel: Any
+    arrival_s: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    history: list[int] = field(default_factory=list)
+    num_prefilled: int = 0
+    next_token: int = -1
+    last_token_s: float = 0.0
+    seq_id: int = field(default_factory=itertools.count().__next__)  # unique; request ids may repeat
+    inputs: dict[str, Any] | None = None
+    generated: list[int] = field(default_factory=list)
+    cached: int = 0  # prompt tokens whose KV came from the prefix cache
+
+    def context(self) -> list[int]:
+        """The tokens a prefill computes: the prompt, and after a preemption what was generated."""
+        return self.prompt_ids + self.generated if self.generated else self.prompt_ids
+
+
+def is_twin(seq: Sequence) -> bool:
+    """Whether the sequence may share another's prefill: a fresh text prompt."""
+    return seq.inputs is None and not seq.num_prefilled and not seq.generated
+
+
+def join_twins(
+    planned: list[tuple[PrefillChunk, list[Sequence]]],
+    candidates: list[Sequence],
+    room: Callable[[int, int], bool],
+) -> None:
+    """Add each waiting fresh text prompt equal to a prompt completed by a planned chunk to its group,
+    while the KV pool holds one more row."""
+    completing = {
+        tuple(group[0].prompt_ids): group
+        for chunk, group in planned
+        if chunk.slot is not None and chunk.inputs is None and not group[0].generated
+    }
+    taken = {id(group[0]) for _, group in planned}
+    rows = sum(len(group) for chunk, group in planned if chunk.slot is not None)
+    longest = max((len(group[0].context()) for _, group in planned), default=0)
+    for seq in candidates:
+        if id(seq) in taken or not is_twin(seq):
+            continue
+        group = completing.get(tuple(seq.prompt_ids))
+        if group is not None and room(rows + 1, longest):
+            group.append(seq)
+            rows += 1
+
+
+def with_generated(inputs: dict[str, Any], generated: list[int]) -> dict[str, Any]:
+    """A vision prompt's processor outputs with a preempted sequence's generated tokens appended."""
+    if not generated:
+        return inputs
+    extra = torch.tensor([generated], dtype=inputs["input_ids"].dtype)
+    resumed = dict(inputs, input_ids=torch.cat([inputs["input_ids"], extra], dim=-1))
+    if "attention_mask" in inputs:
+        resumed["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(extra)], dim=-1)
+    return resumed
+
+
+def place(planned: list[tuple[PrefillChunk, list[Sequence]]], first_slot: int) -> list[PrefillChunk]:
+    """Give every completing chunk its slots, in the order the scheduler appends the sequences."""
+    chunks = []
+    slot = first_slot
+    for chunk, group in planned:
+        if chunk.slot is None:
+            chunks.append(chunk)
+            continue
+        chunks.append(replace(chunk, slot=slot, copies=tuple(range(slot + 1, slot + len(group)))))
+        slot += len(group)
+    return chunks
