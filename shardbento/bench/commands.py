@@ -31,6 +31,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         help="a JSON file holding an OpenAI response_format, sent with every request (constrained load)",
     )
+    parser.add_argument(
+        "--shared-prefix-tokens",
+        type=int,
+        default=0,
+        help="every request starts with the same system prompt of about this many tokens",
+    )
+    parser.add_argument(
+        "--turns",
+        type=int,
+        default=1,
+        help="conversations of this many turns, each carrying the earlier ones",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     parser.add_argument("--json", type=Path, help="write the report as JSON here")
     parser.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
@@ -46,8 +58,11 @@ def handle(args: argparse.Namespace) -> int:
             f"--concurrency must be integers separated by commas, got {args.concurrency!r}", file=sys.stderr
         )
         return 2
-    if not levels or min(levels) < 1 or args.input_tokens < 1 or args.output_tokens < 1:
-        print("--concurrency, --input-tokens and --output-tokens must be positive", file=sys.stderr)
+    if not levels or min(levels) < 1 or args.input_tokens < 1 or args.output_tokens < 1 or args.turns < 1:
+        print("--concurrency, --input-tokens, --output-tokens and --turns must be positive", file=sys.stderr)
+        return 2
+    if args.shared_prefix_tokens < 0:
+        print("--shared-prefix-tokens must not be negative", file=sys.stderr)
         return 2
     import aiohttp
 
@@ -83,7 +98,9 @@ async def run_bench(args: argparse.Namespace, levels: list[int]) -> dict[str, An
             {"response_format": json.loads(args.response_format.read_text())} if args.response_format else {}
         )
         target, probe_tokens = await probe(client, Target(chat_url(args.url), model, True, headers, extra))
-        words = max(1, round(args.input_tokens * 50 / probe_tokens)) if probe_tokens else args.input_tokens
+        per_word = probe_tokens / 50 if probe_tokens else 1.0
+        words = max(1, round(args.input_tokens / per_word))
+        system_words = round(args.shared_prefix_tokens / per_word)
         if not target.fixed_length:
             logger.warning(
                 "server refuses ignore_eos/min_tokens: outputs may end early (see tokens received)"
@@ -95,7 +112,15 @@ async def run_bench(args: argparse.Namespace, levels: list[int]) -> dict[str, An
             num_requests = max(args.min_requests, concurrency * args.requests_per_client)
             seed = args.seed * 1000 + i
             records, wall_s = await run_level(
-                client, target, concurrency, num_requests, words, args.output_tokens, seed
+                client,
+                target,
+                concurrency,
+                num_requests,
+                words,
+                args.output_tokens,
+                seed,
+                system_words=system_words,
+                turns=args.turns,
             )
             results.append(summarize(records, wall_s, concurrency))
             logger.info(
@@ -107,6 +132,8 @@ async def run_bench(args: argparse.Namespace, levels: list[int]) -> dict[str, An
         "model": model,
         "input_tokens": args.input_tokens,
         "output_tokens": args.output_tokens,
+        "shared_prefix_tokens": args.shared_prefix_tokens,
+        "turns": args.turns,
         "fixed_length": target.fixed_length,
         "levels": results,
     }

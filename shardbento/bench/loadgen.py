@@ -86,6 +86,7 @@ class RequestResult:
     output_tokens: int = 0
     chunk_times_s: list[float] = field(default_factory=list)
     prompt_tokens: int | None = None
+    text: str = ""  # the answer (a multi-turn conversation sends it back in the next turn)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,10 +111,19 @@ def make_prompt(num_words: int, rng: random.Random) -> str:
     return " ".join(rng.choice(PROMPT_WORDS) for _ in range(num_words))
 
 
-def request_body(target: Target, prompt: str, output_tokens: int) -> dict[str, Any]:
+def request_body(
+    target: Target,
+    prompt: str,
+    output_tokens: int,
+    system: str = "",
+    history: list[dict[str, str]] | None = None,
+) -> dict[str, Any]:
+    """One streamed chat request: an optional shared system prompt, earlier turns, then `prompt`."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages += [*(history or []), {"role": "user", "content": prompt}]
     body: dict[str, Any] = {
         "model": target.model,
-        "messages": [{"role": "user", "content": prompt}],
+        "messages": messages,
         "max_tokens": output_tokens,
         "temperature": 0.0,
         "stream": True,
@@ -151,7 +161,8 @@ async def send(session: aiohttp.ClientSession, target: Target, body: dict[str, A
                     result.output_tokens = usage.get("completion_tokens") or 0
                     result.prompt_tokens = usage.get("prompt_tokens")
                 for choice in event.get("choices") or []:
-                    if (choice.get("delta") or {}).get("content"):
+                    if content := (choice.get("delta") or {}).get("content"):
+                        result.text += content
                         now = time.perf_counter() - start
                         result.ttft_s = now if result.ttft_s is None else result.ttft_s
                         result.chunk_times_s.append(now)
@@ -186,18 +197,35 @@ async def run_level(
     words: int,
     output_tokens: int,
     seed: int,
+    system_words: int = 0,
+    turns: int = 1,
 ) -> tuple[list[RequestResult], float]:
-    """`concurrency` clients share `num_requests` requests; each level gets its own prompts (no prefix reuse)."""
+    """`concurrency` clients share `num_requests` requests; each level gets its own prompts (no reuse
+    across levels). `system_words`: every request of the level starts with the same system prompt of
+    that many words (a shared prefix). `turns`: requests come as conversations of that many turns, each
+    turn's prompt carrying the earlier turns and their answers; a client runs one conversation at a time."""
     rng = random.Random(seed)
-    bodies = [request_body(target, make_prompt(words, rng), output_tokens) for _ in range(num_requests)]
-    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    for body in bodies:
-        queue.put_nowait(body)
+    system = make_prompt(system_words, random.Random(seed + 7919)) if system_words else ""
+    conversations = [
+        [make_prompt(words, rng) for _ in range(turns)] for _ in range(max(1, -(-num_requests // turns)))
+    ]
+    queue: asyncio.Queue[list[str]] = asyncio.Queue()
+    for conversation in conversations:
+        queue.put_nowait(conversation)
     results: list[RequestResult] = []
 
     async def worker() -> None:
         while not queue.empty():
-            results.append(await send(client, target, queue.get_nowait()))
+            history: list[dict[str, str]] = []
+            for prompt in queue.get_nowait():
+                result = await send(
+                    client, target, request_body(target, prompt, output_tokens, system, history)
+                )
+                results.append(result)
+                history += [
+                    {"role": "user", "content": prompt},
+                    {"role": "assistant", "content": result.text},
+                ]
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))

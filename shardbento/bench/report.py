@@ -56,6 +56,9 @@ def summarize(results: list[RequestResult], wall_s: float, concurrency: int) -> 
         "mean_output_tokens": round(output_tokens / len(ok), 2) if ok else None,
         "mean_prompt_tokens": round(sum(prompt_tokens) / len(prompt_tokens), 1) if prompt_tokens else None,
         "ttft_ms": _spread(ttft),
+        # the level's first answered request (at c=1 the first sent): with a shared prefix, the one
+        # that had to prefill it; the p50 is then the later requests' figure
+        "first_ttft_ms": round(ok[0].ttft_s * 1e3, 2) if ok and ok[0].ttft_s is not None else None,
         "tpot_ms": _spread(tpot),
         "itl_ms": _spread(itl),
         "e2e_ms": _spread([r.e2e_s for r in ok]),

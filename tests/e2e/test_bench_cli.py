@@ -29,3 +29,38 @@ def test_bench_cli_reports_on_the_service(text_server: Server, tmp_path: Path) -
     assert [level["requests"] for level in report["levels"]] == [2, 3]
     assert "| c | requests |" in done.stdout
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _metric(server: Server, name: str) -> float:
+    import httpx
+
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(f"shardbento:{name}{{")
+    )
+
+
+def test_bench_cli_shared_prefix_and_turns_reach_the_prefix_cache(
+    text_server: Server, tmp_path: Path
+) -> None:
+    """--shared-prefix-tokens and --turns: later turns carry the earlier ones (longer prompts) and the
+    server reuses the shared system prompt and the earlier turns from its prefix cache."""
+    report_path = tmp_path / "bench.json"
+    command = [sys.executable, "-m", "shardbento", "bench", "--url", text_server.url, "--concurrency", "1"]
+    command += ["--input-tokens", "20", "--output-tokens", "6", "--warmup", "0", "--min-requests", "6"]
+    command += ["--requests-per-client", "1", "--shared-prefix-tokens", "200", "--turns", "3"]
+    command += ["--json", str(report_path)]
+    hits = _metric(text_server, "prefix_cache_hits_total")
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    level = report["levels"][0]
+    assert (report["shared_prefix_tokens"], report["turns"], level["requests"], level["errors"]) == (
+        200,
+        3,
+        6,
+        0,
+    )
+    assert level["mean_prompt_tokens"] > 200 + 20  # the system prompt, and the turns before
+    reused = _metric(text_server, "prefix_cache_hits_total") - hits
+    assert reused >= 4 * 160  # five later requests each reuse most of the system prompt, at least
