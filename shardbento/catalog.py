@@ -132,7 +132,8 @@ class ModelSpec(BaseModel):
         description="cpu with gpus: N and parallel: tensor runs N CPU ranks over gloo (tests, no GPU).",
     )
     quantization: Literal["none", "int8", "int4"] = Field(
-        "none", description="Weight bytes the planner counts."
+        "none",
+        description="Weight-only quantization at load (bitsandbytes: int8, int4 as NF4) and the planner's bytes.",
     )
     parallel: ParallelMode = "auto"
     cpu_kernels: Literal["onednn", "default"] = Field(

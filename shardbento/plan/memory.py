@@ -12,7 +12,7 @@ GIB = 1024**3
 GB = 1000**3
 DTYPE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0}
 # Bytes per weight of a quantized linear layer; embeddings, norms and lm_head keep the dtype.
-QUANT_BYTES = {"none": None, "int8": 1.0, "int4": 0.5}
+QUANT_BYTES = {"none": None, "int8": 1.0, "int4": 0.5, "fp8": 1.0}
 # The headroom, defined here only: what planning, preflight and placement keep free beside weights + KV.
 ACTIVATION_FRACTION = 0.10  # activations and allocator slack, over weights + KV cache
 CUDA_CONTEXT_BYTES = 1 * GIB  # per GPU: CUDA context, cuBLAS workspaces, NCCL buffers
@@ -87,6 +87,7 @@ class ModelShape:
     vision_layer_params: int
     vision_heads: int
     image_kv_tokens: int  # tokens each image adds to the cross-attention KV cache (0: none)
+    checkpoint_quantization: str | None = None  # a pre-quantized checkpoint's own format (AWQ, GPTQ, FP8)
 
     @property
     def layer_params(self) -> int:
@@ -153,7 +154,29 @@ def model_shape(config: dict[str, Any]) -> ModelShape:
         vision_layer_params=vision_layer,
         vision_heads=vision_heads,
         image_kv_tokens=image_tokens if cross else 0,
+        checkpoint_quantization=checkpoint_quantization(config),
     )
+
+
+def checkpoint_quantization(config: dict[str, Any]) -> str | None:
+    """How a pre-quantized checkpoint stores its layers' weights, from config.json's quantization_config:
+    AWQ and GPTQ by their bits (int4, int8), FP8 (fp8, or compressed-tensors with 8-bit float weights);
+    None for a full-precision checkpoint or a format this planner cannot count."""
+    quant = config.get("quantization_config") or {}
+    method = str(quant.get("quant_method", "")).lower()
+    bits = quant.get("bits", quant.get("w_bit"))
+    if method in ("awq", "gptq") and bits in (4, 8):
+        return "int4" if bits == 4 else "int8"
+    if method == "fp8":
+        return "fp8"
+    if method == "compressed-tensors":
+        for group in (quant.get("config_groups") or {}).values():
+            weights = group.get("weights") or {}
+            if weights.get("num_bits") == 8:
+                return "fp8" if weights.get("type") == "float" else "int8"
+            if weights.get("num_bits") == 4:
+                return "int4"
+    return None
 
 
 def load_config(path: Path) -> dict[str, Any]:

@@ -26,6 +26,13 @@ def run_preflight(spec: ModelSpec) -> Plan:
     shape = model_shape(config)
     tp_capable = tp_plan_available(config)
     mode, reason = choose_mode(spec.parallel, spec.world_size, shape, tp_capable)
+    if spec.quantization != "none" and mode == "tensor" and spec.engine == "transformers":
+        raise PlanError(
+            f"quantization: {spec.quantization} with parallel: tensor cannot work on the transformers "
+            f"engine ({spec.world_size} {'GPUs' if spec.num_gpus else 'CPU ranks'}): bitsandbytes weights "
+            "cannot be split by transformers' tensor-parallel plan; set parallel: layers (a layer split "
+            "quantizes on each GPU) or engine: vllm"
+        )
     if spec.num_gpus == 0:
         plan = unplanned(spec, mode, reason)
         logger.info("model %s plan:\n%s", spec.name, render(plan))

@@ -129,7 +129,7 @@ def plan_spec(
     need = budget(
         shape,
         dtype=dtype,
-        quantization=spec.quantization,
+        quantization=shape.checkpoint_quantization or spec.quantization,
         max_model_len=context,
         max_images=spec.max_images if spec.kind == "vision" else 0,
     )

@@ -1,0 +1,91 @@
+"""quantization: int8 | int4 really quantizes on the transformers engine, and the plan counts it right."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from shardbento.catalog import load_spec
+from shardbento.engine.base import ChatMessage, SamplingParams
+from shardbento.engine.hf.engine import HFEngine
+from shardbento.plan.memory import PlanError, budget, checkpoint_quantization, load_config, model_shape
+from shardbento.plan.preflight import run_preflight
+from shardbento.plan.source import resolve_source
+
+
+def loaded_weight_bytes(model) -> int:
+    """Every parameter's and buffer's storage, plus bitsandbytes' block scales (kept beside the weight)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total += sum(b.numel() * b.element_size() for b in model.buffers())
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        if state is not None:
+            for part in (state.absmax, getattr(state, "state2", None) and state.state2.absmax):
+                if part is not None:
+                    total += part.numel() * part.element_size()
+        scales = getattr(p, "SCB", None)
+        if scales is not None:
+            total += scales.numel() * scales.element_size()
+    return total
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_tiny_model_loads_serves_and_matches_the_plan(quantization: str) -> None:
+    spec = load_spec("tiny-llama").model_copy(update={"quantization": quantization})
+    engine = HFEngine.load(spec)
+    try:
+        prompt = engine.render_chat([ChatMessage(role="user", text="Hello there")])
+
+        async def run():
+            return [
+                d async for d in engine.stream(prompt, SamplingParams(max_tokens=6, ignore_eos=True), "q")
+            ]
+
+        deltas = asyncio.run(run())
+        measured = loaded_weight_bytes(engine.model)
+        linears = [type(m).__name__ for m in engine.model.modules() if "Linear" in type(m).__name__]
+    finally:
+        engine.close()
+    assert sum(len(d.token_ids) for d in deltas) == 6
+    assert ("Linear8bitLt" if quantization == "int8" else "Linear4bit") in linears
+    shape = model_shape(load_config(Path(resolve_source(spec)) / "config.json"))
+    planned = budget(shape, dtype="float32", quantization=quantization, max_model_len=spec.max_model_len)
+    full = budget(shape, dtype="float32", max_model_len=spec.max_model_len)
+    assert abs(measured - planned.weight_bytes) <= 0.10 * planned.weight_bytes, (
+        measured,
+        planned.weight_bytes,
+    )
+    assert measured < full.weight_bytes * 0.9  # it really shrank
+
+
+def test_quantized_tensor_parallel_fails_early_with_the_alternative() -> None:
+    spec = load_spec("tiny-llama-tp2").model_copy(update={"quantization": "int4"})
+    with pytest.raises(PlanError, match="parallel: layers .* or engine: vllm"):
+        run_preflight(spec)
+
+
+@pytest.mark.parametrize(
+    ("quant", "expected"),
+    [
+        ({"quant_method": "awq", "bits": 4}, "int4"),
+        ({"quant_method": "gptq", "bits": 8}, "int8"),
+        ({"quant_method": "fp8"}, "fp8"),
+        (
+            {
+                "quant_method": "compressed-tensors",
+                "config_groups": {"g": {"weights": {"num_bits": 8, "type": "float"}}},
+            },
+            "fp8",
+        ),
+        ({"quant_method": "bitnet"}, None),
+    ],
+)
+def test_planner_counts_pre_quantized_checkpoints(quant: dict, expected: str | None) -> None:
+    config = {
+        **load_config(Path(resolve_source(load_spec("tiny-llama"))) / "config.json"),
+        "quantization_config": quant,
+    }
+    shape = model_shape(config)
+    assert checkpoint_quantization(config) == expected == shape.checkpoint_quantization
