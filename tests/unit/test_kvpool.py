@@ -39,19 +39,30 @@ def rows_of(kv: SlotKVCache) -> list[torch.Tensor]:
     ]
 
 
-@pytest.mark.parametrize("new_longest", [3 * BLOCK + 5, BLOCK // 2], ids=["grow", "shrink"])
-def test_kvpool_relayout_keeps_every_row_in_the_same_storage(new_longest: int) -> None:
-    lengths = [BLOCK - 3, 20, BLOCK // 2 - 1] if new_longest < BLOCK else [BLOCK + 7, 20, 5]
-    kv = filled_cache(lengths, pool=16 * BLOCK)
+@pytest.mark.parametrize("width", [4 * BLOCK, BLOCK], ids=["grow", "shrink"])
+def test_kvpool_relayout_keeps_every_row_in_the_same_storage(width: int) -> None:
+    kv = filled_cache([BLOCK - 3, 20, BLOCK // 2 - 1], pool=16 * BLOCK)
+    kv._relayout(2 * BLOCK, 3)
     before, storage = rows_of(kv), kv._storage[0][0].data_ptr()
-    if new_longest < BLOCK:
-        kv.lengths[0] = 0  # the long row finished: the others fit a narrower width
-        before = before[1:]
-    kv.fit(3, new_longest)
-    assert kv.width == kv.width_for(new_longest)
+    kv._relayout(width, 3)
+    assert kv.width == width
     assert all(torch.equal(a, b) for a, b in zip(before, rows_of(kv), strict=True))
-    assert torch.equal(kv._values[0][: kv.rows_at(kv.width)], -kv._keys[0][: kv.rows_at(kv.width)])
+    assert torch.equal(kv._values[0][: kv.rows_at(width)], -kv._keys[0][: kv.rows_at(width)])
     assert kv._storage[0][0].data_ptr() == storage  # laid out again, never reallocated
+
+
+def test_kvpool_width_stays_while_it_serves_and_narrows_when_rows_need_it() -> None:
+    roomy = SlotKVCache(num_slots=4, max_len=1024, pool_tokens=4 * 1024)
+    assert roomy.width == 1024  # every slot a full-context row: never laid out again
+    kv = filled_cache([100, 20], pool=8 * BLOCK)  # 8 slots share 512 tokens
+    kv.fit(2, 101)
+    assert kv.width == 2 * BLOCK
+    kv.lengths[0] = 0
+    kv.fit(1, 21)
+    assert kv.width == 2 * BLOCK  # still serves: no copy
+    kv.fit(5, 21)
+    assert kv.width == BLOCK  # five rows fit only narrower
+    assert rows_of(kv)[0][0, :20, 0].tolist() == [1000.0 + p for p in range(20)]
 
 
 def test_kvpool_holds_counts_rows_at_the_width_of_the_longest() -> None:

@@ -31,7 +31,7 @@ class SlotKVCache:
         self.num_slots = num_slots
         self.max_len = max_len
         self.pool_tokens = pool_tokens
-        self.width = self.width_for(1)
+        self.width = max(self.width_for(1), min(max_len, pool_tokens // num_slots // BLOCK * BLOCK))
         self._storage: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # flat, never reallocated
         self._keys: dict[int, torch.Tensor] = {}
         self._values: dict[int, torch.Tensor] = {}
@@ -62,10 +62,20 @@ class SlotKVCache:
         return longest <= min(self.max_len, self.pool_tokens) and num_rows <= self.num_slots and fits
 
     def fit(self, num_rows: int, longest: int) -> None:
-        """Lay the rows out at the width for `longest` tokens (the scheduler checked holds())."""
-        width = self.width_for(longest)
+        """Lay `num_rows` rows out so they hold `longest` tokens (the scheduler checked holds()). The
+        width stays while it serves; else it becomes the widest that gives every slot a row when the
+        pool has that room (with a roomy pool: max_len, never laid out again), else the narrowest."""
+        need = self.width_for(longest)
+        if self.width >= need and self._room(num_rows, self.width):
+            return
+        roomy = min(self.max_len, self.pool_tokens // self.num_slots // BLOCK * BLOCK)
+        width = roomy if roomy >= need and self._room(num_rows, roomy) else need
         if width != self.width:
             self._relayout(width, num_rows)
+
+    def _room(self, num_rows: int, width: int) -> bool:
+        used = num_rows * width + self.prefix_blocks * PREFIX_BLOCK
+        return num_rows <= self.rows_at(width) and used <= self.pool_tokens
 
     def begin_step(self, num_rows: int, kv_len: int, device: torch.device) -> None:
         """The next forward decodes one token for rows 0..num_rows-1 and attends to kv_len keys."""
@@ -120,21 +130,23 @@ class SlotKVCache:
         for slot in range(num_rows):
             self.lengths[slot] += 1
 
-    def store_prefix(self, slot: int, pairs: list[tuple[int, int]]) -> None:
-        """Copy full blocks of row `slot` into the prefix cache: (block index in the row, cache block)
-        pairs; cache blocks are 0..prefix_blocks, the next ones appended."""
-        if not pairs:
+    def store_prefix(self, blocks: list[tuple[int, int, int]]) -> None:
+        """Copy full blocks of rows into the prefix cache, one gather per layer: (row, block index in the
+        row, cache block) triples; cache blocks are 0..prefix_blocks, the next ones appended."""
+        if not blocks:
             return
-        starts = [j * PREFIX_BLOCK for j, _ in pairs]
+        rows = torch.tensor([row for row, _, _ in blocks])
+        at = torch.tensor([j for _, j, _ in blocks])
         for layer_idx in self._storage:
-            for rows, cache in (
-                (self._keys, self._prefix_view(layer_idx, 0)),
-                (self._values, self._prefix_view(layer_idx, 1)),
-            ):
-                row = rows[layer_idx][slot]
-                blocks = torch.stack([row[:, start : start + PREFIX_BLOCK] for start in starts])
-                cache[torch.tensor([_tail(b, cache) for _, b in pairs])] = blocks
-        self.prefix_blocks = max(self.prefix_blocks, *(b + 1 for _, b in pairs))
+            for which, store in enumerate((self._keys, self._values)):
+                windows = store[layer_idx].unfold(
+                    2, PREFIX_BLOCK, PREFIX_BLOCK
+                )  # [rows, heads, n, dim, block]
+                cache = self._prefix_view(layer_idx, which)
+                cache[torch.tensor([_tail(b, cache) for _, _, b in blocks])] = windows[rows, :, at].transpose(
+                    -1, -2
+                )
+        self.prefix_blocks = max(self.prefix_blocks, *(b + 1 for _, _, b in blocks))
 
     def drop_prefix(self, moves: list[tuple[int, int]], count: int) -> None:
         """Forget cached blocks: each (last, gap) move fills an evicted block with the last one; then
@@ -204,6 +216,8 @@ class SlotKVCache:
             heads, head_dim = old_k.shape[1], old_k.shape[3]
             new_k, new_v = (self._view(t, heads, head_dim, width) for t in (flat_k, flat_v))
             for slot in order:
+                if not self.lengths[slot]:
+                    continue  # an empty row (or one the old layout did not have): nothing to move
                 length = min(self.lengths[slot], width)
                 row_k, row_v = old_k[slot, :, :length].clone(), old_v[slot, :, :length].clone()
                 new_k[slot, :, :length] = row_k

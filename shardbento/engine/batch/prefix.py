@@ -103,6 +103,13 @@ class PrefixCache:
     def __init__(self, runner: Any) -> None:
         self._runner = runner
         self.index = PrefixIndex()
+        self._pending: list[tuple[int, int, int]] = []  # copies indexed, not yet made (one gather)
+
+    def flush(self) -> None:
+        """Make the pending block copies (before any eviction moves blocks around, and per step)."""
+        if self._pending:
+            pending, self._pending = self._pending, []
+            self._runner.store_prefix(pending)
 
     def hit(self, tokens: Sequence[int]) -> list[int]:
         return self.index.match(tokens)
@@ -117,20 +124,25 @@ class PrefixCache:
             return False
         width = kv.width_for(longest)
         allowed = (kv.pool_tokens - rows * width) // PREFIX_BLOCK
+        self.flush()
         moves = self.index.evict(len(self.index) - allowed, keep)
         self._runner.drop_prefix(moves, len(self.index))
         return True
 
-    def remember(self, slot: int, tokens: Sequence[int], rows: int, longest: int) -> None:
-        """Cache the full blocks of row `slot` (holding `tokens`) beside `rows` rows of `longest`,
-        evicting the least recently used blocks of other prefixes to make room."""
+    def remember(
+        self, slot: int, tokens: Sequence[int], rows: int, longest: int
+    ) -> list[tuple[int, int, int]]:
+        """Index the full blocks of row `slot` (holding `tokens`) beside `rows` rows of `longest`,
+        evicting the least recently used blocks of other prefixes to make room: the (row, block, cache
+        block) copies for the runner's store_prefix."""
         kv = self._runner.kv
         held, missing = self.index.cached(tokens)
-        capacity = (kv.pool_tokens - rows * kv.width_for(longest)) // PREFIX_BLOCK
+        width = max(kv.width, kv.width_for(longest))  # the rows as laid out now: blocks may not reach them
+        capacity = (kv.pool_tokens - rows * width) // PREFIX_BLOCK
         excess = len(self.index) + missing - max(capacity, len(held))
         if missing and excess > 0:
+            self.flush()
             moves = self.index.evict(excess, frozenset(held))
             self._runner.drop_prefix(moves, len(self.index))
-        pairs = self.index.add(tokens, lambda blocks: kv.holds(rows, longest, prefix_blocks=blocks))
-        if pairs:
-            self._runner.store_prefix(slot, pairs)
+        pairs = self.index.add(tokens, lambda blocks: blocks <= capacity)
+        self._pending += [(slot, j, b) for j, b in pairs]

@@ -143,9 +143,9 @@ class ModelRunner:
                 self.kv.free(row)
         self.num_rows -= len(rows)
 
-    def store_prefix(self, slot: int, pairs: list[tuple[int, int]]) -> None:
-        """Cache full blocks of a row's KV (the scheduler's PrefixIndex chose which, and where)."""
-        self.kv.store_prefix(slot, pairs)
+    def store_prefix(self, blocks: list[tuple[int, int, int]]) -> None:
+        """Cache full blocks of rows' KV (the scheduler's PrefixIndex chose which, and where)."""
+        self.kv.store_prefix(blocks)
 
     def drop_prefix(self, moves: list[tuple[int, int]], count: int) -> None:
         self.kv.drop_prefix(moves, count)

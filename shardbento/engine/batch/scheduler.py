@@ -204,6 +204,7 @@ class Scheduler:
             seq = self._running[row]
             if seq.inputs is None:
                 self._prefix.remember(row, seq.context()[: kv.lengths[row]], running, longest)
+        self._prefix.flush()
 
     def _plan_prefill(self) -> tuple[list[PrefillChunk], list[list[Sequence]]]:
         """This step's prompt chunks, each with the sequences it serves: a vision, partial or too-long

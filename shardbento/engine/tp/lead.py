@@ -67,9 +67,9 @@ class MirrorRunner:
         self._send(RunnerCall("drop", (seq_id,)))
         self._runner.drop(seq_id)
 
-    def store_prefix(self, slot: int, pairs: list[tuple[int, int]]) -> None:
-        self._send(RunnerCall("store_prefix", (slot, pairs)))
-        self._runner.store_prefix(slot, pairs)
+    def store_prefix(self, blocks: list[tuple[int, int, int]]) -> None:
+        self._send(RunnerCall("store_prefix", (blocks,)))
+        self._runner.store_prefix(blocks)
 
     def drop_prefix(self, moves: list[tuple[int, int]], count: int) -> None:
         self._send(RunnerCall("drop_prefix", (moves, count)))
