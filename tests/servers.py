@@ -110,3 +110,12 @@ def stop(process: subprocess.Popen, timeout_s: float = 20) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+def metric_total(server: Server, name: str) -> float:
+    """A shardbento metric from the server's /metrics, summed over its label sets."""
+    import httpx
+
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    prefix = f"shardbento:{name}{{"
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))

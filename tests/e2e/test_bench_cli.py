@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from servers import REPO, Server
+from servers import REPO, Server, metric_total
 
 
 def test_bench_cli_reports_on_the_service(text_server: Server, tmp_path: Path) -> None:
@@ -31,15 +31,6 @@ def test_bench_cli_reports_on_the_service(text_server: Server, tmp_path: Path) -
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _metric(server: Server, name: str) -> float:
-    import httpx
-
-    text = httpx.get(f"{server.url}/metrics", timeout=30).text
-    return sum(
-        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(f"shardbento:{name}{{")
-    )
-
-
 def test_bench_cli_shared_prefix_and_turns_reach_the_prefix_cache(
     text_server: Server, tmp_path: Path
 ) -> None:
@@ -50,7 +41,7 @@ def test_bench_cli_shared_prefix_and_turns_reach_the_prefix_cache(
     command += ["--input-tokens", "20", "--output-tokens", "6", "--warmup", "0", "--min-requests", "6"]
     command += ["--requests-per-client", "1", "--shared-prefix-tokens", "200", "--turns", "3"]
     command += ["--json", str(report_path)]
-    hits = _metric(text_server, "prefix_cache_hits_total")
+    hits = metric_total(text_server, "prefix_cache_hits_total")
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(report_path.read_text())
@@ -62,5 +53,5 @@ def test_bench_cli_shared_prefix_and_turns_reach_the_prefix_cache(
         0,
     )
     assert level["mean_prompt_tokens"] > 200 + 20  # the system prompt, and the turns before
-    reused = _metric(text_server, "prefix_cache_hits_total") - hits
+    reused = metric_total(text_server, "prefix_cache_hits_total") - hits
     assert reused >= 4 * 160  # five later requests each reuse most of the system prompt, at least

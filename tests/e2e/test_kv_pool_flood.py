@@ -12,7 +12,7 @@ import httpx
 import pytest
 from reliability.scenarios import write_catalog
 from reliability.soak import worker_rss_mib
-from servers import Server, serve
+from servers import Server, metric_total, serve
 
 from shardbento.catalog import load_spec
 from shardbento.plan.memory import budget, load_config, model_shape
@@ -72,13 +72,6 @@ async def flood(server: Server, texts: list[str]) -> list[str]:
         return await asyncio.gather(*(one(p) for p in texts))
 
 
-def metric(server: Server, name: str) -> float:
-    text = httpx.get(f"{server.url}/metrics", timeout=30).text
-    return sum(
-        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(f"shardbento:{name}{{")
-    )
-
-
 def test_kv_pool_flood_completes_preempts_and_keeps_the_greedy_text(
     pool_server: Server, text_server: Server
 ) -> None:
@@ -94,8 +87,8 @@ def test_kv_pool_flood_completes_preempts_and_keeps_the_greedy_text(
     before = worker_rss_mib(pool_server)
     squeezed = asyncio.run(flood(pool_server, texts))
     grown = worker_rss_mib(pool_server) - before
-    assert metric(pool_server, "num_preemptions_total") > 0
-    assert metric(pool_server, "request_success_total") >= REQUESTS
+    assert metric_total(pool_server, "num_preemptions_total") > 0
+    assert metric_total(pool_server, "request_success_total") >= REQUESTS
     shape = model_shape(load_config(Path(resolve_source(load_spec(MODEL))) / "config.json"))
     per_token = budget(shape, dtype="float32", max_model_len=1).kv_bytes_per_token
     assert grown < (POOL_TOKENS * per_token) / 2**20 + 0.10 * before, (before, grown)

@@ -73,6 +73,19 @@ def tokens(items: list, ticket: int) -> list[int]:
     return [t for tk, item in items if tk == ticket and isinstance(item, Delta) for t in item.token_ids]
 
 
+def count_prefills(runner) -> list[int]:
+    """The prompt tokens each chunk `runner` prefills from now on (its prefill wrapped, still run)."""
+    computed: list[int] = []
+    prefill = runner.prefill
+
+    def counting(chunks):
+        computed.extend(len(chunk.token_ids) for chunk in chunks)
+        return prefill(chunks)
+
+    runner.prefill = counting
+    return computed
+
+
 async def single_process(engine, prompt, params) -> list[int]:
     return [t async for d in engine.stream(prompt, params, "ref") for t in d.token_ids]
 
@@ -144,14 +157,7 @@ def test_tp_lead_choices_prefill_once_on_every_rank(text_engine) -> None:
     params = [SamplingParams(max_tokens=7, temperature=1.0, seed=3 + i, ignore_eos=True) for i in range(3)]
     expected = [asyncio.run(single_process(text_engine, prompt, p)) for p in params]
     with ranks(text_engine, ServingLimits(max_num_seqs=4)) as world:
-        computed: list[int] = []
-        replay = world.follower.prefill
-
-        def counting(chunks):
-            computed.extend(len(chunk.token_ids) for chunk in chunks)
-            return replay(chunks)
-
-        world.follower.prefill = counting
+        computed = count_prefills(world.follower)
         choices = tuple(Submit(t, f"req-{t}", prompt.token_ids, p) for t, p in enumerate(params))
         world.channels.requests.put(SubmitChoices(choices))
         items, _ = reports(world.channels, finished({0, 1, 2}))
@@ -165,14 +171,7 @@ def test_tp_lead_prefix_cache_decided_on_rank_0_mirrored_by_the_follower(text_en
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     expected = asyncio.run(single_process(text_engine, prompt, params))
     with ranks(text_engine, ServingLimits(max_num_seqs=4)) as world:
-        computed: list[int] = []
-        replay = world.follower.prefill
-
-        def counting(chunks):
-            computed.extend(len(chunk.token_ids) for chunk in chunks)
-            return replay(chunks)
-
-        world.follower.prefill = counting
+        computed = count_prefills(world.follower)
         for ticket in range(2):  # one after the other: the second finds the first's blocks
             world.channels.requests.put(Submit(ticket, f"req-{ticket}", prompt.token_ids, params))
             items, _ = reports(world.channels, finished({ticket}))
