@@ -119,3 +119,34 @@ def test_prefix_cache_evicts_under_pool_pressure_and_stays_correct(text_engine) 
         assert got == asyncio.run(run(plain))
     finally:
         plain.close()
+
+
+def test_prefix_cache_hits_of_different_lengths_prefill_together(text_engine) -> None:
+    """Prompts whose cached prefixes differ in length, and a fresh one, in one batched prefill: the
+    same greedy tokens as an engine without the cache."""
+    bases = [SYSTEM[: 120 * (i + 1)] for i in range(3)]
+    warm = [text_engine.encode(f"{base} First question?") for base in bases]
+    later = [text_engine.encode(f"{base} Second, longer question {i}?") for i, base in enumerate(bases)]
+    later.append(text_engine.encode("A prompt nobody sent before, fresh."))
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+
+    async def together(engine, prompts):
+        async def one(prompt):
+            return [t async for d in engine.stream(prompt, params, "together") for t in d.token_ids]
+
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    cached, plain = engine_with(text_engine), engine_with(text_engine, prefix_caching=False)
+    try:
+        asyncio.run(together(cached, warm))
+        runner = cached._scheduler._runner
+        calls: list[list[int]] = []
+        prefill = runner.prefill
+        runner.prefill = lambda chunks: calls.append([c.start for c in chunks]) or prefill(chunks)
+        got = asyncio.run(together(cached, later))
+        expected = asyncio.run(together(plain, later))
+    finally:
+        cached.close()
+        plain.close()
+    assert got == expected
+    assert any(len(starts) > 1 and any(starts) for starts in calls), calls  # hits batched, not alone

@@ -62,7 +62,11 @@ class ModelRunner:
             )
             self.kv.fit(rows, longest)
         self.num_rows = max([self.num_rows, *(c.slot + 1 + len(c.copies) for c in completing)])
-        fresh = [i for i, c in enumerate(chunks) if c.start == 0 and c.slot is not None and c.inputs is None]
+        fresh = [
+            i
+            for i, c in enumerate(chunks)
+            if c.slot is not None and c.inputs is None and (c.start == 0 or c.prefix)
+        ]
         rows: dict[int, torch.Tensor] = {}
         if fresh:
             logits = self._prefill_fresh([chunks[i] for i in fresh])
@@ -155,25 +159,51 @@ class ModelRunner:
         self._partial.pop(seq_id, None)
 
     def _prefill_fresh(self, chunks: list[PrefillChunk]) -> torch.Tensor:
+        """Complete prompts in one left-padded forward; a chunk with a cached prefix continues from it
+        (its first `start` tokens come from the prefix cache, left-padded to the longest such prefix)."""
         from transformers import DynamicCache
 
         width = max(len(c.token_ids) for c in chunks)
-        pads = [width - len(c.token_ids) for c in chunks]
-        ids = torch.tensor([[0] * p + list(c.token_ids) for p, c in zip(pads, chunks, strict=True)])
-        positions = torch.arange(width)[None, :] - torch.tensor(pads)[:, None]  # negative: left padding
+        cached = max(c.start for c in chunks)
+        pads = torch.tensor([width - len(c.token_ids) for c in chunks])
+        starts = torch.tensor([c.start for c in chunks])
+        ids = torch.tensor([[0] * int(p) + list(c.token_ids) for p, c in zip(pads, chunks, strict=True)])
+        steps = torch.arange(width)[None, :] - pads[:, None]  # negative: left padding
+        mask = steps >= 0
         cache = DynamicCache(config=self.model.config)
+        if cached:
+            for layer_idx in self.kv.layer_indices():
+                cache.update(*self._cached_prefixes(layer_idx, chunks, cached), layer_idx)
+            mask = torch.cat([torch.arange(cached)[None, :] >= (cached - starts)[:, None], mask], dim=1)
         out = self.model(
             input_ids=ids.to(self._device),
-            attention_mask=(positions >= 0).long().to(self._device),
-            position_ids=positions.clamp(min=0).to(self._device),
+            attention_mask=mask.long().to(self._device),
+            position_ids=(steps + starts[:, None]).clamp(min=0).to(self._device),
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
         )
-        for row, (pad, chunk) in enumerate(zip(pads, chunks, strict=True)):
-            self.kv.load(chunk.slot, cache, row=row, offset=pad)
+        for row, chunk in enumerate(chunks):
+            self.kv.load(chunk.slot, cache, row=row, offset=cached - chunk.start + int(pads[row]))
             self._copy(chunk)
         return out.logits[:, -1]
+
+    def _cached_prefixes(
+        self, layer_idx: int, chunks: list[PrefillChunk], width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each chunk's first `start` tokens of KV from the prefix cache, right-aligned in `width`."""
+        rows: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        for row, chunk in enumerate(chunks):
+            if chunk.start:
+                keys, values = self.kv.prefix(layer_idx, list(chunk.prefix))
+                rows.append((row, keys[0, :, : chunk.start], values[0, :, : chunk.start]))
+        like = rows[0][1]
+        shape = (len(chunks), like.shape[0], width, like.shape[2])
+        keys, values = (like.new_zeros(shape) for _ in range(2))
+        for row, k, v in rows:
+            keys[row, :, width - k.shape[1] :] = k
+            values[row, :, width - v.shape[1] :] = v
+        return keys, values
 
     def _prefill_chunk(self, chunk: PrefillChunk) -> torch.Tensor:
         from transformers import DynamicCache

@@ -223,39 +223,64 @@ class Scheduler:
 
         head = candidates[0]
         hit = self._hit(head)
-        keep = frozenset(hit)
+        keep = set(hit)  # the cached blocks this step reads: never evicted for it
 
         def room(rows: int, longest: int) -> bool:  # cached blocks but `keep` may be evicted for it
             return kv.holds(running + rows, max(grown, longest + 1), prefix_blocks=len(keep))
 
-        if hit or head.inputs is not None or head.num_prefilled or len(head.context()) > budget:
+        alone = len(head.context()) - len(hit) * PREFIX_BLOCK > budget
+        if alone or head.inputs is not None or head.num_prefilled:
             if not room(1, len(head.context())):
                 return [], []  # it waits for running sequences to finish (or be preempted)
             planned = [(self._head_chunk(head, budget, hit), [head])]
         else:
-            planned = []
-            width = 0
-            prompts = set()
-            for seq in candidates:
-                context = seq.context()
-                if tuple(context) in prompts and is_twin(seq):
-                    continue  # a twin: _join_twins adds it
-                prompts.add(tuple(context))
-                width = max(width, len(context))
-                if seq.inputs is not None or seq.num_prefilled or width * (len(planned) + 1) > budget:
-                    break
-                if not room(len(planned) + 1, width) or (planned and self._hit(seq)):
-                    break  # no room, or a cached prefix: it goes alone, next
-                planned.append((PrefillChunk(seq.seq_id, tuple(context), 0, 0), [seq]))
+            planned = self._plan_together(candidates, hit, budget, room, keep)
         join_twins(planned, candidates, room)
         if self._prefix is not None:
             rows = running + sum(len(group) for chunk, group in planned if chunk.slot is not None)
             longest = max([grown, *(len(group[0].context()) + 1 for _, group in planned)])
-            self._prefix.make_room(rows, longest, keep)
+            self._prefix.make_room(rows, longest, frozenset(keep))
         for seq in (seq for _, group in planned for seq in group if not seq.num_prefilled):
             if not seq.generated:
                 self._metrics.queue.observe(time.monotonic() - seq.arrival_s)
         return place(planned, len(self._running)), [group for _, group in planned]
+
+    def _plan_together(
+        self,
+        candidates: list[Sequence],
+        head_hit: list[int],
+        budget: int,
+        room: Callable[[int, int], bool],
+        keep: set[int],
+    ) -> list[tuple[PrefillChunk, list[Sequence]]]:
+        """Prompts prefilled together in one left-padded forward, each row computing the same number of
+        tokens (the batch's widest remainder past a cached prefix): a row with a longer cached prefix
+        takes only as much of it as leaves that many tokens to compute."""
+        chosen: list[tuple[Sequence, list[int]]] = []
+        width = longest = 0
+        prompts = set()
+        for seq in candidates:
+            context = seq.context()
+            if tuple(context) in prompts and is_twin(seq):
+                continue  # a twin: join_twins adds it
+            prompts.add(tuple(context))
+            if seq.inputs is not None or seq.num_prefilled:
+                break
+            blocks = head_hit if seq is candidates[0] else self._hit(seq)
+            wider = max(width, len(context) - len(blocks) * PREFIX_BLOCK)
+            if wider * (len(chosen) + 1) > budget or not room(len(chosen) + 1, max(longest, len(context))):
+                break
+            width, longest = wider, max(longest, len(context))
+            keep.update(blocks)
+            chosen.append((seq, blocks))
+        planned = []
+        for seq, blocks in chosen:
+            context = seq.context()
+            start = min(len(blocks) * PREFIX_BLOCK, max(0, len(context) - width))
+            prefix = tuple(blocks[: -(-start // PREFIX_BLOCK)]) if start else ()
+            seq.cached = start
+            planned.append((PrefillChunk(seq.seq_id, tuple(context[start:]), start, 0, prefix=prefix), [seq]))
+        return planned
 
     def _hit(self, seq: Sequence) -> list[int]:
         """The cached blocks a fresh text prompt (or a preempted one's context) starts with."""
