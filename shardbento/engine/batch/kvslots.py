@@ -14,14 +14,14 @@ class SlotKVCache:
     """Keys and values of the running sequences in a pool of `pool_tokens` tokens per layer.
 
     Each layer's pool is allocated once, at its first use (the engine's warm-up forward at load), and
-    never grows: it is viewed as a rectangle [rows, kv heads, width, head dim] with rows x width <=
-    pool_tokens, `width` a multiple of BLOCK that covers the longest sequence. Running sequences occupy
-    rows 0..n-1, so a decode step reads `view[:n, :, :longest]` (no re-stacking copy per step); a
-    finished sequence's row is filled by moving the last one into it. When the longest sequence
-    outgrows the width, or the scheduler needs more rows than the width allows, the rows are laid out
-    again at the new width inside the same storage (`fit`). How many sequences fit is the scheduler's
-    admission and preemption rule: `rows_at(width_for(longest))`. Each layer's pool lives on the device
-    of that layer's keys, which makes an accelerate layer split work unchanged.
+    never grows: its front is viewed as a rectangle [rows, kv heads, width, head dim], one row per
+    running sequence, and its tail holds the cached prefix blocks; rows x width + cached blocks never
+    pass pool_tokens. Running sequences occupy rows 0..n-1, so a decode step reads
+    `view[:n, :, :longest]` (no re-stacking copy per step); a finished sequence's row is filled by
+    moving the last one into it. The width (a multiple of BLOCK, or max_len) stays while it serves; when
+    the longest sequence outgrows it, or the rows need a narrower one, the rows are laid out again
+    inside the same storage (`fit`). Admission and preemption ask `holds()`. Each layer's pool lives on
+    the device of that layer's keys, which makes an accelerate layer split work unchanged.
 
     The model calls `update()` the way it calls a transformers Cache; `begin_step()` says which
     rows and positions the next forward writes.
@@ -31,7 +31,7 @@ class SlotKVCache:
         self.num_slots = num_slots
         self.max_len = max_len
         self.pool_tokens = pool_tokens
-        self.width = max(self.width_for(1), min(max_len, pool_tokens // num_slots // BLOCK * BLOCK))
+        self.width = max(self.width_for(1), self._roomy_width())
         self._storage: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # flat, never reallocated
         self._keys: dict[int, torch.Tensor] = {}
         self._values: dict[int, torch.Tensor] = {}
@@ -57,25 +57,29 @@ class SlotKVCache:
         """Whether `num_rows` sequences, the longest `longest` tokens, fit the pool beside the cached
         prefix blocks (by default those held now)."""
         blocks = self.prefix_blocks if prefix_blocks is None else prefix_blocks
-        width = self.width_for(longest)
-        fits = num_rows * width + blocks * PREFIX_BLOCK <= self.pool_tokens
-        return longest <= min(self.max_len, self.pool_tokens) and num_rows <= self.num_slots and fits
+        return longest <= min(self.max_len, self.pool_tokens) and self._fits(
+            num_rows, self.width_for(longest), blocks
+        )
 
     def fit(self, num_rows: int, longest: int) -> None:
         """Lay `num_rows` rows out so they hold `longest` tokens (the scheduler checked holds()). The
         width stays while it serves; else it becomes the widest that gives every slot a row when the
         pool has that room (with a roomy pool: max_len, never laid out again), else the narrowest."""
         need = self.width_for(longest)
-        if self.width >= need and self._room(num_rows, self.width):
+        if self.width >= need and self._fits(num_rows, self.width, self.prefix_blocks):
             return
-        roomy = min(self.max_len, self.pool_tokens // self.num_slots // BLOCK * BLOCK)
-        width = roomy if roomy >= need and self._room(num_rows, roomy) else need
+        roomy = self._roomy_width()
+        width = roomy if roomy >= need and self._fits(num_rows, roomy, self.prefix_blocks) else need
         if width != self.width:
             self._relayout(width, num_rows)
 
-    def _room(self, num_rows: int, width: int) -> bool:
-        used = num_rows * width + self.prefix_blocks * PREFIX_BLOCK
+    def _fits(self, num_rows: int, width: int, prefix_blocks: int) -> bool:
+        used = num_rows * width + prefix_blocks * PREFIX_BLOCK
         return num_rows <= self.rows_at(width) and used <= self.pool_tokens
+
+    def _roomy_width(self) -> int:
+        """The widest row that still gives every slot one (0 when the pool is smaller than that)."""
+        return min(self.max_len, self.pool_tokens // self.num_slots // BLOCK * BLOCK)
 
     def begin_step(self, num_rows: int, kv_len: int, device: torch.device) -> None:
         """The next forward decodes one token for rows 0..num_rows-1 and attends to kv_len keys."""

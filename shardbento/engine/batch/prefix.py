@@ -114,27 +114,22 @@ class PrefixCache:
     def hit(self, tokens: Sequence[int]) -> list[int]:
         return self.index.match(tokens)
 
-    def make_room(self, rows: int, longest: int, keep: frozenset[int] = frozenset()) -> bool:
-        """Evict least recently used blocks (not `keep`) until `rows` rows of `longest` fit; False when
-        they cannot even without any block but `keep`."""
+    def make_room(self, rows: int, longest: int, keep: frozenset[int] = frozenset()) -> None:
+        """Evict least recently used blocks (not `keep`) until `rows` rows of `longest` fit; nothing
+        when they fit already, or would not fit even with no block but `keep` (preemption's case)."""
         kv = self._runner.kv
-        if kv.holds(rows, longest):
-            return True
-        if not kv.holds(rows, longest, prefix_blocks=len(keep)):
-            return False
+        if kv.holds(rows, longest) or not kv.holds(rows, longest, prefix_blocks=len(keep)):
+            return
         width = kv.width_for(longest)
         allowed = (kv.pool_tokens - rows * width) // PREFIX_BLOCK
         self.flush()
         moves = self.index.evict(len(self.index) - allowed, keep)
         self._runner.drop_prefix(moves, len(self.index))
-        return True
 
-    def remember(
-        self, slot: int, tokens: Sequence[int], rows: int, longest: int
-    ) -> list[tuple[int, int, int]]:
+    def remember(self, slot: int, tokens: Sequence[int], rows: int, longest: int) -> None:
         """Index the full blocks of row `slot` (holding `tokens`) beside `rows` rows of `longest`,
-        evicting the least recently used blocks of other prefixes to make room: the (row, block, cache
-        block) copies for the runner's store_prefix."""
+        evicting the least recently used blocks of other prefixes to make room; the copies wait for
+        flush() (one gather for the step)."""
         kv = self._runner.kv
         held, missing = self.index.cached(tokens)
         width = max(kv.width, kv.width_for(longest))  # the rows as laid out now: blocks may not reach them

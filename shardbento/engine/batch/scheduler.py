@@ -207,11 +207,12 @@ class Scheduler:
         self._prefix.flush()
 
     def _plan_prefill(self) -> tuple[list[PrefillChunk], list[list[Sequence]]]:
-        """This step's prompt chunks, each with the sequences it serves: a vision, partial or too-long
-        head alone, else fresh prompts that fit the budget together (counted with their padding: the
-        batch is as wide as its longest). A waiting text prompt equal to one that completes here (the
-        n choices of a request) joins it as a twin: it takes a slot and that prompt's KV, no compute.
-        Nothing joins that the KV pool cannot hold beside the running sequences' next tokens."""
+        """This step's prompt chunks, each with the sequences it serves: a vision or partial head alone,
+        or one whose part past its cached prefix passes the budget; else prompts that fit the budget
+        together, each from its cached prefix if it has one (_plan_together). A waiting text prompt
+        equal to one that completes here (the n choices of a request) joins it as a twin: it takes a
+        slot and that prompt's KV, no compute. Nothing joins that the KV pool cannot hold beside the
+        running sequences' next tokens; cached blocks are evicted for what joins."""
         budget = self._limits.max_prefill_tokens
         with self._wake:
             candidates = list(self._waiting)[: self._free_slots()]
@@ -297,7 +298,8 @@ class Scheduler:
         if seq.inputs is not None:  # its image tokens need the pixel values in the same forward
             return PrefillChunk(seq.seq_id, tuple(context), 0, 0, with_generated(seq.inputs, seq.generated))
         start = len(hit) * PREFIX_BLOCK if hit else seq.num_prefilled
-        seq.cached = start if hit else seq.cached
+        if hit:
+            seq.cached = start
         take = context[start : start + budget]
         done = start + len(take) == len(context)
         return PrefillChunk(seq.seq_id, tuple(take), start, 0 if done else None, prefix=tuple(hit))
