@@ -9,6 +9,7 @@ from typing import Any
 
 from shardbento.catalog import CatalogError, load_spec
 from shardbento.plan.memory import BENTO_GPU_KINDS, PlanError, load_config, model_shape, parse_gpus
+from shardbento.plan.preflight import check_loader
 from shardbento.plan.sharding import plan_spec, render
 from shardbento.plan.source import config_path
 
@@ -46,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             max_model_len=args.max_model_len,
             tp_capable=_tp_capable(config),
+            notes=(check_loader(spec, config),),
         )
     except (CatalogError, PlanError) as exc:
         if args.json:

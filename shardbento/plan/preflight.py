@@ -10,6 +10,7 @@ from shardbento.plan.memory import GIB, GpuKind, PlanError, load_config, model_s
 from shardbento.plan.sharding import Plan, choose_mode, plan_spec, render, unplanned
 from shardbento.plan.source import config_path
 from shardbento.plan.tp_plan import tp_plan_available
+from shardbento.thudm.layout import CheckpointError, is_thudm, loader_decision, translate_device_map
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +24,7 @@ def run_preflight(spec: ModelSpec) -> Plan:
         logger.warning("model %s: no sharding plan (%s)", spec.name, exc)
         mode = "tensor" if spec.parallel == "tensor" else ("layers" if spec.world_size > 1 else "single")
         return unplanned(spec, mode, f"parallel: {spec.parallel}, no config.json to plan from", (str(exc),))
+    loader = check_loader(spec, config)
     shape = model_shape(config)
     tp_capable = tp_plan_available(config)
     mode, reason = choose_mode(spec.parallel, spec.world_size, shape, tp_capable)
@@ -34,15 +36,36 @@ def run_preflight(spec: ModelSpec) -> Plan:
             "quantizes on each GPU) or engine: vllm"
         )
     if spec.num_gpus == 0:
-        plan = unplanned(spec, mode, reason)
+        plan = unplanned(spec, mode, reason, (loader,))
         logger.info("model %s plan:\n%s", spec.name, render(plan))
         return plan
     import torch
 
-    notes = tuple(_check_gpus(spec, torch))
+    notes = (loader, *_check_gpus(spec, torch))
     plan = plan_spec(spec, shape, _visible_kind(torch, spec), tp_capable=tp_capable, notes=notes)
     logger.info("model %s plan:\n%s", spec.name, render(plan))
     return plan
+
+
+def check_loader(spec: ModelSpec, config: dict) -> str:
+    """How the checkpoint loads (class, tokenizer), as a plan note; raises PlanError, with the reason and
+    the fix, for a checkpoint nothing here can load and for a device_map naming no module of it."""
+    if spec.engine == "vllm":
+        return "loader: vLLM's own model for this architecture"
+    try:
+        decision = loader_decision(config, spec.kind, spec.trust_remote_code)
+        if spec.device_map is not None and is_thudm(config):
+            translate_device_map(dict(spec.device_map), config["num_layers"])
+    except CheckpointError as exc:
+        raise PlanError(f"model {spec.name!r} cannot load: {exc}") from None
+    if decision.kind == "chatglm":
+        _check_importable("safetensors", "the THUDM checkpoint's conversion reads safetensors shards")
+    return decision.render()
+
+
+def _check_importable(module: str, why: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise PlanError(f"{module} is not installed ({why}); install env/cpu.txt or env/cuda.txt")
 
 
 def _check_gpus(spec: ModelSpec, torch: object) -> list[str]:

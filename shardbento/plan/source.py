@@ -30,3 +30,35 @@ def config_path(spec: ModelSpec) -> Path:
     if local.is_file():
         return local
     raise PlanError(f"no config.json for {spec.name!r}: ship it as {shipped} to plan offline")
+
+
+def is_thudm_spec(spec: ModelSpec) -> bool:
+    """Whether the spec's checkpoint is in THUDM's ChatGLM layout (decided from its config.json)."""
+    from shardbento.plan.memory import load_config
+    from shardbento.thudm.layout import is_thudm
+
+    try:
+        return is_thudm(load_config(config_path(spec)))
+    except PlanError:
+        return False
+
+
+def checkpoint_path(spec: ModelSpec) -> str:
+    """What the transformers engine loads: the source, or for a THUDM-layout checkpoint its native GLM
+    conversion (config, tokenizer, weights; built once into the cache)."""
+    source = resolve_source(spec)
+    if not is_thudm_spec(spec):
+        return source
+    from shardbento.thudm.convert import local_checkpoint, native_checkpoint
+
+    return str(native_checkpoint(local_checkpoint(source, spec.revision)))
+
+
+def tokenizer_path(spec: ModelSpec) -> str:
+    """Where the tokenizer comes from: the source, or a THUDM checkpoint's converted fast tokenizer."""
+    source = resolve_source(spec)
+    if not is_thudm_spec(spec):
+        return source
+    from shardbento.thudm.convert import local_checkpoint, native_tokenizer
+
+    return str(native_tokenizer(local_checkpoint(source, spec.revision)))

@@ -7,11 +7,15 @@ from typing import Any
 
 def tp_plan_available(config: dict[str, Any]) -> bool:
     """Whether transformers ships a tensor-parallel plan for this architecture's text model."""
+    from shardbento.thudm.layout import CheckpointError, glm_config, is_thudm
+
     try:
+        if is_thudm(config):
+            config = glm_config(config)  # what the native loader turns it into
         from transformers import AutoConfig
 
         fields = {k: v for k, v in config.items() if not k.startswith("_") and k != "auto_map"}
         model_config = AutoConfig.for_model(**fields)
-    except (ImportError, ValueError, KeyError, TypeError):
+    except (ImportError, ValueError, KeyError, TypeError, CheckpointError):
         return False
     return bool(getattr(model_config.get_text_config(), "base_model_tp_plan", None))

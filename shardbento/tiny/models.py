@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from shardbento.cachedir import build_once, cache_root
+from shardbento.tiny.thudm import THUDM_RECIPES, build_thudm, thudm_digest
 from shardbento.tiny.tokenizer import (
     ENDOFTEXT,
     IM_END,
@@ -84,28 +80,18 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-def cache_root() -> Path:
-    """The cache directory: $SHARDBENTO_CACHE, else ~/.cache/shardbento (read at call time)."""
-    configured = os.environ.get("SHARDBENTO_CACHE")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "shardbento"
-
-
 def ensure_generated(recipe: str, cache_dir: Path | None = None) -> Path:
     """Return the directory of the generated `recipe` model, generating it on first use."""
-    if recipe not in RECIPES:
-        raise ValueError(
-            f"Unknown tiny-model recipe {recipe!r}; known recipes: {', '.join(sorted(RECIPES))}."
-        )
     root = Path(cache_dir) if cache_dir is not None else cache_root()
+    if recipe in THUDM_RECIPES:
+        thudm = THUDM_RECIPES[recipe]
+        final_dir = root / f"{recipe}-{thudm_digest(thudm)}"
+        return build_once(final_dir, lambda out_dir: build_thudm(thudm, out_dir), f"tiny model {recipe!r}")
+    if recipe not in RECIPES:
+        known = sorted([*RECIPES, *THUDM_RECIPES])
+        raise ValueError(f"Unknown tiny-model recipe {recipe!r}; known recipes: {', '.join(known)}.")
     final_dir = root / f"{recipe}-{recipe_digest(RECIPES[recipe])}"
-    if final_dir.is_dir():
-        return final_dir
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{final_dir.name}.lock", "w") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        if not final_dir.is_dir():
-            _generate_atomically(recipe, RECIPES[recipe], final_dir)
-    return final_dir
+    return build_once(final_dir, lambda out_dir: _build(RECIPES[recipe], out_dir), f"tiny model {recipe!r}")
 
 
 def recipe_digest(recipe: Recipe) -> str:
@@ -116,26 +102,6 @@ def recipe_digest(recipe: Recipe) -> str:
     for line in corpus_lines():
         hasher.update(line.encode())
     return hasher.hexdigest()[:10]
-
-
-def _generate_atomically(name: str, recipe: Recipe, final_dir: Path) -> None:
-    """Build into a temporary sibling directory, then rename it into place; a lost race keeps the winner."""
-    started_s = time.monotonic()
-    logger.info("Generating tiny model %r into %s", name, final_dir)
-    build_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=final_dir.parent))
-    try:
-        _build(recipe, build_dir)
-        os.rename(build_dir, final_dir)
-    except OSError as error:
-        shutil.rmtree(build_dir, ignore_errors=True)
-        if error.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not final_dir.is_dir():
-            raise
-        logger.info("Another process generated %s first; using it", final_dir)
-        return
-    except BaseException:
-        shutil.rmtree(build_dir, ignore_errors=True)
-        raise
-    logger.info("Generated tiny model %r in %.1f s", name, time.monotonic() - started_s)
 
 
 def _build(recipe: Recipe, out_dir: Path) -> None:

@@ -23,6 +23,7 @@ from shardbento.plan.memory import (
 from shardbento.plan.sharding import plan_spec, render
 from shardbento.plan.source import CONFIG_DIR, config_path
 from shardbento.plan.split import GpuShare, layer_blocks, split_layers
+from shardbento.thudm.layout import glm_config, is_thudm
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)$")
 
@@ -30,7 +31,8 @@ NATIVE = [
     ("llama-3.1-8b-instruct", [6 * GIB] * 3),
     ("llama-3.1-70b-instruct", [40 * GIB] * 4),
     ("llama-3.2-90b-vision-instruct", [60 * GIB] * 4),
-    ("glm-4-9b-chat", [10 * GIB] * 2),
+    ("glm-4-9b-chat", [10 * GIB] * 2),  # THUDM layout: the native GLM the loader converts it to
+    ("chatglm3-6b", [5 * GIB] * 3),
     ("qwen2.5-vl-7b-instruct", [6 * GIB] * 3),
 ]
 
@@ -46,6 +48,8 @@ def meta_model(config: dict[str, Any], dtype: str = "bfloat16") -> Any:
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
+    if is_thudm(config):
+        config = glm_config(config)
     fields = {k: v for k, v in config.items() if not k.startswith("_") and k != "auto_map"}
     model_config = AutoConfig.for_model(**fields)
     architecture = getattr(transformers, config["architectures"][0])

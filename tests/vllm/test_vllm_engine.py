@@ -16,9 +16,9 @@ from shardbento.catalog import ModelSpec, load_spec
 from shardbento.engine import create_engine
 from shardbento.engine.base import ChatMessage, SamplingParams
 from shardbento.engine.hf.engine import HFEngine
-from shardbento.engine.hf.loading import resolve_source
 from shardbento.engine.selection import choose_engine
 from shardbento.engine.vllm.engine import VLLMEngine
+from shardbento.plan.source import resolve_source
 
 MESSAGES = [ChatMessage(role="user", text="Count the shards of the model.")]
 

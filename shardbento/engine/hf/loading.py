@@ -14,7 +14,7 @@ from shardbento.engine.hf.cpu_kernels import keep_freed_memory, pack_linear_weig
 from shardbento.engine.hf.placement import device_map_for, input_device
 from shardbento.engine.hf.preprocess import Preprocessor, load_preprocessor
 from shardbento.plan.sharding import Plan
-from shardbento.plan.source import resolve_source
+from shardbento.plan.source import checkpoint_path
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def _model_class(kind: str) -> Any:
 
 def load_model(spec: ModelSpec, plan: Plan) -> LoadedModel:
     """Load weights where the plan puts them (every check that can fail ran in preflight, before this)."""
-    path = resolve_source(spec)
+    path = checkpoint_path(spec)
     dtype = resolve_dtype(spec)
     device_map = device_map_for(spec, plan, path, dtype)
     common = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}

@@ -9,6 +9,7 @@ import torch
 
 from shardbento.catalog import ModelSpec
 from shardbento.plan.sharding import Plan
+from shardbento.plan.source import config_path, is_thudm_spec
 from shardbento.plan.split import device_map_from_shares
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def device_map_for(spec: ModelSpec, plan: Plan, model_path: str, dtype: torch.dt
     Preflight already checked that the GPUs the plan uses are visible.
     """
     if spec.device_map is not None:
-        return dict(spec.device_map)
+        return manual_device_map(spec)
     if plan.device == "cpu":
         return "cpu"
     if plan.world_size == 1:
@@ -43,6 +44,18 @@ def device_map_for(spec: ModelSpec, plan: Plan, model_path: str, dtype: torch.dt
     device_map = device_map_from_shares(plan.shares, meta_model(spec, model_path, dtype))
     logger.info("layer split over %d GPUs as planned: %s", plan.world_size, device_map)
     return device_map
+
+
+def manual_device_map(spec: ModelSpec) -> dict[str, Any]:
+    """The spec's own device_map; for a THUDM checkpoint, its ChatGLM module names as the native ones
+    (preflight already refused a key that names no module)."""
+    if not is_thudm_spec(spec):
+        return dict(spec.device_map or {})
+    from shardbento.plan.memory import load_config
+    from shardbento.thudm.layout import translate_device_map
+
+    config = load_config(config_path(spec))
+    return translate_device_map(dict(spec.device_map or {}), config["num_layers"])
 
 
 def input_device(model: Any) -> torch.device:

@@ -41,7 +41,7 @@ from shardbento.errors import GenerationFailed, InvalidRequest, NotReady
 from shardbento.metrics import RequestMetrics
 from shardbento.plan.preflight import run_preflight
 from shardbento.plan.sharding import Plan
-from shardbento.plan.source import resolve_source
+from shardbento.plan.source import checkpoint_path
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class TPEngine(PreprocessorPrompts):
         import torch.multiprocessing as mp
 
         plan = plan or run_preflight(spec)
-        path = resolve_source(spec)
+        path = checkpoint_path(spec)
         prompts = load_preprocessor(spec, path)
         context = mp.get_context("spawn")
         channels = RankChannels(

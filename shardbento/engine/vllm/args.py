@@ -18,8 +18,11 @@ class VLLMArgumentError(ValueError):
     """A catalog entry asks vLLM for something it does not accept; the message names the field."""
 
 
-def engine_kwargs(spec: ModelSpec, model_path: str, known_args: set[str] | None = None) -> dict[str, Any]:
-    """AsyncEngineArgs keyword arguments: parallel sizes from `gpus`, the rest from the spec.
+def engine_kwargs(
+    spec: ModelSpec, model_path: str, known_args: set[str] | None = None, tokenizer: str | None = None
+) -> dict[str, Any]:
+    """AsyncEngineArgs keyword arguments: parallel sizes from `gpus`, the rest from the spec; `tokenizer`
+    when it is not the checkpoint's own (a THUDM checkpoint's converted one).
 
     `gpus` is the tensor parallel size (GPUs per node, what BentoML reserves); pipeline stages
     span nodes, so a spec uses gpus x vllm.pipeline_parallel_size GPUs in all.
@@ -29,7 +32,7 @@ def engine_kwargs(spec: ModelSpec, model_path: str, known_args: set[str] | None 
         check_extra_args(options.extra_args, known_args)
     kwargs: dict[str, Any] = {
         "model": model_path,
-        "tokenizer": model_path,
+        "tokenizer": tokenizer or model_path,
         "dtype": _dtype(spec),
         "max_model_len": spec.max_model_len,
         "tensor_parallel_size": spec.world_size,

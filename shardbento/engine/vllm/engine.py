@@ -21,7 +21,7 @@ from shardbento.engine.base import (
 from shardbento.engine.hf.preprocess import Preprocessor, PreprocessorPrompts, load_preprocessor
 from shardbento.engine.output import OutputStream
 from shardbento.engine.vllm.args import engine_kwargs
-from shardbento.plan.source import resolve_source
+from shardbento.plan.source import resolve_source, tokenizer_path
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +98,9 @@ class VLLMEngine(PreprocessorPrompts):
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        path = resolve_source(spec)
-        kwargs = engine_kwargs(spec, path, known_engine_args())
-        prompts = load_preprocessor(spec, path)
+        path, tokenizer = resolve_source(spec), tokenizer_path(spec)
+        kwargs = engine_kwargs(spec, path, known_engine_args(), tokenizer=tokenizer)
+        prompts = load_preprocessor(spec, tokenizer)
         logger.info("starting vLLM for %s: %s", spec.name, kwargs)
         llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         return cls(spec, llm, prompts, kwargs)

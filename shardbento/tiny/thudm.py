@@ -1,0 +1,358 @@
+"""Tiny random-weight checkpoints in THUDM's own layout (ChatGLM3-6B, GLM-4-9B): config.json fields, tensor
+names and shapes, and tokenizer files as the hub repositories have them, from a bilingual corpus."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from shardbento.thudm.tokenizer import CHATGLM3_SPECIALS, GLM4_PATTERN, GLM4_SPECIALS, byte_alphabet
+from shardbento.tiny.tokenizer import corpus_lines
+
+FORMAT_VERSION = 1
+_INIT_STD = 0.02
+_VOCAB_PADDING = 64  # THUDM pads the vocabulary (65024, 151552); padded rows are never a real token
+
+_CHINESE_WORDS = [
+    "我们",
+    "你们",
+    "他们",
+    "今天",
+    "明天",
+    "昨天",
+    "时间",
+    "世界",
+    "中国",
+    "北京",
+    "上海",
+    "学生",
+    "老师",
+    "朋友",
+    "工作",
+    "学习",
+    "问题",
+    "模型",
+    "数据",
+    "计算",
+    "服务",
+    "请求",
+    "回答",
+    "语言",
+    "图片",
+    "文字",
+    "天气",
+    "城市",
+    "电脑",
+    "手机",
+    "音乐",
+    "电影",
+    "书",
+    "水",
+    "山",
+    "河",
+    "花",
+    "猫",
+    "狗",
+    "鱼",
+    "鸟",
+    "吃饭",
+    "喝茶",
+    "睡觉",
+    "跑步",
+    "喜欢",
+    "知道",
+    "认为",
+    "希望",
+    "需要",
+    "可以",
+    "应该",
+    "已经",
+    "非常",
+    "很",
+    "也",
+    "都",
+    "还",
+    "就",
+    "在",
+    "是",
+    "有",
+    "和",
+    "的",
+    "了",
+    "吗",
+    "呢",
+    "吧",
+    "不",
+    "没有",
+    "一个",
+    "两个",
+    "三个",
+    "大",
+    "小",
+    "多",
+    "少",
+    "好",
+    "新",
+    "快",
+    "慢",
+    "高",
+    "低",
+    "长",
+    "短",
+    "红色",
+    "蓝色",
+    "你好",
+    "谢谢",
+    "再见",
+    "请问",
+    "为什么",
+    "怎么样",
+    "什么",
+    "哪里",
+]
+_CHINESE_PUNCTUATION = ["。", "，", "！", "？", "；", "、"]
+
+
+@dataclass(frozen=True, slots=True)
+class ThudmRecipe:
+    """Everything that determines a generated THUDM-layout checkpoint's bytes."""
+
+    flavor: Literal["chatglm3", "glm4"]
+    chat: bool = True  # GLM-4 chat configs list the role tags as EOS; the base config only <|endoftext|>
+    vocab_size: int = 1200
+    hidden_size: int = 256
+    num_layers: int = 2
+    num_attention_heads: int = 4
+    multi_query_group_num: int = 2
+    kv_channels: int = 64  # vLLM's CPU attention needs a head of at least 64
+    ffn_hidden_size: int = 512
+    seq_length: int = 2048
+    max_shard_size_bytes: int = 2_000_000
+    seed: int = 0
+
+
+THUDM_RECIPES: dict[str, ThudmRecipe] = {
+    "tiny-chatglm3": ThudmRecipe(flavor="chatglm3"),
+    "tiny-glm4": ThudmRecipe(flavor="glm4"),
+    "tiny-glm4-base": ThudmRecipe(flavor="glm4", chat=False),
+}
+
+
+def thudm_digest(recipe: ThudmRecipe) -> str:
+    hasher = hashlib.sha256(json.dumps(asdict(recipe), sort_keys=True).encode())
+    hasher.update(f"format={FORMAT_VERSION}".encode())
+    for line in bilingual_lines():
+        hasher.update(line.encode())
+    return hasher.hexdigest()[:10]
+
+
+def bilingual_lines(num_sentences: int = 1500) -> Iterator[str]:
+    """The tiny models' English corpus interleaved with seeded Chinese sentences and mixed lines."""
+    rng = random.Random(20240605)
+    yield " ".join(_CHINESE_WORDS)
+    for index, english in enumerate(corpus_lines(num_sentences)):
+        chinese = "".join(rng.choice(_CHINESE_WORDS) for _ in range(rng.randint(3, 9)))
+        yield chinese + rng.choice(_CHINESE_PUNCTUATION)
+        yield english if index % 3 else f"{english} {chinese}{rng.choice(_CHINESE_PUNCTUATION)}"
+
+
+def build_thudm(recipe: ThudmRecipe, out_dir: Path) -> None:
+    """Write tokenizer.model, tokenizer_config.json, config.json and sharded safetensors into `out_dir`."""
+    if recipe.flavor == "chatglm3":
+        base = _write_sentencepiece(recipe.vocab_size, out_dir / "tokenizer.model")
+        specials = CHATGLM3_SPECIALS
+        eos: int | list[int] = 2  # </s>; chatglm3-6b's config lists no role tag (its chat() adds them)
+        pad = 0
+    else:
+        base = _write_tiktoken(recipe.vocab_size, out_dir / "tokenizer.model")
+        specials = GLM4_SPECIALS
+        ids = {token: base + index for index, token in enumerate(specials)}
+        eos = (
+            [ids["<|endoftext|>"], ids["<|user|>"], ids["<|observation|>"]]
+            if recipe.chat
+            else ids["<|endoftext|>"]
+        )
+        pad = ids["<|endoftext|>"]
+    num_words = base + len(specials)
+    padded = -(-num_words // _VOCAB_PADDING) * _VOCAB_PADDING
+    config = _config(recipe, padded, eos, pad)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(recipe), indent=2))
+    _write_weights(recipe, config, num_words, out_dir)
+
+
+def _config(recipe: ThudmRecipe, padded_vocab: int, eos: int | list[int], pad: int) -> dict[str, Any]:
+    """config.json with the fields (and the auto_map) THUDM's repositories have."""
+    config: dict[str, Any] = {
+        "_name_or_path": f"THUDM/{'chatglm3-6b' if recipe.flavor == 'chatglm3' else 'glm-4-9b'}",
+        "model_type": "chatglm",
+        "architectures": ["ChatGLMModel"],
+        "auto_map": {
+            "AutoConfig": "configuration_chatglm.ChatGLMConfig",
+            "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+            "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+        },
+        "add_bias_linear": False,
+        "add_qkv_bias": True,
+        "apply_query_key_layer_scaling": True,
+        "apply_residual_connection_post_layernorm": False,
+        "attention_dropout": 0.0,
+        "attention_softmax_in_fp32": True,
+        "bias_dropout_fusion": True,
+        "ffn_hidden_size": recipe.ffn_hidden_size,
+        "fp32_residual_connection": False,
+        "hidden_dropout": 0.0,
+        "hidden_size": recipe.hidden_size,
+        "kv_channels": recipe.kv_channels,
+        "layernorm_epsilon": 1e-5 if recipe.flavor == "chatglm3" else 1.5625e-07,
+        "multi_query_attention": True,
+        "multi_query_group_num": recipe.multi_query_group_num,
+        "num_attention_heads": recipe.num_attention_heads,
+        "num_layers": recipe.num_layers,
+        "original_rope": True,
+        "padded_vocab_size": padded_vocab,
+        "post_layer_norm": True,
+        "rmsnorm": True,
+        "seq_length": recipe.seq_length,
+        "use_cache": True,
+        "torch_dtype": "float32",
+        "tie_word_embeddings": False,
+        "eos_token_id": eos,
+        "pad_token_id": pad,
+    }
+    if recipe.flavor == "glm4":
+        config["rope_ratio"] = 500  # GLM-4's rotary base is 10000 x 500
+    return config
+
+
+def _tokenizer_config(recipe: ThudmRecipe) -> dict[str, Any]:
+    """tokenizer_config.json pointing at the remote tokenizer class, as on the hub (never run here)."""
+    name = "ChatGLMTokenizer" if recipe.flavor == "chatglm3" else "ChatGLM4Tokenizer"
+    config: dict[str, Any] = {
+        "auto_map": {"AutoTokenizer": [f"tokenization_chatglm.{name}", None]},
+        "tokenizer_class": name,
+        "clean_up_tokenization_spaces": False,
+        "do_lower_case": False,
+        "padding_side": "left",
+        "remove_space": False,
+    }
+    if recipe.flavor == "glm4":
+        config.update(
+            eos_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=recipe.seq_length
+        )
+    return config
+
+
+def _write_sentencepiece(vocab_size: int, path: Path) -> int:
+    """A BPE SentencePiece model trained here with ChatGLM3's options (byte fallback, digits split, a
+    dummy prefix, no normalization); returns its number of pieces."""
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=bilingual_lines(),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        split_digits=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    path.write_bytes(model.getvalue())
+    return sentencepiece.SentencePieceProcessor(model_proto=model.getvalue()).vocab_size()
+
+
+def _write_tiktoken(vocab_size: int, path: Path) -> int:
+    """tiktoken ranks learned here as a byte-level BPE over GLM-4's split pattern: the 256 bytes first,
+    then each merge's token in the order learned; returns the number of ranks."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(GLM4_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator(bilingual_lines(), trainer=trainer)
+    from_text = {char: byte for byte, char in byte_alphabet().items()}
+    ranks: dict[bytes, int] = {bytes([b]): b for b in range(256)}
+    for merge in json.loads(tokenizer.to_str())["model"]["merges"]:
+        left, right = merge if isinstance(merge, list) else merge.split(" ")
+        token = bytes(from_text[c] for c in left + right)
+        ranks.setdefault(token, len(ranks))
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    return len(ranks)
+
+
+def _tensor_shapes(recipe: ThudmRecipe, padded_vocab: int) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """THUDM's tensor names and shapes, in the checkpoint's order."""
+    hidden, head = recipe.hidden_size, recipe.kv_channels
+    qkv = (recipe.num_attention_heads + 2 * recipe.multi_query_group_num) * head
+    yield "transformer.embedding.word_embeddings.weight", (padded_vocab, hidden)
+    for layer in range(recipe.num_layers):
+        prefix = f"transformer.encoder.layers.{layer}."
+        yield prefix + "input_layernorm.weight", (hidden,)
+        yield prefix + "self_attention.query_key_value.weight", (qkv, hidden)
+        yield prefix + "self_attention.query_key_value.bias", (qkv,)
+        yield prefix + "self_attention.dense.weight", (hidden, recipe.num_attention_heads * head)
+        yield prefix + "post_attention_layernorm.weight", (hidden,)
+        yield prefix + "mlp.dense_h_to_4h.weight", (2 * recipe.ffn_hidden_size, hidden)
+        yield prefix + "mlp.dense_4h_to_h.weight", (hidden, recipe.ffn_hidden_size)
+    yield "transformer.encoder.final_layernorm.weight", (hidden,)
+    yield "transformer.output_layer.weight", (padded_vocab, hidden)
+
+
+def _write_weights(recipe: ThudmRecipe, config: dict[str, Any], num_words: int, out_dir: Path) -> None:
+    """Seeded random tensors (norms near 1, biases non-zero, padded output rows zero so no padded id is
+    ever the argmax), the rotary buffer as the original computes it, in shards with their index."""
+    import torch
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(recipe.seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, shape in _tensor_shapes(recipe, config["padded_vocab_size"]):
+        tensor = torch.randn(shape, generator=generator) * _INIT_STD
+        if name.endswith("layernorm.weight"):
+            tensor += 1.0
+        if name == "transformer.output_layer.weight":
+            tensor[num_words:] = 0.0
+        tensors[name] = tensor
+    rotary = recipe.kv_channels // 2
+    base = 10000.0 * config.get("rope_ratio", 1)
+    tensors["transformer.rotary_pos_emb.inv_freq"] = 1.0 / base ** (
+        torch.arange(0, rotary, 2).float() / rotary
+    )
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    for name, tensor in tensors.items():
+        size = sum(t.numel() * t.element_size() for t in shards[-1].values())
+        if shards[-1] and size + tensor.numel() * tensor.element_size() > recipe.max_shard_size_bytes:
+            shards.append({})
+        shards[-1][name] = tensor
+    weight_map = {}
+    for index, shard in enumerate(shards, 1):
+        file_name = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out_dir / file_name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file_name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
