@@ -34,6 +34,15 @@ def _tp_capable(config: dict[str, Any]) -> bool:
     return tp_plan_available(config)
 
 
+def _loader_note(spec: Any, config: dict[str, Any]) -> str:
+    """How the checkpoint loads, or why the transformers engine cannot load it (the memory plan still
+    holds for another engine, so it is printed all the same; startup refuses such an entry)."""
+    try:
+        return check_loader(spec, config)
+    except PlanError as exc:
+        return f"transformers engine: {exc}"
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         spec = load_spec(args.model)
@@ -47,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             max_model_len=args.max_model_len,
             tp_capable=_tp_capable(config),
-            notes=(check_loader(spec, config),),
+            notes=(_loader_note(spec, config),),
         )
     except (CatalogError, PlanError) as exc:
         if args.json:

@@ -24,6 +24,11 @@ GPU_KINDS: dict[str, tuple[int, tuple[int, int]]] = {
     "V100-16GB": (16 * GB, (7, 0)),
     "V100-32GB": (32 * GB, (7, 0)),
     "A10G-24GB": (24 * GB, (8, 6)),
+    "A10-24GB": (24 * GB, (8, 6)),
+    "RTX3090-24GB": (24 * GB, (8, 6)),
+    "RTX4090-24GB": (24 * GB, (8, 9)),
+    "A6000-48GB": (48 * GB, (8, 6)),
+    "L40S-48GB": (48 * GB, (8, 9)),
     "L4-24GB": (24 * GB, (8, 9)),
     "A100-40GB": (40 * GB, (8, 0)),
     "A100-80GB": (80 * GB, (8, 0)),
@@ -122,6 +127,19 @@ def _vision(vision: dict[str, Any], text_hidden: int) -> tuple[int, int, int, in
     return depth * layer + out * text_hidden, layer, heads, image_tokens
 
 
+def _glm4v_adapter(config: dict[str, Any]) -> int:
+    """What GLM-4V adds beside the tower's layers and one projection: the patch embedding, position
+    table, the 2x2 convolution into the text width and its GLU projector (gate, up, down)."""
+    vision, text_hidden, ffn = config["vision_config"], config["hidden_size"], config["ffn_hidden_size"]
+    width = vision["hidden_size"]
+    patch = vision.get("in_channels", 3) * width * vision["patch_size"] ** 2 + 2 * width  # conv, bias, cls
+    positions = vision.get("num_positions", 0) * width
+    conv = width * text_hidden * 4 + text_hidden
+    glu = text_hidden * text_hidden + 3 * text_hidden * ffn + 2 * text_hidden  # proj, gate/up/down, norm
+    boundary = 2 * text_hidden  # the learned boi and eoi vectors
+    return patch + positions + conv + glu + boundary - width * text_hidden  # _vision counted one projection
+
+
 def model_shape(config: dict[str, Any]) -> ModelShape:
     """Read a config.json (Llama-like, ChatGLM, Mllama, Qwen-VL); unknown keys are ignored."""
     text = config.get("text_config") or config
@@ -134,6 +152,8 @@ def model_shape(config: dict[str, Any]) -> ModelShape:
     vision_params, vision_layer, vision_heads, image_tokens = _vision(
         config.get("vision_config") or {}, hidden
     )
+    if config.get("model_type") == "chatglm" and config.get("vision_config"):
+        vision_params += _glm4v_adapter(config)
     return ModelShape(
         model_type=config.get("model_type", "?"),
         hidden_size=hidden,

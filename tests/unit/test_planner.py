@@ -206,3 +206,36 @@ def test_planner_kv_pool_is_the_engine_rule_on_each_gpus_leftover() -> None:
     assert "KV pool" in render(plan) and f"{plan.kv_pool_tokens // spec.max_model_len} sequences" in render(
         plan
     )
+
+
+def test_planner_counts_glm4v_vision_tower_and_adapter() -> None:
+    """GLM-4V's vision side tensor by tensor as its checkpoint holds it (EVA2-CLIP tower, the 2x2
+    convolution, the GLU projector, boi/eoi): the planner's count is within 0.5 %."""
+    config = _config("glm-4v-9b")
+    vision, text, ffn = config["vision_config"], config["hidden_size"], config["ffn_hidden_size"]
+    width, inner, patch = vision["hidden_size"], vision["intermediate_size"], vision["patch_size"]
+    linear = lambda n_in, n_out, bias=True: n_in * n_out + (n_out if bias else 0)  # noqa: E731
+    layer = 2 * (2 * width) + linear(width, 3 * width) + linear(width, width)
+    layer += linear(width, inner) + linear(inner, width)
+    tensors = [
+        linear(vision["in_channels"] * patch * patch, width),  # patch embedding
+        width + vision["num_positions"] * width,  # cls, positions
+        vision["num_hidden_layers"] * layer,
+        linear(width * 4, text),  # 2x2 convolution into the text width
+        linear(text, text, False) + 2 * text + 2 * linear(text, ffn, False) + linear(ffn, text, False),
+        2 * text,  # boi, eoi
+    ]
+    exact = sum(tensors)
+    assert abs(model_shape(config).vision_params - exact) / exact < 0.005
+
+
+@pytest.mark.parametrize(
+    ("gpus", "memory_gb", "capability"),
+    [("2xRTX4090-24GB", 24, (8, 9)), ("RTX3090-24GB", 24, (8, 6)), ("A6000-48GB", 48, (8, 6)),
+     ("L40S-48GB", 48, (8, 9)), ("A10-24GB", 24, (8, 6))],
+)  # fmt: skip
+def test_planner_knows_consumer_and_workstation_gpus(gpus: str, memory_gb: int, capability: tuple) -> None:
+    _, kind = parse_gpus(gpus)
+    assert (kind.memory_bytes, kind.capability) == (memory_gb * 10**9, capability)
+    plan = plan_spec(load_spec("chatglm3-6b"), model_shape(_config("chatglm3-6b")), kind, num_gpus=1)
+    assert plan.min_gpus_layers == 1  # ChatGLM3-6B in bfloat16 fits one 24 GB card, as the guides run it
