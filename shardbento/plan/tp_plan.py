@@ -11,6 +11,8 @@ def tp_plan_available(config: dict[str, Any]) -> bool:
 
     try:
         if is_thudm(config):
+            if "vision_config" in config:
+                return False  # GLM-4V's image positions are kept by the batch runner, which TP ranks lack
             config = glm_config(config)  # what the native loader turns it into
         from transformers import AutoConfig
 

@@ -40,13 +40,16 @@ def loader_decision(config: dict[str, Any], kind: str, trust_remote_code: bool) 
     """The loader for a config.json; raises CheckpointError with the reason and the fix when none here
     can load it (before any weight is downloaded)."""
     if is_thudm(config):
-        if "vision_config" in config:
-            raise CheckpointError(
-                "a GLM-4V checkpoint (model_type chatglm with a vision_config): its EVA2-CLIP vision tower has "
-                "no native implementation in this engine yet and its remote code needs transformers 4.x; "
-                "serve it with engine: vllm (vLLM implements GLM-4V natively) or use a text GLM entry"
-            )
         glm_config(config)  # raises for a variant the native model cannot reproduce
+        if "vision_config" in config:
+            if kind != "vision":
+                raise CheckpointError("a GLM-4V checkpoint (it has a vision_config) needs kind: vision")
+            return LoaderDecision(
+                kind="chatglm-vision",
+                model_class="Glm4vForConditionalGeneration",
+                tokenizer=_tokenizer_note(config),
+                reason="THUDM layout: transformers' GLM and the package's EVA2-CLIP tower, no remote code",
+            )
         return LoaderDecision(
             kind="chatglm",
             model_class="GlmForCausalLM",
@@ -102,9 +105,11 @@ def glm_config(config: dict[str, Any]) -> dict[str, Any]:
     head_dim = config.get("kv_channels") or config["hidden_size"] // heads
     groups = config["multi_query_group_num"] if config.get("multi_query_attention") else heads
     eos = config.get("eos_token_id")
-    return {
-        "model_type": "glm",
-        "architectures": ["GlmForCausalLM"],
+    vision = _vision_fields(config)
+    model_type, architecture = native_model_type(config)
+    return vision | {
+        "model_type": model_type,
+        "architectures": [architecture],
         "vocab_size": config["padded_vocab_size"],
         "hidden_size": config["hidden_size"],
         "intermediate_size": config["ffn_hidden_size"],
@@ -130,6 +135,24 @@ def glm_config(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _vision_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """GLM-4V's extra fields for the package's model type (engine/hf/glm4v.py)."""
+    if "vision_config" not in config:
+        return {}
+    return {
+        "vision_config": config["vision_config"],
+        "boi_token_id": config.get("boi_token_id"),
+        "eoi_token_id": config.get("eoi_token_id"),
+    }
+
+
+def native_model_type(config: dict[str, Any]) -> tuple[str, str]:
+    """(model_type, architecture) of the converted checkpoint."""
+    if "vision_config" in config:
+        return "shardbento_glm4v", "Glm4vForConditionalGeneration"
+    return "glm", "GlmForCausalLM"
+
+
 def qkv_sizes(config: dict[str, Any]) -> tuple[int, int, int]:
     """Rows of q, k and v in the fused query_key_value weight."""
     native = glm_config(config)
@@ -150,6 +173,7 @@ _RENAMES = (
 )
 _QKV = re.compile(rf"^{_LAYER}self_attention\.query_key_value\.(weight|bias)$")
 DROPPED = re.compile(r"^transformer\.rotary_pos_emb\.inv_freq$")  # recomputed from the config
+_VISION = re.compile(r"^transformer\.vision\.")  # GLM-4V's tower: the package's module keeps its names
 
 
 def native_names(name: str) -> tuple[str, ...]:
@@ -157,6 +181,8 @@ def native_names(name: str) -> tuple[str, ...]:
     none for the rotary buffer; raises CheckpointError for a tensor the native model has no place for."""
     if DROPPED.match(name):
         return ()
+    if _VISION.match(name):
+        return (_VISION.sub("vision.", name),)
     fused = _QKV.match(name)
     if fused:
         layer, part = fused.groups()
@@ -174,9 +200,10 @@ _MAP_KEYS = (
     (re.compile(r"^transformer\.(?:encoder\.final_layernorm|final_layernorm)$"), "model.norm"),
     (re.compile(r"^(?:transformer\.output_layer|lm_head)$"), "lm_head"),
     (re.compile(r"^transformer\.rotary_pos_emb$"), "model.rotary_emb"),
+    (re.compile(r"^transformer\.vision$"), "vision"),
     (re.compile(r"^transformer(?:\.encoder)?$"), "model"),
 )
-_NATIVE_KEY = re.compile(r"^(?:model(?:\.(?:layers\.\d+|embed_tokens|norm|rotary_emb))?|lm_head)$")
+_NATIVE_KEY = re.compile(r"^(?:model(?:\.(?:layers\.\d+|embed_tokens|norm|rotary_emb))?|lm_head|vision)$")
 
 
 def translate_device_map(device_map: dict[str, Any], num_layers: int) -> dict[str, Any]:

@@ -49,8 +49,11 @@ _GLM4_TEMPLATE = (
     "\n在调用上述函数时，请使用 Json 格式表示调用的参数。{% endfor %}{% endif %}"
     "{% for message in messages %}"
     "{% set role = 'observation' if message['role'] == 'tool' else message['role'] %}"
-    "{% set content = message['content'] if message['content'] is string else '' %}"
-    "<|{{ role }}|>{{ message.get('metadata', '') }}\n{{ content }}{% endfor %}"
+    "<|{{ role }}|>{{ message.get('metadata', '') }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+    "<|begin_of_image|><|endoftext|><|end_of_image|>{% elif part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 

@@ -3,121 +3,19 @@ names and shapes, and tokenizer files as the hub repositories have them, from a 
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import io
 import json
-import random
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from shardbento.thudm.tokenizer import CHATGLM3_SPECIALS, GLM4_PATTERN, GLM4_SPECIALS, byte_alphabet
-from shardbento.tiny.tokenizer import corpus_lines
+from shardbento.thudm.tokenizer import CHATGLM3_SPECIALS, GLM4_SPECIALS
+from shardbento.tiny.thudm_tokenizer import bilingual_lines, write_sentencepiece, write_tiktoken
 
 FORMAT_VERSION = 1
 _INIT_STD = 0.02
 _VOCAB_PADDING = 64  # THUDM pads the vocabulary (65024, 151552); padded rows are never a real token
-
-_CHINESE_WORDS = [
-    "我们",
-    "你们",
-    "他们",
-    "今天",
-    "明天",
-    "昨天",
-    "时间",
-    "世界",
-    "中国",
-    "北京",
-    "上海",
-    "学生",
-    "老师",
-    "朋友",
-    "工作",
-    "学习",
-    "问题",
-    "模型",
-    "数据",
-    "计算",
-    "服务",
-    "请求",
-    "回答",
-    "语言",
-    "图片",
-    "文字",
-    "天气",
-    "城市",
-    "电脑",
-    "手机",
-    "音乐",
-    "电影",
-    "书",
-    "水",
-    "山",
-    "河",
-    "花",
-    "猫",
-    "狗",
-    "鱼",
-    "鸟",
-    "吃饭",
-    "喝茶",
-    "睡觉",
-    "跑步",
-    "喜欢",
-    "知道",
-    "认为",
-    "希望",
-    "需要",
-    "可以",
-    "应该",
-    "已经",
-    "非常",
-    "很",
-    "也",
-    "都",
-    "还",
-    "就",
-    "在",
-    "是",
-    "有",
-    "和",
-    "的",
-    "了",
-    "吗",
-    "呢",
-    "吧",
-    "不",
-    "没有",
-    "一个",
-    "两个",
-    "三个",
-    "大",
-    "小",
-    "多",
-    "少",
-    "好",
-    "新",
-    "快",
-    "慢",
-    "高",
-    "低",
-    "长",
-    "短",
-    "红色",
-    "蓝色",
-    "你好",
-    "谢谢",
-    "再见",
-    "请问",
-    "为什么",
-    "怎么样",
-    "什么",
-    "哪里",
-]
-_CHINESE_PUNCTUATION = ["。", "，", "！", "？", "；", "、"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,12 +34,29 @@ class ThudmRecipe:
     seq_length: int = 2048
     max_shard_size_bytes: int = 2_000_000
     seed: int = 0
+    vision: bool = False  # GLM-4V: an EVA2-CLIP tower under transformer.vision (sizes in _VISION)
 
 
 THUDM_RECIPES: dict[str, ThudmRecipe] = {
     "tiny-chatglm3": ThudmRecipe(flavor="chatglm3"),
     "tiny-glm4": ThudmRecipe(flavor="glm4"),
     "tiny-glm4-base": ThudmRecipe(flavor="glm4", chat=False),
+    "tiny-glm4v": ThudmRecipe(flavor="glm4", vision=True),
+}
+# GLM-4V's vision_config fields, tiny: 32 px images in 4 px patches (8 x 8), 4 x 4 after the convolution.
+_VISION = {
+    "dropout_prob": 0.0,
+    "hidden_act": "gelu",
+    "in_channels": 3,
+    "num_hidden_layers": 2,
+    "hidden_size": 64,
+    "patch_size": 4,
+    "num_heads": 2,
+    "intermediate_size": 128,
+    "layer_norm_eps": 1e-06,
+    "num_positions": 65,
+    "image_size": 32,
+    "scaling_factor": 8,
 }
 
 
@@ -153,25 +68,15 @@ def thudm_digest(recipe: ThudmRecipe) -> str:
     return hasher.hexdigest()[:10]
 
 
-def bilingual_lines(num_sentences: int = 1500) -> Iterator[str]:
-    """The tiny models' English corpus interleaved with seeded Chinese sentences and mixed lines."""
-    rng = random.Random(20240605)
-    yield " ".join(_CHINESE_WORDS)
-    for index, english in enumerate(corpus_lines(num_sentences)):
-        chinese = "".join(rng.choice(_CHINESE_WORDS) for _ in range(rng.randint(3, 9)))
-        yield chinese + rng.choice(_CHINESE_PUNCTUATION)
-        yield english if index % 3 else f"{english} {chinese}{rng.choice(_CHINESE_PUNCTUATION)}"
-
-
 def build_thudm(recipe: ThudmRecipe, out_dir: Path) -> None:
     """Write tokenizer.model, tokenizer_config.json, config.json and sharded safetensors into `out_dir`."""
     if recipe.flavor == "chatglm3":
-        base = _write_sentencepiece(recipe.vocab_size, out_dir / "tokenizer.model")
+        base = write_sentencepiece(recipe.vocab_size, out_dir / "tokenizer.model")
         specials = CHATGLM3_SPECIALS
         eos: int | list[int] = 2  # </s>; chatglm3-6b's config lists no role tag (its chat() adds them)
         pad = 0
     else:
-        base = _write_tiktoken(recipe.vocab_size, out_dir / "tokenizer.model")
+        base = write_tiktoken(recipe.vocab_size, out_dir / "tokenizer.model")
         specials = GLM4_SPECIALS
         ids = {token: base + index for index, token in enumerate(specials)}
         eos = (
@@ -183,6 +88,9 @@ def build_thudm(recipe: ThudmRecipe, out_dir: Path) -> None:
     num_words = base + len(specials)
     padded = -(-num_words // _VOCAB_PADDING) * _VOCAB_PADDING
     config = _config(recipe, padded, eos, pad)
+    if recipe.vision:
+        ids = {token: base + index for index, token in enumerate(specials)}
+        config.update(boi_token_id=ids["<|begin_of_image|>"], eoi_token_id=ids["<|end_of_image|>"])
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     (out_dir / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(recipe), indent=2))
     _write_weights(recipe, config, num_words, out_dir)
@@ -229,6 +137,8 @@ def _config(recipe: ThudmRecipe, padded_vocab: int, eos: int | list[int], pad: i
     }
     if recipe.flavor == "glm4":
         config["rope_ratio"] = 500  # GLM-4's rotary base is 10000 x 500
+    if recipe.vision:
+        config["vision_config"] = dict(_VISION)
     return config
 
 
@@ -250,60 +160,6 @@ def _tokenizer_config(recipe: ThudmRecipe) -> dict[str, Any]:
     return config
 
 
-def _write_sentencepiece(vocab_size: int, path: Path) -> int:
-    """A BPE SentencePiece model trained here with ChatGLM3's options (byte fallback, digits split, a
-    dummy prefix, no normalization); returns its number of pieces."""
-    import sentencepiece
-
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=bilingual_lines(),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type="bpe",
-        byte_fallback=True,
-        split_digits=True,
-        character_coverage=1.0,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        num_threads=1,
-        minloglevel=2,
-    )
-    path.write_bytes(model.getvalue())
-    return sentencepiece.SentencePieceProcessor(model_proto=model.getvalue()).vocab_size()
-
-
-def _write_tiktoken(vocab_size: int, path: Path) -> int:
-    """tiktoken ranks learned here as a byte-level BPE over GLM-4's split pattern: the 256 bytes first,
-    then each merge's token in the order learned; returns the number of ranks."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(GLM4_PATTERN), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    tokenizer.train_from_iterator(bilingual_lines(), trainer=trainer)
-    from_text = {char: byte for byte, char in byte_alphabet().items()}
-    ranks: dict[bytes, int] = {bytes([b]): b for b in range(256)}
-    for merge in json.loads(tokenizer.to_str())["model"]["merges"]:
-        left, right = merge if isinstance(merge, list) else merge.split(" ")
-        token = bytes(from_text[c] for c in left + right)
-        ranks.setdefault(token, len(ranks))
-    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
-    return len(ranks)
-
-
 def _tensor_shapes(recipe: ThudmRecipe, padded_vocab: int) -> Iterator[tuple[str, tuple[int, ...]]]:
     """THUDM's tensor names and shapes, in the checkpoint's order."""
     hidden, head = recipe.hidden_size, recipe.kv_channels
@@ -320,6 +176,41 @@ def _tensor_shapes(recipe: ThudmRecipe, padded_vocab: int) -> Iterator[tuple[str
         yield prefix + "mlp.dense_4h_to_h.weight", (hidden, recipe.ffn_hidden_size)
     yield "transformer.encoder.final_layernorm.weight", (hidden,)
     yield "transformer.output_layer.weight", (padded_vocab, hidden)
+    if recipe.vision:
+        yield from _vision_shapes(hidden, recipe.ffn_hidden_size)
+
+
+def _vision_shapes(text_hidden: int, ffn: int) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """GLM-4V's transformer.vision.* tensors: patch embedding, EVA2-CLIP layers, GLU, conv, boi/eoi."""
+    width, inner, patch = _VISION["hidden_size"], _VISION["intermediate_size"], _VISION["patch_size"]
+    prefix = "transformer.vision."
+    yield prefix + "patch_embedding.proj.weight", (width, _VISION["in_channels"], patch, patch)
+    yield prefix + "patch_embedding.proj.bias", (width,)
+    yield prefix + "patch_embedding.cls_embedding", (1, width)
+    yield prefix + "patch_embedding.position_embedding.weight", (_VISION["num_positions"], width)
+    for layer in range(_VISION["num_hidden_layers"]):
+        block = f"{prefix}transformer.layers.{layer}."
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            yield block + f"{norm}.weight", (width,)
+            yield block + f"{norm}.bias", (width,)
+        for name, rows, cols in (
+            ("attention.query_key_value", 3 * width, width),
+            ("attention.dense", width, width),
+            ("mlp.fc1", inner, width),
+            ("mlp.fc2", width, inner),
+        ):
+            yield block + f"{name}.weight", (rows, cols)
+            yield block + f"{name}.bias", (rows,)
+    yield prefix + "linear_proj.linear_proj.weight", (text_hidden, text_hidden)
+    yield prefix + "linear_proj.norm1.weight", (text_hidden,)
+    yield prefix + "linear_proj.norm1.bias", (text_hidden,)
+    yield prefix + "linear_proj.dense_h_to_4h.weight", (ffn, text_hidden)
+    yield prefix + "linear_proj.gate_proj.weight", (ffn, text_hidden)
+    yield prefix + "linear_proj.dense_4h_to_h.weight", (text_hidden, ffn)
+    yield prefix + "conv.weight", (text_hidden, width, 2, 2)
+    yield prefix + "conv.bias", (text_hidden,)
+    yield prefix + "boi", (1, 1, text_hidden)
+    yield prefix + "eoi", (1, 1, text_hidden)
 
 
 def _write_weights(recipe: ThudmRecipe, config: dict[str, Any], num_words: int, out_dir: Path) -> None:
@@ -332,7 +223,7 @@ def _write_weights(recipe: ThudmRecipe, config: dict[str, Any], num_words: int, 
     tensors: dict[str, torch.Tensor] = {}
     for name, shape in _tensor_shapes(recipe, config["padded_vocab_size"]):
         tensor = torch.randn(shape, generator=generator) * _INIT_STD
-        if name.endswith("layernorm.weight"):
+        if name.endswith(("layernorm.weight", "norm1.weight")):
             tensor += 1.0
         if name == "transformer.output_layer.weight":
             tensor[num_words:] = 0.0

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import httpx
 import pytest
 from reliability.scenarios import write_catalog
 from servers import Server, serve
+from test_openai_errors_vision import data_uri, image_message, png_bytes
 
 MESSAGES = [{"role": "user", "content": "你好, tell me about the sharded bento."}]
 
@@ -16,6 +18,12 @@ MESSAGES = [{"role": "user", "content": "你好, tell me about the sharded bento
 @pytest.fixture(scope="module")
 def chatglm3_server(log_dir: Path):
     with serve("tiny-chatglm3", log_dir, ready_timeout_s=300) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def glm4v_server(log_dir: Path):
+    with serve("tiny-glm4v", log_dir, ready_timeout_s=300) as server:
         yield server
 
 
@@ -71,3 +79,24 @@ def test_thudm_models_tensor_parallel_tokens_equal_one_process(
         assert sharded["choices"][0]["text"] == single["choices"][0]["text"]
     card = httpx.post(f"{chatglm3_tp_server.url}/models", json={}, timeout=10).json()
     assert card["parallel"] == "tensor x2"
+
+
+def test_thudm_models_glm4v_images_batch_with_text_through_v1(glm4v_server: Server) -> None:
+    """Image and text chats sent together get the answers each gets alone (the image prompts prefill
+    alone, then decode in the batch with the text ones)."""
+    bodies = [
+        {"messages": image_message(data_uri(png_bytes(seed=seed)), text="What is it?"), "max_tokens": 10}
+        for seed in (1, 2)
+    ] + [{"messages": MESSAGES, "max_tokens": 10}]
+    bodies = [{**body, "model": "tiny-glm4v", "temperature": 0} for body in bodies]
+
+    async def together() -> list[dict]:
+        async with httpx.AsyncClient(base_url=glm4v_server.url, timeout=120) as client:
+            replies = await asyncio.gather(*(client.post("/v1/chat/completions", json=b) for b in bodies))
+        return [reply.json() for reply in replies]
+
+    batched = asyncio.run(together())
+    alone = [post(glm4v_server, "/v1/chat/completions", body) for body in bodies]
+    texts = [[r["choices"][0]["message"]["content"] for r in replies] for replies in (batched, alone)]
+    assert texts[0] == texts[1]
+    assert alone[0]["usage"]["prompt_tokens"] > alone[2]["usage"]["prompt_tokens"]  # the image's positions

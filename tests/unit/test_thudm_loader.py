@@ -36,12 +36,16 @@ def thudm_tensors(source: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def chatglm_logits(source: Path, ids: list[int]) -> torch.Tensor:
+def chatglm_logits(
+    source: Path, ids: list[int], embeds: torch.Tensor | None = None, positions: torch.Tensor | None = None
+) -> torch.Tensor:
     """ChatGLM's forward from its config and tensor names: RMSNorm, fused qkv with bias, multi-query
     groups, rotary on the first half of each head with interleaved pairs (base 10000 x rope_ratio),
-    SwiGLU over the chunked dense_h_to_4h, the separate output layer."""
+    SwiGLU over the chunked dense_h_to_4h, the separate output layer. `embeds` and `positions` replace
+    the token embeddings and 0..n-1 (GLM-4V's image splice)."""
     config = json.loads((source / "config.json").read_text())
     w = thudm_tensors(source)
+    length = len(ids) if embeds is None else embeds.shape[0]
     heads, groups, dim = config["num_attention_heads"], config["multi_query_group_num"], config["kv_channels"]
     eps = config["layernorm_epsilon"]
 
@@ -50,7 +54,8 @@ def chatglm_logits(source: Path, ids: list[int]) -> torch.Tensor:
 
     rot = dim // 2
     base = 10000.0 * config.get("rope_ratio", 1)
-    angles = torch.arange(len(ids))[:, None].float() / base ** (torch.arange(0, rot, 2).float() / rot)
+    where = torch.arange(length) if positions is None else positions
+    angles = where[:, None].float() / base ** (torch.arange(0, rot, 2).float() / rot)
     cos, sin = angles.cos(), angles.sin()
 
     def rope(x: torch.Tensor) -> torch.Tensor:  # [n, heads, dim]
@@ -60,8 +65,8 @@ def chatglm_logits(source: Path, ids: list[int]) -> torch.Tensor:
         turned = torch.stack([x0 * c - x1 * s, x1 * c + x0 * s], dim=-1).flatten(-2)
         return torch.cat([turned, x[..., rot:]], dim=-1)
 
-    h = w["transformer.embedding.word_embeddings.weight"][ids]
-    mask = torch.full((len(ids), len(ids)), float("-inf")).triu(1)
+    h = w["transformer.embedding.word_embeddings.weight"][ids] if embeds is None else embeds
+    mask = torch.full((length, length), float("-inf")).triu(1)
     for layer in range(config["num_layers"]):
         p = f"transformer.encoder.layers.{layer}."
         x = norm(h, w[p + "input_layernorm.weight"])
@@ -74,7 +79,7 @@ def chatglm_logits(source: Path, ids: list[int]) -> torch.Tensor:
         k = k.repeat_interleave(heads // groups, dim=1)
         v = v.view(-1, groups, dim).repeat_interleave(heads // groups, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q, k) / dim**0.5 + mask
-        attended = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(len(ids), -1)
+        attended = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(length, -1)
         h = h + attended @ w[p + "self_attention.dense.weight"].T
         x = norm(h, w[p + "post_attention_layernorm.weight"])
         gate, up = (x @ w[p + "mlp.dense_h_to_4h.weight"].T).chunk(2, dim=-1)
@@ -152,14 +157,14 @@ def test_thudm_loader_preflight_refuses_an_unknown_device_map_key() -> None:
         run_preflight(spec)
 
 
-@pytest.mark.parametrize("name", ["chatglm3-6b", "glm-4-9b-chat", "glm-4-9b"])
+@pytest.mark.parametrize("name", ["chatglm3-6b", "glm-4-9b-chat", "glm-4-9b", "glm-4v-9b"])
 def test_thudm_loader_hub_entries_decide_offline_from_their_config(name: str) -> None:
     spec = load_spec(name)
     config = load_config(config_path(spec))
     decision = loader_decision(config, spec.kind, spec.trust_remote_code)
-    assert (decision.kind, decision.model_class) == ("chatglm", "GlmForCausalLM")
+    assert decision.model_class in ("GlmForCausalLM", "Glm4vForConditionalGeneration")
     assert not spec.trust_remote_code
-    assert tp_plan_available(config)  # the native GLM's plan: tensor parallelism works for them
+    assert tp_plan_available(config) == (spec.kind == "text")  # text GLMs shard with GLM's TP plan
     out = subprocess.run(
         [sys.executable, "-m", "shardbento", "plan", name],
         capture_output=True,
@@ -167,12 +172,16 @@ def test_thudm_loader_hub_entries_decide_offline_from_their_config(name: str) ->
         check=True,
         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
     ).stdout
-    assert "loader: GlmForCausalLM" in out and "converted to a fast tokenizer" in out
+    assert f"loader: {decision.model_class}" in out and "converted to a fast tokenizer" in out
 
 
-def test_thudm_loader_glm4v_and_untrusted_remote_code_fail_before_any_download() -> None:
-    with pytest.raises(PlanError, match="engine: vllm"):
-        run_preflight(load_spec("glm-4v-9b").model_copy(update={"engine": "transformers"}))
+def test_thudm_loader_glm4v_loads_natively_and_untrusted_remote_code_fails_early() -> None:
+    spec = load_spec("glm-4v-9b")
+    decision = loader_decision(load_config(config_path(spec)), spec.kind, spec.trust_remote_code)
+    assert (decision.kind, decision.model_class) == ("chatglm-vision", "Glm4vForConditionalGeneration")
+    tp = load_spec("tiny-glm4v").model_copy(update={"gpus": 2, "device": "cpu", "parallel": "tensor"})
+    with pytest.raises(PlanError, match="set parallel: layers"):
+        run_preflight(tp)
     remote = {
         "model_type": "internlm2",
         "architectures": ["InternLM2ForCausalLM"],

@@ -20,7 +20,7 @@ from shardbento.thudm.tokenizer import (
     read_tiktoken,
 )
 from shardbento.tiny.models import ensure_generated
-from shardbento.tiny.thudm import bilingual_lines
+from shardbento.tiny.thudm_tokenizer import bilingual_lines
 
 sentencepiece = pytest.importorskip("sentencepiece")
 tiktoken = pytest.importorskip("tiktoken")

@@ -247,5 +247,5 @@ def test_ensure_generated_concurrent_processes_generate_once(tmp_path: Path) -> 
     results = [worker.communicate(timeout=120) for worker in workers]
     assert [worker.returncode for worker in workers] == [0, 0], results
     assert len({stdout for stdout, _ in results}) == 1
-    assert sum(stderr.count(b"Generating tiny model") for _, stderr in results) == 1
+    assert sum(stderr.count(b"Building tiny model") for _, stderr in results) == 1
     assert _leftovers(tmp_path) == []

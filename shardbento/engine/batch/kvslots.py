@@ -36,6 +36,9 @@ class SlotKVCache:
         self._keys: dict[int, torch.Tensor] = {}
         self._values: dict[int, torch.Tensor] = {}
         self.lengths = [0] * num_slots
+        # Where a slot's next position is, relative to its length: negative after a GLM-4V image, whose
+        # patches share one position (rotary positions are not the cache index there).
+        self.position_offsets = [0] * num_slots
         self.prefix_blocks = 0  # cached prefix blocks, kept at the tail of the same storage
         self._num_rows = 0
         self._starts: torch.Tensor | None = None
@@ -102,9 +105,11 @@ class SlotKVCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._kv_len
 
-    def load(self, slot: int, prefill_cache: Any, row: int = 0, offset: int = 0) -> None:
+    def load(
+        self, slot: int, prefill_cache: Any, row: int = 0, offset: int = 0, position_offset: int = 0
+    ) -> None:
         """Copy row `row` of a finished prefill (a transformers cache) into `slot`, skipping `offset`
-        left-padding positions."""
+        left-padding positions; `position_offset` is the model's own (GLM-4V's image positions)."""
         length = prefill_cache.get_seq_length() - offset
         if length > self.width:
             self.fit(max(slot + 1, self._live_rows()), length)
@@ -113,6 +118,7 @@ class SlotKVCache:
             keys[slot, :, :length] = layer.keys[row, :, offset:]
             values[slot, :, :length] = layer.values[row, :, offset:]
         self.lengths[slot] = length
+        self.position_offsets[slot] = position_offset
 
     def copy(self, source: int, target: int) -> None:
         """Give `target` the sequence held in `source` (both keep it)."""
@@ -121,14 +127,20 @@ class SlotKVCache:
             self._keys[layer_idx][target, :, :length] = self._keys[layer_idx][source, :, :length]
             self._values[layer_idx][target, :, :length] = self._values[layer_idx][source, :, :length]
         self.lengths[target] = length
+        self.position_offsets[target] = self.position_offsets[source]
 
     def move(self, source: int, target: int) -> None:
         """Put the sequence in `source` into `target` (freeing `source`)."""
         self.copy(source, target)
-        self.lengths[source] = 0
+        self.free(source)
 
     def free(self, slot: int) -> None:
         self.lengths[slot] = 0
+        self.position_offsets[slot] = 0
+
+    def positions(self, num_rows: int) -> list[int]:
+        """Each of the first `num_rows` slots' next rotary position."""
+        return [n + d for n, d in zip(self.lengths[:num_rows], self.position_offsets[:num_rows], strict=True)]
 
     def advance(self, num_rows: int) -> None:
         for slot in range(num_rows):

@@ -86,7 +86,7 @@ class ModelRunner:
         mask = torch.arange(kv_len, device=self._device)[None, :] <= starts[:, None]
         out = self.model(
             input_ids=torch.tensor(token_ids, device=self._device)[:, None],
-            position_ids=starts[:, None],
+            position_ids=torch.tensor(self.kv.positions(num_rows), device=self._device)[:, None],
             attention_mask=self._attention_mask(mask)[:, None, None, :],
             past_key_values=self.kv,
             use_cache=True,
@@ -228,7 +228,7 @@ class ModelRunner:
             self._partial[chunk.seq_id] = cache
         else:
             self._partial.pop(chunk.seq_id, None)
-            self.kv.load(chunk.slot, cache)
+            self.kv.load(chunk.slot, cache, position_offset=int(getattr(out, "position_delta", None) or 0))
             self._copy(chunk)
         return out.logits[0, -1]
 

@@ -84,7 +84,9 @@ class _StopWhenDone:
 # Vision architectures whose decode after an image prefill is plain text decoding (one position per
 # token, no cross-attention state), so image requests can join the continuous batch. Others (Mllama's
 # cross-attention, Qwen2-VL's multimodal rotary positions) keep the one-at-a-time generate() path.
-BATCHED_VISION_TYPES = frozenset({"llava"})
+# GLM-4V's image positions share one rotary position: its prefill reports the offset and the KV slot
+# keeps it (kvslots.position_offsets), so its decode batches too.
+BATCHED_VISION_TYPES = frozenset({"llava", "shardbento_glm4v"})
 
 
 class HFEngine(PreprocessorPrompts):

@@ -44,6 +44,8 @@ class LoadedModel:
 def _model_class(kind: str) -> Any:
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    import shardbento.engine.hf.glm4v  # noqa: F401 - registers GLM-4V's converted model type
+
     return AutoModelForImageTextToText if kind == "vision" else AutoModelForCausalLM
 
 

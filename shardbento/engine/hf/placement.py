@@ -20,6 +20,8 @@ def meta_model(spec: ModelSpec, model_path: str, dtype: torch.dtype) -> Any:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
+    import shardbento.engine.hf.glm4v  # noqa: F401 - registers GLM-4V's converted model type
+
     common = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
     config = AutoConfig.from_pretrained(model_path, **common)
     auto_class = AutoModelForImageTextToText if spec.kind == "vision" else AutoModelForCausalLM

@@ -160,11 +160,19 @@ def load_preprocessor(
     are read from `path` unless the caller has them (a loaded model does)."""
     from transformers import AutoConfig, GenerationConfig
 
+    import shardbento.engine.hf.glm4v as glm4v  # registers GLM-4V's converted model type
+
     common = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
-    preprocessor = preprocessor_class(spec.kind).from_pretrained(path, **common)
-    tokenizer = getattr(preprocessor, "tokenizer", preprocessor)
     if config is None:
         config = AutoConfig.from_pretrained(path, **common)
+    if getattr(config, "model_type", None) == glm4v.MODEL_TYPE:
+        from transformers import AutoTokenizer
+
+        preprocessor = glm4v.Glm4vProcessor(AutoTokenizer.from_pretrained(path), config.vision_config)
+    else:
+        preprocessor = preprocessor_class(spec.kind).from_pretrained(path, **common)
+    tokenizer = getattr(preprocessor, "tokenizer", preprocessor)
+    if generation_config is None:
         try:
             generation_config = GenerationConfig.from_pretrained(path, **common)
         except OSError:  # no generation_config.json: the model config's EOS ids are the ones
