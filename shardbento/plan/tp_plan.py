@@ -10,10 +10,9 @@ def tp_plan_available(config: dict[str, Any]) -> bool:
     from shardbento.thudm.layout import CheckpointError, glm_config, is_thudm
 
     try:
-        if is_thudm(config):
-            if "vision_config" in config:
-                return False  # GLM-4V's image positions are kept by the batch runner, which TP ranks lack
-            config = glm_config(config)  # what the native loader turns it into
+        if is_thudm(config):  # what the native loader makes of it; GLM-4V shards its GLM, not its tower
+            vision = ("vision_config", "boi_token_id", "eoi_token_id")
+            config = {k: v for k, v in glm_config(config).items() if k not in vision} | {"model_type": "glm"}
         from transformers import AutoConfig
 
         fields = {k: v for k, v in config.items() if not k.startswith("_") and k != "auto_map"}

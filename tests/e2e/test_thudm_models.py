@@ -28,6 +28,18 @@ def glm4v_server(log_dir: Path):
 
 
 @pytest.fixture(scope="module")
+def glm4v_tp_server(log_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    fields = {"gpus": 2, "device": "cpu", "parallel": "tensor"}
+    catalog = write_catalog(
+        tmp_path_factory.mktemp("glm4v-tp"), "tiny-glm4v-tp2", base="tiny-glm4v", **fields
+    )
+    with serve(
+        "tiny-glm4v-tp2", log_dir, env={"SHARDBENTO_CATALOG": str(catalog)}, ready_timeout_s=300
+    ) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
 def chatglm3_tp_server(log_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     catalog = write_catalog(
         tmp_path_factory.mktemp("thudm-tp"),
@@ -100,3 +112,14 @@ def test_thudm_models_glm4v_images_batch_with_text_through_v1(glm4v_server: Serv
     texts = [[r["choices"][0]["message"]["content"] for r in replies] for replies in (batched, alone)]
     assert texts[0] == texts[1]
     assert alone[0]["usage"]["prompt_tokens"] > alone[2]["usage"]["prompt_tokens"]  # the image's positions
+
+
+def test_thudm_models_glm4v_tensor_parallel_answers_equal_one_process(
+    glm4v_server: Server, glm4v_tp_server: Server
+) -> None:
+    body = {"messages": image_message(data_uri(png_bytes(seed=4)), text="What is it?"), "max_tokens": 10}
+    body |= {"temperature": 0}
+    single = post(glm4v_server, "/v1/chat/completions", {**body, "model": "tiny-glm4v"})
+    sharded = post(glm4v_tp_server, "/v1/chat/completions", {**body, "model": "tiny-glm4v-tp2"})
+    assert sharded["choices"][0]["message"]["content"] == single["choices"][0]["message"]["content"]
+    assert sharded["usage"] == single["usage"]

@@ -153,3 +153,30 @@ def test_thudm_vision_preprocessing_resizes_bicubic_and_normalises_as_clip(engin
         tokens[boi - 2 : boi] == ["<|user|>", "Ċ"]
         and eoi - boi - 1 == engine._prompts.processor.num_image_tokens
     )
+
+
+def test_thudm_vision_guide_style_offload_map_gives_the_same_tokens(engine: HFEngine) -> None:
+    guide = {
+        "transformer.embedding": "cpu",
+        "transformer.vision": "cpu",
+        "transformer.h.0": "disk",
+        "transformer.h.1": "cpu",
+        "transformer.encoder.final_layernorm": "cpu",
+        "transformer.output_layer": "cpu",
+    }
+    prompt = engine.render_chat([ChatMessage(role="user", text="Describe it.", images=(picture(7),))])
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    expected = stream(engine, [prompt], params)
+    split = HFEngine.load(load_spec("tiny-glm4v").model_copy(update={"device_map": guide}))
+    try:
+        assert split.info.parallel == "layers"
+        assert (
+            stream(
+                split,
+                [split.render_chat([ChatMessage(role="user", text="Describe it.", images=(picture(7),))])],
+                params,
+            )
+            == expected
+        )
+    finally:
+        split.close()

@@ -163,10 +163,20 @@ class Glm4vForConditionalGeneration(GlmForCausalLM):
         self.post_init()
 
     def forward(
-        self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None, **kwargs: Any
-    ):
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        common = {"attention_mask": attention_mask, "past_key_values": past_key_values, **kwargs}
         if pixel_values is None or input_ids is None:
-            return super().forward(input_ids=input_ids, **kwargs)
+            return super().forward(
+                input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds, **common
+            )
         embeds = self.get_input_embeddings()(input_ids)
         features = self.vision(pixel_values.to(self.vision.conv.weight.dtype)).to(embeds.dtype)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).repeat(input_ids.shape[0], 1)
@@ -181,10 +191,30 @@ class Glm4vForConditionalGeneration(GlmForCausalLM):
                 positions[row, start + 1 : start + span - 1] = positions[row, start + 1]
                 positions[row, start + span - 1 :] -= span - 3
             delta = -(span - 3) * len(starts)
-        kwargs.pop("position_ids", None)
-        kwargs.pop("inputs_embeds", None)
-        out = super().forward(inputs_embeds=embeds, position_ids=positions, **kwargs)
+        out = super().forward(inputs_embeds=embeds, position_ids=positions, **common)
         return Glm4vOutput(logits=out.logits, past_key_values=out.past_key_values, position_delta=delta)
+
+    def position_deltas(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Per row, how far rotary positions trail the cache index after the prompt's images."""
+        span = image_tokens(dict(self.config.vision_config or {})) + 2
+        return -(span - 3) * (input_ids == self.config.boi_token_id).sum(dim=-1)
+
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.Tensor, *args: Any, is_first_iteration: bool | None = False, **kwargs: Any
+    ) -> dict[str, Any]:
+        """generate() after the prefill: no pixels again, and positions that trail the cache index by
+        the images' shared positions (what the batch runner keeps per KV slot)."""
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, *args, is_first_iteration=is_first_iteration, **kwargs
+        )
+        cache = inputs.get("past_key_values")
+        if is_first_iteration or cache is None or cache.get_seq_length() == 0:
+            return inputs
+        inputs.pop("pixel_values", None)
+        past, steps = cache.get_seq_length(), inputs["input_ids"].shape[1]
+        where = torch.arange(past, past + steps, device=input_ids.device)[None]
+        inputs["position_ids"] = where + self.position_deltas(input_ids).to(where.device)[:, None]
+        return inputs
 
 
 AutoConfig.register(MODEL_TYPE, Glm4vNativeConfig)

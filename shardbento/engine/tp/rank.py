@@ -111,6 +111,8 @@ def _join_and_load(config: RankConfig) -> Any:
     dist.init_process_group(backend=backend, rank=config.rank, world_size=config.world_size)
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, DistributedConfig
 
+    import shardbento.engine.hf.glm4v  # noqa: F401 - registers GLM-4V's converted model type
+
     model_class = AutoModelForImageTextToText if config.kind == "vision" else AutoModelForCausalLM
     model = model_class.from_pretrained(
         config.model_path,
