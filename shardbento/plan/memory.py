@@ -14,9 +14,11 @@ DTYPE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0}
 # Bytes per weight of a quantized linear layer; embeddings, norms and lm_head keep the dtype.
 QUANT_BYTES = {"none": None, "int8": 1.0, "int4": 0.5, "fp8": 1.0}
 # The headroom, defined here only: what planning, preflight and placement keep free beside weights + KV.
-ACTIVATION_FRACTION = 0.10  # activations and allocator slack, over weights + KV cache
+ACTIVATION_FRACTION = 0.10  # activations and allocator slack, over the weights (as the engine's warm-up sees)
 CUDA_CONTEXT_BYTES = 1 * GIB  # per GPU: CUDA context, cuBLAS workspaces, NCCL buffers
-CONCURRENT_SEQUENCES = 4
+# A deployment works when its KV pool (kv_pool_tokens below) holds one sequence at full context, as
+# vLLM requires; more room is more concurrency, which the plan prints.
+MIN_POOL_SEQUENCES = 1
 
 # name: (memory in bytes as sold, compute capability)
 GPU_KINDS: dict[str, tuple[int, tuple[int, int]]] = {
@@ -238,7 +240,7 @@ def budget(
     dtype: str,
     quantization: str = "none",
     max_model_len: int,
-    num_seqs: int = CONCURRENT_SEQUENCES,
+    num_seqs: int = MIN_POOL_SEQUENCES,
     max_images: int = 1,
 ) -> Budget:
     layer_b, embed_b = weight_bytes_per_param(dtype, quantization)
@@ -257,14 +259,21 @@ def budget(
         kv_bytes_per_token=per_token,
         kv_bytes_per_image=per_image,
         kv_bytes=kv,
-        activation_bytes=int(ACTIVATION_FRACTION * (weights + kv)),
+        activation_bytes=int(ACTIVATION_FRACTION * weights),
         max_model_len=max_model_len,
         num_seqs=num_seqs,
     )
 
 
-def fits(need: Budget, num_gpus: int, gpu: GpuKind) -> bool:
-    return need.needed_bytes(num_gpus) <= num_gpus * gpu.memory_bytes
+def usable_bytes(num_gpus: int, gpu: GpuKind, utilization: float) -> int:
+    """What the engine may fill on `num_gpus` GPUs: their memory x limits.gpu_memory_utilization."""
+    return int(num_gpus * gpu.memory_bytes * utilization)
+
+
+def fits(need: Budget, num_gpus: int, gpu: GpuKind, utilization: float = 0.9) -> bool:
+    """The pool rule on an even split: what is usable less weights, activations and CUDA contexts
+    leaves KV for `need.num_seqs` sequences at full context (kv_pool_tokens >= that)."""
+    return need.needed_bytes(num_gpus) <= usable_bytes(num_gpus, gpu, utilization)
 
 
 def tp_divides(shape: ModelShape, size: int) -> str | None:
@@ -277,10 +286,12 @@ def tp_divides(shape: ModelShape, size: int) -> str | None:
     return None
 
 
-def min_gpus(need: Budget, gpu: GpuKind, shape: ModelShape, mode: Mode, limit: int = 64) -> int | None:
+def min_gpus(
+    need: Budget, gpu: GpuKind, shape: ModelShape, mode: Mode, utilization: float = 0.9, limit: int = 64
+) -> int | None:
     """The fewest GPUs of this kind that hold the budget in `mode`, or None above `limit`."""
     for n in range(1, limit + 1):
-        if fits(need, n, gpu) and (mode == "layers" or tp_divides(shape, n) is None):
+        if fits(need, n, gpu, utilization) and (mode == "layers" or tp_divides(shape, n) is None):
             return n
     return None
 

@@ -24,6 +24,7 @@ from shardbento.plan.memory import (
     kv_pool_tokens,
     min_gpus,
     tp_divides,
+    usable_bytes,
 )
 from shardbento.plan.split import GpuShare, balanced_split
 
@@ -50,6 +51,7 @@ class Plan:
     notes: tuple[str, ...] = ()
     kv_pool_tokens: int | None = None  # the pool the transformers engine allocates, by the same rule
     kv_pool_source: str = ""
+    gpu_memory_utilization: float = 0.9  # the spec's limit: what fits and the pool are measured against
 
     @property
     def num_gpus(self) -> int:
@@ -134,12 +136,15 @@ def plan_spec(
         max_images=spec.max_images if spec.kind == "vision" else 0,
     )
     count = num_gpus or max(spec.gpus, 1)
-    lowest_layers = min_gpus(need, gpu, shape, "layers")
-    lowest_tensor = min_gpus(need, gpu, shape, "tensor") if tp_capable else None
+    utilization = spec.limits.gpu_memory_utilization
+    lowest_layers = min_gpus(need, gpu, shape, "layers", utilization)
+    lowest_tensor = min_gpus(need, gpu, shape, "tensor", utilization) if tp_capable else None
     mode, reason = choose_mode(spec.parallel, count, shape, tp_capable)
-    if check and not fits(need, count, gpu):
-        raise PlanError(_memory_message(spec.name, need, count, gpu, lowest_layers, lowest_tensor, shape))
-    shares = tuple(balanced_split(need, shape, gpu, count)) if mode == "layers" else ()
+    if check and not fits(need, count, gpu, utilization):
+        raise PlanError(
+            _memory_message(spec.name, need, count, gpu, utilization, (lowest_layers, lowest_tensor), shape)
+        )
+    shares = tuple(balanced_split(need, shape, gpu, count, utilization)) if mode == "layers" else ()
     pool, source = _pool(spec, need, shape, gpu, count, shares, context)
     return Plan(
         model=spec.name,
@@ -157,6 +162,7 @@ def plan_spec(
         notes=notes,
         kv_pool_tokens=pool,
         kv_pool_source=source,
+        gpu_memory_utilization=utilization,
     )
 
 
@@ -201,10 +207,11 @@ def _memory_message(
     need: Budget,
     count: int,
     gpu: GpuKind,
-    layers: int | None,
-    tensor: int | None,
+    utilization: float,
+    lowest: tuple[int | None, int | None],
     shape: ModelShape,
 ) -> str:
+    layers, tensor = lowest
     fixes = []
     if layers:
         fixes.append(
@@ -218,14 +225,15 @@ def _memory_message(
             max_model_len=need.max_model_len,
             num_seqs=need.num_seqs,
         )
-        if fits(smaller, count, gpu):
+        if fits(smaller, count, gpu, utilization):
             fixes.append("use a 4-bit quantization")
     fixes.append("lower max_model_len" if need.kv_bytes > need.weight_bytes // 4 else "use larger GPUs")
     return (
         f"model {name!r} needs {need.needed_bytes(count) / GIB:.0f} GiB in {need.dtype} "
         f"({need.weight_bytes / GIB:.0f} GiB weights + {need.kv_bytes / GIB:.1f} GiB KV cache for "
         f"{need.num_seqs} x {need.max_model_len} tokens + {need.activation_bytes / GIB:.0f} GiB activations + "
-        f"{count} GiB CUDA context); {count} x {gpu.name} declared ({count * gpu.memory_bytes / GIB:.0f} GiB): "
+        f"{count} GiB CUDA context); {count} x {gpu.name} declared "
+        f"({usable_bytes(count, gpu, utilization) / GIB:.0f} GiB at gpu_memory_utilization {utilization:g}): "
         + " or ".join(fixes)
     )
 
@@ -245,7 +253,7 @@ def render(plan: Plan) -> str:
         + (f", {need.quantization}" if need.quantization != "none" else ""),
         f"weights    {need.weight_bytes / GIB:8.1f} GiB",
         f"KV cache   {need.kv_bytes / GIB:8.1f} GiB  ({need.kv_bytes_per_token / 1024:.0f} KiB/token x "
-        f"{need.max_model_len} tokens x {need.num_seqs} sequences"
+        f"{need.max_model_len} tokens: the least the KV pool must hold"
         + (
             f" + {need.kv_bytes_per_image / GIB:.2f} GiB/image cross-attention)"
             if need.kv_bytes_per_image
@@ -256,7 +264,7 @@ def render(plan: Plan) -> str:
         f"GiB in all ({plan.kv_pool_source}): {(plan.kv_pool_tokens or 0) // need.max_model_len} sequences "
         f"at the full {need.max_model_len} tokens",
         f"total      {need.needed_bytes(plan.num_gpus) / GIB:8.1f} GiB on {plan.num_gpus} x {plan.gpu.name} "
-        f"({plan.num_gpus * plan.gpu.memory_bytes / GIB:.0f} GiB)",
+        f"({usable_bytes(plan.num_gpus, plan.gpu, plan.gpu_memory_utilization) / GIB:.0f} GiB usable)",
         f"min GPUs   layers: {plan.min_gpus_layers or '-'}, tensor: {plan.min_gpus_tensor or '-'}",
         f"mode       {plan.mode} ({plan.reason})",
         "",

@@ -75,11 +75,18 @@ def _share(gpu: int, blocks: list[tuple[str, int]]) -> GpuShare:
     )
 
 
-def balanced_split(need: Budget, shape: ModelShape, gpu: GpuKind, count: int) -> list[GpuShare]:
+def balanced_split(
+    need: Budget, shape: ModelShape, gpu: GpuKind, count: int, utilization: float = 0.9
+) -> list[GpuShare]:
     """Like accelerate's get_balanced_memory: cap every GPU but the last near an even share of weights,
-    after the per-GPU headroom (CUDA context, its share of KV cache and activations)."""
+    within gpu_memory_utilization and after the per-GPU headroom (CUDA context, its share of the least
+    KV the pool must hold and of the activations), so every GPU keeps room for its part of the pool."""
     blocks = layer_blocks(shape, need.dtype, need.quantization)
-    usable = gpu.memory_bytes - CUDA_CONTEXT_BYTES - (need.kv_bytes + need.activation_bytes) // count
+    usable = (
+        int(gpu.memory_bytes * utilization)
+        - CUDA_CONTEXT_BYTES
+        - (need.kv_bytes + need.activation_bytes) // count
+    )
     even = sum(size for _, size in blocks) // count + max(size for _, size in blocks)
     return split_layers(blocks, [min(usable, even)] * (count - 1) + [usable])
 

@@ -28,12 +28,14 @@ def test_placement_manual_map_wins() -> None:
 
 
 def _two_gpu_plan(name: str):
-    """The model's plan on two GPUs that each hold only 90% of its weights beside their headroom."""
+    """The model's plan on two GPUs that each hold only 90% of its weights beside their headroom
+    (within gpu_memory_utilization)."""
     spec = load_spec(name).model_copy(update={"gpus": 2, "parallel": "layers"})
     shape = model_shape(json.loads(config_path(spec).read_text()))
     roomy = plan_spec(spec, shape, GpuKind("big", 1000 * GIB, (9, 0)), dtype="float32", max_model_len=256)
     need = roomy.budget
-    memory = CUDA_CONTEXT_BYTES + (need.kv_bytes + need.activation_bytes) // 2 + int(0.9 * need.weight_bytes)
+    held = CUDA_CONTEXT_BYTES + (need.kv_bytes + need.activation_bytes) // 2 + int(0.9 * need.weight_bytes)
+    memory = int(held / spec.limits.gpu_memory_utilization)  # what the engine may fill of each GPU
     plan = plan_spec(spec, shape, GpuKind("small", memory, (9, 0)), dtype="float32", max_model_len=256)
     return spec, resolve_source(spec), plan
 

@@ -239,3 +239,22 @@ def test_planner_knows_consumer_and_workstation_gpus(gpus: str, memory_gb: int, 
     assert (kind.memory_bytes, kind.capability) == (memory_gb * 10**9, capability)
     plan = plan_spec(load_spec("chatglm3-6b"), model_shape(_config("chatglm3-6b")), kind, num_gpus=1)
     assert plan.min_gpus_layers == 1  # ChatGLM3-6B in bfloat16 fits one 24 GB card, as the guides run it
+
+
+@pytest.mark.parametrize(
+    ("name", "gpus"),
+    [("llama-3.1-70b-instruct", "A100-80GB"), ("llama-3.2-90b-vision-instruct", "H100-80GB"),
+     ("glm-4v-9b", "A10G-24GB"), ("llama-3.1-8b-instruct", "T4-16GB")],
+)  # fmt: skip
+def test_planner_min_gpus_is_where_the_pool_first_holds_a_full_context(name: str, gpus: str) -> None:
+    """One rule: at the minimum the KV pool the engine would allocate holds one max_model_len sequence
+    in every mode's layout, and one GPU fewer is refused at startup."""
+    spec = load_spec(name).model_copy(update={"parallel": "layers"})
+    shape, (_, kind) = model_shape(_config(name)), parse_gpus(gpus)
+    lowest = plan_spec(spec, shape, kind, num_gpus=1, check=False).min_gpus_layers
+    assert lowest is not None
+    plan = plan_spec(spec, shape, kind, num_gpus=lowest)
+    assert plan.kv_pool_tokens >= spec.max_model_len
+    if lowest > 1:
+        with pytest.raises(PlanError, match=f"set gpus: {lowest}"):
+            plan_spec(spec, shape, kind, num_gpus=lowest - 1)
