@@ -24,8 +24,16 @@ def local_checkpoint(source: str, revision: str | None) -> Path:
     if Path(source).is_dir():
         return Path(source)
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    return Path(snapshot_download(source, revision=revision, allow_patterns=_FILES))
+    try:
+        return Path(snapshot_download(source, revision=revision, allow_patterns=_FILES))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        raise CheckpointError(
+            f"cannot fetch {source}@{revision} ({', '.join(_FILES)}) for the native GLM conversion: {exc}; "
+            "check the network or HF_HUB_OFFLINE and, for a gated repository, HF_TOKEN, or point source at "
+            "a local copy"
+        ) from exc
 
 
 def native_tokenizer(source: Path) -> Path:

@@ -189,3 +189,24 @@ def test_thudm_loader_glm4v_loads_natively_and_untrusted_remote_code_fails_early
     with pytest.raises(CheckpointError, match="trust_remote_code is false"):
         loader_decision(remote, "text", trust_remote_code=False)
     assert loader_decision(remote, "text", trust_remote_code=True).kind == "remote-code"
+
+
+@pytest.mark.parametrize("name", ["chatglm3-6b", "glm-4-9b-chat", "glm-4-9b", "glm-4v-9b"])
+def test_thudm_loader_hub_entry_startup_offline_reaches_the_decision_then_fails_clearly(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Startup with the hub offline: preflight plans from the shipped config.json and logs the loader
+    (class and tokenizer); the download is where it stops, with the repository and the fix named."""
+    import logging
+
+    from shardbento.engine import create_engine
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("SHARDBENTO_CACHE", str(tmp_path / "cache"))
+    spec = load_spec(name).model_copy(update={"gpus": 0, "dtype": "float32"})
+    with caplog.at_level(logging.INFO, logger="shardbento"), pytest.raises(CheckpointError) as failure:
+        create_engine(spec)
+    assert f"cannot fetch {spec.source}@{spec.revision}" in str(failure.value)
+    assert "HF_HUB_OFFLINE" in str(failure.value)
+    assert "loader: Glm" in caplog.text and "converted to a fast tokenizer" in caplog.text
