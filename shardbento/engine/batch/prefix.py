@@ -27,23 +27,24 @@ class PrefixIndex:
     def __len__(self) -> int:
         return len(self._key_at)
 
-    def match(self, tokens: Sequence[int]) -> list[int]:
+    def match(self, tokens: Sequence[int], salt: int = 0) -> list[int]:
         """The cache blocks holding the longest cached prefix of `tokens`, leaving at least one token to
-        compute (its logits pick the next token); they become the most recently used."""
+        compute (its logits pick the next token); they become the most recently used. `salt` roots the
+        chain (a vision prompt's images), so only prompts with the same images share blocks."""
         found = []
-        for key, parent, chunk in self._chain(tokens, (len(tokens) - 1) // self.block):
+        for key, parent, chunk in self._chain(tokens, (len(tokens) - 1) // self.block, salt):
             if self._entry.get(key) != (parent, chunk):
                 break
             found.append(key)
         self._touch(found)
         return [self._lru[key] for key in found]
 
-    def add(self, tokens: Sequence[int], room: Callable[[int], bool]) -> list[tuple[int, int]]:
+    def add(self, tokens: Sequence[int], room: Callable[[int], bool], salt: int = 0) -> list[tuple[int, int]]:
         """Cache the full blocks of `tokens` not cached yet while `room(blocks after)` holds: the
         (block index in the tokens, cache block) pairs the runner copies."""
         pairs: list[tuple[int, int]] = []
         chain = []
-        for index, (key, parent, chunk) in enumerate(self._chain(tokens, len(tokens) // self.block)):
+        for index, (key, parent, chunk) in enumerate(self._chain(tokens, len(tokens) // self.block, salt)):
             entry = self._entry.get(key)
             if entry is not None and entry != (parent, chunk):
                 break  # another chain's block under the same hash: this one stays uncached
@@ -58,9 +59,9 @@ class PrefixIndex:
         self._touch(chain)
         return pairs
 
-    def cached(self, tokens: Sequence[int]) -> tuple[list[int], int]:
+    def cached(self, tokens: Sequence[int], salt: int = 0) -> tuple[list[int], int]:
         """(cache blocks of the full blocks of `tokens` cached now, how many more blocks it has)."""
-        links = self._chain(tokens, len(tokens) // self.block)
+        links = self._chain(tokens, len(tokens) // self.block, salt)
         held = [self._lru[key] for key, parent, chunk in links if self._entry.get(key) == (parent, chunk)]
         return held, len(links) - len(held)
 
@@ -80,9 +81,11 @@ class PrefixIndex:
                 moves.append((last, gap))
         return moves
 
-    def _chain(self, tokens: Sequence[int], num_blocks: int) -> list[tuple[int, int, tuple[int, ...]]]:
+    def _chain(
+        self, tokens: Sequence[int], num_blocks: int, salt: int = 0
+    ) -> list[tuple[int, int, tuple[int, ...]]]:
         links = []
-        parent = 0
+        parent = salt
         for index in range(num_blocks):
             chunk = tuple(tokens[index * self.block : (index + 1) * self.block])
             key = hash((parent, chunk))
@@ -111,8 +114,8 @@ class PrefixCache:
             pending, self._pending = self._pending, []
             self._runner.store_prefix(pending)
 
-    def hit(self, tokens: Sequence[int]) -> list[int]:
-        return self.index.match(tokens)
+    def hit(self, tokens: Sequence[int], salt: int = 0) -> list[int]:
+        return self.index.match(tokens, salt)
 
     def make_room(self, rows: int, longest: int, keep: frozenset[int] = frozenset()) -> None:
         """Evict least recently used blocks (not `keep`) until `rows` rows of `longest` fit; nothing
@@ -126,12 +129,12 @@ class PrefixCache:
         moves = self.index.evict(len(self.index) - allowed, keep)
         self._runner.drop_prefix(moves, len(self.index))
 
-    def remember(self, slot: int, tokens: Sequence[int], rows: int, longest: int) -> None:
+    def remember(self, slot: int, tokens: Sequence[int], rows: int, longest: int, salt: int = 0) -> None:
         """Index the full blocks of row `slot` (holding `tokens`) beside `rows` rows of `longest`,
         evicting the least recently used blocks of other prefixes to make room; the copies wait for
         flush() (one gather for the step)."""
         kv = self._runner.kv
-        held, missing = self.index.cached(tokens)
+        held, missing = self.index.cached(tokens, salt)
         width = max(kv.width, kv.width_for(longest))  # the rows as laid out now: blocks may not reach them
         capacity = (kv.pool_tokens - rows * width) // PREFIX_BLOCK
         excess = len(self.index) + missing - max(capacity, len(held))
@@ -139,5 +142,5 @@ class PrefixCache:
             self.flush()
             moves = self.index.evict(excess, frozenset(held))
             self._runner.drop_prefix(moves, len(self.index))
-        pairs = self.index.add(tokens, lambda blocks: blocks <= capacity)
+        pairs = self.index.add(tokens, lambda blocks: blocks <= capacity, salt)
         self._pending += [(slot, j, b) for j, b in pairs]

@@ -202,8 +202,9 @@ class Scheduler:
         longest = max(kv.lengths[:running]) + 1
         for row in rows:
             seq = self._running[row]
-            if seq.inputs is None:
-                self._prefix.remember(row, seq.context()[: kv.lengths[row]], running, longest)
+            if seq.inputs is None or seq.prefix_salt:
+                tokens = seq.context()[: kv.lengths[row]]
+                self._prefix.remember(row, tokens, running, longest, seq.prefix_salt)
         self._prefix.flush()
 
     def _plan_prefill(self) -> tuple[list[PrefillChunk], list[list[Sequence]]]:
@@ -266,7 +267,7 @@ class Scheduler:
                 continue  # a twin: join_twins adds it
             prompts.add(tuple(context))
             if seq.inputs is not None or seq.num_prefilled:
-                break
+                break  # a vision prompt goes alone, as the head (with or without a cached prefix)
             blocks = head_hit if seq is candidates[0] else self._hit(seq)
             wider = max(width, len(context) - len(blocks) * PREFIX_BLOCK)
             if wider * (len(chosen) + 1) > budget or not room(len(chosen) + 1, max(longest, len(context))):
@@ -284,10 +285,15 @@ class Scheduler:
         return planned
 
     def _hit(self, seq: Sequence) -> list[int]:
-        """The cached blocks a fresh text prompt (or a preempted one's context) starts with."""
-        if self._prefix is None or seq.inputs is not None or seq.num_prefilled:
+        """The cached blocks a fresh prompt (or a preempted one's context) starts with; for a vision
+        prompt only a hit past its last image token (its remainder is then text, prefilled without the
+        pixels), under its images' digest."""
+        if self._prefix is None or seq.num_prefilled or (seq.inputs is not None and not seq.prefix_salt):
             return []
-        return self._prefix.hit(seq.context())
+        blocks = self._prefix.hit(seq.context(), seq.prefix_salt)
+        if seq.inputs is not None and len(blocks) * PREFIX_BLOCK < seq.image_end:
+            return []
+        return blocks
 
     @staticmethod
     def _head_chunk(seq: Sequence, budget: int, hit: list[int]) -> PrefillChunk:
@@ -295,7 +301,7 @@ class Scheduler:
         time, one with a cached prefix from its end; `slot` is set (to be placed) on the chunk that
         completes the prompt."""
         context = seq.context()
-        if seq.inputs is not None:  # its image tokens need the pixel values in the same forward
+        if seq.inputs is not None and not hit and not seq.num_prefilled:  # pixels in the same forward
             return PrefillChunk(seq.seq_id, tuple(context), 0, 0, with_generated(seq.inputs, seq.generated))
         start = len(hit) * PREFIX_BLOCK if hit else seq.num_prefilled
         if hit:

@@ -40,6 +40,10 @@ class Sequence:
     inputs: dict[str, Any] | None = None
     generated: list[int] = field(default_factory=list)
     cached: int = 0  # prompt tokens whose KV came from the prefix cache
+    # Prefix caching of a vision prompt: its images' digest roots its blocks' hash chain (0: text, or
+    # images it may not cache); `image_end` is the token after its last image token.
+    prefix_salt: int = 0
+    image_end: int = 0
 
     def context(self) -> list[int]:
         """The tokens a prefill computes: the prompt, and after a preemption what was generated."""

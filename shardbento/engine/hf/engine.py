@@ -87,6 +87,21 @@ class _StopWhenDone:
 # GLM-4V's image positions share one rotary position: its prefill reports the offset and the KV slot
 # keeps it (kvslots.position_offsets), so its decode batches too.
 BATCHED_VISION_TYPES = frozenset({"llava", "shardbento_glm4v"})
+# Vision models whose rotary positions are the cache index: a cached prefix with their images is valid
+# for any later prompt with the same images (GLM-4V's image positions are not).
+PREFIX_CACHED_VISION_TYPES = frozenset({"llava"})
+
+
+def image_digest(inputs: dict[str, Any]) -> int:
+    """A prompt's images as a number that roots its prefix-cache chain: the pixels' bytes, hashed."""
+    import hashlib
+
+    hasher = hashlib.blake2b(digest_size=8)
+    for name in sorted(k for k, v in inputs.items() if isinstance(v, torch.Tensor) and k != "input_ids"):
+        if name != "attention_mask":
+            hasher.update(name.encode())
+            hasher.update(inputs[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(hasher.digest(), "little") or 1
 
 
 class HFEngine(PreprocessorPrompts):
@@ -107,6 +122,7 @@ class HFEngine(PreprocessorPrompts):
         self._metrics = RequestMetrics(spec.name)
         self._scheduler: Scheduler | None = None
         self._batches_images = getattr(loaded.model.config, "model_type", None) in BATCHED_VISION_TYPES
+        self._caches_image_prefixes = loaded.model.config.model_type in PREFIX_CACHED_VISION_TYPES
         pool_tokens = None
         if spec.kind == "text" or self._batches_images:
             runner = ModelRunner(loaded.model, loaded.plan.max_num_seqs, loaded.plan.max_model_len)
@@ -194,6 +210,10 @@ class HFEngine(PreprocessorPrompts):
         )
         if prompt.num_images:
             seq.inputs = dict(prompt.inputs)
+            image_token = getattr(self.model.config, "image_token_id", None)
+            if self._caches_image_prefixes and image_token in prompt.token_ids:
+                seq.prefix_salt = image_digest(seq.inputs)
+                seq.image_end = len(prompt.token_ids) - prompt.token_ids[::-1].index(image_token)
         return seq
 
     async def _follow(self, together: StartTogether[Sequence], index: int) -> AsyncIterator[Delta]:
