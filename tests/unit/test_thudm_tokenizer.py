@@ -69,13 +69,19 @@ def test_thudm_tokenizer_sentencepiece_encodes_and_decodes_as_the_library(chatgl
         assert fast.decode(ids) == reference.decode(ids), text
 
 
-def test_thudm_tokenizer_tiktoken_encodes_and_decodes_as_the_library(glm4) -> None:
-    source, fast = glm4
+def tiktoken_reference(source: Path) -> tuple[object, dict[str, int]]:
+    """tiktoken itself over the checkpoint's ranks, with GLM-4's pattern and specials."""
     ranks = read_tiktoken(source / "tokenizer.model")
     specials = {token: len(ranks) + index for index, token in enumerate(GLM4_SPECIALS)}
-    reference = tiktoken.Encoding(
+    encoding = tiktoken.Encoding(
         name="tiny-glm4", pat_str=GLM4_PATTERN, mergeable_ranks=ranks, special_tokens=specials
     )
+    return encoding, specials
+
+
+def test_thudm_tokenizer_tiktoken_encodes_and_decodes_as_the_library(glm4) -> None:
+    source, fast = glm4
+    reference, _ = tiktoken_reference(source)
     for text in corpus():
         ids = fast.encode(text, add_special_tokens=False)
         assert ids == reference.encode(text, disallowed_special=()), text
@@ -101,11 +107,7 @@ def test_thudm_tokenizer_chatglm3_chat_template_builds_the_original_ids(chatglm3
 
 def test_thudm_tokenizer_glm4_chat_template_builds_the_original_ids(glm4) -> None:
     source, fast = glm4
-    ranks = read_tiktoken(source / "tokenizer.model")
-    specials = {token: len(ranks) + i for i, token in enumerate(GLM4_SPECIALS)}
-    reference = tiktoken.Encoding(
-        name="tiny-glm4", pat_str=GLM4_PATTERN, mergeable_ranks=ranks, special_tokens=specials
-    )
+    reference, specials = tiktoken_reference(source)
     expected = _build_chat_input(
         specials, lambda text: reference.encode(text, disallowed_special=()), MESSAGES
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from collections.abc import Iterator
@@ -29,3 +30,11 @@ def vllm_cpu_env() -> Iterator[None]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """One event loop per module: AsyncLLM binds its output handler to the first loop it runs on."""
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,13 +20,6 @@ from shardbento.engine.vllm.engine import VLLMEngine
 from shardbento.plan.source import resolve_source
 
 MESSAGES = [ChatMessage(role="user", text="Count the shards of the model.")]
-
-
-@pytest.fixture(scope="module")
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()  # one loop: AsyncLLM binds its output handler to the first one
-    yield loop
-    loop.close()
 
 
 def tokens(engine, loop: asyncio.AbstractEventLoop, params: SamplingParams) -> list[int]:

@@ -5,7 +5,6 @@ greedy tokens. An implementation we did not write checks the conversion."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 
@@ -15,13 +14,6 @@ from shardbento.engine.hf.engine import HFEngine
 from shardbento.engine.vllm.engine import VLLMEngine
 
 MESSAGES = [ChatMessage(role="user", text="你好, count the shards of the model.")]
-
-
-@pytest.fixture(scope="module")
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()  # one loop: AsyncLLM binds its output handler to the first one
-    yield loop
-    loop.close()
 
 
 def tokens(engine, loop: asyncio.AbstractEventLoop, prompt, params: SamplingParams) -> list[int]:
