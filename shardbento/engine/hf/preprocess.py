@@ -165,6 +165,10 @@ def load_preprocessor(
     common = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
     if config is None:
         config = AutoConfig.from_pretrained(path, **common)
+        try:
+            generation_config = GenerationConfig.from_pretrained(path, **common)
+        except OSError:  # no generation_config.json: the model config's EOS ids are the ones
+            generation_config = None
     if getattr(config, "model_type", None) == glm4v.MODEL_TYPE:
         from transformers import AutoTokenizer
 
@@ -172,11 +176,6 @@ def load_preprocessor(
     else:
         preprocessor = preprocessor_class(spec.kind).from_pretrained(path, **common)
     tokenizer = getattr(preprocessor, "tokenizer", preprocessor)
-    if generation_config is None:
-        try:
-            generation_config = GenerationConfig.from_pretrained(path, **common)
-        except OSError:  # no generation_config.json: the model config's EOS ids are the ones
-            generation_config = None
     eos_ids = frozenset(collect_eos_ids(generation_config, config, tokenizer, spec))
     rows = config.get_text_config().vocab_size
     return Preprocessor(
