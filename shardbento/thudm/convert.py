@@ -39,7 +39,9 @@ def local_checkpoint(source: str, revision: str | None) -> Path:
 def native_tokenizer(source: Path) -> Path:
     """The converted fast tokenizer with the native config (what vLLM gets beside the original weights)."""
     final_dir = cache_root() / "native" / f"{_key(source)}-tokenizer"
-    return build_once(final_dir, lambda out: _write_front(source, out), f"tokenizer of {source}")
+    return build_once(
+        final_dir, lambda out: _write_front(source, out, _read_config(source)), f"tokenizer of {source}"
+    )
 
 
 def native_checkpoint(source: Path) -> Path:
@@ -64,9 +66,9 @@ def _key(source: Path) -> str:
     return f"{source.resolve().name}-{hasher.hexdigest()[:10]}"
 
 
-def _write_front(source: Path, out: Path) -> None:
+def _write_front(source: Path, out: Path, config: dict) -> None:
     """config.json and generation_config.json in transformers' GLM terms, and the fast tokenizer."""
-    native = glm_config(_read_config(source))
+    native = glm_config(config)
     (out / "config.json").write_text(json.dumps(native, indent=2))
     generation = {"eos_token_id": native["eos_token_id"], "pad_token_id": native["pad_token_id"]}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
@@ -75,7 +77,7 @@ def _write_front(source: Path, out: Path) -> None:
 
 def _convert(source: Path, out: Path) -> None:
     config = _read_config(source)
-    _write_front(source, out)
+    _write_front(source, out, config)
     shards = sorted(source.glob("*.safetensors"))
     if not shards:
         raise CheckpointError(

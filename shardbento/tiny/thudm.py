@@ -88,8 +88,7 @@ def build_thudm(recipe: ThudmRecipe, out_dir: Path) -> None:
     num_words = base + len(specials)
     padded = -(-num_words // _VOCAB_PADDING) * _VOCAB_PADDING
     config = _config(recipe, padded, eos, pad)
-    if recipe.vision:
-        ids = {token: base + index for index, token in enumerate(specials)}
+    if recipe.vision:  # GLM-4V: GLM-4's specials hold the image boundaries
         config.update(boi_token_id=ids["<|begin_of_image|>"], eoi_token_id=ids["<|end_of_image|>"])
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     (out_dir / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(recipe), indent=2))
