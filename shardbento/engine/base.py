@@ -111,6 +111,7 @@ class Prompt:
     token_ids: tuple[int, ...]
     inputs: Any = None
     num_images: int = 0
+    images_digest: int = 0  # the images' pixels hashed (prefix caching's key), computed off the event loop
 
     @property
     def num_tokens(self) -> int:

@@ -92,18 +92,6 @@ BATCHED_VISION_TYPES = frozenset({"llava", "shardbento_glm4v"})
 PREFIX_CACHED_VISION_TYPES = frozenset({"llava"})
 
 
-def image_digest(inputs: dict[str, Any]) -> int:
-    """A prompt's images as a number that roots its prefix-cache chain: the pixels' bytes, hashed."""
-    import hashlib
-
-    hasher = hashlib.blake2b(digest_size=8)
-    for name in sorted(k for k, v in inputs.items() if isinstance(v, torch.Tensor) and k != "input_ids"):
-        if name != "attention_mask":
-            hasher.update(name.encode())
-            hasher.update(inputs[name].contiguous().view(torch.uint8).numpy().tobytes())
-    return int.from_bytes(hasher.digest(), "little") or 1
-
-
 class HFEngine(PreprocessorPrompts):
     """Requests join one continuous batch (the Scheduler's loop): every text model, and vision
     models of BATCHED_VISION_TYPES (their image prompts are prefilled alone, then decode in the
@@ -212,7 +200,7 @@ class HFEngine(PreprocessorPrompts):
             seq.inputs = dict(prompt.inputs)
             image_token = getattr(self.model.config, "image_token_id", None)
             if self._caches_image_prefixes and image_token in prompt.token_ids:
-                seq.prefix_salt = image_digest(seq.inputs)
+                seq.prefix_salt = prompt.images_digest
                 seq.image_end = len(prompt.token_ids) - prompt.token_ids[::-1].index(image_token)
         return seq
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,16 @@ from shardbento.engine.batch.sampler import RequestSampler
 from shardbento.engine.grammar import Grammars
 from shardbento.errors import InvalidRequest
 from shardbento.toolcalls import detect_tool_parser
+
+
+def image_digest(inputs: dict[str, Any]) -> int:
+    """A prompt's images as a number that roots its prefix-cache chain: the pixels' bytes, hashed."""
+    hasher = hashlib.blake2b(digest_size=8)
+    for name in sorted(k for k, v in inputs.items() if isinstance(v, torch.Tensor) and k != "input_ids"):
+        if name != "attention_mask":
+            hasher.update(name.encode())
+            hasher.update(inputs[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(hasher.digest(), "little") or 1
 
 
 def collect_eos_ids(generation_config: Any, config: Any, tokenizer: Any, spec: ModelSpec) -> set[int]:
@@ -107,7 +118,8 @@ class Preprocessor:
             return self._tokenize(text, add_special_tokens=False)
         inputs = self.processor(text=text, images=images, return_tensors="pt", add_special_tokens=False)
         token_ids = tuple(int(i) for i in inputs["input_ids"][0])
-        return Prompt(token_ids=token_ids, inputs=dict(inputs), num_images=len(images))
+        digest = image_digest(dict(inputs))
+        return Prompt(token_ids=token_ids, inputs=dict(inputs), num_images=len(images), images_digest=digest)
 
     def encode(self, text: str | list[int]) -> Prompt:
         if isinstance(text, str):
