@@ -46,19 +46,19 @@ def is_thudm_spec(spec: ModelSpec) -> bool:
 def checkpoint_path(spec: ModelSpec) -> str:
     """What the transformers engine loads: the source, or for a THUDM-layout checkpoint its native GLM
     conversion (config, tokenizer, weights; built once into the cache)."""
-    source = resolve_source(spec)
-    if not is_thudm_spec(spec):
-        return source
-    from shardbento.thudm.convert import local_checkpoint, native_checkpoint
-
-    return str(native_checkpoint(local_checkpoint(source, spec.revision)))
+    return _native(spec, "checkpoint")
 
 
 def tokenizer_path(spec: ModelSpec) -> str:
     """Where the tokenizer comes from: the source, or a THUDM checkpoint's converted fast tokenizer."""
+    return _native(spec, "tokenizer")
+
+
+def _native(spec: ModelSpec, part: str) -> str:
     source = resolve_source(spec)
     if not is_thudm_spec(spec):
         return source
-    from shardbento.thudm.convert import local_checkpoint, native_tokenizer
+    from shardbento.thudm.convert import local_checkpoint, native_checkpoint, native_tokenizer
 
-    return str(native_tokenizer(local_checkpoint(source, spec.revision)))
+    convert = native_checkpoint if part == "checkpoint" else native_tokenizer
+    return str(convert(local_checkpoint(source, spec.revision)))

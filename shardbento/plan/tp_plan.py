@@ -7,7 +7,7 @@ from typing import Any
 
 def tp_plan_available(config: dict[str, Any]) -> bool:
     """Whether transformers ships a tensor-parallel plan for this architecture's text model."""
-    from shardbento.thudm.layout import CheckpointError, glm_config, is_thudm
+    from shardbento.thudm.layout import glm_config, is_thudm
 
     try:
         if is_thudm(config):  # what the native loader makes of it; GLM-4V shards its GLM, not its tower
@@ -17,6 +17,6 @@ def tp_plan_available(config: dict[str, Any]) -> bool:
 
         fields = {k: v for k, v in config.items() if not k.startswith("_") and k != "auto_map"}
         model_config = AutoConfig.for_model(**fields)
-    except (ImportError, ValueError, KeyError, TypeError, CheckpointError):
+    except (ImportError, ValueError, KeyError, TypeError):  # CheckpointError is a ValueError
         return False
     return bool(getattr(model_config.get_text_config(), "base_model_tp_plan", None))
