@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from shardbento.engine.hf import cpu_kernels
 from shardbento.engine.hf.cpu_kernels import pack_linear_weights
 
 PROMPTS = ((5, 9, 14), tuple(range(20, 61)), (7, 8, 9, 10, 11, 12, 13))
@@ -33,6 +34,15 @@ def test_cpu_kernels_packed_linears_keep_logits() -> None:
     assert pack_linear_weights(plain, available_bytes=1) == 0  # copies would not fit: left alone
     assert pack_linear_weights(plain) == linears > 0
     assert close(plain(input_ids=ids).logits, reference)
+    shared = [
+        getattr(m.forward.func, "__self__", None)
+        for m in plain.modules()
+        if isinstance(m.forward, functools.partial)
+    ]
+    groups = {id(s) for s in shared if isinstance(s, cpu_kernels._Siblings)}
+    layers = plain.config.num_hidden_layers
+    assert len(groups) == 2 * layers  # each layer's q/k/v and gate/up share one packed weight
+    assert len([s for s in shared if s is not None]) == 5 * layers
 
 
 PREFILL_PAGE_FAULTS = """
