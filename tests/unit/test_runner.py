@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from shardbento.engine.batch import packed
+from shardbento.engine.batch.kvslots import PREFIX_BLOCK as B
+from shardbento.engine.batch.packed import enable_packing
 from shardbento.engine.batch.runner import ModelRunner, PrefillChunk
 
 PROMPTS = ((5, 9, 14), tuple(range(20, 61)), (7, 8, 9, 10, 11, 12, 13))
@@ -47,3 +50,56 @@ def test_runner_release_moves_last_row_into_gap(text_engine) -> None:
     three.release([0])
     assert (three.num_rows, three.kv.lengths[:3]) == (2, [len(PROMPTS[2]), len(PROMPTS[1]), 0])
     assert close(three.decode([4, 4]), two.decode([4, 4]))
+
+
+def with_prefixes(
+    runner: ModelRunner, prompts: list[tuple[int, ...]], cached: list[int]
+) -> list[tuple[int, ...]]:
+    """Cache the first `cached[i]` tokens (whole blocks) of each prompt; the blocks that hold each."""
+    blocks, base = [], 0
+    for slot, (prompt, n) in enumerate(zip(prompts, cached, strict=True)):
+        count = n // B
+        if count:
+            runner.prefill([PrefillChunk(slot, prompt[:n], 0, 0)])
+            runner.store_prefix([(0, j, base + j) for j in range(count)])
+            runner.release([0])
+        blocks.append(tuple(range(base, base + count)))
+        base += count
+    return blocks
+
+
+@torch.inference_mode()
+def test_runner_packed_prefill_equals_each_prompt_alone(text_engine) -> None:
+    """Prompts of different lengths, two of them continuing from cached prefixes of different lengths and
+    one with a twin, packed in one row: each row's logits, its KV and the decode after them equal each
+    prompt prefilled alone (no row pads or recomputes: each computes exactly its tokens past its prefix)."""
+    assert enable_packing(text_engine.model)
+    prompts = [tuple(range(20, 61)), tuple(range(5, 40)), (7, 8, 9, 10, 11, 12, 13), tuple(range(30, 100))]
+    cached = [2 * B, 0, 0, B]
+    results = []
+    for mode in ("packed", "alone"):
+        run = ModelRunner(text_engine.model, num_slots=6, max_model_len=256)
+        run.packs = mode == "packed"
+        blocks = with_prefixes(run, prompts, cached)
+        chunks = [
+            PrefillChunk(i, p[n:], n, slot, prefix=blocks[i], copies=(2,) if i == 1 else ())
+            for i, (p, n, slot) in enumerate(zip(prompts, cached, (0, 1, 3, 4), strict=True))
+        ]  # the twin's slot follows its prompt's, as the scheduler places them
+        if mode == "alone":
+            logits = torch.cat([run.prefill([chunk]) for chunk in chunks])
+        else:
+            logits = run.prefill(chunks)
+        step = [int(t) for t in logits.argmax(-1)]
+        results.append((logits, run.kv.lengths[:5], run.decode([step[0], step[1], step[1], *step[2:]])))
+    (packed, lengths, decoded), (alone, alone_lengths, alone_decoded) = results
+    assert lengths == alone_lengths == [len(prompts[i]) for i in (0, 1, 1, 2, 3)]
+    assert close(packed, alone) and close(decoded, alone_decoded)
+
+
+def test_runner_packs_only_models_whose_attention_it_checked(text_engine, vision_engine) -> None:
+    """The packed attention is switched on only after it reproduced the model's own logits; a vision model
+    (its images prefill alone) keeps its attention."""
+    assert text_engine.model.config._attn_implementation == packed.ATTENTION
+    assert text_engine._scheduler._runner.packs
+    assert not enable_packing(vision_engine.model)
+    assert not vision_engine._scheduler._runner.packs

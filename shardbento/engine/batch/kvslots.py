@@ -106,17 +106,29 @@ class SlotKVCache:
         return self._kv_len
 
     def load(
-        self, slot: int, prefill_cache: Any, row: int = 0, offset: int = 0, position_offset: int = 0
+        self,
+        slot: int,
+        prefill_cache: Any,
+        row: int = 0,
+        offset: int = 0,
+        position_offset: int = 0,
+        spans: list[tuple[int, int]] | None = None,
     ) -> None:
         """Copy row `row` of a finished prefill (a transformers cache) into `slot`, skipping `offset`
-        left-padding positions; `position_offset` is the model's own (GLM-4V's image positions)."""
-        length = prefill_cache.get_seq_length() - offset
+        left-padding positions, or only its `spans` ((offset, length) pieces, in order: a packed
+        prefill's prompt); `position_offset` is the model's own (GLM-4V's image positions)."""
+        if spans is None:
+            spans = [(offset, prefill_cache.get_seq_length() - offset)]
+        length = sum(n for _, n in spans)
         if length > self.width:
             self.fit(max(slot + 1, self._live_rows()), length)
         for layer_idx, layer in enumerate(prefill_cache.layers):
             keys, values = self._layer(layer_idx, layer.keys)
-            keys[slot, :, :length] = layer.keys[row, :, offset:]
-            values[slot, :, :length] = layer.values[row, :, offset:]
+            at = 0
+            for start, n in spans:
+                keys[slot, :, at : at + n] = layer.keys[row, :, start : start + n]
+                values[slot, :, at : at + n] = layer.values[row, :, start : start + n]
+                at += n
         self.lengths[slot] = length
         self.position_offsets[slot] = position_offset
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from shardbento.engine.batch.kvslots import SlotKVCache
+from shardbento.engine.batch.packed import PackedRows, enable_packing, packed_rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +50,9 @@ class ModelRunner:
         self._additive_mask = getattr(model.config, "_attn_implementation", "sdpa") == "eager"
         self._partial: dict[int, Any] = {}  # seq id -> its prefill cache while chunks remain
         self.num_rows = 0  # slots 0..num_rows-1 hold running sequences
+        # Fresh prompts prefilled together go packed in one row (packed.py) once allocate_pool() has
+        # checked the model packs right; each then computes only its tokens past its cached prefix.
+        self.packs = False
 
     def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
         """Logits of each chunk's last token, one row per chunk, in order. The pool is first laid out
@@ -69,7 +73,9 @@ class ModelRunner:
         ]
         rows: dict[int, torch.Tensor] = {}
         if fresh:
-            logits = self._prefill_fresh([chunks[i] for i in fresh])
+            together = [chunks[i] for i in fresh]
+            packed = self.packs and len(together) > 1
+            logits = self._prefill_packed(together) if packed else self._prefill_fresh(together)
             rows.update((i, logits[n]) for n, i in enumerate(fresh))
         for i, chunk in enumerate(chunks):
             if i not in rows:
@@ -118,6 +124,7 @@ class ModelRunner:
         self.pool_source = source
         self.prefill([PrefillChunk(-1, (0,), 0, 0)])  # every layer's pool is allocated by this forward
         self.release([0])
+        self.packs = _smallest_of_ranks(int(enable_packing(self.model)), self._device) == 1
         return tokens
 
     def _kv_bytes_per_token(self, num_tokens: int) -> dict[str, int]:
@@ -187,6 +194,34 @@ class ModelRunner:
             self.kv.load(chunk.slot, cache, row=row, offset=cached - chunk.start + int(pads[row]))
             self._copy(chunk)
         return out.logits[:, -1]
+
+    def _prefill_packed(self, chunks: list[PrefillChunk]) -> torch.Tensor:
+        """Complete prompts as one packed row: each chunk's tokens after the other, each attending to its
+        own cached prefix (gathered in front, in chunk order) and its own earlier tokens."""
+        from transformers import DynamicCache
+
+        rows = PackedRows.of([c.start for c in chunks], [len(c.token_ids) for c in chunks])
+        cache = DynamicCache(config=self.model.config)
+        if rows.cached_tokens:
+            for layer_idx in self.kv.layer_indices():
+                parts = [self.kv.prefix(layer_idx, list(c.prefix)) for c in chunks if c.start]
+                starts = [c.start for c in chunks if c.start]
+                keys = torch.cat([k[:, :, :n] for (k, _), n in zip(parts, starts, strict=True)], dim=2)
+                values = torch.cat([v[:, :, :n] for (_, v), n in zip(parts, starts, strict=True)], dim=2)
+                cache.update(keys, values, layer_idx)
+        ids = [token for chunk in chunks for token in chunk.token_ids]
+        with packed_rows(rows):
+            out = self.model(
+                input_ids=torch.tensor([ids], device=self._device),
+                position_ids=rows.positions()[None].to(self._device),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=rows.last_tokens().to(self._device),
+            )
+        for row, chunk in enumerate(chunks):
+            self.kv.load(chunk.slot, cache, spans=rows.spans(row))
+            self._copy(chunk)
+        return out.logits[0]
 
     def _cached_prefixes(
         self, layer_idx: int, chunks: list[PrefillChunk], width: int

@@ -255,11 +255,13 @@ class Scheduler:
         room: Callable[[int, int], bool],
         keep: set[int],
     ) -> list[tuple[PrefillChunk, list[Sequence]]]:
-        """Prompts prefilled together in one left-padded forward, each row computing the same number of
-        tokens (the batch's widest remainder past a cached prefix): a row with a longer cached prefix
-        takes only as much of it as leaves that many tokens to compute."""
+        """Prompts prefilled together in one forward. Packed (runner.packs), each computes its own
+        remainder past its cached prefix and the budget counts their sum; left-padded, each row
+        computes the same number of tokens (the batch's widest remainder): a row with a longer cached
+        prefix takes only as much of it as leaves that many tokens to compute."""
+        packs = self._runner.packs
         chosen: list[tuple[Sequence, list[int]]] = []
-        width = longest = 0
+        width = longest = total = 0
         prompts = set()
         for seq in candidates:
             context = seq.context()
@@ -269,16 +271,20 @@ class Scheduler:
             if seq.inputs is not None or seq.num_prefilled:
                 break  # a vision prompt goes alone, as the head (with or without a cached prefix)
             blocks = head_hit if seq is candidates[0] else self._hit(seq)
-            wider = max(width, len(context) - len(blocks) * PREFIX_BLOCK)
-            if wider * (len(chosen) + 1) > budget or not room(len(chosen) + 1, max(longest, len(context))):
+            remainder = len(context) - len(blocks) * PREFIX_BLOCK
+            wider = max(width, remainder)
+            cost = total + remainder if packs else wider * (len(chosen) + 1)
+            if cost > budget or not room(len(chosen) + 1, max(longest, len(context))):
                 break
-            width, longest = wider, max(longest, len(context))
+            width, longest, total = wider, max(longest, len(context)), total + remainder
             keep.update(blocks)
             chosen.append((seq, blocks))
         planned = []
         for seq, blocks in chosen:
             context = seq.context()
-            start = min(len(blocks) * PREFIX_BLOCK, max(0, len(context) - width))
+            start = len(blocks) * PREFIX_BLOCK
+            if not packs:
+                start = min(start, max(0, len(context) - width))
             prefix = tuple(blocks[: -(-start // PREFIX_BLOCK)]) if start else ()
             seq.cached = start
             planned.append((PrefillChunk(seq.seq_id, tuple(context[start:]), start, 0, prefix=prefix), [seq]))

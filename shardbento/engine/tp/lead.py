@@ -47,6 +47,10 @@ class MirrorRunner:
     def kv(self) -> Any:
         return self._runner.kv
 
+    @property
+    def packs(self) -> bool:
+        return self._runner.packs  # every rank agreed on it when the pools were allocated
+
     def _send(self, call: RunnerCall) -> None:
         for follower in self._control:
             follower.put(call)
