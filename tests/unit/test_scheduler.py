@@ -94,6 +94,43 @@ def test_scheduler_cancel_frees_slot(text_engine) -> None:
     assert metric("num_requests_running") == 0
 
 
+class PoisonedRunner:
+    """The engine's runner, except that a prefill of the poisoned prompt raises (a step that keeps failing)."""
+
+    def __init__(self, runner, poison: tuple[int, ...]) -> None:
+        self._runner, self._poison = runner, poison
+
+    def __getattr__(self, name):
+        return getattr(self._runner, name)
+
+    def prefill(self, chunks):
+        n = len(self._poison)
+        if any(self._poison in {c.token_ids[i : i + n] for i in range(len(c.token_ids))} for c in chunks):
+            raise RuntimeError("poisoned prompt")
+        return self._runner.prefill(chunks)
+
+
+def test_scheduler_step_that_keeps_failing_fails_its_request_and_serves_the_next(text_engine) -> None:
+    """A failing step with nothing running fails the queue's head (before, it retried the same plan
+    forever and the request never answered); the next request is served."""
+    spec = text_engine.spec.model_copy(update={"limits": ServingLimits(max_prefill_tokens=512)})
+    engine = HFEngine(spec, replace(text_engine._loaded, plan=run_preflight(spec)))
+    poisoned, fine = prompts(engine)[1], prompts(engine)[0]
+    engine._scheduler._runner = PoisonedRunner(engine._scheduler._runner, tuple(poisoned.token_ids[4:9]))
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+
+    async def run():
+        with pytest.raises(RuntimeError, match="poisoned"):
+            await asyncio.wait_for(collect(engine, poisoned, params), timeout=60)
+        return await asyncio.wait_for(collect(engine, fine, params), timeout=60)
+
+    try:
+        tokens, _, reason = asyncio.run(run())
+    finally:
+        engine.close()
+    assert len(tokens) == 4 and reason == "length"
+
+
 def test_scheduler_overloaded_past_waiting_limit(text_engine) -> None:
     spec = text_engine.spec.model_copy(update={"limits": ServingLimits(max_num_seqs=1, max_waiting=1)})
     engine = HFEngine(spec, replace(text_engine._loaded, plan=run_preflight(spec)))

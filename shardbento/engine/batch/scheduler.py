@@ -374,8 +374,13 @@ class Scheduler:
                 seq.cancelled = True
 
     def _fail_all(self, exc: BaseException) -> None:
+        """Fail what the step was computing: the running sequences and the partly prefilled ones; with
+        none of those, the head of the queue (the step was planning it), so a step that keeps failing
+        still ends a request each time instead of retrying the same plan forever."""
         with self._wake:
             failed = [*self._running, *(s for s in self._waiting if s.num_prefilled)]
+            if not failed and self._waiting:
+                failed = [self._waiting[0]]
             for seq in failed:
                 if seq in self._waiting:
                     self._waiting.remove(seq)
