@@ -103,3 +103,37 @@ def test_runner_packs_only_models_whose_attention_it_checked(text_engine, vision
     assert text_engine._scheduler._runner.packs
     assert not enable_packing(vision_engine.model)
     assert not vision_engine._scheduler._runner.packs
+
+
+@torch.inference_mode()
+def test_runner_mixed_step_equals_decode_and_prefill_apart(text_engine) -> None:
+    """Running rows' decode tokens and fresh prompts (one from a cached prefix, one with a twin) in one
+    forward: the same logits as a decode step and a prefill apart, and the next decode step too."""
+    running, prompts = [PROMPTS[1], PROMPTS[2]], [tuple(range(30, 100)), tuple(range(5, 40))]
+    results = []
+    for mode in ("mixed", "apart"):
+        run = ModelRunner(text_engine.model, num_slots=6, max_model_len=256)
+        run.packs = run.mixes = True
+        blocks = with_prefixes(run, prompts, [2 * B, 0])
+        run.prefill([PrefillChunk(10 + i, p, 0, i) for i, p in enumerate(running)])
+        chunks = [
+            PrefillChunk(0, prompts[0][2 * B :], 2 * B, 2, prefix=blocks[0]),
+            PrefillChunk(1, prompts[1], 0, 3, copies=(4,)),
+        ]
+        if mode == "mixed":
+            prompt_logits, decoded = run.mixed(chunks, [4, 9])
+        else:
+            decoded = run.decode([4, 9])
+            prompt_logits = run.prefill(chunks)
+        lengths = run.kv.lengths[:5]
+        step = [int(t) for t in prompt_logits.argmax(-1)]
+        results.append((decoded, prompt_logits, lengths, run.decode([6, 6, step[0], step[1], step[1]])))
+    (decoded, prompt_logits, lengths, after), (decoded_apart, prompt_apart, lengths_apart, after_apart) = (
+        results
+    )
+    assert lengths == lengths_apart == [len(running[0]) + 1, len(running[1]) + 1, 70, 35, 35]
+    assert close(decoded, decoded_apart) and close(prompt_logits, prompt_apart) and close(after, after_apart)
+
+
+def test_runner_mixes_once_checked_at_load(text_engine) -> None:
+    assert text_engine._scheduler._runner.mixes

@@ -53,6 +53,34 @@ def test_scheduler_batched_greedy_equals_unbatched(text_engine) -> None:
     assert together(text_engine, pairs) == alone(text_engine, pairs)
 
 
+def test_scheduler_prompts_arriving_mid_decode_join_in_mixed_steps_with_unbatched_tokens(text_engine) -> None:
+    """Requests arriving while others decode are prefilled in the running rows' decode forward (mixed
+    steps, counted here); every request's greedy tokens equal its unbatched ones."""
+    ps = prompts(text_engine)
+    pairs = [(p, SamplingParams(max_tokens=24, ignore_eos=True)) for p in ps]
+    runner = text_engine._scheduler._runner
+    calls = []
+    mixed = runner.mixed
+    runner.mixed = lambda chunks, tokens: calls.append(len(chunks)) or mixed(chunks, tokens)
+
+    async def staggered():
+        first = asyncio.ensure_future(collect(text_engine, *pairs[0]))
+        for _ in range(1000):  # bounded: until the first request decodes in the batch
+            running = list(text_engine._scheduler._running)
+            if running and len(running[0].generated) >= 2:
+                break
+            await asyncio.sleep(0.01)
+        later = await asyncio.gather(*(collect(text_engine, *pair) for pair in pairs[1:]))
+        return [await first, *later]
+
+    try:
+        got = asyncio.run(staggered())
+    finally:
+        del runner.mixed
+    assert calls, "no request joined in a mixed step"
+    assert got == alone(text_engine, pairs)
+
+
 def test_scheduler_stop_and_max_tokens_hold_inside_batch(text_engine) -> None:
     ps = prompts(text_engine)
     _, free_text, _ = alone(text_engine, [(ps[1], SamplingParams(max_tokens=30, ignore_eos=True))])[0]

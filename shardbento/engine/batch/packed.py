@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,37 +31,55 @@ _local = threading.local()
 
 
 @dataclass(frozen=True)
+class DecodeRows:
+    """A mixed step's running sequences: one token each for KV rows 0..num_rows-1 of `kv` (a
+    SlotKVCache), packed before the prompts; `starts` are their lengths (where each new token goes)."""
+
+    kv: Any
+    num_rows: int
+    starts: torch.Tensor
+    kv_len: int
+
+
+@dataclass(frozen=True)
 class PackedRows:
     """Where each prompt is in a packed forward: its cached keys at `cached[i]` = (offset, length) of
-    the cache's part, its new tokens at `new[i]` = (offset, length) of the forward's tokens."""
+    the cache's part, its new tokens at `new[i]` = (offset, length) among the prompts' tokens, which
+    follow the running sequences' decode tokens when `decode` is set (a mixed step)."""
 
     cached: tuple[tuple[int, int], ...]
     new: tuple[tuple[int, int], ...]
+    decode: DecodeRows | None = None
 
     @classmethod
-    def of(cls, starts: list[int], lengths: list[int]) -> PackedRows:
+    def of(cls, starts: list[int], lengths: list[int], decode: DecodeRows | None = None) -> PackedRows:
         offsets = [sum(starts[:i]) for i in range(len(starts))]
         at = [sum(lengths[:i]) for i in range(len(lengths))]
-        return cls(tuple(zip(offsets, starts, strict=True)), tuple(zip(at, lengths, strict=True)))
+        return cls(tuple(zip(offsets, starts, strict=True)), tuple(zip(at, lengths, strict=True)), decode)
 
     @property
     def cached_tokens(self) -> int:
         return sum(length for _, length in self.cached)
 
-    def positions(self) -> torch.Tensor:
-        """Each packed token's rotary position: its prompt's cached length onwards."""
-        return torch.cat(
-            [torch.arange(s, s + n) for (_, s), (_, n) in zip(self.cached, self.new, strict=True)]
-        )
+    @property
+    def lead(self) -> int:
+        """Decode tokens before the prompts' tokens (0 unless a mixed step)."""
+        return self.decode.num_rows if self.decode is not None else 0
+
+    def positions(self, decode_positions: Sequence[int] = ()) -> torch.Tensor:
+        """Each packed token's rotary position: the decode tokens', then each prompt's from its cached
+        length onwards."""
+        prompts = [torch.arange(s, s + n) for (_, s), (_, n) in zip(self.cached, self.new, strict=True)]
+        return torch.cat([torch.tensor(list(decode_positions), dtype=torch.long), *prompts])
 
     def last_tokens(self) -> torch.Tensor:
-        """The index of each prompt's last token in the packed row (its logits pick the next token)."""
-        return torch.tensor([at + n - 1 for at, n in self.new])
+        """The index of each decode token, then of each prompt's last token (their logits pick the next)."""
+        return torch.tensor([*range(self.lead), *(self.lead + at + n - 1 for at, n in self.new)])
 
     def spans(self, row: int) -> list[tuple[int, int]]:
-        """(offset, length) of row `row`'s keys in a layer's cache after the forward: cached, then new."""
+        """(offset, length) of prompt `row`'s keys in a layer's cache after the forward: cached, then new."""
         (offset, cached), (at, n) = self.cached[row], self.new[row]
-        return [(offset, cached), (self.cached_tokens + at, n)]
+        return [(offset, cached), (self.cached_tokens + self.lead + at, n)]
 
 
 @contextlib.contextmanager
@@ -89,10 +107,14 @@ def packed_attention(
     _local.calls = getattr(_local, "calls", 0) + 1
     scale = kwargs.get("scaling")
     gqa = query.shape[1] != key.shape[1]
-    first = rows.cached_tokens
+    first = rows.cached_tokens + rows.lead  # the prompts' own keys start here
     outputs = []
+    if rows.decode is not None:
+        outputs.append(
+            _decode_attention(module.layer_idx, rows.decode, query, key, value, rows.cached_tokens, scale)
+        )
     for (offset, cached), (at, n) in zip(rows.cached, rows.new, strict=True):
-        q = query[:, :, at : at + n]
+        q = query[:, :, rows.lead + at : rows.lead + at + n]
         own = slice(first + at, first + at + n)
         if cached:
             k = torch.cat([key[:, :, offset : offset + cached], key[:, :, own]], dim=2)
@@ -111,6 +133,37 @@ def packed_attention(
             )
         outputs.append(out)
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _decode_attention(
+    layer_idx: int,
+    rows: DecodeRows,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    at: int,
+    scale: float | None,
+) -> torch.Tensor:
+    """The running sequences' attention in a mixed step: their new keys and values (packed at `at`)
+    written into their KV rows, each token attending to its own row, as a decode step does;
+    [1, heads, rows, head dim]."""
+    n = rows.num_rows
+    keys, values = rows.kv.layer_rows(layer_idx)
+    slots = torch.arange(n, device=keys.device)
+    starts = rows.starts.to(keys.device)
+    keys[slots, :, starts] = key[0, :, at : at + n].transpose(0, 1)
+    values[slots, :, starts] = value[0, :, at : at + n].transpose(0, 1)
+    mask = torch.arange(rows.kv_len, device=keys.device)[None, :] <= starts[:, None]
+    q = query[0, :, :n].transpose(0, 1)[:, :, None]  # [rows, heads, 1, head dim]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q,
+        keys[:n, :, : rows.kv_len],
+        values[:n, :, : rows.kv_len],
+        attn_mask=mask[:, None, None, :],
+        scale=scale,
+        enable_gqa=q.shape[1] != keys.shape[1],
+    )
+    return out[:, :, 0].transpose(0, 1)[None]
 
 
 def _register() -> None:
@@ -174,14 +227,17 @@ def _packs_right(model: Any) -> bool:
         )
     if _local.calls != len(cache.layers):
         return False
-    tol = max(1e-4, 8 * torch.finfo(out.logits.dtype).eps)
     for row, (logits, own) in enumerate(alone):
-        if not torch.allclose(out.logits[0, row], logits, atol=tol, rtol=tol):
-            return False
         keys = torch.cat([cache.layers[0].keys[:, :, at : at + n] for at, n in rows.spans(row)], dim=2)
-        if not torch.allclose(keys, own.layers[0].keys, atol=tol, rtol=tol):
+        if not (close_enough(out.logits[0, row], logits) and close_enough(keys, own.layers[0].keys)):
             return False
     return True
+
+
+def close_enough(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to the rounding of a different summation order in the tensors' dtype."""
+    tol = max(1e-4, 8 * torch.finfo(a.dtype).eps)
+    return a.shape == b.shape and torch.allclose(a, b, atol=tol, rtol=tol)
 
 
 def _windowed(config: Any) -> bool:

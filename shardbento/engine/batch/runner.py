@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from shardbento.engine.batch.kvslots import SlotKVCache
-from shardbento.engine.batch.packed import PackedRows, enable_packing, packed_rows
+from shardbento.engine.batch.packed import DecodeRows, PackedRows, close_enough, enable_packing, packed_rows
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,19 +56,12 @@ class ModelRunner:
         # Fresh prompts prefilled together go packed in one row (packed.py) once allocate_pool() has
         # checked the model packs right; each then computes only its tokens past its cached prefix.
         self.packs = False
+        self.mixes = False  # and the running rows' decode tokens go in that same forward (mixed steps)
 
     def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
         """Logits of each chunk's last token, one row per chunk, in order. The pool is first laid out
         for the rows and lengths after this step (the scheduler checked that they fit)."""
-        completing = [c for c in chunks if c.slot is not None]
-        if completing:
-            rows = max(self.num_rows, *(c.slot + 1 + len(c.copies) for c in completing))
-            longest = max(
-                [length + 1 for length in self.kv.lengths[: self.num_rows]]
-                + [c.start + len(c.token_ids) + 1 for c in completing]
-            )
-            self.kv.fit(rows, longest)
-        self.num_rows = max([self.num_rows, *(c.slot + 1 + len(c.copies) for c in completing)])
+        self._lay_out([c for c in chunks if c.slot is not None])
         fresh = [
             i
             for i, c in enumerate(chunks)
@@ -81,6 +77,29 @@ class ModelRunner:
             if i not in rows:
                 rows[i] = self._prefill_chunk(chunk)
         return torch.stack([rows[i] for i in range(len(chunks))])
+
+    def _lay_out(self, completing: list[PrefillChunk]) -> None:
+        """Fit the pool to the rows and lengths after this step (the scheduler checked that they fit)."""
+        if completing:
+            rows = max(self.num_rows, *(c.slot + 1 + len(c.copies) for c in completing))
+            longest = max(
+                [length + 1 for length in self.kv.lengths[: self.num_rows]]
+                + [c.start + len(c.token_ids) + 1 for c in completing]
+            )
+            self.kv.fit(rows, longest)
+        self.num_rows = max([self.num_rows, *(c.slot + 1 + len(c.copies) for c in completing)])
+
+    def mixed(self, chunks: list[PrefillChunk], token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward for a decode token of each of slots 0..n-1 (n = len(token_ids)) and complete
+        fresh prompts packed after them (their slots from n on), as vLLM's mixed batches: a step's
+        prompts cost no decode forward of their own. Logits of the prompts [chunks, vocab] and of the
+        decode tokens [n, vocab]."""
+        self._lay_out(chunks)
+        n = len(token_ids)
+        lengths = self.kv.lengths[:n]
+        decode = DecodeRows(self.kv, n, torch.tensor(lengths, device=self._device), max(lengths) + 1)
+        logits = self._prefill_packed(chunks, decode, token_ids)
+        return logits[n:], logits[:n]
 
     def decode(self, token_ids: list[int]) -> torch.Tensor:
         """One token for each of slots 0..n-1 (n = len(token_ids)); logits [n, vocab]."""
@@ -125,7 +144,31 @@ class ModelRunner:
         self.prefill([PrefillChunk(-1, (0,), 0, 0)])  # every layer's pool is allocated by this forward
         self.release([0])
         self.packs = _smallest_of_ranks(int(enable_packing(self.model)), self._device) == 1
+        self.mixes = self.packs and _smallest_of_ranks(int(self._mixes_right()), self._device) == 1
         return tokens
+
+    def _mixes_right(self) -> bool:
+        """Whether a mixed step gives the logits that a decode step and a prefill give apart (checked at
+        load, on this model: the decode half needs the attention layers' own layer_idx)."""
+        first, second = tuple(range(3, 12)), tuple(range(20, 26))
+        try:
+            self.prefill([PrefillChunk(-1, first, 0, 0)])
+            decoded = self.decode([5])
+            self.release([0])
+            alone = self.prefill([PrefillChunk(-2, second, 0, 0)])
+            self.release([0])
+            self.prefill([PrefillChunk(-1, first, 0, 0)])
+            prompt, decode = self.mixed([PrefillChunk(-2, second, 0, 1)], [5])
+            ok = close_enough(decode, decoded) and close_enough(prompt, alone)
+        except Exception:  # noqa: BLE001 - e.g. attention modules without layer_idx: no mixed steps
+            logger.debug("mixed step check failed", exc_info=True)
+            ok = False
+        finally:
+            self.release(list(range(self.num_rows)))
+        logger.info(
+            "running sequences decode in the prompts' forward (mixed steps): %s", "yes" if ok else "no"
+        )
+        return ok
 
     def _kv_bytes_per_token(self, num_tokens: int) -> dict[str, int]:
         """KV bytes one token takes on each device, read off a scratch forward's cache."""
@@ -195,12 +238,15 @@ class ModelRunner:
             self._copy(chunk)
         return out.logits[:, -1]
 
-    def _prefill_packed(self, chunks: list[PrefillChunk]) -> torch.Tensor:
+    def _prefill_packed(
+        self, chunks: list[PrefillChunk], decode: DecodeRows | None = None, token_ids: list[int] = ()
+    ) -> torch.Tensor:
         """Complete prompts as one packed row: each chunk's tokens after the other, each attending to its
-        own cached prefix (gathered in front, in chunk order) and its own earlier tokens."""
+        own cached prefix (gathered in front, in chunk order) and its own earlier tokens; with `decode`,
+        the running rows' `token_ids` go first (a mixed step). Logits: decode rows', then the prompts'."""
         from transformers import DynamicCache
 
-        rows = PackedRows.of([c.start for c in chunks], [len(c.token_ids) for c in chunks])
+        rows = PackedRows.of([c.start for c in chunks], [len(c.token_ids) for c in chunks], decode)
         cache = DynamicCache(config=self.model.config)
         if rows.cached_tokens:
             for layer_idx in self.kv.layer_indices():
@@ -209,15 +255,17 @@ class ModelRunner:
                 keys = torch.cat([k[:, :, :n] for (k, _), n in zip(parts, starts, strict=True)], dim=2)
                 values = torch.cat([v[:, :, :n] for (_, v), n in zip(parts, starts, strict=True)], dim=2)
                 cache.update(keys, values, layer_idx)
-        ids = [token for chunk in chunks for token in chunk.token_ids]
+        ids = [*token_ids, *(token for chunk in chunks for token in chunk.token_ids)]
+        positions = rows.positions(self.kv.positions(len(token_ids)))
         with packed_rows(rows):
             out = self.model(
                 input_ids=torch.tensor([ids], device=self._device),
-                position_ids=rows.positions()[None].to(self._device),
+                position_ids=positions[None].to(self._device),
                 past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=rows.last_tokens().to(self._device),
             )
+        self.kv.advance(len(token_ids))  # the decode rows' new tokens are in their rows
         for row, chunk in enumerate(chunks):
             self.kv.load(chunk.slot, cache, spans=rows.spans(row))
             self._copy(chunk)

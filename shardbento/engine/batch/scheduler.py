@@ -18,7 +18,7 @@ from shardbento.engine.batch.kvslots import PREFIX_BLOCK
 from shardbento.engine.batch.prefix import PrefixCache
 from shardbento.engine.batch.runner import ModelRunner, PrefillChunk, release_moves
 from shardbento.engine.batch.sampler import prefetch_masks, select_tokens
-from shardbento.engine.batch.sequence import Sequence, is_twin, join_twins, place, with_generated
+from shardbento.engine.batch.sequence import Sequence, head_chunk, is_twin, join_twins, mixable, place
 from shardbento.errors import Overloaded
 from shardbento.metrics import RequestMetrics
 
@@ -126,13 +126,17 @@ class Scheduler:
 
     def _step(self) -> None:
         self._drop_cancelled()
-        self._prefill()
-        self._flush()  # first tokens go out now, not after this step's decode forward
-        self._preempt()
-        if self._running:
-            masks = prefetch_masks([seq.sampler for seq in self._running])  # made during the forward
-            logits = self._runner.decode([seq.next_token for seq in self._running])
-            self._advance(list(range(len(self._running))), logits, masks)
+        chunks, groups = self._plan_prefill()
+        if chunks and self._running and self._runner.mixes and all(map(mixable, chunks)):
+            self._mixed(chunks, groups)
+        else:
+            self._prefill(chunks, groups)
+            self._flush()  # first tokens go out now, not after this step's decode forward
+            self._preempt()
+            if self._running:
+                masks = prefetch_masks([seq.sampler for seq in self._running])  # made during the forward
+                logits = self._runner.decode([seq.next_token for seq in self._running])
+                self._advance(list(range(len(self._running))), logits, masks)
         self._metrics.running.set(len(self._running))
         self._metrics.waiting.set(len(self._waiting))
         self._metrics.kv_usage.set(self._runner.kv.usage())
@@ -165,11 +169,25 @@ class Scheduler:
             self._metrics.finished("abort")
         self._release(gone)
 
-    def _prefill(self) -> None:
-        chunks, groups = self._plan_prefill()
+    def _mixed(self, chunks: list[PrefillChunk], groups: list[list[Sequence]]) -> None:
+        """The running sequences' next tokens and the step's prompts in one forward (runner.mixed): the
+        prompts cost no separate decode forward (the plan left room for both)."""
+        running = len(self._running)
+        prompts, decoded = self._runner.mixed(chunks, [seq.next_token for seq in self._running])
+        rows, joined = self._join(chunks, groups)
+        self._advance([*range(running), *rows], torch.cat([decoded, prompts[joined]]))
+
+    def _prefill(self, chunks: list[PrefillChunk], groups: list[list[Sequence]]) -> None:
         if not chunks:
             return
         logits = self._runner.prefill(chunks)
+        rows, joined = self._join(chunks, groups)
+        if joined:
+            self._advance(rows, logits[joined])
+
+    def _join(self, chunks: list[PrefillChunk], groups: list[list[Sequence]]) -> tuple[list[int], list[int]]:
+        """The sequences whose prompts this step completed join the batch (their twins beside them) and
+        their prompts' blocks are cached; their rows, and the indices of the chunks they came from."""
         first_row = len(self._running)
         joined = []
         for row, (chunk, group) in enumerate(zip(chunks, groups, strict=True)):
@@ -189,8 +207,7 @@ class Scheduler:
             if not group[0].generated:
                 self._metrics.prefix_hits.inc(group[0].cached)
         self._remember(range(first_row, len(self._running)))
-        if joined:
-            self._advance(list(range(first_row, len(self._running))), logits[joined])
+        return list(range(first_row, len(self._running))), joined
 
     def _remember(self, rows: Iterable[int]) -> None:
         """Cache the full blocks these rows' KV holds (a prompt as it joins, a whole answer as it ends)."""
@@ -234,7 +251,7 @@ class Scheduler:
         if alone or head.inputs is not None or head.num_prefilled:
             if not room(1, len(head.context())):
                 return [], []  # it waits for running sequences to finish (or be preempted)
-            planned = [(self._head_chunk(head, budget, hit), [head])]
+            planned = [(head_chunk(head, budget, hit), [head])]
         else:
             planned = self._plan_together(candidates, hit, budget, room, keep)
         join_twins(planned, candidates, room)
@@ -300,21 +317,6 @@ class Scheduler:
         if seq.inputs is not None and len(blocks) * PREFIX_BLOCK < seq.image_end:
             return []
         return blocks
-
-    @staticmethod
-    def _head_chunk(seq: Sequence, budget: int, hit: list[int]) -> PrefillChunk:
-        """The next chunk of a prompt that runs alone: a vision prompt whole, a long one `budget` at a
-        time, one with a cached prefix from its end; `slot` is set (to be placed) on the chunk that
-        completes the prompt."""
-        context = seq.context()
-        if seq.inputs is not None and not hit and not seq.num_prefilled:  # pixels in the same forward
-            return PrefillChunk(seq.seq_id, tuple(context), 0, 0, with_generated(seq.inputs, seq.generated))
-        start = len(hit) * PREFIX_BLOCK if hit else seq.num_prefilled
-        if hit:
-            seq.cached = start
-        take = context[start : start + budget]
-        done = start + len(take) == len(context)
-        return PrefillChunk(seq.seq_id, tuple(take), start, 0 if done else None, prefix=tuple(hit))
 
     def _advance(
         self, rows: list[int], logits: torch.Tensor, masks: Future[torch.Tensor] | None = None

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from shardbento.engine.batch.kvslots import PREFIX_BLOCK
 from shardbento.engine.batch.runner import PrefillChunk
 from shardbento.engine.batch.sampler import RequestSampler
 from shardbento.engine.output import OutputStream
@@ -101,3 +102,24 @@ def place(planned: list[tuple[PrefillChunk, list[Sequence]]], first_slot: int) -
         chunks.append(replace(chunk, slot=slot, copies=tuple(range(slot + 1, slot + len(group)))))
         slot += len(group)
     return chunks
+
+
+def head_chunk(seq: Sequence, budget: int, hit: list[int]) -> PrefillChunk:
+    """The next chunk of a prompt that runs alone: a vision prompt whole, a long one `budget` at a
+    time, one with a cached prefix from its end; `slot` is set (to be placed) on the chunk that
+    completes the prompt."""
+    context = seq.context()
+    if seq.inputs is not None and not hit and not seq.num_prefilled:  # pixels in the same forward
+        return PrefillChunk(seq.seq_id, tuple(context), 0, 0, with_generated(seq.inputs, seq.generated))
+    start = len(hit) * PREFIX_BLOCK if hit else seq.num_prefilled
+    if hit:
+        seq.cached = start
+    take = context[start : start + budget]
+    done = start + len(take) == len(context)
+    return PrefillChunk(seq.seq_id, tuple(take), start, 0 if done else None, prefix=tuple(hit))
+
+
+def mixable(chunk: PrefillChunk) -> bool:
+    """A chunk that completes a text prompt from its start or a cached prefix (not a vision prompt, not
+    the next chunk of a long one): what a mixed step packs."""
+    return chunk.slot is not None and chunk.inputs is None and (chunk.start == 0 or bool(chunk.prefix))

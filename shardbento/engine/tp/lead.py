@@ -49,7 +49,15 @@ class MirrorRunner:
 
     @property
     def packs(self) -> bool:
-        return self._runner.packs  # every rank agreed on it when the pools were allocated
+        return self._runner.packs  # every rank agreed on it (and on mixes) when the pools were allocated
+
+    @property
+    def mixes(self) -> bool:
+        return self._runner.mixes
+
+    def mixed(self, chunks: list[PrefillChunk], token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        self._send(RunnerCall("mixed", (chunks, token_ids)))
+        return self._runner.mixed(chunks, token_ids)
 
     def _send(self, call: RunnerCall) -> None:
         for follower in self._control:

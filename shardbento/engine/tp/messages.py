@@ -100,7 +100,7 @@ class Cancel:
 class RunnerCall:
     """Rank 0 -> a follower: replay this ModelRunner method with these (plain-data) arguments."""
 
-    method: Literal["prefill", "decode", "release", "drop"]
+    method: Literal["prefill", "mixed", "decode", "release", "drop", "store_prefix", "drop_prefix"]
     args: tuple[Any, ...]
 
 
