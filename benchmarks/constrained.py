@@ -21,7 +21,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from side_by_side import Peer, bench_level, replace_section, start_peer, stop  # noqa: E402
+from side_by_side import (  # noqa: E402
+    CATALOG_YAML,
+    Peer,
+    bench_level,
+    replace_section,
+    shardbento_peer,
+    start_peer,
+    stop,
+)
 
 from shardbento.engine.base import Constraint  # noqa: E402
 
@@ -85,6 +93,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--input-tokens", type=int, default=128)
     parser.add_argument("--requests-per-client", type=int, default=10)
+    parser.add_argument("--model", default="tiny-llama", help="a catalog model, or bench-llama")
     parser.add_argument("--write", action="store_true", help="write the section into docs/benchmarks.md")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="shardbento-constrained-"))
@@ -92,14 +101,20 @@ def main() -> int:
     response_format.write_text(
         json.dumps({"type": "json_schema", "json_schema": {"name": "items", "schema": SCHEMA}})
     )
-    bentoml = Path(sys.executable).parent / "bentoml"
-    peer = Peer(
-        "shardbento",
-        [str(bentoml), "serve", "service:ShardBento", "--arg", "model=tiny-llama"],
-        {"BENTOML_HOME": str(work / "bentoml")},
-        "tiny-llama",
-        bentoml,
-    )
+    if args.model == "bench-llama":  # the side-by-side model, from a catalog directory of its own
+        catalog = work / "catalog"
+        catalog.mkdir()
+        (catalog / "bench-llama.yaml").write_text(CATALOG_YAML)
+        peer = shardbento_peer(catalog, work)
+    else:
+        bentoml = Path(sys.executable).parent / "bentoml"
+        peer = Peer(
+            "shardbento",
+            [str(bentoml), "serve", "service:ShardBento", "--arg", f"model={args.model}"],
+            {"BENTOML_HOME": str(work / "bentoml")},
+            args.model,
+            bentoml,
+        )
     running = start_peer(peer, work)
     if isinstance(running, str):
         print(running, file=sys.stderr)
@@ -136,9 +151,9 @@ def main() -> int:
     rounds = ", ".join(
         f"{a:.1f} / {b:.1f}" for a, b in zip(rates["unconstrained"], rates["constrained"], strict=True)
     )
-    section = f"""## Constrained decoding
+    section = f"""## Constrained decoding{"" if args.model == "tiny-llama" else f" ({args.model})"}
 
-`benchmarks/constrained.py` on {platform.processor() or platform.machine()} ({os.cpu_count()} cores), tiny-llama
+`benchmarks/constrained.py` on {platform.processor() or platform.machine()} ({os.cpu_count()} cores), {args.model}
 served by `bentoml serve`, {args.input_tokens}-token prompts, concurrency {args.concurrency}; unconstrained requests
 run {3 * ITEMS} tokens (EOS ignored), constrained ones answer a {ITEMS}-item enum array under a JSON schema (about as
 many tokens; output tok/s counts the tokens actually generated). {args.rounds} rounds, the order alternating
@@ -168,7 +183,8 @@ step takes tens of milliseconds and the same fraction of a millisecond is about 
 """
     print(section)
     if args.write:
-        replace_section(REPO / "docs" / "benchmarks.md", "constrained", section)
+        name = "constrained" if args.model == "tiny-llama" else f"constrained-{args.model}"
+        replace_section(REPO / "docs" / "benchmarks.md", name, section)
     return 0
 
 

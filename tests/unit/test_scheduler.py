@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import replace
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from prometheus_client import REGISTRY
 
 from shardbento.catalog import ServingLimits
-from shardbento.engine.base import ChatMessage, SamplingParams
+from shardbento.engine.base import ChatMessage, Constraint, SamplingParams
 from shardbento.engine.hf.engine import HFEngine
 from shardbento.errors import Overloaded
 from shardbento.plan.preflight import run_preflight
@@ -54,24 +55,40 @@ def test_scheduler_batched_greedy_equals_unbatched(text_engine) -> None:
 
 
 def test_scheduler_prompts_arriving_mid_decode_join_in_mixed_steps_with_unbatched_tokens(text_engine) -> None:
-    """Requests arriving while others decode are prefilled in the running rows' decode forward (mixed
-    steps, counted here); every request's greedy tokens equal its unbatched ones."""
+    """Requests arriving while another decodes are prefilled in its decode forward (a mixed step, counted
+    here); every request's greedy tokens equal its unbatched ones, constrained ones too (the running
+    row's grammar mask made during the forward, the joining row's after it)."""
+    items = {"type": "array", "items": {"enum": ["alpha", "beta"]}, "minItems": 12, "maxItems": 12}
+    schema = {"type": "object", "properties": {"items": items}, "required": ["items"]}
+    constraint = Constraint("json_schema", json.dumps(schema))
     ps = prompts(text_engine)
-    pairs = [(p, SamplingParams(max_tokens=24, ignore_eos=True)) for p in ps]
-    runner = text_engine._scheduler._runner
+    pairs = [
+        (ps[0], SamplingParams(max_tokens=200, constraint=constraint)),  # ends with its array
+        (ps[1], SamplingParams(max_tokens=24, ignore_eos=True)),
+        (ps[2], SamplingParams(max_tokens=200, constraint=constraint)),
+        (ps[3], SamplingParams(max_tokens=24, ignore_eos=True)),
+    ]
+    scheduler = text_engine._scheduler
+    runner = scheduler._runner
     calls = []
     mixed = runner.mixed
     runner.mixed = lambda chunks, tokens: calls.append(len(chunks)) or mixed(chunks, tokens)
 
+    async def wait_for(condition) -> None:
+        for _ in range(2000):  # bounded
+            if condition():
+                return
+            await asyncio.sleep(0.005)
+        raise AssertionError("the scheduler never reached the state the test waits for")
+
     async def staggered():
         first = asyncio.ensure_future(collect(text_engine, *pairs[0]))
-        for _ in range(1000):  # bounded: until the first request decodes in the batch
-            running = list(text_engine._scheduler._running)
-            if running and len(running[0].generated) >= 2:
-                break
-            await asyncio.sleep(0.01)
-        later = await asyncio.gather(*(collect(text_engine, *pair) for pair in pairs[1:]))
-        return [await first, *later]
+        await wait_for(lambda: scheduler._running and len(scheduler._running[0].generated) >= 2)
+        with scheduler._wake:  # the engine thread waits at its next step until all three are queued
+            assert len(scheduler._running) == 1
+            later = [asyncio.ensure_future(collect(text_engine, *pair)) for pair in pairs[1:]]
+            await wait_for(lambda: len(scheduler._waiting) == 3)
+        return [await first, *[await task for task in later]]
 
     try:
         got = asyncio.run(staggered())
@@ -79,6 +96,7 @@ def test_scheduler_prompts_arriving_mid_decode_join_in_mixed_steps_with_unbatche
         del runner.mixed
     assert calls, "no request joined in a mixed step"
     assert got == alone(text_engine, pairs)
+    assert all(json.loads(text)["items"] for _, text, _ in (got[0], got[2]))
 
 
 def test_scheduler_stop_and_max_tokens_hold_inside_batch(text_engine) -> None:

@@ -214,14 +214,15 @@ def select_tokens(
 ) -> list[int]:
     """The next token of every row of a batch's logits: plain greedy rows (constrained or not) in one
     masked argmax, others each by its own sampler (its generator, penalties, logprobs). Same tokens as
-    select() row by row. `prefetched` is prefetch_masks() of these same samplers."""
+    select() row by row. `prefetched` is prefetch_masks() of these samplers, or of the first ones (a
+    mixed step's running rows, before the rows that joined in it: theirs are computed here)."""
     tokens = [0] * len(samplers)
     constrained = [i for i, sampler in enumerate(samplers) if sampler.matcher is not None]
-    masks = None
-    if prefetched is not None:
-        masks = prefetched.result()
-    elif constrained:  # one mask computation for the whole batch, not one per row
-        masks = samplers[constrained[0]].grammars.allowed([samplers[i].matcher for i in constrained])
+    masks = prefetched.result() if prefetched is not None else None
+    missing = constrained[0 if masks is None else masks.shape[0] :]
+    if missing:  # one mask computation for the rows without one, not one per row
+        more = samplers[missing[0]].grammars.allowed([samplers[i].matcher for i in missing])
+        masks = more if masks is None else torch.cat([masks, more])
     plain = [i for i, sampler in enumerate(samplers) if sampler.is_plain_greedy]
     if plain:
         rows = logits[plain].float()

@@ -173,9 +173,10 @@ class Scheduler:
         """The running sequences' next tokens and the step's prompts in one forward (runner.mixed): the
         prompts cost no separate decode forward (the plan left room for both)."""
         running = len(self._running)
+        masks = prefetch_masks([seq.sampler for seq in self._running])  # the joining rows' come after
         prompts, decoded = self._runner.mixed(chunks, [seq.next_token for seq in self._running])
         rows, joined = self._join(chunks, groups)
-        self._advance([*range(running), *rows], torch.cat([decoded, prompts[joined]]))
+        self._advance([*range(running), *rows], torch.cat([decoded, prompts[joined]]), masks)
 
     def _prefill(self, chunks: list[PrefillChunk], groups: list[list[Sequence]]) -> None:
         if not chunks:
