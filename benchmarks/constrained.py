@@ -172,14 +172,16 @@ Grammar compile of a {size}-byte JSON schema (32 typed properties, enums, bounds
 on the same vocabulary: first {first_ms:.2f} ms, cached {cached_ms:.3f} ms (cached: the compiled matcher is
 reused; a request's own matcher is a copy of it).
 
-Where the time goes: tiny-llama's decode step at c=16 is about 7 ms on these two cores. The next step's
-masks are computed on a grammar thread while the decode forward runs (llguidance releases the GIL), one
-matcher after the other: with llguidance's own parallel executor (its worker pool competing with the
-model's threads for two cores) the ratio was 0.84x; without it, 0.86-0.94x over three runs of 4-8 rounds. What a constrained batch still adds is
-waiting for the masks the forward did not hide (the tiny model's forward is mostly Python, holding the
-GIL), applying them and advancing 16 matchers (~0.3 ms together). Levels of a few seconds vary by +-20 %
-here between rounds, which is why rounds alternate and both medians are shown. On a model of real size a
-step takes tens of milliseconds and the same fraction of a millisecond is about 1 %.
+Where the time goes (tiny-llama, measured in-process at c=16): a decode step takes 4-7 ms on these two
+cores. The next step's masks are computed on a grammar thread while the decode forward runs (llguidance
+releases the GIL), one matcher after the other (llguidance's own parallel executor, whose worker pool
+competed with the model's threads for two cores, gave 0.84x); a mixed step (newcomers' prompts in the
+running rows' forward) keeps the running rows' masks made during the forward and makes only the
+newcomers' after it. What a constrained step still adds: about 0.15 ms applying the masks and advancing
+the matchers on the engine thread, and a forward a few tenths of a millisecond slower while the grammar
+thread shares the cores and caches; over HTTP, streaming costs both loads alike. Levels of a few seconds
+vary by +-20 % here between rounds, which is why rounds alternate and both medians are shown. On a model
+of real size a step takes tens of milliseconds and the same fraction of a millisecond is about 1 %.
 """
     print(section)
     if args.write:
