@@ -6,6 +6,9 @@ Packed, the forward computes exactly the prompts' new tokens. The attention is d
 prompt's queries against its own cached prefix and its own keys (vLLM's varlen attention does the
 same in one kernel), so long cached prefixes never meet the other rows' queries.
 
+A mixed step packs the running sequences' decode tokens in front of the prompts: their queries attend
+to their own KV rows of the batch's SlotKVCache (their new keys written there first), as a decode step's.
+
 The model runs under an attention implementation registered here, which is transformers' SDPA except
 inside `packed_rows()`, where it reads the rows' layout from a thread-local (not from the forward's
 kwargs, which not every model passes down). Whether a model can be packed is checked on the model
