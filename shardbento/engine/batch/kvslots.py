@@ -102,10 +102,6 @@ class SlotKVCache:
         values[rows, :, starts] = value_states[:, :, 0]
         return keys[: self._num_rows, :, : self._kv_len], values[: self._num_rows, :, : self._kv_len]
 
-    def layer_rows(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A layer's keys and values as rows [rows, kv heads, width, head dim] (allocated already)."""
-        return self._keys[layer_idx], self._values[layer_idx]
-
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._kv_len
 

@@ -36,12 +36,12 @@ _local = threading.local()
 @dataclass(frozen=True)
 class DecodeRows:
     """A mixed step's running sequences: one token each for KV rows 0..num_rows-1 of `kv` (a
-    SlotKVCache), packed before the prompts; `starts` are their lengths (where each new token goes)."""
+    SlotKVCache readied by begin_step, as for a decode step), packed before the prompts; `mask` is the
+    rows' keys mask [rows, kv_len], made once for every layer."""
 
     kv: Any
     num_rows: int
-    starts: torch.Tensor
-    kv_len: int
+    mask: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -148,21 +148,20 @@ def _decode_attention(
     scale: float | None,
 ) -> torch.Tensor:
     """The running sequences' attention in a mixed step: their new keys and values (packed at `at`)
-    written into their KV rows, each token attending to its own row, as a decode step does;
-    [1, heads, rows, head dim]."""
+    go into their KV rows through the cache's own update(), as in a decode step, and each token attends
+    to its own row; [1, heads, rows, head dim]."""
     n = rows.num_rows
-    keys, values = rows.kv.layer_rows(layer_idx)
-    slots = torch.arange(n, device=keys.device)
-    starts = rows.starts.to(keys.device)
-    keys[slots, :, starts] = key[0, :, at : at + n].transpose(0, 1)
-    values[slots, :, starts] = value[0, :, at : at + n].transpose(0, 1)
-    mask = torch.arange(rows.kv_len, device=keys.device)[None, :] <= starts[:, None]
+    keys, values = rows.kv.update(
+        key[0, :, at : at + n].transpose(0, 1)[:, :, None],  # [rows, kv heads, 1, head dim]
+        value[0, :, at : at + n].transpose(0, 1)[:, :, None],
+        layer_idx,
+    )
     q = query[0, :, :n].transpose(0, 1)[:, :, None]  # [rows, heads, 1, head dim]
     out = torch.nn.functional.scaled_dot_product_attention(
         q,
-        keys[:n, :, : rows.kv_len],
-        values[:n, :, : rows.kv_len],
-        attn_mask=mask[:, None, None, :],
+        keys,
+        values,
+        attn_mask=rows.mask.to(keys.device)[:, None, None, :],
         scale=scale,
         enable_gqa=q.shape[1] != keys.shape[1],
     )

@@ -96,19 +96,14 @@ class ModelRunner:
         decode tokens [n, vocab]."""
         self._lay_out(chunks)
         n = len(token_ids)
-        lengths = self.kv.lengths[:n]
-        decode = DecodeRows(self.kv, n, torch.tensor(lengths, device=self._device), max(lengths) + 1)
+        decode = DecodeRows(self.kv, n, self._begin_decode(n))
         logits = self._prefill_packed(chunks, decode, token_ids)
         return logits[n:], logits[:n]
 
     def decode(self, token_ids: list[int]) -> torch.Tensor:
         """One token for each of slots 0..n-1 (n = len(token_ids)); logits [n, vocab]."""
         num_rows = len(token_ids)
-        lengths = self.kv.lengths[:num_rows]
-        kv_len = max(lengths) + 1
-        self.kv.begin_step(num_rows, kv_len, self._device)
-        starts = torch.tensor(lengths, device=self._device)
-        mask = torch.arange(kv_len, device=self._device)[None, :] <= starts[:, None]
+        mask = self._begin_decode(num_rows)
         out = self.model(
             input_ids=torch.tensor(token_ids, device=self._device)[:, None],
             position_ids=torch.tensor(self.kv.positions(num_rows), device=self._device)[:, None],
@@ -119,6 +114,15 @@ class ModelRunner:
         )
         self.kv.advance(num_rows)
         return out.logits[:, -1]
+
+    def _begin_decode(self, num_rows: int) -> torch.Tensor:
+        """Ready the KV pool for one new token in each of rows 0..num_rows-1: the rows' keys mask
+        [rows, kv_len] (each row sees its own tokens and the new one)."""
+        lengths = self.kv.lengths[:num_rows]
+        kv_len = max(lengths) + 1
+        self.kv.begin_step(num_rows, kv_len, self._device)
+        starts = torch.tensor(lengths, device=self._device)
+        return torch.arange(kv_len, device=self._device)[None, :] <= starts[:, None]
 
     def allocate_pool(self, limits: Any) -> int:
         """Size the KV pool by the one rule (plan.memory.kv_pool_tokens) after a warm-up forward of a
