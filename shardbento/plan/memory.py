@@ -20,6 +20,8 @@ CUDA_CONTEXT_BYTES = 1 * GIB  # per GPU: CUDA context, cuBLAS workspaces, NCCL b
 # vLLM requires; more room is more concurrency, which the plan prints.
 MIN_POOL_SEQUENCES = 1
 
+# Ampere and later compute bfloat16 natively; older GPUs emulate it (slowly): they run float16 instead.
+NATIVE_BF16_CAPABILITY = (8, 0)
 # name: (memory in bytes as sold, compute capability)
 GPU_KINDS: dict[str, tuple[int, tuple[int, int]]] = {
     "T4-16GB": (16 * GB, (7, 5)),

@@ -6,7 +6,15 @@ import importlib.util
 import logging
 
 from shardbento.catalog import ModelSpec
-from shardbento.plan.memory import GIB, GpuKind, PlanError, load_config, model_shape, parse_gpus
+from shardbento.plan.memory import (
+    GIB,
+    NATIVE_BF16_CAPABILITY,
+    GpuKind,
+    PlanError,
+    load_config,
+    model_shape,
+    parse_gpus,
+)
 from shardbento.plan.sharding import Plan, choose_mode, plan_spec, render, unplanned
 from shardbento.plan.source import config_path
 from shardbento.plan.tp_plan import tp_plan_available
@@ -88,7 +96,7 @@ def _check_gpus(spec: ModelSpec, torch: object) -> list[str]:
                 f"GPU {index} ({name}) has compute capability {major}.{minor} but this torch build has kernels "
                 f"for {', '.join(arch_list)} only; install a torch build that lists sm_{major}{minor}"
             )
-        if major < 8 and spec.dtype in ("bfloat16", "auto"):
+        if (major, minor) < NATIVE_BF16_CAPABILITY and spec.dtype in ("bfloat16", "auto"):
             notes.append(f"GPU {index} ({name}) predates Ampere: bfloat16 falls back to float16")
     if importlib.util.find_spec("flash_attn") is None:
         notes.append("flash-attention is not installed: attention runs on PyTorch SDPA")

@@ -15,6 +15,7 @@ from shardbento.plan.memory import (
     ACTIVATION_FRACTION,
     CUDA_CONTEXT_BYTES,
     GIB,
+    NATIVE_BF16_CAPABILITY,
     Budget,
     GpuKind,
     ModelShape,
@@ -125,7 +126,7 @@ def plan_spec(
 ) -> Plan:
     """Plan `spec` on `num_gpus` (default: the spec's) GPUs of `gpu`; raises PlanError when it cannot work."""
     dtype = dtype or (spec.dtype if spec.dtype != "auto" else "bfloat16")
-    if dtype == "bfloat16" and gpu.capability < (8, 0):
+    if dtype == "bfloat16" and gpu.capability < NATIVE_BF16_CAPABILITY:
         dtype = "float16"  # what the engine falls back to on pre-Ampere GPUs
     context = max_model_len or spec.max_model_len
     need = budget(

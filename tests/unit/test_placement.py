@@ -9,7 +9,15 @@ import torch
 from accelerate.utils import check_device_map
 
 from shardbento.catalog import load_spec
-from shardbento.engine.hf.placement import _mapped_device, device_map_for, meta_model
+from shardbento.engine.hf.loading import auto_gpu_dtype
+from shardbento.engine.hf.placement import (
+    _mapped_device,
+    device_map_for,
+    hidden_states_device,
+    input_device,
+    meta_model,
+    module_device,
+)
 from shardbento.plan.memory import CUDA_CONTEXT_BYTES, GIB, GpuKind, model_shape
 from shardbento.plan.preflight import run_preflight
 from shardbento.plan.sharding import plan_spec
@@ -91,3 +99,68 @@ def test_placement_planned_split_loads_as_mapped(tmp_path) -> None:
 )
 def test_placement_mapped_device_longest_prefix(device_map, module, expected) -> None:
     assert _mapped_device(device_map, module) == expected
+
+
+def _split_meta_model(device_map: dict):
+    """tiny-llama's architecture on `meta` with the device map a layer split would record."""
+    spec = load_spec("tiny-llama")
+    model = meta_model(spec, resolve_source(spec), torch.float32)
+    model.hf_device_map = device_map
+    return model
+
+
+class _Hook:
+    """What accelerate attaches to an offloaded module: its weights live elsewhere, it runs here."""
+
+    def __init__(self, execution_device) -> None:
+        self.execution_device = execution_device
+
+
+def test_placement_layer_split_inputs_go_to_the_embedding_and_logit_indices_to_the_last_layer() -> None:
+    model = _split_meta_model(
+        {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "model.norm": 1, "lm_head": 1}
+    )
+    assert input_device(model) == torch.device("cuda", 0)
+    assert hidden_states_device(model) == torch.device("cuda", 1)
+
+
+def test_placement_tied_head_beside_the_embedding_still_indexes_on_the_norms_device() -> None:
+    model = _split_meta_model({"model.embed_tokens": 0, "model.layers": 1, "model.norm": 2, "lm_head": 0})
+    assert hidden_states_device(model) == torch.device("cuda", 2)
+
+
+def test_placement_offloaded_embedding_runs_where_its_hook_says_not_on_meta() -> None:
+    model = _split_meta_model(
+        {"model.embed_tokens": "disk", "model.layers": 0, "model.norm": 0, "lm_head": 0}
+    )
+    assert model.get_input_embeddings().weight.device.type == "meta"
+    model.get_input_embeddings()._hf_hook = _Hook(0)
+    assert input_device(model) == torch.device("cuda", 0)
+    assert module_device(model, model.get_input_embeddings()) == torch.device("cuda", 0)
+
+
+def test_placement_unplaced_embedding_is_an_error_not_meta() -> None:
+    model = _split_meta_model({"model.embed_tokens": "disk", "model.layers": 0})
+    with pytest.raises(ValueError, match="no device"):
+        input_device(model)
+
+
+def test_placement_plain_model_uses_its_weights_device() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    model = LlamaForCausalLM(config)
+    assert input_device(model) == hidden_states_device(model) == torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    ("capabilities", "expected"),
+    [
+        ([(9, 0)], "bfloat16"),
+        ([(8, 0), (8, 6)], "bfloat16"),
+        ([(7, 5)], "float16"),
+        ([(8, 0), (7, 0)], "float16"),
+    ],
+)
+def test_placement_auto_dtype_is_bfloat16_only_where_every_gpu_computes_it(capabilities, expected) -> None:
+    assert auto_gpu_dtype(capabilities) == expected

@@ -9,7 +9,9 @@ from typing import Any
 import torch
 
 from shardbento.engine.batch.kvslots import SlotKVCache
-from shardbento.engine.batch.packed import DecodeRows, PackedRows, close_enough, enable_packing, packed_rows
+from shardbento.engine.batch.packed import DecodeRows, PackedRows, enable_packing, packed_rows
+from shardbento.engine.batch.selfcheck import agreement
+from shardbento.engine.hf.placement import hidden_states_device, input_device
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,8 @@ class ModelRunner:
         self.model = model
         self.kv = SlotKVCache(num_slots, max_model_len, pool_tokens or num_slots * max_model_len)
         self.pool_source = "max_num_seqs x max_model_len"
-        self._device = model.get_input_embeddings().weight.device
+        self._device = input_device(model)  # input ids, positions and masks go here
+        self._hidden_device = hidden_states_device(model)  # logits_to_keep's indices go here
         self._additive_mask = getattr(model.config, "_attn_implementation", "sdpa") == "eager"
         self._partial: dict[int, Any] = {}  # seq id -> its prefill cache while chunks remain
         self.num_rows = 0  # slots 0..num_rows-1 hold running sequences
@@ -163,14 +166,17 @@ class ModelRunner:
             self.release([0])
             self.prefill([PrefillChunk(-1, first, 0, 0)])
             prompt, decode = self.mixed([PrefillChunk(-2, second, 0, 1)], [5])
-            ok = close_enough(decode, decoded) and close_enough(prompt, alone)
-        except Exception:  # noqa: BLE001 - e.g. attention modules without layer_idx: no mixed steps
-            logger.debug("mixed step check failed", exc_info=True)
-            ok = False
+            check = agreement(decode, decoded).worst(agreement(prompt, alone))
+            ok, why = check.ok, check.describe()
+        except Exception as exc:  # noqa: BLE001 - e.g. attention modules without layer_idx: no mixed steps
+            ok, why = False, f"the check failed: {type(exc).__name__}: {exc}"
         finally:
             self.release(list(range(self.num_rows)))
         logger.info(
-            "running sequences decode in the prompts' forward (mixed steps): %s", "yes" if ok else "no"
+            "running sequences decode in the prompts' forward (mixed steps): %s (mixed against decode "
+            "and prefill apart on this model: %s)",
+            "yes" if ok else "no",
+            why,
         )
         return ok
 
@@ -267,7 +273,7 @@ class ModelRunner:
                 position_ids=positions[None].to(self._device),
                 past_key_values=cache,
                 use_cache=True,
-                logits_to_keep=rows.last_tokens().to(self._device),
+                logits_to_keep=rows.last_tokens().to(self._hidden_device),
             )
         self.kv.advance(len(token_ids))  # the decode rows' new tokens are in their rows
         for row, chunk in enumerate(chunks):

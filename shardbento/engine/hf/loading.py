@@ -13,6 +13,7 @@ from shardbento.catalog import ModelSpec
 from shardbento.engine.hf.cpu_kernels import keep_freed_memory, pack_linear_weights
 from shardbento.engine.hf.placement import device_map_for, input_device
 from shardbento.engine.hf.preprocess import Preprocessor, load_preprocessor
+from shardbento.plan.memory import NATIVE_BF16_CAPABILITY
 from shardbento.plan.sharding import Plan
 from shardbento.plan.source import checkpoint_path
 
@@ -22,11 +23,19 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 
 def resolve_dtype(spec: ModelSpec) -> torch.dtype:
-    if spec.dtype != "auto":
-        return _DTYPES[spec.dtype]
-    if spec.gpus == 0:
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    """The spec's dtype; `auto` is float32 on CPU. On GPUs `auto` and `bfloat16` are bfloat16 where every
+    GPU the model uses computes it natively (Ampere, 8.0, and later), else float16: what preflight's note
+    and the planner say."""
+    if spec.num_gpus == 0 or spec.dtype not in ("auto", "bfloat16"):
+        return torch.float32 if spec.dtype == "auto" else _DTYPES[spec.dtype]
+    capabilities = [torch.cuda.get_device_capability(i) for i in range(spec.num_gpus)]
+    return _DTYPES[auto_gpu_dtype(capabilities)]
+
+
+def auto_gpu_dtype(capabilities: list[tuple[int, int]]) -> str:
+    """bfloat16 when every GPU is Ampere (8.0) or later. Not torch.cuda.is_bf16_supported(): it counts
+    the emulated bfloat16 of a T4 or V100 as support, which runs several times slower than float16."""
+    return "bfloat16" if all(c >= NATIVE_BF16_CAPABILITY for c in capabilities) else "float16"
 
 
 @dataclass(frozen=True)

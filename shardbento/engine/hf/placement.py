@@ -61,23 +61,56 @@ def manual_device_map(spec: ModelSpec) -> dict[str, Any]:
 
 
 def input_device(model: Any) -> torch.device:
-    """The device of the input embeddings: where input ids must go under any device map.
+    """The device of the input embeddings: where input ids (and position ids, masks) must go under any
+    device map. An offloaded embedding's weight is on `meta`; its hook knows where it runs."""
+    device = module_device(model, model.get_input_embeddings())
+    if device is None:
+        raise ValueError("the input embeddings have no device: neither placed, mapped nor hooked")
+    return device
 
-    accelerate's hook knows the execution device of an offloaded embedding (CPU- or disk-offloaded
-    weights run on the main GPU); otherwise the device map, then the weight itself, tell.
-    """
-    embeddings = model.get_input_embeddings()
-    hook = getattr(embeddings, "_hf_hook", None)
+
+def hidden_states_device(model: Any) -> torch.device:
+    """The device of the decoder's final hidden states: where the index tensor of `logits_to_keep` must
+    be (transformers slices the hidden states before lm_head's own hook moves them). Under a layer split
+    that is the last layer's GPU, not the input embeddings' one; a tied lm_head may sit elsewhere again."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    final = None
+    if decoder is not None:
+        final = getattr(decoder, "norm", None) or _last_child_with_parameters(decoder)
+    for module in (final, model.get_output_embeddings()):
+        device = module_device(model, module) if module is not None else None
+        if device is not None:
+            return device
+    return input_device(model)
+
+
+def module_device(model: Any, module: Any) -> torch.device | None:
+    """Where `module` computes: accelerate's hook (an offloaded module's weights are on `meta` and run
+    on its execution device), else the model's device map, else its first parameter (never `meta`)."""
+    hook = getattr(module, "_hf_hook", None)
     if hook is not None and getattr(hook, "execution_device", None) is not None:
-        return torch.device(hook.execution_device)
+        return _as_device(hook.execution_device)
     device_map = getattr(model, "hf_device_map", None) or {}
-    for name, module in model.named_modules():
-        if module is embeddings:
-            placed = _mapped_device(device_map, name)
-            if placed is not None:
-                return placed
-            break
-    return embeddings.weight.device
+    if device_map:
+        for name, candidate in model.named_modules():
+            if candidate is module:
+                placed = _mapped_device(device_map, name)
+                if placed is not None:
+                    return placed
+                break
+    weight = next(module.parameters(), None)
+    if weight is not None and weight.device.type != "meta":
+        return weight.device
+    return None
+
+
+def _last_child_with_parameters(module: Any) -> Any:
+    children = [child for child in module.children() if next(child.parameters(), None) is not None]
+    return children[-1] if children else None
+
+
+def _as_device(placed: Any) -> torch.device:
+    return torch.device("cuda", placed) if isinstance(placed, int) else torch.device(placed)
 
 
 def _mapped_device(device_map: dict[str, Any], module_name: str) -> torch.device | None:
@@ -86,8 +119,6 @@ def _mapped_device(device_map: dict[str, Any], module_name: str) -> torch.device
     if not matches:
         return None
     placed = device_map[max(matches, key=len)]
-    if isinstance(placed, int):
-        return torch.device("cuda", placed)
     if placed in ("disk", "meta"):
         return None
-    return torch.device(placed)
+    return _as_device(placed)
