@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from shardbento.engine.batch import packed
@@ -68,11 +69,16 @@ def with_prefixes(
     return blocks
 
 
+@pytest.mark.parametrize("repeat_kv", [False, True], ids=["gqa", "kv-repeated"])
 @torch.inference_mode()
-def test_runner_packed_prefill_equals_each_prompt_alone(text_engine) -> None:
+def test_runner_packed_prefill_equals_each_prompt_alone(text_engine, monkeypatch, repeat_kv: bool) -> None:
     """Prompts of different lengths, two of them continuing from cached prefixes of different lengths and
     one with a twin, packed in one row: each row's logits, its KV and the decode after them equal each
-    prompt prefilled alone (no row pads or recomputes: each computes exactly its tokens past its prefix)."""
+    prompt prefilled alone (no row pads or recomputes: each computes exactly its tokens past its prefix).
+    Also with the KV heads repeated once per layer, as on CUDA (fused kernels take a mask or GQA)."""
+    assert text_engine.model.config.num_key_value_heads < text_engine.model.config.num_attention_heads
+    devices = frozenset({"cpu"} if repeat_kv else ())
+    monkeypatch.setattr("shardbento.engine.batch.packed.REPEAT_KV_DEVICES", devices)
     assert enable_packing(text_engine.model)
     prompts = [tuple(range(20, 61)), tuple(range(5, 40)), (7, 8, 9, 10, 11, 12, 13), tuple(range(30, 100))]
     cached = [2 * B, 0, 0, B]

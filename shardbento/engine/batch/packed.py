@@ -19,6 +19,7 @@ does not come through the registry is never packed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import Iterator, Sequence
@@ -26,10 +27,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.nn.attention.bias import causal_lower_right
+
+from shardbento.engine.batch.selfcheck import Agreement, agreement
 
 logger = logging.getLogger(__name__)
 
 ATTENTION = "shardbento_packed"
+# Devices whose fused attention kernels take a mask or enable_gqa but not both: a layer's keys and values
+# are repeated per query head once there when its prompts attend to cached prefixes (a mask).
+REPEAT_KV_DEVICES = frozenset({"cuda"})
 _local = threading.local()
 
 
@@ -109,33 +116,36 @@ def packed_attention(
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     _local.calls = getattr(_local, "calls", 0) + 1
     scale = kwargs.get("scaling")
-    gqa = query.shape[1] != key.shape[1]
     first = rows.cached_tokens + rows.lead  # the prompts' own keys start here
     outputs = []
     if rows.decode is not None:
         outputs.append(
             _decode_attention(module.layer_idx, rows.decode, query, key, value, rows.cached_tokens, scale)
         )
+    gqa = query.shape[1] != key.shape[1]
+    if gqa and rows.cached_tokens and query.device.type in REPEAT_KV_DEVICES:
+        key, value = repeat_heads(key, query.shape[1]), repeat_heads(value, query.shape[1])
+        gqa = False
     for (offset, cached), (at, n) in zip(rows.cached, rows.new, strict=True):
         q = query[:, :, rows.lead + at : rows.lead + at + n]
         own = slice(first + at, first + at + n)
-        if cached:
+        if cached:  # its queries see the cached prefix and its own keys causally (lower-right aligned)
             k = torch.cat([key[:, :, offset : offset + cached], key[:, :, own]], dim=2)
             v = torch.cat([value[:, :, offset : offset + cached], value[:, :, own]], dim=2)
-            mask = (
-                torch.arange(cached + n, device=q.device)[None, :]
-                <= torch.arange(n, device=q.device)[:, None] + cached
-            )
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa
-            )
+            mask, causal = causal_lower_right(n, cached + n), False
         else:
-            k, v = key[:, :, own], value[:, :, own]
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=scale, enable_gqa=gqa
+            k, v, mask, causal = key[:, :, own], value[:, :, own], None, True
+        outputs.append(
+            torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa
             )
-        outputs.append(out)
+        )
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def repeat_heads(states: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Keys or values [batch, kv heads, tokens, dim] with each KV head repeated for its query heads."""
+    return states.repeat_interleave(num_heads // states.shape[1], dim=1)
 
 
 def _decode_attention(
@@ -149,23 +159,23 @@ def _decode_attention(
 ) -> torch.Tensor:
     """The running sequences' attention in a mixed step: their new keys and values (packed at `at`)
     go into their KV rows through the cache's own update(), as in a decode step, and each token attends
-    to its own row; [1, heads, rows, head dim]."""
+    to its own row; [1, heads, rows, head dim].
+
+    Each row's one query per head is regrouped as [kv heads, queries per kv head]: every query then
+    attends to its own KV head's keys with the row's mask, with neither enable_gqa nor a repeat of the
+    KV rows (fused CUDA kernels take a mask or enable_gqa, not both)."""
     n = rows.num_rows
     keys, values = rows.kv.update(
         key[0, :, at : at + n].transpose(0, 1)[:, :, None],  # [rows, kv heads, 1, head dim]
         value[0, :, at : at + n].transpose(0, 1)[:, :, None],
         layer_idx,
     )
-    q = query[0, :, :n].transpose(0, 1)[:, :, None]  # [rows, heads, 1, head dim]
+    heads, kv_heads, dim = query.shape[1], keys.shape[1], query.shape[3]
+    q = query[0, :, :n].transpose(0, 1).reshape(n, kv_heads, heads // kv_heads, dim)
     out = torch.nn.functional.scaled_dot_product_attention(
-        q,
-        keys,
-        values,
-        attn_mask=rows.mask.to(keys.device)[:, None, None, :],
-        scale=scale,
-        enable_gqa=q.shape[1] != keys.shape[1],
+        q, keys, values, attn_mask=rows.mask.to(keys.device)[:, None, None, :], scale=scale
     )
-    return out[:, :, 0].transpose(0, 1)[None]
+    return out.reshape(n, heads, dim).transpose(0, 1)[None]
 
 
 def _register() -> None:
@@ -189,23 +199,32 @@ def enable_packing(model: Any) -> bool:
     ):
         return False
     _register()
+    why = ""
     try:
         model.set_attn_implementation(ATTENTION)
-        ok = _packs_right(model)
-    except Exception:  # noqa: BLE001 - an unexpected model: it keeps its own attention
-        logger.debug("packed prefill check failed", exc_info=True)
-        ok = False
+        check = _packs_right(model)
+        ok, why = check is not None and check.ok, check.describe() if check else "the attention was bypassed"
+    except Exception as exc:  # noqa: BLE001 - an unexpected model: it keeps its own attention
+        ok, why = False, f"the check failed: {type(exc).__name__}: {exc}"
     if not ok:
         with contextlib.suppress(Exception):
             model.set_attn_implementation("sdpa")
-    logger.info("prompts prefilled together: %s", "packed in one row" if ok else "left-padded")
+    logger.info(
+        "prompts prefilled together: %s (packed against one-by-one on this model: %s)",
+        "packed in one row" if ok else "left-padded",
+        why,
+    )
     return ok
 
 
-def _packs_right(model: Any) -> bool:
+def _packs_right(model: Any) -> Agreement | None:
+    """Two prompts packed (one continuing from a cached prefix) against each prompt's own forward:
+    logits and keys; None when some layer's attention did not come through the registry."""
     from transformers import DynamicCache
 
-    device = model.get_input_embeddings().weight.device
+    from shardbento.engine.hf.placement import hidden_states_device, input_device
+
+    device, hidden = input_device(model), hidden_states_device(model)
     prompts = [list(range(3, 12)), list(range(20, 26))]  # the second continues from 4 cached tokens
     alone = []
     for ids in prompts:
@@ -225,21 +244,15 @@ def _packs_right(model: Any) -> bool:
             position_ids=rows.positions()[None].to(device),
             past_key_values=cache,
             use_cache=True,
-            logits_to_keep=rows.last_tokens().to(device),
+            logits_to_keep=rows.last_tokens().to(hidden),
         )
     if _local.calls != len(cache.layers):
-        return False
+        return None
+    checks = []
     for row, (logits, own) in enumerate(alone):
         keys = torch.cat([cache.layers[0].keys[:, :, at : at + n] for at, n in rows.spans(row)], dim=2)
-        if not (close_enough(out.logits[0, row], logits) and close_enough(keys, own.layers[0].keys)):
-            return False
-    return True
-
-
-def close_enough(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal up to the rounding of a different summation order in the tensors' dtype."""
-    tol = max(1e-4, 8 * torch.finfo(a.dtype).eps)
-    return a.shape == b.shape and torch.allclose(a, b, atol=tol, rtol=tol)
+        checks += [agreement(out.logits[0, row], logits), agreement(keys, own.layers[0].keys, top_k=0)]
+    return functools.reduce(Agreement.worst, checks)
 
 
 def _windowed(config: Any) -> bool:
