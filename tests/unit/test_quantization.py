@@ -32,7 +32,7 @@ def loaded_weight_bytes(model) -> int:
 
 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
-def test_quantized_tiny_model_loads_serves_and_matches_the_plan(quantization: str) -> None:
+def test_quantized_tiny_model_loads_serves_and_matches_the_plan(quantization: str, caplog) -> None:
     spec = load_spec("tiny-llama").model_copy(update={"quantization": quantization})
     engine = HFEngine.load(spec)
     try:
@@ -49,6 +49,8 @@ def test_quantized_tiny_model_loads_serves_and_matches_the_plan(quantization: st
     finally:
         engine.close()
     assert sum(len(d.token_ids) for d in deltas) == 6
+    casts = [r for r in caplog.records if r.getMessage().startswith("MatMul8bitLt: inputs will be cast")]
+    assert len(casts) <= 1  # bitsandbytes says it on every forward of every int8 linear: said once
     assert ("Linear8bitLt" if quantization == "int8" else "Linear4bit") in linears
     shape = model_shape(load_config(Path(resolve_source(spec)) / "config.json"))
     planned = budget(shape, dtype="float32", quantization=quantization, max_model_len=spec.max_model_len)

@@ -19,6 +19,9 @@ from shardbento.plan.source import checkpoint_path
 
 logger = logging.getLogger(__name__)
 
+INT8_OUTLIER_THRESHOLD = 6.0
+INT8_CAST_LOGGER = "bitsandbytes.autograd._functions"
+INT8_CAST_MESSAGE = "MatMul8bitLt: inputs will be cast"
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -99,13 +102,40 @@ def quantization_config(spec: ModelSpec, dtype: torch.dtype) -> Any:
     from transformers import BitsAndBytesConfig
 
     if spec.quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        quiet_int8_cast_warning()
+        # llm_int8_threshold stays at LLM.int8()'s 6.0: activations beyond it are outliers, multiplied in
+        # float16 beside the int8 product (on CUDA finding them costs a device-to-host sync per layer; 0.0
+        # would skip that but degrades models of ~7B and more, whose outlier features are systematic).
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=INT8_OUTLIER_THRESHOLD)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_compute_dtype=dtype,
         bnb_4bit_use_double_quant=True,  # block scales quantized too: ~0.52 bytes a weight, as planned
     )
+
+
+class _OnceFilter(logging.Filter):
+    """Lets a message through once, then drops its repeats (bitsandbytes logs its cast on every call)."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self._prefix = prefix
+        self._seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self._prefix):
+            return True
+        seen, self._seen = self._seen, True
+        return not seen
+
+
+def quiet_int8_cast_warning() -> None:
+    """bitsandbytes warns that int8 matmuls cast bfloat16/float32 activations to float16 on every forward
+    of every quantized linear (hundreds of lines per decode step at 8B): said once per process."""
+    bnb_logger = logging.getLogger(INT8_CAST_LOGGER)
+    if not any(isinstance(f, _OnceFilter) for f in bnb_logger.filters):
+        bnb_logger.addFilter(_OnceFilter(INT8_CAST_MESSAGE))
 
 
 def _uses_disk(device_map: str | dict[str, Any]) -> bool:
