@@ -76,8 +76,9 @@ def metric(name: str) -> float:
     return REGISTRY.get_sample_value(f"shardbento:{name}", {"model_name": "tiny-llama"}) or 0.0
 
 
-def small_pool_engine(text_engine, tokens: int) -> HFEngine:
-    spec = text_engine.spec.model_copy(update={"limits": ServingLimits(kv_cache_tokens=tokens)})
+def small_pool_engine(text_engine, tokens: int, max_prefill_tokens: int = 512) -> HFEngine:
+    limits = ServingLimits(kv_cache_tokens=tokens, max_prefill_tokens=max_prefill_tokens)
+    spec = text_engine.spec.model_copy(update={"limits": limits})
     return HFEngine(spec, replace(text_engine._loaded, plan=run_preflight(spec)))
 
 
@@ -89,15 +90,20 @@ async def read_all(engine, prompts, params):
     return await asyncio.gather(*(one(p) for p in prompts))
 
 
-def test_kvpool_flood_completes_with_preemptions_and_the_same_greedy_text(text_engine) -> None:
+@pytest.mark.parametrize("max_prefill_tokens", [512, 48], ids=["whole-prompts", "chunked-prompts"])
+def test_kvpool_flood_completes_with_preemptions_and_the_same_greedy_text(
+    text_engine, max_prefill_tokens: int
+) -> None:
     """More requests than the pool holds: all complete, the pool never grows, sequences are preempted
-    and recomputed, and every greedy text equals the one a pool big enough for all of them gives."""
+    and recomputed, and every greedy text equals the one a pool big enough for all of them gives. With
+    a small prefill budget every prompt is prefilled in chunks, into its row of the pool."""
     words = "the sharded bento serves many GPUs and every token counts " * 12
     prompts = [text_engine.encode(f"{i} {words}") for i in range(12)]
     params = SamplingParams(max_tokens=60, ignore_eos=True)
     longest = max(p.num_tokens for p in prompts) + params.max_tokens
     pool = 3 * longest  # three sequences at full length; twelve want in
-    engine = small_pool_engine(text_engine, pool)
+    engine = small_pool_engine(text_engine, pool, max_prefill_tokens)
+    assert max_prefill_tokens > max(p.num_tokens for p in prompts) or max_prefill_tokens < 64
     preempted = metric("num_preemptions_total")
     try:
         assert engine.info.kv_pool_tokens == pool

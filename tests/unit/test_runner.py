@@ -44,6 +44,53 @@ def test_runner_chunked_prefill_equals_whole_prompt(text_engine) -> None:
 
 
 @torch.inference_mode()
+def test_runner_chunks_grow_in_their_pool_row_past_running_rows_that_leave(text_engine, monkeypatch) -> None:
+    """A long prompt prefilled in chunks keeps its KV in the pool row after the running ones (no cache of
+    its own: DynamicCache is never made for it), follows that row when a running sequence leaves, and
+    joins the batch in place: its logits and the next decode equal a whole-prompt prefill's."""
+    import transformers
+
+    chunked, whole = runner(text_engine), runner(text_engine)
+    running = [PROMPTS[0], PROMPTS[2]]
+    chunked.prefill([PrefillChunk(10 + i, p, 0, i) for i, p in enumerate(running)])
+    whole.prefill([PrefillChunk(11, running[1], 0, 0)])
+    prompt = tuple(range(100, 180))
+
+    def no_cache(*args, **kwargs):
+        raise AssertionError("a chunk made a cache of its own")
+
+    monkeypatch.setattr(transformers, "DynamicCache", no_cache)
+    chunked.prefill([PrefillChunk(0, prompt[:32], 0, None, length=len(prompt))])
+    assert (chunked.kv.partial_row, chunked.kv.lengths[2]) == (2, 32)
+    chunked.decode([4, 4])  # the running rows step on beside it
+    chunked.release([0])  # the first running sequence leaves: the chunked row follows the batch's end
+    assert (chunked.kv.partial_row, chunked.kv.lengths[1:3]) == (1, [32, 0])
+    chunked.prefill([PrefillChunk(0, prompt[32:64], 32, None, length=len(prompt))])
+    last = chunked.prefill([PrefillChunk(0, prompt[64:], 64, 1, length=len(prompt))])
+    monkeypatch.undo()
+    whole.decode([4])
+    expected = whole.prefill([PrefillChunk(0, prompt, 0, 1)])
+    assert chunked.kv.partial_row is None and chunked.num_rows == 2
+    assert chunked.kv.lengths[:2] == whole.kv.lengths[:2] == [len(running[1]) + 1, len(prompt)]
+    assert close(last, expected)
+    assert close(chunked.decode([5, 6]), whole.decode([5, 6]))
+
+
+@torch.inference_mode()
+def test_runner_chunked_prompt_from_a_cached_prefix_and_dropped(text_engine) -> None:
+    chunked, whole = runner(text_engine), runner(text_engine)
+    prompt = tuple(range(200, 260))
+    blocks = with_prefixes(chunked, [prompt], [2 * B])[0]
+    chunked.prefill([PrefillChunk(7, (1, 2, 3), 0, None, length=40)])  # abandoned: dropped below
+    chunked.drop(7)
+    assert chunked.kv.partial_row is None and chunked.kv.lengths[0] == 0
+    chunked.prefill([PrefillChunk(0, prompt[2 * B : 48], 2 * B, None, prefix=blocks, length=len(prompt))])
+    last = chunked.prefill([PrefillChunk(0, prompt[48:], 48, 0, length=len(prompt))])
+    assert close(last, whole.prefill([PrefillChunk(0, prompt, 0, 0)]))
+    assert close(chunked.decode([9]), whole.decode([9]))
+
+
+@torch.inference_mode()
 def test_runner_release_moves_last_row_into_gap(text_engine) -> None:
     three, two = runner(text_engine), runner(text_engine)
     three.prefill([PrefillChunk(i, p, 0, i) for i, p in enumerate(PROMPTS)])

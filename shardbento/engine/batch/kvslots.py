@@ -40,6 +40,10 @@ class SlotKVCache:
         # patches share one position (rotary positions are not the cache index there).
         self.position_offsets = [0] * num_slots
         self.prefix_blocks = 0  # cached prefix blocks, kept at the tail of the same storage
+        # The row of a prompt prefilled in chunks (after the running rows): its KV grows there, chunk by
+        # chunk, and it joins the batch in place when its last chunk is computed.
+        self.partial_row: int | None = None
+        self._chunk: tuple[int, int, int] | None = None  # (row, start, tokens) of the chunk being computed
         self._num_rows = 0
         self._starts: torch.Tensor | None = None
         self._kv_len = 0
@@ -76,7 +80,13 @@ class SlotKVCache:
         if width != self.width:
             self._relayout(width, num_rows)
 
+    def rows_taken(self, num_rows: int) -> int:
+        """Rows that `num_rows` running sequences take, with the row of a prompt prefilled in chunks
+        (it holds its place after the running ones)."""
+        return num_rows if self.partial_row is None else max(num_rows, self.partial_row + 1)
+
     def _fits(self, num_rows: int, width: int, prefix_blocks: int) -> bool:
+        num_rows = self.rows_taken(num_rows)
         used = num_rows * width + prefix_blocks * PREFIX_BLOCK
         return num_rows <= self.rows_at(width) and used <= self.pool_tokens
 
@@ -92,10 +102,34 @@ class SlotKVCache:
         self._starts = torch.tensor(self.lengths[:num_rows], dtype=torch.long, device=device)
         self._kv_len = kv_len
 
+    def begin_chunk(self, row: int, start: int, num_tokens: int) -> None:
+        """The next forward computes `num_tokens` tokens of one prompt from position `start`: each layer
+        writes their keys into `row` and attends to the row up to them (no copy of the earlier chunks)."""
+        self._chunk = (row, start, num_tokens)
+
+    def end_chunk(self) -> None:
+        row, start, num_tokens = self._chunk
+        self.lengths[row] = start + num_tokens
+        self._chunk = None
+
+    def load_prefix(self, row: int, blocks: list[int], num_tokens: int) -> None:
+        """Put cached blocks' first `num_tokens` tokens of KV at the front of `row` (a chunked prompt that
+        starts from a cached prefix)."""
+        for layer_idx in self._storage:
+            keys, values = self.prefix(layer_idx, blocks)
+            self._keys[layer_idx][row, :, :num_tokens] = keys[0, :, :num_tokens]
+            self._values[layer_idx][row, :, :num_tokens] = values[0, :, :num_tokens]
+        self.lengths[row] = num_tokens
+
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self._layer(layer_idx, key_states)
+        if self._chunk is not None:
+            row, start, n = self._chunk
+            keys[row, :, start : start + n] = key_states[0]
+            values[row, :, start : start + n] = value_states[0]
+            return keys[row : row + 1, :, : start + n], values[row : row + 1, :, : start + n]
         rows = torch.arange(self._num_rows, device=keys.device)
         starts = self._starts.to(keys.device)
         keys[rows, :, starts] = key_states[:, :, 0]
@@ -103,7 +137,7 @@ class SlotKVCache:
         return keys[: self._num_rows, :, : self._kv_len], values[: self._num_rows, :, : self._kv_len]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self._kv_len
+        return self._chunk[1] if self._chunk is not None else self._kv_len
 
     def load(
         self,

@@ -124,7 +124,7 @@ class PrefixCache:
         if kv.holds(rows, longest) or not kv.holds(rows, longest, prefix_blocks=len(keep)):
             return
         width = kv.width_for(longest)
-        allowed = (kv.pool_tokens - rows * width) // PREFIX_BLOCK
+        allowed = (kv.pool_tokens - kv.rows_taken(rows) * width) // PREFIX_BLOCK
         self.flush()
         moves = self.index.evict(len(self.index) - allowed, keep)
         self._runner.drop_prefix(moves, len(self.index))
@@ -136,7 +136,7 @@ class PrefixCache:
         kv = self._runner.kv
         held, missing = self.index.cached(tokens, salt)
         width = max(kv.width, kv.width_for(longest))  # the rows as laid out now: blocks may not reach them
-        capacity = (kv.pool_tokens - rows * width) // PREFIX_BLOCK
+        capacity = (kv.pool_tokens - kv.rows_taken(rows) * width) // PREFIX_BLOCK
         excess = len(self.index) + missing - max(capacity, len(held))
         if missing and excess > 0:
             self.flush()

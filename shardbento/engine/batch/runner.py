@@ -34,6 +34,7 @@ class PrefillChunk:
     inputs: dict[str, Any] | None = None
     copies: tuple[int, ...] = ()
     prefix: tuple[int, ...] = ()  # cached blocks that hold tokens 0..start-1 (prefix caching)
+    length: int = 0  # a chunk of a longer prompt: the whole prompt's tokens (its row's width is set once)
 
 
 class ModelRunner:
@@ -54,7 +55,7 @@ class ModelRunner:
         self._device = input_device(model)  # input ids, positions and masks go here
         self._hidden_device = hidden_states_device(model)  # logits_to_keep's indices go here
         self._additive_mask = getattr(model.config, "_attn_implementation", "sdpa") == "eager"
-        self._partial: dict[int, Any] = {}  # seq id -> its prefill cache while chunks remain
+        self._partial: tuple[int, int] | None = None  # (seq id, row) of a prompt prefilled in chunks
         self.num_rows = 0  # slots 0..num_rows-1 hold running sequences
         # Fresh prompts prefilled together go packed in one row (packed.py) once allocate_pool() has
         # checked the model packs right; each then computes only its tokens past its cached prefix.
@@ -199,13 +200,18 @@ class ModelRunner:
         return per_token
 
     def release(self, rows: list[int]) -> None:
-        """Free rows of the batch; the last row fills each gap (the scheduler mirrors this order)."""
+        """Free rows of the batch; the last row fills each gap (the scheduler mirrors this order). A
+        prompt being prefilled in chunks keeps the row right after the running ones."""
         for row, last in release_moves(rows, self.num_rows):
             if row != last:
                 self.kv.move(last, row)
             else:
                 self.kv.free(row)
         self.num_rows -= len(rows)
+        if self._partial is not None and self._partial[1] != self.num_rows:
+            self.kv.move(self._partial[1], self.num_rows)
+            self._partial = (self._partial[0], self.num_rows)
+            self.kv.partial_row = self.num_rows
 
     def store_prefix(self, blocks: list[tuple[int, int, int]]) -> None:
         """Cache full blocks of rows' KV (the scheduler's PrefixIndex chose which, and where)."""
@@ -215,8 +221,10 @@ class ModelRunner:
         self.kv.drop_prefix(moves, count)
 
     def drop(self, seq_id: int) -> None:
-        """Forget a sequence whose prompt was only partly prefilled."""
-        self._partial.pop(seq_id, None)
+        """Forget a sequence whose prompt was only partly prefilled (its row is freed)."""
+        if self._partial is not None and self._partial[0] == seq_id:
+            self.kv.free(self._partial[1])
+            self._partial = self.kv.partial_row = None
 
     def _prefill_fresh(self, chunks: list[PrefillChunk]) -> torch.Tensor:
         """Complete prompts in one left-padded forward; a chunk with a cached prefix continues from it
@@ -299,29 +307,54 @@ class ModelRunner:
         return keys, values
 
     def _prefill_chunk(self, chunk: PrefillChunk) -> torch.Tensor:
+        """A vision prompt whole (pixels in the same forward) or a chunk of a long text prompt."""
+        if chunk.inputs is None:
+            return self._prefill_row_chunk(chunk)
         from transformers import DynamicCache
 
-        cache = self._partial.get(chunk.seq_id)
-        if cache is None:
-            cache = DynamicCache(config=self.model.config)
-            for layer_idx in self.kv.layer_indices() if chunk.prefix else ():
-                cache.update(*self.kv.prefix(layer_idx, list(chunk.prefix)), layer_idx)
-        end = chunk.start + len(chunk.token_ids)
-        if chunk.inputs is not None:
-            inputs = {
-                k: v.to(self._device) if isinstance(v, torch.Tensor) else v for k, v in chunk.inputs.items()
-            }
-        else:
-            inputs = {
-                "input_ids": torch.tensor([chunk.token_ids], dtype=torch.long, device=self._device),
-                "position_ids": torch.arange(chunk.start, end, device=self._device)[None],
-            }
+        inputs = {
+            k: v.to(self._device) if isinstance(v, torch.Tensor) else v for k, v in chunk.inputs.items()
+        }
+        cache = DynamicCache(config=self.model.config)
         out = self.model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        if chunk.slot is None:
-            self._partial[chunk.seq_id] = cache
-        else:
-            self._partial.pop(chunk.seq_id, None)
-            self.kv.load(chunk.slot, cache, position_offset=int(getattr(out, "position_delta", None) or 0))
+        self.kv.load(chunk.slot, cache, position_offset=int(getattr(out, "position_delta", None) or 0))
+        self._copy(chunk)
+        return out.logits[0, -1]
+
+    def _prefill_row_chunk(self, chunk: PrefillChunk) -> torch.Tensor:
+        """One chunk of a prompt prefilled over several steps, straight into its row of the KV pool (the
+        row after the running ones, laid out once for the whole prompt): each chunk attends to the
+        earlier ones where they are, so a long prompt needs no cache of its own beside the pool. The
+        last chunk's row is the slot the prompt joins the batch in."""
+        if self._partial is None or self._partial[0] != chunk.seq_id:
+            if self._partial is not None:  # another prompt's chunks were abandoned (the scheduler resets it)
+                self.drop(self._partial[0])
+            row = chunk.slot if chunk.slot is not None else self.num_rows
+            self._partial, self.kv.partial_row = (chunk.seq_id, row), row
+            longest = max([n + 1 for n in self.kv.lengths[: self.num_rows]] + [chunk.length + 1])
+            self.kv.fit(self.num_rows, longest)
+            if chunk.prefix:
+                self.kv.load_prefix(row, list(chunk.prefix), chunk.start)
+        row = self._partial[1]
+        end = chunk.start + len(chunk.token_ids)
+        keep = (
+            torch.arange(end, device=self._device)[None, :]
+            <= torch.arange(chunk.start, end, device=self._device)[:, None]
+        )
+        self.kv.begin_chunk(row, chunk.start, len(chunk.token_ids))
+        try:
+            out = self.model(
+                input_ids=torch.tensor([chunk.token_ids], dtype=torch.long, device=self._device),
+                position_ids=torch.arange(chunk.start, end, device=self._device)[None],
+                attention_mask=self._attention_mask(keep)[None, None],
+                past_key_values=self.kv,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        finally:
+            self.kv.end_chunk()
+        if chunk.slot is not None:  # the prompt is complete: its row joins the batch where it is
+            self._partial = self.kv.partial_row = None
             self._copy(chunk)
         return out.logits[0, -1]
 

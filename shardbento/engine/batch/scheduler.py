@@ -55,6 +55,7 @@ class Scheduler:
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._outbox: list[tuple[Sequence, Delta | BaseException]] = []
+        self._chunking: Sequence | None = None  # the waiting head whose prompt is partly in the KV pool
         self._wake = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -145,11 +146,15 @@ class Scheduler:
         """Until the running set's next tokens fit the KV pool: the newest sequence leaves the batch (its
         KV freed) for the front of the queue, to be prefilled again with what it generated."""
         kv = self._runner.kv
+
+        def fits() -> bool:
+            return kv.holds(len(self._running), max(kv.lengths[: len(self._running)]) + 1)
+
         if self._running and self._prefix is not None:  # cached prefixes go first
             self._prefix.make_room(len(self._running), max(kv.lengths[: len(self._running)]) + 1)
-        while len(self._running) > 1 and not kv.holds(
-            len(self._running), max(kv.lengths[: len(self._running)]) + 1
-        ):
+        if self._running and self._chunking is not None and not fits():
+            self._abandon_chunking()  # then a partly prefilled prompt's row: it starts again later
+        while len(self._running) > 1 and not fits():
             row = max(range(len(self._running)), key=lambda r: self._running[r].seq_id)
             seq = self._running[row]
             self._release([row])
@@ -158,12 +163,20 @@ class Scheduler:
                 self._waiting.appendleft(seq)
             self._metrics.preemptions.inc()
 
+    def _abandon_chunking(self) -> None:
+        """The partly prefilled head gives its KV row back and will be prefilled from its start."""
+        seq, self._chunking = self._chunking, None
+        self._runner.drop(seq.seq_id)
+        seq.num_prefilled = seq.cached = 0
+
     def _drop_cancelled(self) -> None:
         with self._wake:
             for seq in [s for s in self._waiting if s.cancelled]:
                 self._waiting.remove(seq)
                 self._runner.drop(seq.seq_id)
                 self._metrics.finished("abort")
+                if seq is self._chunking:
+                    self._chunking = None
         gone = [i for i, seq in enumerate(self._running) if seq.cancelled]
         for _ in gone:
             self._metrics.finished("abort")
@@ -194,7 +207,10 @@ class Scheduler:
         for row, (chunk, group) in enumerate(zip(chunks, groups, strict=True)):
             group[0].num_prefilled = chunk.start + len(chunk.token_ids)
             if chunk.slot is None:
+                self._chunking = group[0]
                 continue  # the rest of this prompt goes in the next step
+            if group[0] is self._chunking:
+                self._chunking = None
             with self._wake:
                 for seq in group:
                     self._waiting.remove(seq)
@@ -242,15 +258,21 @@ class Scheduler:
         grown = max(kv.lengths[:running], default=0) + 1
 
         head = candidates[0]
+        if self._chunking is not None and self._chunking is not head:  # a preempted sequence went first
+            self._abandon_chunking()
         hit = self._hit(head)
         keep = set(hit)  # the cached blocks this step reads: never evicted for it
 
         def room(rows: int, longest: int) -> bool:  # cached blocks but `keep` may be evicted for it
             return kv.holds(running + rows, max(grown, longest + 1), prefix_blocks=len(keep))
 
-        alone = len(head.context()) - len(hit) * PREFIX_BLOCK > budget
+        remainder = len(head.context()) - max(len(hit) * PREFIX_BLOCK, head.num_prefilled)
+        alone = remainder > budget
         if alone or head.inputs is not None or head.num_prefilled:
-            if not room(1, len(head.context())):
+            # A prompt prefilled in chunks holds its row for as many steps as it has chunks, while the
+            # running sequences grow a token a step: it starts only if it can finish beside them.
+            steps = -(-remainder // budget)
+            if not room(1, max(len(head.context()), grown + steps - 1)):
                 return [], []  # it waits for running sequences to finish (or be preempted)
             planned = [(head_chunk(head, budget, hit), [head])]
         else:
@@ -388,6 +410,7 @@ class Scheduler:
                 if seq in self._waiting:
                     self._waiting.remove(seq)
                     self._runner.drop(seq.seq_id)
+            self._chunking = None
         self._release(list(range(len(self._running))))
         self._outbox = [item for item in self._outbox if item[0] not in failed]
         for seq in failed:

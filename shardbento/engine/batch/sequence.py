@@ -116,7 +116,9 @@ def head_chunk(seq: Sequence, budget: int, hit: list[int]) -> PrefillChunk:
         seq.cached = start
     take = context[start : start + budget]
     done = start + len(take) == len(context)
-    return PrefillChunk(seq.seq_id, tuple(take), start, 0 if done else None, prefix=tuple(hit))
+    return PrefillChunk(
+        seq.seq_id, tuple(take), start, 0 if done else None, prefix=tuple(hit), length=len(context)
+    )
 
 
 def mixable(chunk: PrefillChunk) -> bool:
