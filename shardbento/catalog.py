@@ -16,6 +16,7 @@ GENERATED_PREFIX = "generated:"
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 ParallelMode = Literal["auto", "layers", "tensor"]
 EngineName = Literal["transformers", "vllm", "auto"]
+ServingEngine = Literal["transformers", "vllm"]  # what `auto` resolves to
 # The GPU names BentoML accepts for resources.gpu_type (BentoCloud instance types).
 GPU_TYPES = (
     "nvidia-tesla-t4",
@@ -122,7 +123,10 @@ class ModelSpec(BaseModel):
         False, description="The hub repository needs an accepted license: the service declares HF_TOKEN."
     )
     kind: Literal["text", "vision"]
-    engine: EngineName = "transformers"
+    engine: EngineName = Field(
+        "auto",
+        description="auto: vLLM where it implements the model on the entry's GPUs, else transformers.",
+    )
     vllm: VLLMOptions = VLLMOptions()
     dtype: Dtype = "auto"
     gpus: int = Field(0, ge=0, le=64, description="0 = CPU; N = N GPUs and parallel size N.")
@@ -180,6 +184,11 @@ class ModelSpec(BaseModel):
             raise ValueError("vllm.pipeline_parallel_size > 1 needs gpus >= 1 (GPUs per node)")
         if self.kind == "text" and self.max_images != 1:
             raise ValueError("max_images applies to vision models only")
+        if self.engine == "vllm" and self.quantization != "none":
+            raise ValueError(
+                f"quantization: {self.quantization} is the transformers engine's (bitsandbytes); "
+                "for engine: vllm set vllm.quantization (fp8, bitsandbytes, awq, ...)"
+            )
         if self.device == "cpu" and self.gpus > 1 and self.parallel != "tensor":
             raise ValueError("device: cpu with gpus > 1 is a CPU tensor-parallel world; set parallel: tensor")
         return self

@@ -23,9 +23,11 @@ BENTOFILE = REPO / "bentofile.yaml"
 # The top-level entries a build context needs (bentofile.yaml then picks the files that go in).
 STAGED = ("bentofile.yaml", "README.md", "service.py", "shardbento", "models", "env", "pyproject.toml")
 PYTHON_VERSION = "3.11"
-# CPU images install the pinned CPU set; CUDA images the committed lock of env/cuda.txt (`make cuda-lock`).
+# CPU images install the pinned CPU set; CUDA images the committed lock of the engine they run
+# (`make cuda-lock`): env/cuda.txt for the transformers engine, env/vllm-cuda.txt for vLLM.
 CPU_REQUIREMENTS = "env/cpu.txt"
 CUDA_REQUIREMENTS = "env/cuda.lock.txt"
+VLLM_CUDA_REQUIREMENTS = "env/vllm-cuda.lock.txt"
 # Llama repositories also ship the original consolidated checkpoints; transformers never reads them.
 HUB_EXCLUDE = ["original/*", "*.pth", "*.gguf"]
 
@@ -81,12 +83,29 @@ def hub_weights(spec: ModelSpec) -> HuggingFaceModel | None:
     return HuggingFaceModel(spec.source, revision=spec.revision, exclude=HUB_EXCLUDE)
 
 
+class ImageError(ValueError):
+    """A catalog entry whose image cannot carry the engine it names."""
+
+
 def requirements_file(spec: ModelSpec) -> str:
-    return CPU_REQUIREMENTS if spec.gpus == 0 else CUDA_REQUIREMENTS
+    """The requirement set of the entry's image: the engine it will run where it is deployed (`auto`
+    decided from the catalog, shardbento.engine.selection) on CPU or CUDA."""
+    from shardbento.engine.selection import catalog_choice
+
+    engine = catalog_choice(spec).name
+    if spec.num_gpus == 0:
+        if engine == "vllm":
+            raise ImageError(
+                f"model {spec.name!r}: engine: vllm on CPU is for tests (make test-vllm); CPU images run "
+                "the transformers engine: set engine: auto or transformers, or gpus >= 1"
+            )
+        return CPU_REQUIREMENTS
+    return VLLM_CUDA_REQUIREMENTS if engine == "vllm" else CUDA_REQUIREMENTS
 
 
 def image_for(spec: ModelSpec) -> Image:
-    """Python 3.11 on Debian; CPU models get the pinned CPU set, GPU models the locked CUDA set.
+    """Python 3.11 on Debian; CPU models get the pinned CPU set, GPU models the locked CUDA set of the
+    engine they run (vLLM's, or the transformers engine's).
 
     BentoML's own locking stays off: it would resolve torch against PyPI (the CUDA build) for CPU images
     too, and the CUDA set is locked already.
@@ -129,10 +148,11 @@ def _stage(context: Path) -> None:
     """Copy what a Bento may include into a clean build context.
 
     BentoML walks the whole context before filtering it with bentofile.yaml, venvs included: slow, and
-    it fails when another process changes a venv under it.
+    it fails when another process changes a venv under it. The catalog staged is the one the build reads
+    ($SHARDBENTO_CATALOG when set), so the Bento serves the entry it was built from.
     """
     for name in STAGED:
-        source = REPO / name
+        source = catalog_dir() if name == "models" else REPO / name
         if source.is_dir():
             shutil.copytree(source, context / name, ignore=shutil.ignore_patterns("__pycache__"))
         elif source.exists():

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from shardbento.catalog import CatalogError, load_spec
+from shardbento.engine.selection import catalog_choice
 from shardbento.plan.memory import BENTO_GPU_KINDS, PlanError, load_config, model_shape, parse_gpus
 from shardbento.plan.preflight import check_loader
 from shardbento.plan.sharding import plan_spec, render
@@ -34,11 +35,11 @@ def _tp_capable(config: dict[str, Any]) -> bool:
     return tp_plan_available(config)
 
 
-def _loader_note(spec: Any, config: dict[str, Any]) -> str:
+def _loader_note(spec: Any, config: dict[str, Any], engine: str) -> str:
     """How the checkpoint loads, or why the transformers engine cannot load it (the memory plan still
     holds for another engine, so it is printed all the same; startup refuses such an entry)."""
     try:
-        return check_loader(spec, config)
+        return check_loader(spec, config, engine)
     except PlanError as exc:
         return f"transformers engine: {exc}"
 
@@ -48,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         spec = load_spec(args.model)
         count, gpu = parse_gpus(args.gpus or BENTO_GPU_KINDS.get(spec.gpu_type or "", "A100-80GB"))
         config = load_config(config_path(spec))
+        engine = catalog_choice(spec)
         plan = plan_spec(
             spec,
             model_shape(config),
@@ -55,8 +57,9 @@ def run(args: argparse.Namespace) -> int:
             num_gpus=count,
             dtype=args.dtype,
             max_model_len=args.max_model_len,
-            tp_capable=_tp_capable(config),
-            notes=(_loader_note(spec, config),),
+            tp_capable=engine.name == "vllm" or _tp_capable(config),
+            notes=(engine.reason, _loader_note(spec, config, engine.name)),
+            engine=engine.name,
         )
     except (CatalogError, PlanError) as exc:
         if args.json:

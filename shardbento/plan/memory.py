@@ -13,6 +13,20 @@ GB = 1000**3
 DTYPE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0}
 # Bytes per weight of a quantized linear layer; embeddings, norms and lm_head keep the dtype.
 QUANT_BYTES = {"none": None, "int8": 1.0, "int4": 0.5, "fp8": 1.0}
+# vLLM's quantization methods as the bytes their weights take (methods whose bits the checkpoint's own
+# config tells, AWQ and GPTQ, are counted from it first); a method not named here is counted at dtype.
+VLLM_QUANT = {
+    "fp8": "fp8",
+    "fbgemm_fp8": "fp8",
+    "ptpc_fp8": "fp8",
+    "modelopt": "fp8",
+    "bitsandbytes": "int4",
+    "awq": "int4",
+    "awq_marlin": "int4",
+    "gptq": "int4",
+    "gptq_marlin": "int4",
+    "experts_int8": "int8",
+}
 # The headroom, defined here only: what planning, preflight and placement keep free beside weights + KV.
 ACTIVATION_FRACTION = 0.10  # activations and allocator slack, over the weights (as the engine's warm-up sees)
 CUDA_CONTEXT_BYTES = 1 * GIB  # per GPU: CUDA context, cuBLAS workspaces, NCCL buffers

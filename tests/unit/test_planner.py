@@ -134,14 +134,37 @@ def test_planner_tensor_parallel_heads_not_divisible() -> None:
         plan_spec(spec, shape, parse_gpus("H100-80GB")[1], num_gpus=3)
 
 
-def test_planner_not_enough_memory_names_numbers_and_fix() -> None:
-    spec = load_spec("llama-3.2-90b-vision-instruct")
+def test_planner_not_enough_memory_names_numbers_and_fixes_that_work() -> None:
+    """Each fix the message suggests, applied to the entry, plans (and passes preflight's own checks)."""
+    spec = load_spec("llama-3.2-90b-vision-instruct").model_copy(update={"gpus": 2})
     shape = model_shape(load_config(config_path(spec)))
+    h100 = parse_gpus("H100-80GB")[1]
     with pytest.raises(PlanError) as caught:
-        plan_spec(spec, shape, parse_gpus("H100-80GB")[1], num_gpus=2, tp_capable=False)
+        plan_spec(spec, shape, h100, tp_capable=False)
     message = str(caught.value)
     assert "165 GiB weights" in message and "bfloat16" in message and "2 x H100-80GB" in message
-    assert "set gpus: 3" in message and "4-bit quantization" in message
+    assert "set gpus: 3" in message and "set quantization: int4 and parallel: layers" in message
+    assert plan_spec(spec.model_copy(update={"gpus": 3}), shape, h100, tp_capable=False).num_gpus == 3
+    quantized = spec.model_copy(update={"quantization": "int4", "parallel": "layers"})
+    assert plan_spec(quantized, shape, h100, tp_capable=False).mode == "layers"
+
+
+def test_planner_vllm_counts_its_own_quantization_and_memory_share() -> None:
+    """A vLLM entry is planned with vllm.quantization and vllm.gpu_memory_utilization: 70B in bf16 does
+    not fit one H200, in fp8 it does; the fix named for vLLM is vLLM's own setting."""
+    spec = load_spec("llama-3.1-70b-instruct").model_copy(update={"gpus": 1, "gpu_type": "nvidia-h200-141gb"})
+    shape = model_shape(load_config(config_path(spec)))
+    h200 = parse_gpus("H200-141GB")[1]
+    with pytest.raises(PlanError, match="set vllm.quantization: fp8"):
+        plan_spec(spec, shape, h200, engine="vllm")
+    fp8 = spec.model_copy(update={"vllm": spec.vllm.model_copy(update={"quantization": "fp8"})})
+    plan = plan_spec(fp8, shape, h200, engine="vllm")
+    assert (plan.engine, plan.budget.quantization) == ("vllm", "fp8")
+    assert plan.gpu_memory_utilization == spec.vllm.gpu_memory_utilization
+    squeezed = fp8.model_copy(update={"vllm": fp8.vllm.model_copy(update={"gpu_memory_utilization": 0.5})})
+    with pytest.raises(PlanError, match="gpu_memory_utilization 0.5"):
+        plan_spec(squeezed, shape, h200, engine="vllm")
+    assert plan_spec(fp8, shape, h200, engine="transformers", check=False).budget.quantization == "none"
 
 
 def test_planner_every_catalog_model_plans_offline() -> None:
@@ -181,7 +204,8 @@ def test_plan_cli_wrong_gpus_fails_with_fix() -> None:
     command = [sys.executable, "-m", "shardbento", "plan", "llama-3.1-70b-instruct", "--gpus", "1xA100-80GB"]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 2
-    assert "set gpus: 3" in result.stderr
+    # auto runs it on vLLM: tensor parallel only (3 does not divide its 64 heads), vLLM's own quantization
+    assert "set gpus: 4 or set vllm.quantization: bitsandbytes" in result.stderr
 
 
 def test_planner_kv_pool_is_the_engine_rule_on_each_gpus_leftover() -> None:

@@ -7,8 +7,8 @@ import logging
 import pytest
 from installed import vllm_installed
 
-from shardbento.catalog import CatalogError, ModelSpec, load_spec_file
-from shardbento.engine.selection import choose_engine
+from shardbento.catalog import CatalogError, ModelSpec, list_names, load_spec, load_spec_file
+from shardbento.engine.selection import catalog_choice, choose_engine, vllm_architectures
 from shardbento.engine.vllm.args import VLLMArgumentError, engine_kwargs, gpu_refusal
 
 KNOWN = {"enable_prefix_caching", "max_num_seqs", "enforce_eager", "kv_cache_dtype", "model_impl"}
@@ -78,9 +78,41 @@ def test_choose_engine_explicit_engine_is_kept() -> None:
 
 @pytest.mark.skipif(vllm_installed(), reason="vLLM is installed here; tests/vllm covers auto with it")
 def test_choose_engine_auto_falls_back_when_vllm_missing() -> None:
-    choice = choose_engine(spec(engine="auto"))
+    choice = choose_engine(spec(engine="auto", gpus=1))
     assert choice.name == "transformers"
-    assert "vllm is not importable" in choice.reason
+    assert "fell back to transformers because vllm is not importable" in choice.reason
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected", "why"),
+    [
+        ({}, "transformers", "it runs on CPU"),
+        ({"gpus": 1}, "vllm", "vLLM implements"),
+        ({"gpus": 1, "engine": "transformers"}, "transformers", "says engine: transformers"),
+        ({"gpus": 1, "gpu_type": "nvidia-tesla-t4"}, "transformers", "compute capability 7.5"),
+        ({"gpus": 1, "quantization": "int4"}, "transformers", "quantization: int4"),
+        ({"gpus": 2, "parallel": "layers"}, "transformers", "layer split"),
+        ({"gpus": 2, "device_map": {"": 0}, "parallel": "auto"}, "transformers", "layer split"),
+    ],
+)
+def test_catalog_choice_auto_is_vllm_only_where_it_serves_the_model(fields, expected, why) -> None:
+    choice = catalog_choice(spec(**fields), ["LlamaForCausalLM"])
+    assert (choice.name, why in choice.reason) == (expected, True), choice.reason
+
+
+def test_catalog_choice_architectures_vllm_dropped_go_to_transformers() -> None:
+    """Mllama left vLLM with 0.11: the 90B vision entry runs on the transformers engine, Llama on vLLM."""
+    assert "MllamaForConditionalGeneration" not in vllm_architectures()
+    assert {"LlamaForCausalLM", "Qwen2_5_VLForConditionalGeneration"} <= vllm_architectures()
+    vision = catalog_choice(load_spec("llama-3.2-90b-vision-instruct"))
+    assert vision.name == "transformers" and "MllamaForConditionalGeneration" in vision.reason
+    assert catalog_choice(load_spec("llama-3.1-70b-instruct")).name == "vllm"
+    assert catalog_choice(spec(gpus=1), ["ToyForCausalLM"]).name == "transformers"
+
+
+def test_catalog_entries_default_to_auto() -> None:
+    assert spec().engine == "auto"
+    assert all(load_spec(name).engine == "auto" for name in list_names())
 
 
 @pytest.mark.skipif(vllm_installed(), reason="vLLM is installed here; tests/vllm covers auto with it")
@@ -93,7 +125,7 @@ def test_create_engine_auto_without_vllm_serves_transformers(caplog: pytest.LogC
         engine = create_engine(entry)
     try:
         assert engine.info.engine == "transformers"
-        assert "fell back to transformers because vllm is not importable" in caplog.text
+        assert "engine: auto serves it on the transformers engine: it runs on CPU" in caplog.text
     finally:
         engine.close()
 

@@ -15,7 +15,7 @@ from shardbento.catalog import ModelSpec, load_spec
 from shardbento.engine import create_engine
 from shardbento.engine.base import ChatMessage, SamplingParams
 from shardbento.engine.hf.engine import HFEngine
-from shardbento.engine.selection import choose_engine
+from shardbento.engine.selection import catalog_choice, choose_engine, vllm_architectures
 from shardbento.engine.vllm.engine import VLLMEngine
 from shardbento.plan.source import resolve_source
 
@@ -55,7 +55,9 @@ def test_vllm_engine_tp2_greedy_tokens_equal_transformers(
 def test_create_engine_auto_falls_back_when_vllm_refuses_model(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A Llama whose config names an architecture vLLM lacks: transformers loads it by model_type."""
+    """A Llama whose config names an architecture vLLM lacks: vLLM refuses it at load, `auto` falls back
+    with a warning saying why, and the transformers engine loads it by model_type."""
+    from shardbento.engine import _create_vllm_engine
     from shardbento.tiny.models import ensure_generated
 
     model_dir = tmp_path / "unknown-arch"
@@ -68,26 +70,41 @@ def test_create_engine_auto_falls_back_when_vllm_refuses_model(
         name="unknown-arch", source=str(model_dir), kind="text", engine="auto", max_model_len=256
     )
     with caplog.at_level(logging.INFO, logger="shardbento"):
+        assert _create_vllm_engine(spec) is None
         engine = create_engine(spec)
     try:
         assert engine.info.engine == "transformers"
-        assert (
-            "fell back to transformers because vLLM has no implementation of ShardbentoToyForCausalLM"
-            in caplog.text
-        )
+        assert "engine: auto fell back to transformers because vLLM refused it" in caplog.text
     finally:
         engine.close()
 
 
-def test_choose_engine_auto_picks_vllm_for_vision_model() -> None:
-    spec = load_spec("tiny-llava").model_copy(update={"engine": "auto"})
-    choice = choose_engine(spec, resolve_source(spec))
-    assert choice.name == "vllm", choice.reason
+def test_choose_engine_auto_is_transformers_on_cpu_and_vllm_on_gpus_it_can_drive() -> None:
+    """`auto` never picks the CPU build; on a GPU entry it is vLLM when the installed vLLM can drive
+    the GPUs this process sees, and falls back saying so when it cannot (this CPU build)."""
+    spec = load_spec("tiny-llava")
+    assert spec.engine == "auto"
+    assert "it runs on CPU" in choose_engine(spec, resolve_source(spec)).reason
+    on_gpu = spec.model_copy(update={"gpus": 1, "device": "cuda"})
+    assert catalog_choice(on_gpu).name == "vllm"
+    choice = choose_engine(on_gpu, resolve_source(spec))
+    assert choice.name == "transformers"
+    assert (
+        "fell back to transformers because gpus is 1 but the installed vLLM is a cpu build" in choice.reason
+    )
 
 
-def test_choose_engine_auto_vision_falls_back_when_vllm_lacks_architecture(tmp_path: Path) -> None:
+def test_choose_engine_auto_vision_goes_to_transformers_when_vllm_lacks_architecture(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["ShardbentoToyForImageTextToText"]}))
-    spec = ModelSpec(name="toy-vision", source=str(tmp_path), kind="vision", engine="auto")
+    spec = ModelSpec(name="toy-vision", source=str(tmp_path), kind="vision", engine="auto", gpus=1)
     choice = choose_engine(spec, str(tmp_path))
     assert choice.name == "transformers"
     assert choice.reason.endswith("vLLM has no implementation of ShardbentoToyForImageTextToText")
+
+
+def test_committed_architectures_are_the_installed_vllms() -> None:
+    """engine: auto decides from shardbento/engine/vllm/architectures.txt what a GPU image carries:
+    it must be this vLLM's registry (`make vllm-architectures` rewrites it)."""
+    from vllm import ModelRegistry
+
+    assert vllm_architectures() == set(ModelRegistry.get_supported_archs())
