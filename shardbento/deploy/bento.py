@@ -100,7 +100,20 @@ def requirements_file(spec: ModelSpec) -> str:
                 "the transformers engine: set engine: auto or transformers, or gpus >= 1"
             )
         return CPU_REQUIREMENTS
-    return VLLM_CUDA_REQUIREMENTS if engine == "vllm" else CUDA_REQUIREMENTS
+    lock = VLLM_CUDA_REQUIREMENTS if engine == "vllm" else CUDA_REQUIREMENTS
+    _check_gpu_type(spec, lock)
+    return lock
+
+
+def _check_gpu_type(spec: ModelSpec, lock: str) -> None:
+    """A declared GPU kind the lock's CUDA build has no kernels for is refused by name at build time."""
+    from shardbento.plan.cuda import capability_refusal, lock_cuda
+    from shardbento.plan.memory import BENTO_GPU_KINDS, GPU_KINDS
+
+    kind = GPU_KINDS.get(BENTO_GPU_KINDS.get(spec.gpu_type or "", ""))
+    refusal = kind and capability_refusal(str(spec.gpu_type), kind[1], lock_cuda(REPO / lock))
+    if refusal:
+        raise ImageError(f"model {spec.name!r}: {refusal}")
 
 
 def image_for(spec: ModelSpec) -> Image:

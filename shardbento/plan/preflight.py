@@ -6,6 +6,7 @@ import importlib.util
 import logging
 
 from shardbento.catalog import ModelSpec, ServingEngine
+from shardbento.plan.cuda import capability_refusal, driver_cuda, driver_refusal, driver_version, parse_cuda
 from shardbento.plan.memory import (
     GIB,
     NATIVE_BF16_CAPABILITY,
@@ -80,14 +81,21 @@ def _check_importable(module: str, why: str) -> None:
 
 
 def _check_gpus(spec: ModelSpec, torch: object) -> list[str]:
-    """Visible GPUs vs `gpus`, compute capability vs this torch build, bf16, flash-attention, P2P."""
+    """The driver vs this torch's CUDA, visible GPUs vs `gpus`, compute capability vs this torch build,
+    bf16, flash-attention, P2P."""
     cuda = torch.cuda  # type: ignore[attr-defined]
+    build = parse_cuda(torch.version.cuda)  # type: ignore[attr-defined]
+    supported = driver_cuda()
+    refusal = driver_refusal(build, supported, driver_version())
+    if refusal is not None:
+        raise PlanError(f"model {spec.name!r} declares gpus: {spec.gpus}, but {refusal}")
     visible = cuda.device_count() if cuda.is_available() else 0
     if visible < spec.gpus:
         raise PlanError(
-            f"model {spec.name!r} declares gpus: {spec.gpus} but this process sees {visible} GPU(s) "
-            "(CUDA_VISIBLE_DEVICES and the GPUs BentoML allocated decide); "
-            f"set gpus: {visible} if the model fits (python -m shardbento plan {spec.name}), or use a larger machine"
+            f"model {spec.name!r} declares gpus: {spec.gpus} but this process sees {visible} GPU(s)"
+            + _why_no_gpus(visible, build, supported)
+            + f"; set gpus: {visible} if the model fits (python -m shardbento plan {spec.name}), "
+            "or use a larger machine"
         )
     notes = []
     arch_list = cuda.get_arch_list()
@@ -95,9 +103,11 @@ def _check_gpus(spec: ModelSpec, torch: object) -> list[str]:
         major, minor = cuda.get_device_capability(index)
         name = cuda.get_device_name(index)
         if arch_list and f"sm_{major}{minor}" not in arch_list and not _ptx_covers(arch_list, major, minor):
+            fix = capability_refusal(f"GPU {index} ({name})", (major, minor), build)
             raise PlanError(
                 f"GPU {index} ({name}) has compute capability {major}.{minor} but this torch build has kernels "
-                f"for {', '.join(arch_list)} only; install a torch build that lists sm_{major}{minor}"
+                f"for {', '.join(arch_list)} only: "
+                + (fix or f"install a torch build that lists sm_{major}{minor}")
             )
         if (major, minor) < NATIVE_BF16_CAPABILITY and spec.dtype in ("bfloat16", "auto"):
             notes.append(f"GPU {index} ({name}) predates Ampere: bfloat16 falls back to float16")
@@ -107,6 +117,17 @@ def _check_gpus(spec: ModelSpec, torch: object) -> list[str]:
         peers = [cuda.can_device_access_peer(0, i) for i in range(1, spec.gpus)]
         notes.append(f"peer-to-peer access from GPU 0: {peers} (False means copies go through the host)")
     return notes
+
+
+def _why_no_gpus(visible: int, build: tuple[int, int] | None, supported: tuple[int, int] | None) -> str:
+    if build is None:
+        return " (this torch is a CPU build: GPU images install env/cuda.lock.txt or env/vllm-cuda.lock.txt)"
+    if visible == 0 and supported is None:
+        return (
+            " (no NVIDIA driver is loaded in this process: libcuda.so.1 was not found; run the container "
+            "with the NVIDIA container toolkit, e.g. docker run --gpus all)"
+        )
+    return " (CUDA_VISIBLE_DEVICES and the GPUs BentoML allocated decide)"
 
 
 def _ptx_covers(arch_list: list[str], major: int, minor: int) -> bool:

@@ -68,3 +68,12 @@ def test_deploy_images_vllm_on_cpu_has_no_image() -> None:
     spec = ModelSpec(name="x", source="org/model", kind="text", engine="vllm")
     with pytest.raises(ImageError, match="engine: vllm on CPU is for tests"):
         requirements_file(spec)
+
+
+def test_deploy_images_gpu_kinds_the_locked_cuda_build_cannot_drive_are_refused() -> None:
+    """PyPI's torch 2.13 is a CUDA 13 build: no kernels for a V100 (7.0); a T4 (7.5) still builds."""
+    v100 = ModelSpec(name="x", source="org/model", kind="text", gpus=1, gpu_type="nvidia-tesla-v100")
+    with pytest.raises(ImageError, match=r"nvidia-tesla-v100 \(compute capability 7.0\).*TORCH_INDEX="):
+        requirements_file(v100)
+    t4 = v100.model_copy(update={"gpu_type": "nvidia-tesla-t4"})
+    assert requirements_file(t4) == "env/cuda.lock.txt"
