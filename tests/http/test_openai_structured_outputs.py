@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 
 import httpx
-import jsonschema
 import pytest
+from structured_cases import ALIASES, CHOICES, KINDS, REGEX, SCHEMA, check_output, structured
 
 from shardbento.api.image_urls import ImageFetchConfig
 from shardbento.api.openai.routes import attach_serving, create_openai_app
@@ -19,44 +18,6 @@ from shardbento.errors import InvalidRequest
 
 MODEL = "tiny-llama"
 MESSAGES = [{"role": "user", "content": "Say something structured."}]
-CHOICES = ["alpha", "beta", "gamma delta"]
-REGEX = r"[0-9]{3}-(red|green|blue)"
-# One language, written as Lark (for us and for the lark library) and as GBNF (llama.cpp's syntax).
-LARK = 'start: greeting ", " NAME "!"\ngreeting: "hello" | "good " ("morning" | "evening")\nNAME: /[A-Z][a-z]{1,7}/\n'
-GBNF = 'root ::= greeting ", " name "!"\ngreeting ::= "hello" | "good " ("morning" | "evening")\nname ::= [A-Z] [a-z]{1,7}\n'
-SCHEMA = {
-    "type": "object",
-    "properties": {"kind": {"enum": ["cat", "dog"]}, "age": {"type": "integer", "minimum": 0, "maximum": 9}},
-    "required": ["kind", "age"],
-}
-KINDS = {
-    "choice": CHOICES,
-    "regex": REGEX,
-    "grammar": LARK,
-    "gbnf": GBNF,
-    "json": SCHEMA,
-}
-
-
-def lark_parser():
-    lark = pytest.importorskip("lark", reason="lark (env/dev.txt) judges the grammar outputs")
-    return lark.Lark(LARK, parser="earley")
-
-
-def check_output(kind: str, text: str) -> None:
-    """The output is in the constraint's language, by a judge that is not llguidance."""
-    if kind == "choice":
-        assert text in CHOICES
-    elif kind == "regex":
-        assert re.fullmatch(REGEX, text), text
-    elif kind in ("grammar", "gbnf"):
-        lark_parser().parse(text)
-    else:
-        jsonschema.validate(json.loads(text), {**SCHEMA, "additionalProperties": False})
-
-
-def structured(kind: str, value: object) -> dict:
-    return {"structured_outputs": {"grammar" if kind == "gbnf" else kind: value}}
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +48,7 @@ def complete(app, **fields) -> httpx.Response:
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_structured_outputs_each_kind_on_chat_and_completions(app, kind: str) -> None:
-    fields = structured(kind, KINDS[kind])
+    fields = structured(kind)
     answer = chat(app, **fields)
     assert answer.status_code == 200, answer.text
     choice = answer.json()["choices"][0]
@@ -101,24 +62,16 @@ def test_structured_outputs_each_kind_on_chat_and_completions(app, kind: str) ->
 
 def test_structured_outputs_json_as_text_and_json_object(app) -> None:
     as_text = chat(app, structured_outputs={"json": json.dumps(SCHEMA)}).json()["choices"][0]["message"]
-    as_object = chat(app, **structured("json", SCHEMA)).json()["choices"][0]["message"]
+    as_object = chat(app, **structured("json")).json()["choices"][0]["message"]
     assert as_text["content"] == as_object["content"]
     anything = chat(app, max_tokens=120, structured_outputs={"json_object": True}).json()["choices"][0]
     if anything["finish_reason"] == "stop":
         assert isinstance(json.loads(anything["message"]["content"]), dict)
 
 
-@pytest.mark.parametrize(
-    ("alias", "kind"),
-    [
-        ("guided_choice", "choice"),
-        ("guided_regex", "regex"),
-        ("guided_grammar", "gbnf"),
-        ("guided_json", "json"),
-    ],
-)
+@pytest.mark.parametrize(("alias", "kind"), list(ALIASES.items()))
 def test_structured_outputs_guided_aliases_equal_structured_outputs(app, alias: str, kind: str) -> None:
-    expected = chat(app, **structured(kind, KINDS[kind])).json()["choices"][0]["message"]["content"]
+    expected = chat(app, **structured(kind)).json()["choices"][0]["message"]["content"]
     answer = chat(app, **{alias: KINDS[kind]})
     assert answer.status_code == 200, answer.text
     assert answer.json()["choices"][0]["message"]["content"] == expected
