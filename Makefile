@@ -115,10 +115,15 @@ cuda-lock: setup
 bentos: setup
 	set -e; for m in $(MODELS); do $(BIN)/python -m shardbento bento $$m; done
 
+# Every model with a KEDA ScaledObject (the Prometheus URL only has to be well formed here), one with the
+# CPU HPA and a ServiceMonitor; custom resources are checked against the CRDs vendored in tests/data/crds.
+K8S_PROMETHEUS ?= http://prometheus-operated.monitoring.svc:9090
+CRDS := $(foreach f,$(wildcard tests/data/crds/*.yaml),--crd $(f))
 k8s-validate: setup
 	mkdir -p $(DEPLOY_DIR)/k8s
-	set -e; for m in $(MODELS); do $(BIN)/python -m shardbento k8s $$m --max-replicas 2 -o $(DEPLOY_DIR)/k8s/$$m.yaml; done
-	$(BIN)/python -m kubernetes_validate --strict -k 1.32.0 $(DEPLOY_DIR)/k8s/*.yaml
+	set -e; for m in $(MODELS); do $(BIN)/python -m shardbento k8s $$m --max-replicas 2 --prometheus-url $(K8S_PROMETHEUS) -o $(DEPLOY_DIR)/k8s/$$m.yaml; done
+	$(BIN)/python -m shardbento k8s $(MODEL) --max-replicas 2 --autoscaler cpu --scrape service-monitor -o $(DEPLOY_DIR)/k8s/$(MODEL)-cpu-hpa.yaml
+	$(BIN)/python -m shardbento k8s --check $(DEPLOY_DIR)/k8s/*.yaml $(CRDS)
 
 bentocloud: setup
 	mkdir -p $(DEPLOY_DIR)/bentocloud

@@ -8,15 +8,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shardbento.api.openai.guided import output_constraint, refuse_beside_forced_call
 from shardbento.api.openai.protocol import (
     NamedToolChoice,
     ResponseFormat,
+    StructuredOutputs,
     ToolCallIn,
     ToolCallOut,
     ToolDefinition,
     Usage,
 )
-from shardbento.api.openai.structured import message_calls, request_tools, response_constraint, tool_calls_out
+from shardbento.api.openai.structured import message_calls, request_tools, tool_calls_out
 from shardbento.api.request import SEED_MAX, SEED_MIN, Completion, GenerationRequest, Sampling
 from shardbento.engine.base import ChatMessage
 
@@ -57,7 +59,7 @@ def chat_request(
     messages: list[Any], fields: dict[str, Any], request_id: str, max_schema_bytes: int
 ) -> GenerationRequest:
     """A typed chat API's input (messages, sampling fields, template variables, tools, response
-    format) for Serving, checked as /v1 checks them."""
+    format or structured outputs) for Serving, checked as /v1 checks them."""
     template_kwargs = fields.pop("chat_template_kwargs", None)
     tools = request_tools(
         fields.pop("tools", None),
@@ -65,7 +67,10 @@ def chat_request(
         fields.pop("parallel_tool_calls", None),
         max_schema_bytes,
     )
-    constraint = response_constraint(fields.pop("response_format", None), max_schema_bytes)
+    constraint = output_constraint(
+        fields.pop("response_format", None), fields.pop("structured_outputs", None), max_schema_bytes
+    )
+    refuse_beside_forced_call(constraint, tools)
     chat = []
     for i, m in enumerate(messages):
         calls = message_calls(i, m.role, m.content, m.tool_calls)
@@ -89,6 +94,7 @@ class ChatInput(SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None  # text, json_object or json_schema, as /v1 takes it
+    structured_outputs: StructuredOutputs | None = None  # choice, regex, grammar, json: as /v1 takes it
 
 
 class GenerateInput(SamplingFields):

@@ -1,13 +1,18 @@
-"""Kubernetes manifests derived from a catalog spec: Deployment, Service, optional HPA."""
+"""Kubernetes manifests derived from a catalog spec: Deployment, Service, and an autoscaler (KEDA on the
+queue, or an HPA on CPU)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import yaml
 
 from shardbento.catalog import ModelSpec
+from shardbento.deploy.crd import load_crds, validate_custom
+from shardbento.deploy.keda import KedaOptions, scaled_object, scrape_annotations, service_monitor
 
 PORT = 3000
 KUBERNETES_VERSION = "1.32.0"  # the oldest release still in upstream support when this was written
@@ -26,7 +31,11 @@ SHM_GIB_CPU = 1
 class K8sOptions:
     image: str | None = None
     replicas: int = 1
-    max_replicas: int = 0  # above `replicas`, an HPA scales on CPU utilisation up to this many
+    max_replicas: int = 0  # above `replicas`, the autoscaler scales up to this many
+    autoscaler: Literal["keda", "cpu"] = "keda"  # KEDA on the queue (needs `keda`), or an HPA on CPU
+    keda: KedaOptions | None = None
+    scrape: Literal["annotations", "service-monitor"] = "annotations"  # how Prometheus finds /metrics
+    namespace: str | None = None  # set on every object (else kubectl's namespace)
     cache_size_gib: int = 0  # 0: an emptyDir; N: a PersistentVolumeClaim of N GiB
 
 
@@ -103,6 +112,9 @@ def deployment(spec: ModelSpec, options: K8sOptions) -> dict[str, Any]:
     }
     if spec.gpu_type:
         pod["nodeSelector"] = {"shardbento/gpu-type": spec.gpu_type}
+    template: dict[str, Any] = {"labels": labels}
+    if options.scrape == "annotations":
+        template["annotations"] = scrape_annotations(PORT)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -110,7 +122,7 @@ def deployment(spec: ModelSpec, options: K8sOptions) -> dict[str, Any]:
         "spec": {
             "replicas": options.replicas,
             "selector": {"matchLabels": labels},
-            "template": {"metadata": {"labels": labels}, "spec": pod},
+            "template": {"metadata": template, "spec": pod},
         },
     }
 
@@ -162,18 +174,45 @@ def manifests(spec: ModelSpec, options: K8sOptions | None = None) -> list[dict[s
         raise ValueError(f"max_replicas {options.max_replicas} is below replicas {options.replicas}")
     objects = [cache_claim(spec, options)] if options.cache_size_gib else []
     objects += [deployment(spec, options), service(spec)]
+    if options.scrape == "service-monitor":
+        interval_s = options.keda.polling_interval_s if options.keda else 15
+        objects.append(service_monitor(app_name(spec), _labels(spec), "http", interval_s))
     if options.max_replicas > options.replicas:
-        objects.append(autoscaler(spec, options))
+        objects.append(_autoscaler(spec, options))
+    if options.namespace:
+        for obj in objects:
+            obj["metadata"]["namespace"] = options.namespace
     return objects
+
+
+def _autoscaler(spec: ModelSpec, options: K8sOptions) -> dict[str, Any]:
+    if options.autoscaler == "cpu":
+        return autoscaler(spec, options)
+    if options.keda is None:
+        raise ValueError(
+            "KEDA autoscaling needs the Prometheus server it queries: --prometheus-url "
+            "(or --autoscaler cpu for an HPA on CPU utilisation)"
+        )
+    name, labels = app_name(spec), _labels(spec)
+    return scaled_object(spec, name, labels, options.replicas, options.max_replicas, options.keda)
 
 
 def to_yaml(objects: list[dict[str, Any]]) -> str:
     return yaml.safe_dump_all(objects, sort_keys=False)
 
 
-def validate(objects: list[dict[str, Any]], kubernetes_version: str = KUBERNETES_VERSION) -> None:
-    """Check every object against the Kubernetes JSON schemas (strict: unknown fields are errors)."""
+def validate(
+    objects: list[dict[str, Any]],
+    kubernetes_version: str = KUBERNETES_VERSION,
+    crd_files: Iterable[str | Path] = (),
+) -> None:
+    """Check every object against the Kubernetes JSON schemas, custom resources against their CRD
+    files (strict: unknown fields are errors; a kind with no schema is an error too)."""
     import kubernetes_validate
 
+    crds = load_crds(crd_files)
     for obj in objects:
-        kubernetes_validate.validate(obj, kubernetes_version, strict=True)
+        if (obj.get("apiVersion"), obj.get("kind")) in crds:
+            validate_custom(obj, crds)
+        else:
+            kubernetes_validate.validate(obj, kubernetes_version, strict=True)

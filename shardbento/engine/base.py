@@ -15,10 +15,11 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, slots=True)
 class Constraint:
-    """What the output must match: a JSON schema (its JSON text), any JSON object, a Lark grammar or a
-    regex. `param` is the request field it came from, named by the 400 when it cannot be compiled."""
+    """What the output must match: a JSON schema (its JSON text), any JSON object, a Lark grammar, a
+    client's grammar (Lark, or GBNF with `root ::=`), a regex, or one of a choice of strings (their JSON
+    list). `param` is the request field it came from, named by the 400 when it cannot be compiled."""
 
-    kind: Literal["json_schema", "json_object", "lark", "regex"]
+    kind: Literal["json_schema", "json_object", "lark", "grammar", "regex", "choice"]
     source: str = ""
     param: str = "response_format"
 

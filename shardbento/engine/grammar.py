@@ -35,6 +35,10 @@ def grammar_text(constraint: Constraint) -> str:
         return llguidance.LLMatcher.grammar_from_lark(constraint.source)
     if constraint.kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(constraint.source)
+    if constraint.kind in ("grammar", "choice"):
+        # As vLLM's guidance backend reads them: a grammar is Lark when it has a `start:` rule (or
+        # `%llguidance`), else GBNF converted to Lark; a choice is a JSON list of the allowed outputs.
+        return llguidance.grammar_from(constraint.kind, constraint.source)
     raise InvalidRequest(f"unknown constraint kind {constraint.kind!r}", param=constraint.param)
 
 

@@ -10,11 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from kubernetes_validate import ValidationError
+from kubernetes_validate import SchemaNotFoundError, ValidationError
 
 from shardbento.catalog import list_names, load_spec
 from shardbento.deploy import bentocloud, k8s
 from shardbento.deploy.bento import bento_labels, hub_weights, is_hub_source
+from shardbento.deploy.keda import KedaOptions
 
 MODELS = list_names()
 
@@ -23,15 +24,25 @@ def _kind(objects: list[dict], kind: str) -> dict:
     return next(o for o in objects if o["kind"] == kind)
 
 
+CRDS = sorted((Path(__file__).resolve().parents[1] / "data" / "crds").glob("*.yaml"))
+KEDA = KedaOptions(prometheus_url="http://prometheus-operated.monitoring.svc:9090")
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_k8s_manifests_pass_the_kubernetes_schema(name: str) -> None:
-    objects = k8s.manifests(load_spec(name), k8s.K8sOptions(max_replicas=3, cache_size_gib=200))
-    k8s.validate(objects)
+    options = k8s.K8sOptions(max_replicas=3, cache_size_gib=200, keda=KEDA, namespace="llm")
+    objects = k8s.manifests(load_spec(name), options)
+    k8s.validate(objects, crd_files=CRDS)
+    assert {o["kind"] for o in objects} == {"Deployment", "Service", "ScaledObject", "PersistentVolumeClaim"}
+    assert {o["metadata"]["namespace"] for o in objects} == {"llm"}
+    cpu = k8s.K8sOptions(max_replicas=3, autoscaler="cpu", scrape="service-monitor")
+    objects = k8s.manifests(load_spec(name), cpu)
+    k8s.validate(objects, crd_files=CRDS)
     assert {o["kind"] for o in objects} == {
         "Deployment",
         "Service",
+        "ServiceMonitor",
         "HorizontalPodAutoscaler",
-        "PersistentVolumeClaim",
     }
 
 
@@ -61,11 +72,18 @@ def test_k8s_validator_rejects_a_misspelled_field() -> None:
         k8s.validate([broken])
 
 
-def test_k8s_hpa_only_when_max_replicas_exceeds_replicas() -> None:
+def test_k8s_autoscaler_only_when_max_replicas_exceeds_replicas() -> None:
     spec = load_spec("tiny-llama")
-    assert "HorizontalPodAutoscaler" not in {o["kind"] for o in k8s.manifests(spec)}
+    kinds = {o["kind"] for o in k8s.manifests(spec, k8s.K8sOptions(max_replicas=1, keda=KEDA))}
+    assert kinds == {"Deployment", "Service"}
     with pytest.raises(ValueError, match="below replicas"):
         k8s.manifests(spec, k8s.K8sOptions(replicas=3, max_replicas=2))
+
+
+def test_k8s_validate_refuses_a_kind_without_a_schema() -> None:
+    objects = k8s.manifests(load_spec("tiny-llama"), k8s.K8sOptions(max_replicas=2, keda=KEDA))
+    with pytest.raises(SchemaNotFoundError):
+        k8s.validate(objects)  # no CRD given for the ScaledObject: an error, not a skipped object
 
 
 @pytest.mark.parametrize("name", MODELS)

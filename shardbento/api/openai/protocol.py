@@ -74,6 +74,22 @@ ResponseFormat = Annotated[
     TextFormat | JsonObjectFormat | JsonSchemaResponseFormat, Field(discriminator="type")
 ]
 
+Choices = Annotated[list[str], Field(min_length=1)]
+JsonSchemaField = dict[str, Any] | str  # a schema, or its JSON text (vLLM takes both)
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`: exactly one of its constraints (api/openai/guided.py checks it)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    choice: Choices | None = None
+    regex: str | None = None
+    grammar: str | None = None  # Lark, or GBNF (`root ::= ...`), as vLLM's guidance backend reads it
+    json_schema: JsonSchemaField | None = Field(None, alias="json")  # `json` would shadow BaseModel.json
+    json_object: Literal[True] | None = None
+
+
 FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for function names
 
 
@@ -147,6 +163,11 @@ class SamplingRequest(BaseModel):
     stop_token_ids: list[int] | None = None
 
     response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_choice: Choices | None = None  # vLLM's older top-level names for structured_outputs' fields
+    guided_regex: str | None = None
+    guided_grammar: str | None = None
+    guided_json: JsonSchemaField | None = None
     functions: Any = None
     function_call: Any = None
     audio: Any = None

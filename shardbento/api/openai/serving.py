@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from shardbento.api.image_urls import ImageFetchConfig, load_image
 from shardbento.api.openai.formatting import chat_logprobs, completion_logprobs, parse, usage
+from shardbento.api.openai.guided import guided_fields, output_constraint, refuse_beside_forced_call
 from shardbento.api.openai.protocol import (
     NEUTRAL_VALUES,
     AssistantMessage,
@@ -31,12 +32,7 @@ from shardbento.api.openai.protocol import (
     TokenizeResponse,
 )
 from shardbento.api.openai.streaming import ChatChoiceStream, CompletionChoiceStream, sse_stream
-from shardbento.api.openai.structured import (
-    message_calls,
-    request_tools,
-    response_constraint,
-    tool_calls_out,
-)
+from shardbento.api.openai.structured import message_calls, request_tools, tool_calls_out
 from shardbento.api.request import Completion, Generation, GenerationRequest, Sampling
 from shardbento.api.serving import Serving, new_request_id
 from shardbento.engine.base import ChatMessage
@@ -127,6 +123,7 @@ class OpenAIServing:
             chat_template_kwargs=request.chat_template_kwargs,
             tools=tools,
         )
+        refuse_beside_forced_call(generation.sampling.constraint, tools)
         if request.stream:
             started = await self.serving.stream_choices(generation, request.n)
             choices = [ChatChoiceStream(g, i) for i, g in enumerate(started)]
@@ -261,7 +258,12 @@ class OpenAIServing:
             min_tokens=request.min_tokens,
             ignore_eos=request.ignore_eos,
             logprobs=logprobs,
-            constraint=response_constraint(request.response_format, self.serving.settings.max_schema_bytes),
+            constraint=output_constraint(
+                request.response_format,
+                request.structured_outputs,
+                self.serving.settings.max_schema_bytes,
+                guided_fields(request),
+            ),
         )
 
 

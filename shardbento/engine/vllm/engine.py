@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -69,7 +70,9 @@ def _structured_outputs(constraint: Constraint | None) -> Any:
         return StructuredOutputsParams(json_object=True)
     if constraint.kind == "regex":
         return StructuredOutputsParams(regex=constraint.source)
-    return StructuredOutputsParams(grammar=constraint.source)
+    if constraint.kind == "choice":
+        return StructuredOutputsParams(choice=json.loads(constraint.source))
+    return StructuredOutputsParams(grammar=constraint.source)  # lark, or a client's Lark/GBNF grammar
 
 
 class VLLMEngine(PreprocessorPrompts):

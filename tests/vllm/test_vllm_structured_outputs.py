@@ -1,0 +1,94 @@
+"""structured_outputs on the vLLM engine (vLLM's own guidance backend): each kind through the real /v1 app
+in-process, the output judged and equal to the transformers engine's greedy one."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from structured_cases import ALIASES, KINDS, check_output, structured
+
+from shardbento.api.image_urls import ImageFetchConfig
+from shardbento.api.openai.routes import attach_serving, create_openai_app
+from shardbento.api.serving import Serving
+from shardbento.catalog import load_spec
+from shardbento.engine.hf.engine import HFEngine
+from shardbento.engine.vllm.engine import VLLMEngine
+
+MODEL = "tiny-llama"
+MESSAGES = [{"role": "user", "content": "Say something structured."}]
+
+
+def _app(engine: Any) -> Any:
+    serving = Serving(engine.spec)
+    serving.attach(engine)
+    application = create_openai_app()
+    attach_serving(application, serving, ImageFetchConfig())
+    return application
+
+
+@pytest.fixture(scope="module")
+def apps(loop: asyncio.AbstractEventLoop) -> Iterator[dict[str, Any]]:
+    """One vLLM engine for the whole module (it takes about a minute to start) beside transformers."""
+    hf = HFEngine.load(load_spec(MODEL))
+    vllm = VLLMEngine.load(load_spec(MODEL).model_copy(update={"engine": "vllm"}))
+    try:
+        yield {"transformers": _app(hf), "vllm": _app(vllm)}
+    finally:
+        vllm.close()
+        hf.close()
+
+
+def post(loop: asyncio.AbstractEventLoop, app: Any, path: str, body: dict) -> httpx.Response:
+    async def run() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.post(path, json=body, timeout=120)
+
+    return loop.run_until_complete(run())
+
+
+def answers(loop: asyncio.AbstractEventLoop, apps: dict[str, Any], path: str, fields: dict) -> dict[str, str]:
+    """Each engine's greedy text for the same request."""
+    base = {"model": MODEL, "max_tokens": 60}
+    base |= {"messages": MESSAGES} if path == "/chat/completions" else {"prompt": "Answer:"}
+    result = {}
+    for name, app in apps.items():
+        response = post(loop, app, path, {**base, **fields})
+        assert response.status_code == 200, (name, response.text)
+        choice = response.json()["choices"][0]
+        assert choice["finish_reason"] == "stop", (name, choice)
+        result[name] = choice["message"]["content"] if "message" in choice else choice["text"]
+    return result
+
+
+@pytest.mark.parametrize("path", ["/chat/completions", "/completions"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_vllm_structured_outputs_each_kind_equals_transformers(
+    loop: asyncio.AbstractEventLoop, apps: dict[str, Any], kind: str, path: str
+) -> None:
+    texts = answers(loop, apps, path, structured(kind))
+    check_output(kind, texts["vllm"])
+    assert texts["vllm"] == texts["transformers"]
+
+
+def test_vllm_structured_outputs_guided_aliases(
+    loop: asyncio.AbstractEventLoop, apps: dict[str, Any]
+) -> None:
+    for alias, kind in ALIASES.items():
+        texts = answers(loop, apps, "/chat/completions", {alias: KINDS[kind]})
+        check_output(kind, texts["vllm"])
+        assert texts["vllm"] == texts["transformers"]
+
+
+def test_vllm_structured_outputs_bad_grammar_is_the_same_400(
+    loop: asyncio.AbstractEventLoop, apps: dict[str, Any]
+) -> None:
+    body = {"model": MODEL, "messages": MESSAGES, "structured_outputs": {"grammar": "root ::= missing_rule"}}
+    responses = {name: post(loop, app, "/chat/completions", body) for name, app in apps.items()}
+    assert responses["vllm"].status_code == responses["transformers"].status_code == 400
+    assert responses["vllm"].json() == responses["transformers"].json()
+    assert responses["vllm"].json()["error"]["param"] == "structured_outputs.grammar"
