@@ -46,7 +46,7 @@ def detect_reasoning_parser(chat_template: str | None) -> str | None:
         return None
     if "<｜Assistant｜>" in chat_template:  # DeepSeek's full-width role tags
         return "deepseek_r1"
-    if "<|im_start|>" in chat_template and "enable_thinking" in chat_template:
+    if "<|im_start|>" in chat_template:  # Qwen3 (hybrid and thinking-only releases), QwQ
         return "qwen3"
     if "[gMASK]" in chat_template:
         return "glm45"

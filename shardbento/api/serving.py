@@ -18,6 +18,7 @@ from shardbento.api.thinking import (
     constrain_answer,
     prompt_reasoning,
     read_completion,
+    tag_ids,
 )
 from shardbento.catalog import ModelSpec
 from shardbento.engine.base import (
@@ -254,7 +255,9 @@ class Serving:
         reasoning = await prompt_reasoning(engine, request, prompt.token_ids)
         params = self.params(prompt, request.sampling, engine.info.vocab_size, engine.info.kv_pool_tokens)
         if tool_use is not None and tool_use.tools.forced:  # the call is made by grammar, so it parses
-            grammar = tool_use.parser.grammar(tool_use.tools.forced, tool_use.tools.parallel)
+            parser = tool_use.parser
+            tags = await anyio.to_thread.run_sync(tag_ids, engine, parser.start, parser.end)
+            grammar = parser.grammar(tool_use.tools.forced, tool_use.tools.parallel, tags)
             params = dataclasses.replace(params, constraint=Constraint("lark", grammar, param="tool_choice"))
         params = constrain_answer(params, reasoning)  # a thinking model reasons first, unconstrained
         if params.constraint is not None:

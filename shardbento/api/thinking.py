@@ -36,13 +36,13 @@ async def prompt_reasoning(
 
 def _reasoning(engine: Engine, parser: str, token_ids: tuple[int, ...]) -> Reasoning:
     tail = engine.decode(list(token_ids[-PROMPT_TAIL_TOKENS:]))
-    return Reasoning(parser, opens_in_prompt(tail), _tag_ids(engine))
+    return Reasoning(parser, opens_in_prompt(tail), tag_ids(engine, THINK_START, THINK_END))
 
 
-def _tag_ids(engine: Engine) -> tuple[int, int] | None:
-    """The ids of `<think>` and `</think>` where the tokenizer has each as one token."""
+def tag_ids(engine: Engine, start: str, end: str) -> tuple[int, int] | None:
+    """The ids of two tags (`<think>`, `</think>`) where the tokenizer has each as one token, else None."""
     ids = []
-    for tag in (THINK_START, THINK_END):
+    for tag in (start, end):
         found = [i for i in engine.encode(tag).token_ids if engine.decode([i]) == tag]
         if not found:
             return None
