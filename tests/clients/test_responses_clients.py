@@ -100,25 +100,6 @@ def test_responses_agents_sdk_default_model_calls_a_tool(base_url: str) -> None:
     assert isinstance(result.final_output, Pet)  # the turn after the tool's result, sent back as input items
 
 
-def test_responses_agents_sdk_default_model_streamed(base_url: str) -> None:
-    from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, set_tracing_disabled
-    from openai import AsyncOpenAI
-
-    set_tracing_disabled(True)
-    model = OpenAIResponsesModel(model=MODEL, openai_client=AsyncOpenAI(base_url=base_url, api_key="unused"))
-    agent = Agent(
-        name="echo", instructions="Answer.", model=model, model_settings=ModelSettings(max_tokens=400)
-    )
-
-    async def main() -> str:
-        result = Runner.run_streamed(agent, "Hi")
-        async for _ in result.stream_events():
-            pass
-        return result.final_output
-
-    assert isinstance(asyncio.run(main()), Pet)
-
-
 def test_responses_langchain_use_responses_api(base_url: str) -> None:
     from langchain_openai import ChatOpenAI
 
