@@ -9,6 +9,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from shardbento.reasoning import REASONING_PARSERS, UNIMPLEMENTED_PARSERS
+
 CATALOG_DIR = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_MODEL = "tiny-llama"
 GENERATED_PREFIX = "generated:"
@@ -158,7 +160,24 @@ class ModelSpec(BaseModel):
         description="How the model writes tool calls; detected from the chat template when unset "
         "(<tool_call>: hermes, <|python_tag|>: llama3_json, <|observation|>: glm4).",
     )
+    reasoning_parser: str | None = Field(
+        None,
+        description="How a thinking model's reasoning is split from its answer (vLLM's names: "
+        "deepseek_r1, qwen3, glm45); detected from the chat template when unset.",
+    )
     trust_remote_code: bool = False
+
+    @field_validator("reasoning_parser")
+    @classmethod
+    def _known_reasoning_parser(cls, value: str | None) -> str | None:
+        if value is None or value in REASONING_PARSERS:
+            return value
+        implemented = ", ".join(REASONING_PARSERS)
+        if value in UNIMPLEMENTED_PARSERS:
+            raise ValueError(
+                f"reasoning parser {value!r} is not implemented here; implemented: {implemented}"
+            )
+        raise ValueError(f"unknown reasoning parser {value!r}; implemented: {implemented}")
 
     @field_validator("gpu_type")
     @classmethod

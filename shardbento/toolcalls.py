@@ -119,9 +119,14 @@ class ToolParser:
         ]
         return variants[0] if len(variants) == 1 else {"anyOf": variants}
 
-    def grammar(self, tools: tuple[FunctionTool, ...], parallel: bool) -> str:
-        """A Lark grammar whose every sentence is one call (or several, with `parallel`) to `tools`."""
-        call = f"{_literal(self.start + chr(10))} {_schema(self._call_schema(tools))} {_literal(chr(10) + self.end)}"
+    def grammar(
+        self, tools: tuple[FunctionTool, ...], parallel: bool, tag_ids: tuple[int, int] | None = None
+    ) -> str:
+        """A Lark grammar whose every sentence is one call (or several, with `parallel`) to `tools`.
+        `tag_ids`: the start and end tags' ids where each is one token (Qwen's `<tool_call>`): llguidance
+        keeps added tokens of the form <...> out of text, so the grammar names the tokens."""
+        start, end = (f"<[{i}]>" for i in tag_ids) if tag_ids else (_literal(self.start), _literal(self.end))
+        call = f'{start} "\\n" {_schema(self._call_schema(tools))} "\\n" {end}'
         repeat = f" ({_literal(chr(10))} call)*" if parallel else ""
         return f"start: call{repeat}\ncall: {call}\n"
 
@@ -161,7 +166,9 @@ class Llama3JsonParser(ToolParser):
                 at += 1
         return "", calls
 
-    def grammar(self, tools: tuple[FunctionTool, ...], parallel: bool) -> str:
+    def grammar(
+        self, tools: tuple[FunctionTool, ...], parallel: bool, tag_ids: tuple[int, int] | None = None
+    ) -> str:
         repeat = f" ({_literal('; ')} call)*" if parallel else ""
         return f"start: call{repeat}\ncall: {_schema(self._call_schema(tools))}\n"
 
@@ -189,7 +196,9 @@ class Glm4Parser(ToolParser):
             return text, []
         return ("", [ParsedCall(first.strip(), arguments)]) if arguments is not None else (text, [])
 
-    def grammar(self, tools: tuple[FunctionTool, ...], parallel: bool) -> str:
+    def grammar(
+        self, tools: tuple[FunctionTool, ...], parallel: bool, tag_ids: tuple[int, int] | None = None
+    ) -> str:
         # GLM-4 makes one call per turn (its template answers each with an observation turn).
         options = " | ".join(f"{_literal(t.name + chr(10))} {_schema(t.parameters)}" for t in tools)
         return f"start: {options}\n"

@@ -15,6 +15,7 @@ from shardbento.engine.base import (
     SamplingParams,
     TokenLogprob,
 )
+from shardbento.reasoning import Reasoning
 from shardbento.toolcalls import FunctionTool, ParsedCall, ToolParser
 
 # What a torch.Generator takes as a seed; past it sampling would fail with an overflow (a 500).
@@ -81,6 +82,7 @@ class GenerationRequest:
     prompt: str | tuple[int, ...] | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the chat template
     tools: Tools | None = None
+    reasoning_effort: str | None = None  # a thinking model's template variable (refused for others)
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
@@ -100,6 +102,7 @@ class Generation:
     params: SamplingParams
     deltas: AsyncIterator[Delta]
     tool_use: ToolUse | None = None  # set when the output may hold tool calls
+    reasoning: Reasoning | None = None  # set when the model's reasoning is split from its answer
 
 
 @dataclass(slots=True)
@@ -112,6 +115,8 @@ class Completion:
     completion_tokens: int
     logprobs: list[TokenLogprob] = field(default_factory=list)
     tool_calls: list[ParsedCall] = field(default_factory=list)  # then `text` is the content around them
+    reasoning: str | None = None  # a thinking model's reasoning (then `text` is the answer alone)
+    reasoning_tokens: int = 0  # tokens generated before the reasoning ended
 
     @property
     def total_tokens(self) -> int:

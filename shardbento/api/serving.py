@@ -13,16 +13,21 @@ import anyio
 
 from shardbento.api.middleware.faults import raise_requested_fault
 from shardbento.api.request import SEED_MAX, Completion, Generation, GenerationRequest, Sampling, ToolUse
+from shardbento.api.thinking import (
+    check_reasoning_effort,
+    constrain_answer,
+    prompt_reasoning,
+    read_completion,
+    tag_ids,
+)
 from shardbento.catalog import ModelSpec
 from shardbento.engine.base import (
     ChatMessage,
     Constraint,
     Delta,
     Engine,
-    FinishReason,
     Prompt,
     SamplingParams,
-    TokenLogprob,
 )
 from shardbento.errors import GenerationFailed, InvalidRequest, NotReady, RequestTimeout, ShardbentoError
 from shardbento.logs import REQUEST_ID
@@ -132,6 +137,8 @@ class Serving:
         if request.messages is not None:
             checked = self.check_messages(request.messages)
             template_kwargs = _template_kwargs(request.chat_template_kwargs)
+            if request.reasoning_effort is not None:
+                template_kwargs = {**(template_kwargs or {}), "reasoning_effort": request.reasoning_effort}
             if request.tools is not None:
                 template_kwargs = {
                     **(template_kwargs or {}),
@@ -242,12 +249,17 @@ class Serving:
         (the engine prefills the prompt once for them) and return once each has its first delta (see
         Generation); every failure is a typed error, and one choice's failure stops them all."""
         engine = self.ready_engine()
+        check_reasoning_effort(engine, request, self.spec.name)
         tool_use = self._tool_use(engine, request)
         prompt = await self._prompt(engine, request)
+        reasoning = await prompt_reasoning(engine, request, prompt.token_ids)
         params = self.params(prompt, request.sampling, engine.info.vocab_size, engine.info.kv_pool_tokens)
         if tool_use is not None and tool_use.tools.forced:  # the call is made by grammar, so it parses
-            grammar = tool_use.parser.grammar(tool_use.tools.forced, tool_use.tools.parallel)
+            parser = tool_use.parser
+            tags = await anyio.to_thread.run_sync(tag_ids, engine, parser.start, parser.end)
+            grammar = parser.grammar(tool_use.tools.forced, tool_use.tools.parallel, tags)
             params = dataclasses.replace(params, constraint=Constraint("lark", grammar, param="tool_choice"))
+        params = constrain_answer(params, reasoning)  # a thinking model reasons first, unconstrained
         if params.constraint is not None:
             await anyio.to_thread.run_sync(engine.check_constraint, params.constraint)
         choices = [dataclasses.replace(params, seed=_nth_seed(params.seed, i)) for i in range(n)]
@@ -262,7 +274,7 @@ class Serving:
                 raise GenerationFailed("the engine ended the request without any output")
             raise failed[0]
         return [
-            Generation(request.request_id, prompt, p, _chained(first, d), tool_use)
+            Generation(request.request_id, prompt, p, _chained(first, d), tool_use, reasoning)
             for p, first, d in zip(choices, firsts, deltas, strict=True)
         ]
 
@@ -283,7 +295,7 @@ class Serving:
         return (await self.complete_choices(request, 1))[0]
 
     async def complete_choices(self, request: GenerationRequest, n: int) -> list[Completion]:
-        return list(await asyncio.gather(*map(_completion, await self.stream_choices(request, n))))
+        return list(await asyncio.gather(*map(read_completion, await self.stream_choices(request, n))))
 
     async def _deltas(self, deltas: AsyncIterator[Delta], request_id: str) -> AsyncIterator[Delta]:
         """The engine's deltas under the request deadline; an engine failure becomes one typed error for
@@ -312,27 +324,6 @@ class Serving:
             aclose = getattr(deltas, "aclose", None)
             if aclose is not None:
                 await aclose()
-
-
-async def _completion(generation: Generation) -> Completion:
-    """A started generation read to its end."""
-    parts: list[str] = []
-    logprobs: list[TokenLogprob] = []
-    num_tokens = 0
-    finish: FinishReason = "length"
-    async for delta in generation.deltas:
-        parts.append(delta.text)
-        logprobs.extend(delta.logprobs)
-        num_tokens += len(delta.token_ids)
-        finish = delta.finish_reason or finish
-    text = "".join(parts)
-    completion = Completion(text, finish, generation.prompt.num_tokens, num_tokens, logprobs)
-    if generation.tool_use is not None:
-        use = generation.tool_use
-        completion.text, completion.tool_calls = use.parser.parse(text, use.tools.tools)
-        if completion.tool_calls:
-            completion.finish_reason = "tool_calls"
-    return completion
 
 
 def _nth_seed(seed: int | None, index: int) -> int | None:

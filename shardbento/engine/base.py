@@ -85,6 +85,7 @@ class ChatMessage:
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = None
     name: str | None = None
+    reasoning_content: str | None = None  # an earlier assistant turn's reasoning (templates may show it)
 
     def template_dict(self) -> dict[str, Any]:
         """The message as chat templates read it (HF's convention: tool-call arguments as a mapping)."""
@@ -102,6 +103,8 @@ class ChatMessage:
             message["tool_call_id"] = self.tool_call_id
         if self.name is not None:
             message["name"] = self.name
+        if self.reasoning_content is not None:
+            message["reasoning_content"] = self.reasoning_content
         return message
 
 
@@ -191,6 +194,7 @@ class EngineInfo:
     devices: tuple[str, ...]
     vocab_size: int  # prompt token ids must lie in [0, vocab_size): past it they index out of the embedding
     tool_parser: str | None = None  # the family its tool calls are written in (shardbento.toolcalls)
+    reasoning_parser: str | None = None  # how its reasoning is split from the answer (shardbento.reasoning)
     kv_pool_tokens: int | None = None  # the batch's KV pool; a request must fit it alone (None: no pool)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from shardbento.cachedir import build_once, cache_root
+from shardbento.tiny.templates import QWEN3_CHAT_TEMPLATE, QWEN3_TEXT_TOKENS
 from shardbento.tiny.thudm import THUDM_RECIPES, build_thudm, thudm_digest
 from shardbento.tiny.tokenizer import (
     ENDOFTEXT,
@@ -47,7 +48,7 @@ class VisionRecipe:
 class Recipe:
     """Everything that determines a generated model's bytes."""
 
-    architecture: Literal["llama", "qwen2", "llava"]
+    architecture: Literal["llama", "qwen2", "qwen3", "llava"]
     vocab_size: int = 1024
     hidden_size: int = 256
     num_hidden_layers: int = 2
@@ -65,6 +66,7 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "tiny-llama": Recipe(architecture="llama"),
     "tiny-qwen": Recipe(architecture="qwen2"),
+    "tiny-qwen3": Recipe(architecture="qwen3"),  # Qwen3-8B's chat template, <think> and tool tokens
     "tiny-llava": Recipe(architecture="llava", vision=VisionRecipe()),
     "bench-llama": Recipe(
         architecture="llama",
@@ -98,15 +100,26 @@ def recipe_digest(recipe: Recipe) -> str:
     """A short hash of the recipe, the corpus and the format version: any change gives a new directory."""
     hasher = hashlib.sha256(json.dumps(asdict(recipe), sort_keys=True).encode())
     hasher.update(f"format={FORMAT_VERSION}".encode())
-    hasher.update(chat_template(recipe.vision is not None).encode())  # saved with the model
+    hasher.update(_template(recipe).encode())  # saved with the model
     for line in corpus_lines():
         hasher.update(line.encode())
     return hasher.hexdigest()[:10]
 
 
+def _template(recipe: Recipe) -> str:
+    """The chat template the recipe's tokenizer carries: the real model's where it imitates one."""
+    return QWEN3_CHAT_TEMPLATE if recipe.architecture == "qwen3" else chat_template(recipe.vision is not None)
+
+
 def _build(recipe: Recipe, out_dir: Path) -> None:
     """Write tokenizer (or processor), config, generation config and sharded weights into `out_dir`."""
-    tokenizer = train_tokenizer(recipe.vocab_size, recipe.vision is not None, recipe.max_position_embeddings)
+    tokenizer = train_tokenizer(
+        recipe.vocab_size,
+        recipe.vision is not None,
+        recipe.max_position_embeddings,
+        template=_template(recipe),
+        text_tokens=QWEN3_TEXT_TOKENS if recipe.architecture == "qwen3" else (),
+    )
     model = _build_model(recipe, tokenizer)
     state_dict = _canonical_state_dict(model) if recipe.vision else None
     model.save_pretrained(out_dir, state_dict=state_dict, max_shard_size=recipe.max_shard_size)
@@ -131,9 +144,9 @@ def _canonical_state_dict(model: PreTrainedModel) -> dict[str, Any]:
 
 
 def _text_config(recipe: Recipe, tokenizer: PreTrainedTokenizerFast) -> Any:
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
-    config_class = Qwen2Config if recipe.architecture == "qwen2" else LlamaConfig
+    config_class = {"qwen2": Qwen2Config, "qwen3": Qwen3Config}.get(recipe.architecture, LlamaConfig)
     endoftext_id, im_end_id = tokenizer.convert_tokens_to_ids([ENDOFTEXT, IM_END])
     return config_class(
         vocab_size=len(tokenizer),
@@ -180,11 +193,13 @@ def _build_model(recipe: Recipe, tokenizer: PreTrainedTokenizerFast) -> PreTrain
         LlamaForCausalLM,
         LlavaForConditionalGeneration,
         Qwen2ForCausalLM,
+        Qwen3ForCausalLM,
     )
 
     model_class = {
         "llama": LlamaForCausalLM,
         "qwen2": Qwen2ForCausalLM,
+        "qwen3": Qwen3ForCausalLM,
         "llava": LlavaForConditionalGeneration,
     }
     config = _model_config(recipe, tokenizer)

@@ -134,9 +134,17 @@ def corpus_lines(num_sentences: int = 4000) -> Iterator[str]:
         yield _sentence(rng)
 
 
-def train_tokenizer(vocab_size: int, vision: bool, model_max_length: int) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE on the built-in corpus; the special tokens take the first ids."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_tokenizer(
+    vocab_size: int,
+    vision: bool,
+    model_max_length: int,
+    template: str | None = None,
+    text_tokens: tuple[str, ...] = (),
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on the built-in corpus; the special tokens take the first ids. `template`
+    replaces the ChatML one; `text_tokens` are added as single tokens that decoded text keeps (a real
+    model's `<think>`, `<tool_call>`)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE())
@@ -149,6 +157,7 @@ def train_tokenizer(vocab_size: int, vision: bool, model_max_length: int) -> Pre
         show_progress=False,
     )
     backend.train_from_iterator(corpus_lines(), trainer)
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in text_tokens])
     extra = {"extra_special_tokens": {"image_token": IMAGE}} if vision else {}
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -158,7 +167,7 @@ def train_tokenizer(vocab_size: int, vision: bool, model_max_length: int) -> Pre
         model_input_names=["input_ids", "attention_mask"],
         **extra,
     )
-    tokenizer.chat_template = chat_template(vision)
+    tokenizer.chat_template = template or chat_template(vision)
     return tokenizer
 
 

@@ -249,3 +249,22 @@ def test_ensure_generated_concurrent_processes_generate_once(tmp_path: Path) -> 
     assert len({stdout for stdout, _ in results}) == 1
     assert sum(stderr.count(b"Building tiny model") for _, stderr in results) == 1
     assert _leftovers(tmp_path) == []
+
+
+def test_tiny_qwen3_has_qwen3s_template_and_thinking_tokens(cache_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shardbento.tiny.templates import QWEN3_CHAT_TEMPLATE
+
+    model_dir = tiny.ensure_generated("tiny-qwen3", cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert tokenizer.chat_template == QWEN3_CHAT_TEMPLATE
+    for tag in ("<think>", "</think>", "<tool_call>", "</tool_call>"):
+        (token,) = tokenizer.encode(tag, add_special_tokens=False)
+        assert tokenizer.decode([token], skip_special_tokens=True) == tag  # kept in decoded text
+    messages = [{"role": "user", "content": "Hi"}]
+    off = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
+    assert off.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert type(AutoModelForCausalLM.from_pretrained(model_dir)).__name__ == "Qwen3ForCausalLM"

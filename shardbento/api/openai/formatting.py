@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from shardbento.api.openai.protocol import (
     ChatLogprobs,
@@ -19,6 +19,7 @@ from shardbento.engine.base import TokenLogprob
 from shardbento.errors import InvalidRequest
 
 Request = TypeVar("Request", bound=BaseModel)
+UNION_MEMBERS = ("str", "list[...]", "dict[str,any]")  # pydantic's names for members of `str | list`
 
 
 def parse(model: type[Request], body: Any) -> Request:
@@ -29,6 +30,27 @@ def parse(model: type[Request], body: Any) -> Request:
         param = _param(exc.errors()[0]["loc"])
         problems = "; ".join(_problem(e) for e in exc.errors()[:5])
         raise InvalidRequest(f"invalid request: {problems}", param=param) from None
+
+
+def parse_at(model: type[Request] | TypeAdapter[Any], body: Any, where: str) -> Any:
+    """One part of a request (an input item, a tool) validated on its own; the 400 names it by `where`
+    (`input[2].content[0].text`)."""
+    try:
+        if isinstance(model, TypeAdapter):
+            return model.validate_python(body)
+        return model.model_validate(body)
+    except ValidationError as exc:
+        tag = body.get("type") if isinstance(body, dict) else None
+        errors = [{**e, "loc": e["loc"][1:] if e["loc"][:1] == (tag,) else e["loc"]} for e in exc.errors()]
+        problems = "; ".join(
+            f"{_joined(where, e['loc'])}: {_problem(e).split(': ', 1)[1]}" for e in errors[:5]
+        )
+        raise InvalidRequest(f"invalid request: {problems}", param=_joined(where, errors[0]["loc"])) from None
+
+
+def _joined(where: str, loc: tuple[Any, ...]) -> str:
+    inner = _param(tuple(p for p in loc if p not in UNION_MEMBERS)) or ""
+    return where + inner if not inner or inner.startswith("[") else f"{where}.{inner}"
 
 
 def _param(loc: tuple[Any, ...]) -> str | None:

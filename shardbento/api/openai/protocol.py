@@ -22,11 +22,11 @@ NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "best_of": (None, 1),
     "suffix": (None, ""),
     "store": (None, False),
-    "reasoning_effort": (None,),
     "web_search_options": (None,),
 }
 
 StopField = str | list[str] | None  # count and length limits: Serving.check_stop
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]  # OpenAI's values
 
 
 class Usage(BaseModel):
@@ -174,7 +174,6 @@ class SamplingRequest(BaseModel):
     modalities: Any = None
     prediction: Any = None
     store: Any = None
-    reasoning_effort: Any = None
     web_search_options: Any = None
 
 
@@ -218,6 +217,7 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": false}, as vLLM takes
+    reasoning_effort: ReasoningEffort | None = None  # a template variable of thinking models
     max_completion_tokens: Annotated[int | None, Field(ge=1)] = None
     logprobs: bool = False
     top_logprobs: Annotated[int | None, Field(ge=0, le=MAX_TOP_LOGPROBS)] = None
@@ -227,6 +227,7 @@ class CompletionRequest(SamplingRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: Annotated[int | None, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] = None
     echo: bool = False
+    reasoning_effort: Any = None  # refused: a raw prompt has no chat template to pass it to
     best_of: Any = None
     suffix: Any = None
 
@@ -266,6 +267,8 @@ class ToolCallOut(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = None  # a thinking model's reasoning (vLLM's field)
+    reasoning: str | None = None  # the same text under vLLM's newer name
     tool_calls: list[ToolCallOut] = Field(default_factory=list)
 
 

@@ -15,6 +15,7 @@ from starlette.routing import Route
 from shardbento import __version__
 from shardbento.api.errors import error_response
 from shardbento.api.image_urls import ImageFetchConfig
+from shardbento.api.openai.responses import ResponsesServing
 from shardbento.api.openai.serving import OpenAIServing, Result
 from shardbento.api.serving import Serving
 from shardbento.errors import InvalidRequest, NotReady, ShardbentoError
@@ -24,7 +25,9 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 def attach_serving(app: Starlette, serving: Serving, images: ImageFetchConfig | None = None) -> None:
     """Give the app the service's Serving (one model, one request path); called when the service starts."""
-    app.state.openai = OpenAIServing(serving, images or ImageFetchConfig.from_env())
+    images = images or ImageFetchConfig.from_env()
+    app.state.openai = OpenAIServing(serving, images)
+    app.state.responses = ResponsesServing(serving, images)
 
 
 def _openai(request: Request) -> OpenAIServing:
@@ -49,6 +52,11 @@ def _respond(result: Result) -> Response:
 
 async def chat_completions(request: Request) -> Response:
     return _respond(await _openai(request).chat(await _body(request)))
+
+
+async def responses(request: Request) -> Response:
+    _openai(request)  # a 503 while the service starts, as the other routes answer
+    return _respond(await request.app.state.responses.create(await _body(request)))
 
 
 async def completions(request: Request) -> Response:
@@ -109,6 +117,7 @@ def create_openai_app() -> Starlette:
         routes=[
             Route("/chat/completions", chat_completions, methods=["POST"]),
             Route("/completions", completions, methods=["POST"]),
+            Route("/responses", responses, methods=["POST"]),
             Route("/models", models, methods=["GET"]),
             Route("/models/{model_id:path}", model, methods=["GET"]),
         ],

@@ -122,6 +122,7 @@ class OpenAIServing:
             messages=messages,
             chat_template_kwargs=request.chat_template_kwargs,
             tools=tools,
+            reasoning_effort=request.reasoning_effort,
         )
         refuse_beside_forced_call(generation.sampling.constraint, tools)
         if request.stream:
@@ -134,6 +135,8 @@ class OpenAIServing:
                 index=i,
                 message=AssistantMessage(
                     content=c.text if c.text or not c.tool_calls else None,
+                    reasoning_content=c.reasoning,
+                    reasoning=c.reasoning,
                     tool_calls=tool_calls_out(c.tool_calls),
                 ),
                 logprobs=chat_logprobs(c.logprobs) if logprobs is not None else None,
@@ -153,6 +156,11 @@ class OpenAIServing:
         request = parse(CompletionRequest, body)
         self._check_common(request)
         prompt = _single_prompt(request.prompt)
+        if request.reasoning_effort is not None:
+            raise InvalidRequest(
+                "reasoning_effort applies to chat completions (a raw prompt has no chat template)",
+                param="reasoning_effort",
+            )
         if request.echo and request.logprobs is not None:
             raise InvalidRequest("echo with logprobs is not supported (no prompt logprobs)", param="echo")
         generation = GenerationRequest(

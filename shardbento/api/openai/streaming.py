@@ -1,5 +1,6 @@
-"""SSE for /v1: each choice's deltas as OpenAI chunks (tool calls as OpenAI's tool-call deltas), the n
-choices of one request interleaved as they come, then usage and [DONE]."""
+"""SSE for /v1: each choice's deltas as OpenAI chunks (reasoning as `reasoning_content` deltas, tool calls
+as OpenAI's tool-call deltas), the n choices of one request interleaved as they come, then usage and
+[DONE]."""
 
 from __future__ import annotations
 
@@ -11,13 +12,16 @@ from shardbento.api.errors import as_error
 from shardbento.api.openai.formatting import chat_logprobs, completion_logprobs, sse, usage
 from shardbento.api.request import Generation
 from shardbento.engine.base import Delta, TokenLogprob
+from shardbento.reasoning import Split
 
 Choice = dict[str, Any]
 
 
 class ChatChoiceStream:
-    """One chat choice's chunks. With tools, content streams up to where a call may start; the call
-    text is held, parsed at the end and sent as tool-call deltas (id and name, then the arguments)."""
+    """One chat choice's chunks. A thinking model's reasoning goes out as `reasoning_content` (and
+    `reasoning`) deltas, the answer after it as content. With tools, content streams up to where a call
+    may start; the call text is held, parsed at the end and sent as tool-call deltas (id and name, then
+    the arguments)."""
 
     def __init__(self, generation: Generation, index: int) -> None:
         self.index = index
@@ -27,6 +31,7 @@ class ChatChoiceStream:
         self.text = ""
         self.sent = 0  # characters of `text` already sent as content
         self.held: list[TokenLogprob] = []
+        self.splitter = generation.reasoning.splitter() if generation.reasoning is not None else None
 
     def _choice(self, delta: dict[str, Any], finish: str | None = None) -> Choice:
         if self.first:
@@ -38,21 +43,30 @@ class ChatChoiceStream:
 
     def chunks(self, delta: Delta) -> list[Choice]:
         self.held.extend(delta.logprobs)
+        if self.splitter is None:
+            return self._answer(delta.text, delta.finish_reason)
+        split = self.splitter.push(delta.text)
+        if delta.finish_reason is not None:
+            last = self.splitter.finish()
+            split = Split(split.reasoning + last.reasoning, split.content + last.content)
+        thought = split.reasoning
+        out = [self._choice({"reasoning_content": thought, "reasoning": thought})] if thought else []
+        return out + self._answer(split.content, delta.finish_reason)
+
+    def _answer(self, text: str, finish: str | None) -> list[Choice]:
         if self.tool_use is None:
-            if not delta.text and delta.finish_reason is None:
+            if not text and finish is None:
                 return []
-            return [
-                self._choice({"content": delta.text} if delta.text or self.first else {}, delta.finish_reason)
-            ]
-        self.text += delta.text
-        if delta.finish_reason is None:
+            return [self._choice({"content": text} if text or self.first else {}, finish)]
+        self.text += text
+        if finish is None:
             use = self.tool_use
             end = 0 if use.tools.forced else use.parser.content_end(self.text, use.tools.tools)
             if end <= self.sent:
                 return []
             piece, self.sent = self.text[self.sent : end], end
             return [self._choice({"content": piece})]
-        return self._finish(delta.finish_reason)
+        return self._finish(finish)
 
     def _finish(self, finish: str) -> list[Choice]:
         use = self.tool_use

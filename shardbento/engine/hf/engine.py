@@ -128,6 +128,7 @@ class HFEngine(PreprocessorPrompts):
             devices=loaded.devices,
             vocab_size=loaded.prompts.vocab_size,
             tool_parser=loaded.prompts.tool_parser,
+            reasoning_parser=loaded.prompts.reasoning_parser,
             kv_pool_tokens=pool_tokens,
         )
 

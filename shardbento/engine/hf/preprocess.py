@@ -14,6 +14,7 @@ from shardbento.engine.base import ChatMessage, Constraint, Prompt, SamplingPara
 from shardbento.engine.batch.sampler import RequestSampler
 from shardbento.engine.grammar import Grammars
 from shardbento.errors import InvalidRequest
+from shardbento.reasoning import detect_reasoning_parser
 from shardbento.toolcalls import detect_tool_parser
 
 
@@ -67,10 +68,19 @@ class Preprocessor:
         return pad_id if pad_id is not None else min(self.eos_token_ids)
 
     @property
+    def chat_template(self) -> str | None:
+        template = self.spec.chat_template or getattr(self.processor or self.tokenizer, "chat_template", None)
+        return template if isinstance(template, str) else None
+
+    @property
     def tool_parser(self) -> str | None:
         """The catalog's `tool_parser`, else the family the chat template's markers name."""
-        template = self.spec.chat_template or getattr(self.processor or self.tokenizer, "chat_template", None)
-        return self.spec.tool_parser or detect_tool_parser(template if isinstance(template, str) else None)
+        return self.spec.tool_parser or detect_tool_parser(self.chat_template)
+
+    @property
+    def reasoning_parser(self) -> str | None:
+        """The catalog's `reasoning_parser`, else the family the chat template's markers name."""
+        return self.spec.reasoning_parser or detect_reasoning_parser(self.chat_template)
 
     def sampler(self, params: SamplingParams) -> RequestSampler:
         """The token picker for one request: its EOS ids, token names for logprobs, its grammar."""

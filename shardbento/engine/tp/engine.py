@@ -95,6 +95,7 @@ class TPEngine(PreprocessorPrompts):
             devices=devices,
             vocab_size=prompts.vocab_size,
             tool_parser=prompts.tool_parser,
+            reasoning_parser=prompts.reasoning_parser,
             kv_pool_tokens=kv_pool_tokens,
         )
         threading.Thread(target=self._watch, name="shardbento-tp-watchdog", daemon=True).start()

@@ -94,6 +94,7 @@ class VLLMEngine(PreprocessorPrompts):
             devices=_devices(spec),
             vocab_size=prompts.vocab_size,
             tool_parser=prompts.tool_parser,
+            reasoning_parser=prompts.reasoning_parser,
         )
 
     @classmethod
