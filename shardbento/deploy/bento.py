@@ -90,7 +90,7 @@ class ImageError(ValueError):
 def requirements_file(spec: ModelSpec) -> str:
     """The requirement set of the entry's image: the engine it will run where it is deployed (`auto`
     decided from the catalog, shardbento.engine.selection) on CPU or CUDA."""
-    from shardbento.engine.selection import catalog_choice
+    from shardbento.plan.engines import catalog_choice
 
     engine = catalog_choice(spec).name
     if spec.num_gpus == 0:

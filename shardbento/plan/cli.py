@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from shardbento.catalog import CatalogError, load_spec
-from shardbento.engine.selection import catalog_choice
+from shardbento.plan.engines import catalog_choice
 from shardbento.plan.memory import BENTO_GPU_KINDS, PlanError, load_config, model_shape, parse_gpus
 from shardbento.plan.preflight import check_loader
 from shardbento.plan.sharding import plan_spec, render
@@ -44,6 +44,15 @@ def _loader_note(spec: Any, config: dict[str, Any], engine: str) -> str:
         return f"transformers engine: {exc}"
 
 
+def _notes(spec: Any, config: dict[str, Any], engine: str, reason: str) -> tuple[str, ...]:
+    """Why this engine, how it loads the checkpoint, and for vLLM how the transformers engine would (what
+    `auto` falls back to if vLLM refuses the model at startup)."""
+    notes = (reason, _loader_note(spec, config, engine))
+    if engine == "vllm" and spec.engine == "auto":
+        notes += (f"if vLLM refuses it at startup, {_loader_note(spec, config, 'transformers')}",)
+    return notes
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         spec = load_spec(args.model)
@@ -58,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             max_model_len=args.max_model_len,
             tp_capable=engine.name == "vllm" or _tp_capable(config),
-            notes=(engine.reason, _loader_note(spec, config, engine.name)),
+            notes=_notes(spec, config, engine.name, engine.reason),
             engine=engine.name,
         )
     except (CatalogError, PlanError) as exc:

@@ -8,8 +8,9 @@ import pytest
 from installed import vllm_installed
 
 from shardbento.catalog import CatalogError, ModelSpec, list_names, load_spec, load_spec_file
-from shardbento.engine.selection import catalog_choice, choose_engine, vllm_architectures
-from shardbento.engine.vllm.args import VLLMArgumentError, engine_kwargs, gpu_refusal
+from shardbento.engine.selection import choose_engine
+from shardbento.engine.vllm.args import VLLMArgumentError, engine_kwargs
+from shardbento.plan.engines import catalog_choice, gpu_refusal, vllm_architectures
 
 KNOWN = {"enable_prefix_caching", "max_num_seqs", "enforce_eager", "kv_cache_dtype", "model_impl"}
 

@@ -10,13 +10,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+from shardbento.engine.hf.engine import HFEngine
 
 from shardbento.catalog import ModelSpec, load_spec
 from shardbento.engine import create_engine
 from shardbento.engine.base import ChatMessage, SamplingParams
-from shardbento.engine.hf.engine import HFEngine
-from shardbento.engine.selection import catalog_choice, choose_engine, vllm_architectures
+from shardbento.engine.selection import choose_engine
 from shardbento.engine.vllm.engine import VLLMEngine
+from shardbento.plan.engines import catalog_choice, vllm_architectures
 from shardbento.plan.source import resolve_source
 
 MESSAGES = [ChatMessage(role="user", text="Count the shards of the model.")]
@@ -103,7 +104,7 @@ def test_choose_engine_auto_vision_goes_to_transformers_when_vllm_lacks_architec
 
 
 def test_committed_architectures_are_the_installed_vllms() -> None:
-    """engine: auto decides from shardbento/engine/vllm/architectures.txt what a GPU image carries:
+    """engine: auto decides from shardbento/plan/vllm_architectures.txt what a GPU image carries:
     it must be this vLLM's registry (`make vllm-architectures` rewrites it)."""
     from vllm import ModelRegistry
 

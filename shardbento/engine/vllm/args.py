@@ -9,10 +9,6 @@ from typing import Any
 
 from shardbento.catalog import ModelSpec
 
-# Compute capability below which auto prefers transformers: Volta (7.0) and Turing (7.5) lack the
-# kernels vLLM's fast paths need (FlashAttention-2, "no kernel image is available").
-MIN_AUTO_CAPABILITY = (8, 0)
-
 
 class VLLMArgumentError(ValueError):
     """A catalog entry asks vLLM for something it does not accept; the message names the field."""
@@ -96,13 +92,3 @@ def model_architectures(model_path: str) -> list[str]:
     if not config.is_file():
         return []
     return list(json.loads(config.read_text()).get("architectures") or [])
-
-
-def gpu_refusal(capability: tuple[int, int] | None) -> str | None:
-    if capability is None:
-        return None
-    if capability < MIN_AUTO_CAPABILITY:
-        found = ".".join(map(str, capability))
-        wanted = ".".join(map(str, MIN_AUTO_CAPABILITY))
-        return f"GPU compute capability {found} is below {wanted} (Volta/Turing lack vLLM's fast kernels)"
-    return None
