@@ -109,7 +109,7 @@ class ShardBento:
         return self.serving.is_ready()
 
     def __is_alive__(self) -> bool:
-        return self.serving.load_error is None
+        return self.serving.is_alive()
 
     async def _stream(self, request: GenerationRequest) -> AsyncGenerator[str, None]:
         generation = await self.serving.stream(request)

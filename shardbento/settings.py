@@ -35,6 +35,8 @@ class Settings:
     max_n: int = 8  # choices one request may ask for
     request_timeout_s: float = 300.0
     fault_injection: str | None = None  # test-only: see shardbento/api/middleware/faults.py
+    engine_fault: str | None = None  # test-only: "METHOD@N", rank 0's N-th runner METHOD call fails
+    collective_timeout_s: float = 600.0  # a tensor-parallel collective waiting for a peer fails after this
 
     def __repr__(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "api_key"}

@@ -28,22 +28,55 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("logs")
 
 
-@pytest.fixture(scope="session")
-def text_engine():
+def process_engine(name: str) -> Iterator[Any]:
+    """The catalog model's transformers engine as the service runs it: its own rank process."""
     from shardbento.catalog import load_spec
-    from shardbento.engine.hf.engine import HFEngine
+    from shardbento.engine import create_engine
 
-    engine = HFEngine.load(load_spec("tiny-llama"))
-    yield engine
-    engine.close()
+    engine = create_engine(load_spec(name))
+    try:
+        yield engine
+    finally:
+        engine.close()
+
+
+def loaded_model(name: str) -> Any:
+    """The catalog model loaded in this process (weights placed as its plan says): the reference the
+    engines are compared with, and what runner and scheduler tests drive directly."""
+    from shardbento.catalog import load_spec
+    from shardbento.engine.hf.loading import load_model
+    from shardbento.plan.preflight import run_preflight
+
+    spec = load_spec(name)
+    return load_model(spec, run_preflight(spec))
 
 
 @pytest.fixture(scope="session")
-def vision_engine():
-    from shardbento.catalog import load_spec
-    from shardbento.engine.hf.engine import HFEngine
+def text_engine() -> Iterator[Any]:
+    yield from process_engine("tiny-llama")
 
-    engine = HFEngine.load(load_spec("tiny-llava"))
+
+@pytest.fixture(scope="session")
+def vision_engine() -> Iterator[Any]:
+    yield from process_engine("tiny-llava")
+
+
+@pytest.fixture(scope="session")
+def text_model() -> Any:
+    return loaded_model("tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def vision_model() -> Any:
+    return loaded_model("tiny-llava")
+
+
+@pytest.fixture(scope="session")
+def text_inprocess(text_model) -> Iterator[Any]:
+    """tiny-llama's scheduler loop in this process (tests that look inside the scheduler)."""
+    from inprocess import InProcessEngine
+
+    engine = InProcessEngine(text_model)
     yield engine
     engine.close()
 

@@ -60,13 +60,18 @@ class Serving:
     def is_ready(self) -> bool:
         return self.engine is not None and self.engine.is_ready()
 
+    def is_alive(self) -> bool:
+        """False once the model failed to load or its engine died: /livez answers 503, so a supervisor
+        (Kubernetes, BentoCloud) restarts the service."""
+        return self.load_error is None and (self.engine is None or self.engine.is_alive())
+
     def ready_engine(self) -> Engine:
         if self.load_error is not None:
             raise NotReady(f"model {self.spec.name!r} failed to load: {self.load_error}")
         if self.engine is None:
             raise NotReady(f"model {self.spec.name!r} is still loading; retry shortly")
         if not self.engine.is_ready():
-            raise NotReady(f"model {self.spec.name!r} is not serving (an engine worker stopped)")
+            raise NotReady(f"model {self.spec.name!r} is not serving (an engine process stopped)")
         return self.engine
 
     def check_messages(self, messages: Sequence[ChatMessage]) -> list[ChatMessage]:

@@ -32,14 +32,9 @@ def create_engine(spec: ModelSpec) -> Engine:
         engine = _create_vllm_engine(spec)
         if engine is not None:
             return engine
-    plan = run_preflight(spec, engine="transformers")
-    if plan.mode == "tensor":
-        from shardbento.engine.tp.engine import TPEngine
+    from shardbento.engine.core.engine import ProcessEngine
 
-        return TPEngine.load(spec, plan)
-    from shardbento.engine.hf.engine import HFEngine
-
-    return HFEngine.load(spec, plan)
+    return ProcessEngine.load(spec, run_preflight(spec, engine="transformers"))
 
 
 def _create_vllm_engine(spec: ModelSpec) -> Engine | None:

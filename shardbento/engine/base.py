@@ -226,6 +226,9 @@ class Engine(Protocol):
 
     def is_ready(self) -> bool: ...
 
+    def is_alive(self) -> bool:
+        """False once the engine can no longer serve (a worker process died): the service is restarted."""
+
     def close(self) -> None: ...
 
 

@@ -37,9 +37,9 @@ OPENING_TEMPLATE = QWEN3_CHAT_TEMPLATE.replace(
 
 
 def load(spec):
-    from shardbento.engine.hf.engine import HFEngine
+    from shardbento.engine import create_engine
 
-    engine = HFEngine.load(spec)
+    engine = create_engine(spec)
     serving = Serving(engine.spec)
     serving.attach(engine)
     app = create_openai_app()

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from shardbento.catalog import load_spec
+from shardbento.engine import create_engine
 from shardbento.engine.base import ChatMessage, SamplingParams
-from shardbento.engine.hf.engine import HFEngine
-from shardbento.engine.hf.placement import input_device
 
 
 def run(engine, prompt, params: SamplingParams):
@@ -23,9 +22,10 @@ def run(engine, prompt, params: SamplingParams):
     return "".join(d.text for d in deltas), tokens, deltas[-1].finish_reason, deltas
 
 
-def reference_tokens(engine, prompt, max_new_tokens: int) -> list[int]:
+def reference_tokens(loaded, prompt, max_new_tokens: int) -> list[int]:
+    """transformers' own greedy generate() on the model loaded in this process."""
     with torch.inference_mode():
-        out = engine.model.generate(**prompt.inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        out = loaded.model.generate(**prompt.inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return out[0, prompt.num_tokens :].tolist()
 
 
@@ -33,14 +33,14 @@ def chat(engine, text: str = "Tell me about the sharded bento."):
     return engine.render_chat([ChatMessage(role="user", text=text)])
 
 
-def test_engine_greedy_matches_generate_text(text_engine) -> None:
+def test_engine_greedy_matches_generate_text(text_engine, text_model) -> None:
     prompt = chat(text_engine)
     _, tokens, _, _ = run(text_engine, prompt, SamplingParams(max_tokens=24))
-    assert tokens == reference_tokens(text_engine, prompt, 24)[: len(tokens)]
-    assert len(tokens) == 24 or tokens[-1] in text_engine._prompts.eos_token_ids
+    assert tokens == reference_tokens(text_model, prompt, 24)[: len(tokens)]
+    assert len(tokens) == 24 or tokens[-1] in text_model.prompts.eos_token_ids
 
 
-def test_engine_greedy_matches_generate_vision(vision_engine) -> None:
+def test_engine_greedy_matches_generate_vision(vision_engine, vision_model) -> None:
     from PIL import Image
 
     pixels = torch.randint(0, 256, (48, 40, 3), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
@@ -49,7 +49,7 @@ def test_engine_greedy_matches_generate_vision(vision_engine) -> None:
     assert prompt.num_images == 1
     assert "pixel_values" in prompt.inputs
     _, tokens, _, _ = run(vision_engine, prompt, SamplingParams(max_tokens=16))
-    assert tokens == reference_tokens(vision_engine, prompt, 16)[: len(tokens)]
+    assert tokens == reference_tokens(vision_model, prompt, 16)[: len(tokens)]
 
 
 def test_engine_stop_string_trims_and_stops(text_engine) -> None:
@@ -64,18 +64,15 @@ def test_engine_stop_string_trims_and_stops(text_engine) -> None:
     assert len(tokens) < len(full_tokens)
 
 
-def test_engine_every_eos_id_ends_generation(text_engine) -> None:
-    loaded = text_engine._loaded
-    config_eos = text_engine.model.generation_config.eos_token_id
+def test_engine_every_eos_id_ends_generation(text_engine, text_model) -> None:
+    config_eos = text_model.model.generation_config.eos_token_id
     assert isinstance(config_eos, list) and len(config_eos) >= 2
-    assert set(config_eos) <= loaded.prompts.eos_token_ids
+    assert set(config_eos) <= text_model.prompts.eos_token_ids
     prompt = chat(text_engine)
     _, tokens, _, _ = run(text_engine, prompt, SamplingParams(max_tokens=24, ignore_eos=True))
     # Declare a token the model emits mid-answer as an extra EOS id: generation must end right there.
     marker = tokens[len(tokens) // 2]
-    spec = replace_spec(text_engine.spec, eos_token_ids=[marker])
-    prompts = replace(loaded.prompts, eos_token_ids=loaded.prompts.eos_token_ids | {marker})
-    engine = HFEngine(spec, replace(loaded, prompts=prompts))
+    engine = create_engine(replace_spec(text_engine.spec, eos_token_ids=[marker]))
     try:
         _, stopped_tokens, finish, _ = run(engine, prompt, SamplingParams(max_tokens=24))
     finally:
@@ -98,32 +95,35 @@ def test_engine_seeded_sampling_reproducible(text_engine) -> None:
     assert first != other
 
 
-def test_engine_sampling_leaves_global_rng_alone(text_engine) -> None:
+def test_engine_sampling_leaves_global_rng_alone(text_inprocess) -> None:
+    """Sampling draws from each request's own generator: the process's global RNG is untouched (the
+    scheduler's loop here, in this process, where the RNG can be watched)."""
     torch.manual_seed(99)
     expected = torch.rand(3)
     torch.manual_seed(99)
-    run(text_engine, chat(text_engine), SamplingParams(max_tokens=4, temperature=1.0, seed=5))
+    run(text_inprocess, chat(text_inprocess), SamplingParams(max_tokens=4, temperature=1.0, seed=5))
+    run(text_inprocess, chat(text_inprocess), SamplingParams(max_tokens=4, temperature=1.0))
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_engine_logprobs_match_model_scores(text_engine) -> None:
+def test_engine_logprobs_match_model_scores(text_engine, text_model) -> None:
     prompt = chat(text_engine)
     _, tokens, _, deltas = run(text_engine, prompt, SamplingParams(max_tokens=3, logprobs=2, ignore_eos=True))
     logprobs = [lp for d in deltas for lp in d.logprobs]
     assert len(logprobs) == len(tokens) == 3
     with torch.inference_mode():
-        logits = text_engine.model(**prompt.inputs).logits[0, -1].float()
+        logits = text_model.model(**prompt.inputs).logits[0, -1].float()
     expected = logits.log_softmax(-1)[tokens[0]].item()
     assert logprobs[0].logprob == pytest.approx(expected, abs=1e-4)
     assert len(logprobs[0].top) == 2
     assert logprobs[0].top[0][1] >= logprobs[0].top[1][1]
 
 
-def test_engine_min_tokens_suppresses_eos(text_engine) -> None:
+def test_engine_min_tokens_suppresses_eos(text_engine, text_model) -> None:
     prompt = chat(text_engine)
     _, tokens, _, _ = run(text_engine, prompt, SamplingParams(max_tokens=12, min_tokens=12))
     assert len(tokens) == 12
-    assert not set(tokens[:-1]) & text_engine._prompts.eos_token_ids
+    assert not set(tokens[:-1]) & text_model.prompts.eos_token_ids
 
 
 def test_engine_offloaded_layer_split_uses_embedding_device(tmp_path) -> None:
@@ -137,11 +137,10 @@ def test_engine_offloaded_layer_split_uses_embedding_device(tmp_path) -> None:
         "model.rotary_emb": "cpu",
         "lm_head": "cpu",
     }
-    split = HFEngine.load(base.model_copy(update={"device_map": device_map}))
-    plain = HFEngine.load(base)
+    split = create_engine(base.model_copy(update={"device_map": device_map}))
+    plain = create_engine(base)
     try:
-        assert split.model.hf_device_map["model.layers.1"] == "disk"
-        assert input_device(split.model) == split._loaded.input_device == torch.device("cpu")
+        assert split.info.parallel == "layers"
         prompt = chat(plain)
         params = SamplingParams(max_tokens=12)
         assert run(split, prompt, params)[1] == run(plain, prompt, params)[1]

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 
 import pytest
 import torch
+from inprocess import InProcessEngine
 from prometheus_client import REGISTRY
 
 from shardbento.api.request import Sampling
@@ -14,9 +14,7 @@ from shardbento.api.serving import Serving
 from shardbento.catalog import ServingLimits
 from shardbento.engine.base import SamplingParams
 from shardbento.engine.batch.kvslots import BLOCK, SlotKVCache
-from shardbento.engine.hf.engine import HFEngine
 from shardbento.errors import InvalidRequest
-from shardbento.plan.preflight import run_preflight
 
 
 def filled_cache(lengths: list[int], pool: int) -> SlotKVCache:
@@ -76,10 +74,10 @@ def metric(name: str) -> float:
     return REGISTRY.get_sample_value(f"shardbento:{name}", {"model_name": "tiny-llama"}) or 0.0
 
 
-def small_pool_engine(text_engine, tokens: int, max_prefill_tokens: int = 512) -> HFEngine:
-    limits = ServingLimits(kv_cache_tokens=tokens, max_prefill_tokens=max_prefill_tokens)
-    spec = text_engine.spec.model_copy(update={"limits": limits})
-    return HFEngine(spec, replace(text_engine._loaded, plan=run_preflight(spec)))
+def small_pool_engine(loaded, tokens: int, max_prefill_tokens: int = 512) -> InProcessEngine:
+    return InProcessEngine(
+        loaded, ServingLimits(kv_cache_tokens=tokens, max_prefill_tokens=max_prefill_tokens)
+    )
 
 
 async def read_all(engine, prompts, params):
@@ -92,7 +90,7 @@ async def read_all(engine, prompts, params):
 
 @pytest.mark.parametrize("max_prefill_tokens", [512, 48], ids=["whole-prompts", "chunked-prompts"])
 def test_kvpool_flood_completes_with_preemptions_and_the_same_greedy_text(
-    text_engine, max_prefill_tokens: int
+    text_engine, text_model, max_prefill_tokens: int
 ) -> None:
     """More requests than the pool holds: all complete, the pool never grows, sequences are preempted
     and recomputed, and every greedy text equals the one a pool big enough for all of them gives. With
@@ -102,14 +100,14 @@ def test_kvpool_flood_completes_with_preemptions_and_the_same_greedy_text(
     params = SamplingParams(max_tokens=60, ignore_eos=True)
     longest = max(p.num_tokens for p in prompts) + params.max_tokens
     pool = 3 * longest  # three sequences at full length; twelve want in
-    engine = small_pool_engine(text_engine, pool, max_prefill_tokens)
+    engine = small_pool_engine(text_model, pool, max_prefill_tokens)
     assert max_prefill_tokens > max(p.num_tokens for p in prompts) or max_prefill_tokens < 64
     preempted = metric("num_preemptions_total")
     try:
-        assert engine.info.kv_pool_tokens == pool
-        allocated = engine._scheduler._runner.kv.allocated_bytes()
+        assert engine.kv_pool_tokens == pool
+        allocated = engine.runner.kv.allocated_bytes()
         squeezed = asyncio.run(read_all(engine, prompts, params))
-        assert engine._scheduler._runner.kv.allocated_bytes() == allocated
+        assert engine.runner.kv.allocated_bytes() == allocated
     finally:
         engine.close()
     roomy = asyncio.run(read_all(text_engine, prompts, params))

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 
+from inprocess import InProcessEngine
 from prometheus_client import REGISTRY
 
 from shardbento.catalog import ServingLimits
 from shardbento.engine.base import ChatMessage, SamplingParams
 from shardbento.engine.batch.kvslots import PREFIX_BLOCK
 from shardbento.engine.batch.prefix import PrefixIndex
-from shardbento.engine.hf.engine import HFEngine
-from shardbento.plan.preflight import run_preflight
 
 B = PREFIX_BLOCK
 SYSTEM = "You are the sharded bento's helpful assistant. Answer briefly and exactly. " * 6
@@ -49,9 +47,8 @@ def metric(name: str) -> float:
     return REGISTRY.get_sample_value(f"shardbento:{name}", {"model_name": "tiny-llama"}) or 0.0
 
 
-def engine_with(text_engine, **limits) -> HFEngine:
-    spec = text_engine.spec.model_copy(update={"limits": ServingLimits(**limits)})
-    return HFEngine(spec, replace(text_engine._loaded, plan=run_preflight(spec)))
+def engine_with(loaded, **limits) -> InProcessEngine:
+    return InProcessEngine(loaded, ServingLimits(**limits))
 
 
 def conversation(engine, turns: int, max_tokens: int = 12) -> list[str]:
@@ -71,9 +68,9 @@ def conversation(engine, turns: int, max_tokens: int = 12) -> list[str]:
     return asyncio.run(run())
 
 
-def test_prefix_cache_multi_turn_reuses_earlier_turns_with_the_same_greedy_text(text_engine) -> None:
-    cached = engine_with(text_engine, prefix_caching=True)
-    plain = engine_with(text_engine, prefix_caching=False)
+def test_prefix_cache_multi_turn_reuses_earlier_turns_with_the_same_greedy_text(text_model) -> None:
+    cached = engine_with(text_model, prefix_caching=True)
+    plain = engine_with(text_model, prefix_caching=False)
     hits, queries = metric("prefix_cache_hits_total"), metric("prefix_cache_queries_total")
     try:
         with_cache = conversation(cached, 4)
@@ -89,13 +86,15 @@ def test_prefix_cache_multi_turn_reuses_earlier_turns_with_the_same_greedy_text(
     assert reused < asked
 
 
-def test_prefix_cache_evicts_under_pool_pressure_and_stays_correct(text_engine) -> None:
+def test_prefix_cache_evicts_under_pool_pressure_and_stays_correct(text_model) -> None:
     """A pool too small to keep every prompt: old blocks are evicted, new prompts still hit their own
     cached prefix, and answers equal an uncached engine's."""
-    prompts = [text_engine.encode(f"Topic {i}: " + "the bento shards every layer " * 10) for i in range(8)]
+    prompts = [
+        text_model.prompts.encode(f"Topic {i}: " + "the bento shards every layer " * 10) for i in range(8)
+    ]
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     pool = 4 * max(p.num_tokens + params.max_tokens for p in prompts)
-    small = engine_with(text_engine, kv_cache_tokens=pool)
+    small = engine_with(text_model, kv_cache_tokens=pool)
 
     async def run(engine):
         out = []
@@ -107,27 +106,29 @@ def test_prefix_cache_evicts_under_pool_pressure_and_stays_correct(text_engine) 
     hits = metric("prefix_cache_hits_total")
     try:
         got = asyncio.run(run(small))
-        index = small._scheduler._prefix.index
-        kv = small._scheduler._runner.kv
+        index = small.scheduler._prefix.index
+        kv = small.runner.kv
         assert len(index) * B <= pool and kv.prefix_blocks == len(index)
         assert len(index) < sum(p.num_tokens // B for p in prompts)  # not everything could stay
     finally:
         small.close()
     assert metric("prefix_cache_hits_total") - hits >= 2 * (prompts[-1].num_tokens // B - 1) * B
-    plain = engine_with(text_engine, prefix_caching=False)
+    plain = engine_with(text_model, prefix_caching=False)
     try:
         assert got == asyncio.run(run(plain))
     finally:
         plain.close()
 
 
-def test_prefix_cache_hits_of_different_lengths_prefill_together(text_engine) -> None:
+def test_prefix_cache_hits_of_different_lengths_prefill_together(text_model) -> None:
     """Prompts whose cached prefixes differ in length, and a fresh one, in one batched prefill: the
     same greedy tokens as an engine without the cache."""
     bases = [SYSTEM[: 120 * (i + 1)] for i in range(3)]
-    warm = [text_engine.encode(f"{base} First question?") for base in bases]
-    later = [text_engine.encode(f"{base} Second, longer question {i}?") for i, base in enumerate(bases)]
-    later.append(text_engine.encode("A prompt nobody sent before, fresh."))
+    warm = [text_model.prompts.encode(f"{base} First question?") for base in bases]
+    later = [
+        text_model.prompts.encode(f"{base} Second, longer question {i}?") for i, base in enumerate(bases)
+    ]
+    later.append(text_model.prompts.encode("A prompt nobody sent before, fresh."))
     params = SamplingParams(max_tokens=8, ignore_eos=True)
 
     async def together(engine, prompts):
@@ -136,10 +137,10 @@ def test_prefix_cache_hits_of_different_lengths_prefill_together(text_engine) ->
 
         return await asyncio.gather(*(one(p) for p in prompts))
 
-    cached, plain = engine_with(text_engine), engine_with(text_engine, prefix_caching=False)
+    cached, plain = engine_with(text_model), engine_with(text_model, prefix_caching=False)
     try:
         asyncio.run(together(cached, warm))
-        runner = cached._scheduler._runner
+        runner = cached.runner
         calls: list[list[int]] = []
         prefill = runner.prefill
         runner.prefill = lambda chunks: calls.append([c.start for c in chunks]) or prefill(chunks)

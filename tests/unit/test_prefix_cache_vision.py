@@ -4,16 +4,14 @@ includes the images), another image never does, and greedy text equals an engine
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 
 import torch
+from inprocess import InProcessEngine
 from PIL import Image
 from prometheus_client import REGISTRY
 
 from shardbento.catalog import ServingLimits
 from shardbento.engine.base import ChatMessage, SamplingParams
-from shardbento.engine.hf.engine import HFEngine
-from shardbento.plan.preflight import run_preflight
 
 
 def hits() -> float:
@@ -22,9 +20,8 @@ def hits() -> float:
     )
 
 
-def engine_with(vision_engine: HFEngine, **limits) -> HFEngine:
-    spec = vision_engine.spec.model_copy(update={"limits": ServingLimits(**limits)})
-    return HFEngine(spec, replace(vision_engine._loaded, plan=run_preflight(spec)))
+def engine_with(loaded, **limits) -> InProcessEngine:
+    return InProcessEngine(loaded, ServingLimits(**limits))
 
 
 def picture(seed: int) -> Image.Image:
@@ -34,7 +31,9 @@ def picture(seed: int) -> Image.Image:
     return Image.fromarray(pixels.numpy())
 
 
-def two_turns(engine: HFEngine, image: Image.Image, second_image: Image.Image) -> tuple[list[str], float]:
+def two_turns(
+    engine: InProcessEngine, image: Image.Image, second_image: Image.Image
+) -> tuple[list[str], float]:
     """Turn 1 asks about `image`; turn 2 repeats the conversation with `second_image` in its place."""
 
     async def ask(messages: list[ChatMessage]) -> str:
@@ -56,9 +55,9 @@ def two_turns(engine: HFEngine, image: Image.Image, second_image: Image.Image) -
     return asyncio.run(run())
 
 
-def test_prefix_cache_vision_same_image_reuses_its_kv_other_image_does_not(vision_engine) -> None:
-    cached = engine_with(vision_engine, prefix_caching=True)
-    plain = engine_with(vision_engine, prefix_caching=False)
+def test_prefix_cache_vision_same_image_reuses_its_kv_other_image_does_not(vision_model) -> None:
+    cached = engine_with(vision_model, prefix_caching=True)
+    plain = engine_with(vision_model, prefix_caching=False)
     try:
         same, reused = two_turns(cached, picture(1), picture(1))
         other, reused_other = two_turns(cached, picture(2), picture(3))
@@ -67,8 +66,8 @@ def test_prefix_cache_vision_same_image_reuses_its_kv_other_image_does_not(visio
     finally:
         cached.close()
         plain.close()
-    image_tokens = vision_engine.render_chat(
+    image_tokens = vision_model.prompts.render_chat(
         [ChatMessage(role="user", text="x", images=(picture(1),))]
-    ).token_ids.count(vision_engine.model.config.image_token_id)
+    ).token_ids.count(vision_model.model.config.image_token_id)
     assert reused >= image_tokens  # the second turn started past the image
     assert reused_other == 0  # the same text with another image: nothing to reuse

@@ -6,10 +6,12 @@ import asyncio
 from pathlib import Path
 
 import pytest
+import torch
 
 from shardbento.catalog import load_spec
+from shardbento.engine import create_engine
 from shardbento.engine.base import ChatMessage, SamplingParams
-from shardbento.engine.hf.engine import HFEngine
+from shardbento.engine.hf.loading import load_model
 from shardbento.plan.memory import PlanError, budget, checkpoint_quantization, load_config, model_shape
 from shardbento.plan.preflight import run_preflight
 from shardbento.plan.source import resolve_source
@@ -34,7 +36,7 @@ def loaded_weight_bytes(model) -> int:
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
 def test_quantized_tiny_model_loads_serves_and_matches_the_plan(quantization: str, caplog) -> None:
     spec = load_spec("tiny-llama").model_copy(update={"quantization": quantization})
-    engine = HFEngine.load(spec)
+    engine = create_engine(spec)
     try:
         prompt = engine.render_chat([ChatMessage(role="user", text="Hello there")])
 
@@ -44,13 +46,17 @@ def test_quantized_tiny_model_loads_serves_and_matches_the_plan(quantization: st
             ]
 
         deltas = asyncio.run(run())
-        measured = loaded_weight_bytes(engine.model)
-        linears = [type(m).__name__ for m in engine.model.modules() if "Linear" in type(m).__name__]
     finally:
         engine.close()
     assert sum(len(d.token_ids) for d in deltas) == 6
+    loaded = load_model(spec, run_preflight(spec))  # what the engine's rank loaded, here to be weighed
+    with torch.inference_mode():
+        loaded.model(**prompt.inputs)  # two forwards: bitsandbytes would log its cast for each int8 linear
+        loaded.model(**prompt.inputs)
     casts = [r for r in caplog.records if r.getMessage().startswith("MatMul8bitLt: inputs will be cast")]
     assert len(casts) <= 1  # bitsandbytes says it on every forward of every int8 linear: said once
+    measured = loaded_weight_bytes(loaded.model)
+    linears = [type(m).__name__ for m in loaded.model.modules() if "Linear" in type(m).__name__]
     assert ("Linear8bitLt" if quantization == "int8" else "Linear4bit") in linears
     shape = model_shape(load_config(Path(resolve_source(spec)) / "config.json"))
     planned = budget(shape, dtype="float32", quantization=quantization, max_model_len=spec.max_model_len)

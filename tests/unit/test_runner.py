@@ -22,8 +22,8 @@ def close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 @torch.inference_mode()
-def test_runner_batched_prefill_equals_one_at_a_time(text_engine) -> None:
-    together, alone = runner(text_engine), runner(text_engine)
+def test_runner_batched_prefill_equals_one_at_a_time(text_model) -> None:
+    together, alone = runner(text_model), runner(text_model)
     batched = together.prefill([PrefillChunk(i, p, 0, i) for i, p in enumerate(PROMPTS)])
     single = torch.stack([alone.prefill([PrefillChunk(i, p, 0, i)])[0] for i, p in enumerate(PROMPTS)])
     assert close(batched, single)
@@ -32,8 +32,8 @@ def test_runner_batched_prefill_equals_one_at_a_time(text_engine) -> None:
 
 
 @torch.inference_mode()
-def test_runner_chunked_prefill_equals_whole_prompt(text_engine) -> None:
-    chunked, whole = runner(text_engine), runner(text_engine)
+def test_runner_chunked_prefill_equals_whole_prompt(text_model) -> None:
+    chunked, whole = runner(text_model), runner(text_model)
     prompt = PROMPTS[1]
     chunked.prefill([PrefillChunk(0, prompt[:16], 0, None)])
     chunked.prefill([PrefillChunk(0, prompt[16:32], 16, None)])
@@ -44,13 +44,13 @@ def test_runner_chunked_prefill_equals_whole_prompt(text_engine) -> None:
 
 
 @torch.inference_mode()
-def test_runner_chunks_grow_in_their_pool_row_past_running_rows_that_leave(text_engine, monkeypatch) -> None:
+def test_runner_chunks_grow_in_their_pool_row_past_running_rows_that_leave(text_model, monkeypatch) -> None:
     """A long prompt prefilled in chunks keeps its KV in the pool row after the running ones (no cache of
     its own: DynamicCache is never made for it), follows that row when a running sequence leaves, and
     joins the batch in place: its logits and the next decode equal a whole-prompt prefill's."""
     import transformers
 
-    chunked, whole = runner(text_engine), runner(text_engine)
+    chunked, whole = runner(text_model), runner(text_model)
     running = [PROMPTS[0], PROMPTS[2]]
     chunked.prefill([PrefillChunk(10 + i, p, 0, i) for i, p in enumerate(running)])
     whole.prefill([PrefillChunk(11, running[1], 0, 0)])
@@ -77,8 +77,8 @@ def test_runner_chunks_grow_in_their_pool_row_past_running_rows_that_leave(text_
 
 
 @torch.inference_mode()
-def test_runner_chunked_prompt_from_a_cached_prefix_and_dropped(text_engine) -> None:
-    chunked, whole = runner(text_engine), runner(text_engine)
+def test_runner_chunked_prompt_from_a_cached_prefix_and_dropped(text_model) -> None:
+    chunked, whole = runner(text_model), runner(text_model)
     prompt = tuple(range(200, 260))
     blocks = with_prefixes(chunked, [prompt], [2 * B])[0]
     chunked.prefill([PrefillChunk(7, (1, 2, 3), 0, None, length=40)])  # abandoned: dropped below
@@ -91,8 +91,8 @@ def test_runner_chunked_prompt_from_a_cached_prefix_and_dropped(text_engine) -> 
 
 
 @torch.inference_mode()
-def test_runner_release_moves_last_row_into_gap(text_engine) -> None:
-    three, two = runner(text_engine), runner(text_engine)
+def test_runner_release_moves_last_row_into_gap(text_model) -> None:
+    three, two = runner(text_model), runner(text_model)
     three.prefill([PrefillChunk(i, p, 0, i) for i, p in enumerate(PROMPTS)])
     two.prefill([PrefillChunk(0, PROMPTS[2], 0, 0), PrefillChunk(1, PROMPTS[1], 0, 1)])
     three.release([0])
@@ -118,20 +118,20 @@ def with_prefixes(
 
 @pytest.mark.parametrize("repeat_kv", [False, True], ids=["gqa", "kv-repeated"])
 @torch.inference_mode()
-def test_runner_packed_prefill_equals_each_prompt_alone(text_engine, monkeypatch, repeat_kv: bool) -> None:
+def test_runner_packed_prefill_equals_each_prompt_alone(text_model, monkeypatch, repeat_kv: bool) -> None:
     """Prompts of different lengths, two of them continuing from cached prefixes of different lengths and
     one with a twin, packed in one row: each row's logits, its KV and the decode after them equal each
     prompt prefilled alone (no row pads or recomputes: each computes exactly its tokens past its prefix).
     Also with the KV heads repeated once per layer, as on CUDA (fused kernels take a mask or GQA)."""
-    assert text_engine.model.config.num_key_value_heads < text_engine.model.config.num_attention_heads
+    assert text_model.model.config.num_key_value_heads < text_model.model.config.num_attention_heads
     devices = frozenset({"cpu"} if repeat_kv else ())
     monkeypatch.setattr("shardbento.engine.batch.packed.REPEAT_KV_DEVICES", devices)
-    assert enable_packing(text_engine.model)
+    assert enable_packing(text_model.model)
     prompts = [tuple(range(20, 61)), tuple(range(5, 40)), (7, 8, 9, 10, 11, 12, 13), tuple(range(30, 100))]
     cached = [2 * B, 0, 0, B]
     results = []
     for mode in ("packed", "alone"):
-        run = ModelRunner(text_engine.model, num_slots=6, max_model_len=256)
+        run = ModelRunner(text_model.model, num_slots=6, max_model_len=256)
         run.packs = mode == "packed"
         blocks = with_prefixes(run, prompts, cached)
         chunks = [
@@ -149,23 +149,22 @@ def test_runner_packed_prefill_equals_each_prompt_alone(text_engine, monkeypatch
     assert close(packed, alone) and close(decoded, alone_decoded)
 
 
-def test_runner_packs_only_models_whose_attention_it_checked(text_engine, vision_engine) -> None:
+def test_runner_packs_only_models_whose_attention_it_checked(text_inprocess, vision_model) -> None:
     """The packed attention is switched on only after it reproduced the model's own logits; a vision model
     (its images prefill alone) keeps its attention."""
-    assert text_engine.model.config._attn_implementation == packed.ATTENTION
-    assert text_engine._scheduler._runner.packs
-    assert not enable_packing(vision_engine.model)
-    assert not vision_engine._scheduler._runner.packs
+    assert text_inprocess.model.config._attn_implementation == packed.ATTENTION
+    assert text_inprocess.runner.packs
+    assert not enable_packing(vision_model.model)
 
 
 @torch.inference_mode()
-def test_runner_mixed_step_equals_decode_and_prefill_apart(text_engine) -> None:
+def test_runner_mixed_step_equals_decode_and_prefill_apart(text_model) -> None:
     """Running rows' decode tokens and fresh prompts (one from a cached prefix, one with a twin) in one
     forward: the same logits as a decode step and a prefill apart, and the next decode step too."""
     running, prompts = [PROMPTS[1], PROMPTS[2]], [tuple(range(30, 100)), tuple(range(5, 40))]
     results = []
     for mode in ("mixed", "apart"):
-        run = ModelRunner(text_engine.model, num_slots=6, max_model_len=256)
+        run = ModelRunner(text_model.model, num_slots=6, max_model_len=256)
         run.packs = run.mixes = True
         blocks = with_prefixes(run, prompts, [2 * B, 0])
         run.prefill([PrefillChunk(10 + i, p, 0, i) for i, p in enumerate(running)])
@@ -188,5 +187,5 @@ def test_runner_mixed_step_equals_decode_and_prefill_apart(text_engine) -> None:
     assert close(decoded, decoded_apart) and close(prompt_logits, prompt_apart) and close(after, after_apart)
 
 
-def test_runner_mixes_once_checked_at_load(text_engine) -> None:
-    assert text_engine._scheduler._runner.mixes
+def test_runner_mixes_once_checked_at_load(text_inprocess) -> None:
+    assert text_inprocess.runner.mixes

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import replace
 
 import pytest
 import torch
+from inprocess import InProcessEngine
 from prometheus_client import REGISTRY
 
 from shardbento.catalog import ServingLimits
 from shardbento.engine.base import ChatMessage, Constraint, SamplingParams
-from shardbento.engine.hf.engine import HFEngine
 from shardbento.errors import Overloaded
-from shardbento.plan.preflight import run_preflight
 
 QUESTIONS = ("Hi.", "Tell me about the sharded bento and its many GPUs.", "Why?", "Count " * 40)
 
@@ -54,22 +52,24 @@ def test_scheduler_batched_greedy_equals_unbatched(text_engine) -> None:
     assert together(text_engine, pairs) == alone(text_engine, pairs)
 
 
-def test_scheduler_prompts_arriving_mid_decode_join_in_mixed_steps_with_unbatched_tokens(text_engine) -> None:
+def test_scheduler_prompts_arriving_mid_decode_join_in_mixed_steps_with_unbatched_tokens(
+    text_inprocess,
+) -> None:
     """Requests arriving while another decodes are prefilled in its decode forward (a mixed step, counted
     here); every request's greedy tokens equal its unbatched ones, constrained ones too (the running
     row's grammar mask made during the forward, the joining row's after it)."""
     items = {"type": "array", "items": {"enum": ["alpha", "beta"]}, "minItems": 12, "maxItems": 12}
     schema = {"type": "object", "properties": {"items": items}, "required": ["items"]}
     constraint = Constraint("json_schema", json.dumps(schema))
-    ps = prompts(text_engine)
+    ps = prompts(text_inprocess)
     pairs = [
         (ps[0], SamplingParams(max_tokens=200, constraint=constraint)),  # ends with its array
         (ps[1], SamplingParams(max_tokens=24, ignore_eos=True)),
         (ps[2], SamplingParams(max_tokens=200, constraint=constraint)),
         (ps[3], SamplingParams(max_tokens=24, ignore_eos=True)),
     ]
-    scheduler = text_engine._scheduler
-    runner = scheduler._runner
+    scheduler = text_inprocess.scheduler
+    runner = text_inprocess.runner
     calls = []
     mixed = runner.mixed
     runner.mixed = lambda chunks, tokens: calls.append(len(chunks)) or mixed(chunks, tokens)
@@ -82,11 +82,11 @@ def test_scheduler_prompts_arriving_mid_decode_join_in_mixed_steps_with_unbatche
         raise AssertionError("the scheduler never reached the state the test waits for")
 
     async def staggered():
-        first = asyncio.ensure_future(collect(text_engine, *pairs[0]))
+        first = asyncio.ensure_future(collect(text_inprocess, *pairs[0]))
         await wait_for(lambda: scheduler._running and len(scheduler._running[0].generated) >= 2)
         with scheduler._wake:  # the engine thread waits at its next step until all three are queued
             assert len(scheduler._running) == 1
-            later = [asyncio.ensure_future(collect(text_engine, *pair)) for pair in pairs[1:]]
+            later = [asyncio.ensure_future(collect(text_inprocess, *pair)) for pair in pairs[1:]]
             await wait_for(lambda: len(scheduler._waiting) == 3)
         return [await first, *[await task for task in later]]
 
@@ -95,7 +95,7 @@ def test_scheduler_prompts_arriving_mid_decode_join_in_mixed_steps_with_unbatche
     finally:
         del runner.mixed
     assert calls, "no request joined in a mixed step"
-    assert got == alone(text_engine, pairs)
+    assert got == alone(text_inprocess, pairs)
     assert all(json.loads(text)["items"] for _, text, _ in (got[0], got[2]))
 
 
@@ -132,7 +132,7 @@ def test_scheduler_cancel_frees_slot(text_engine) -> None:
         await stream.aclose()
         for _ in range(400):  # the slot is freed at the engine's next step
             if metric("request_success_total", finished_reason="abort") == aborted + 1:
-                return not text_engine._scheduler._running
+                return metric("num_requests_running") == 0
             await asyncio.sleep(0.05)
         return False
 
@@ -156,13 +156,12 @@ class PoisonedRunner:
         return self._runner.prefill(chunks)
 
 
-def test_scheduler_step_that_keeps_failing_fails_its_request_and_serves_the_next(text_engine) -> None:
+def test_scheduler_step_that_keeps_failing_fails_its_request_and_serves_the_next(text_model) -> None:
     """A failing step with nothing running fails the queue's head (before, it retried the same plan
     forever and the request never answered); the next request is served."""
-    spec = text_engine.spec.model_copy(update={"limits": ServingLimits(max_prefill_tokens=512)})
-    engine = HFEngine(spec, replace(text_engine._loaded, plan=run_preflight(spec)))
+    engine = InProcessEngine(text_model, ServingLimits(max_prefill_tokens=512))
     poisoned, fine = prompts(engine)[1], prompts(engine)[0]
-    engine._scheduler._runner = PoisonedRunner(engine._scheduler._runner, tuple(poisoned.token_ids[4:9]))
+    engine.scheduler._runner = PoisonedRunner(engine.runner, tuple(poisoned.token_ids[4:9]))
     params = SamplingParams(max_tokens=4, ignore_eos=True)
 
     async def run():
@@ -177,11 +176,10 @@ def test_scheduler_step_that_keeps_failing_fails_its_request_and_serves_the_next
     assert len(tokens) == 4 and reason == "length"
 
 
-def test_scheduler_overloaded_past_waiting_limit(text_engine) -> None:
-    spec = text_engine.spec.model_copy(update={"limits": ServingLimits(max_num_seqs=1, max_waiting=1)})
-    engine = HFEngine(spec, replace(text_engine._loaded, plan=run_preflight(spec)))
+def test_scheduler_overloaded_past_waiting_limit(text_model) -> None:
+    engine = InProcessEngine(text_model, ServingLimits(max_num_seqs=1, max_waiting=1))
     prompt = prompts(engine)[0]
-    params = SamplingParams(max_tokens=spec.max_model_len - prompt.num_tokens, ignore_eos=True)
+    params = SamplingParams(max_tokens=text_model.plan.max_model_len - prompt.num_tokens, ignore_eos=True)
 
     async def overfill():
         streams = [engine.stream(prompt, params, f"r{i}") for i in range(3)]
@@ -241,30 +239,29 @@ def test_scheduler_vision_requests_batch_like_alone(vision_engine) -> None:
         (vision_engine.render_chat(c), SamplingParams(max_tokens=10 + 3 * i, ignore_eos=True))
         for i, c in enumerate(chats)
     ]
-    assert vision_engine._scheduler is not None  # tiny-llava's architecture batches image prompts
+    assert vision_engine.info.kv_pool_tokens is not None  # tiny-llava's architecture batches image prompts
     assert together(vision_engine, pairs) == alone(vision_engine, pairs)
 
 
-def test_scheduler_close_ends_the_loop_on_its_engine_thread(text_engine) -> None:
-    engine = HFEngine(text_engine.spec, text_engine._loaded)  # its own engine thread, the same weights
-    assert engine._scheduler.is_alive
-    engine.close()  # waits (bounded) for the loop, not for the executor's thread, which lives on
-    assert not engine._scheduler.is_alive and not engine.is_ready()
+def test_scheduler_close_ends_the_loop_on_its_thread(text_model) -> None:
+    engine = InProcessEngine(text_model)  # its own loop thread, the same weights
+    assert engine.scheduler.is_alive
+    engine.close()  # waits (bounded) for the loop
+    assert not engine.scheduler.is_alive
 
 
 @pytest.mark.parametrize("budget", [512, 16], ids=["one-chunk", "chunked"])
-def test_scheduler_choices_prefill_their_prompt_once(text_engine, budget) -> None:
+def test_scheduler_choices_prefill_their_prompt_once(text_model, budget) -> None:
     """n choices of one prompt: one prefill computes it (in chunks when it is long), every choice
     decodes from its KV and equals a request run alone with that choice's parameters."""
     limits = ServingLimits(max_prefill_tokens=budget, prefix_caching=False)  # count this prefill alone
-    spec = text_engine.spec.model_copy(update={"limits": limits})
-    engine = HFEngine(spec, replace(text_engine._loaded, plan=run_preflight(spec)))
+    engine = InProcessEngine(text_model, limits)
     prompt = prompts(engine)[1]
     choices = [
         SamplingParams(max_tokens=9, ignore_eos=True),
         *(SamplingParams(max_tokens=9, temperature=1.0, seed=40 + i, ignore_eos=True) for i in range(3)),
     ]
-    runner = engine._scheduler._runner
+    runner = engine.runner
     computed: list[int] = []
     prefill = runner.prefill
 
@@ -294,10 +291,9 @@ async def _read(stream):
     return [t for d in deltas for t in d.token_ids], "".join(d.text for d in deltas), deltas[-1].finish_reason
 
 
-def test_scheduler_choices_refused_together(text_engine) -> None:
+def test_scheduler_choices_refused_together(text_model) -> None:
     """Choices queue all or none: n past the free room is one 429 for every choice, nothing runs."""
-    spec = text_engine.spec.model_copy(update={"limits": ServingLimits(max_num_seqs=2, max_waiting=1)})
-    engine = HFEngine(spec, replace(text_engine._loaded, plan=run_preflight(spec)))
+    engine = InProcessEngine(text_model, ServingLimits(max_num_seqs=2, max_waiting=1))
     prompt = prompts(engine)[0]
     prompted = metric("prompt_tokens_total")
 

@@ -9,20 +9,23 @@ from pathlib import Path
 import pytest
 
 from shardbento.catalog import load_spec
+from shardbento.engine import create_engine
 from shardbento.engine.base import ChatMessage, SamplingParams
-from shardbento.engine.hf.engine import HFEngine
+from shardbento.engine.core.engine import ProcessEngine
 
 QUESTIONS = ["你好, who are you?", "Tell me about the sharded bento.", "1, 2, 3, 4,", "今天天气怎么样？"]
 
 
 @pytest.fixture(scope="module", params=["tiny-chatglm3", "tiny-glm4"])
-def engine(request: pytest.FixtureRequest) -> Iterator[HFEngine]:
-    engine = HFEngine.load(load_spec(request.param))
+def engine(request: pytest.FixtureRequest) -> Iterator[ProcessEngine]:
+    engine = create_engine(load_spec(request.param))
     yield engine
     engine.close()
 
 
-def collect(engine: HFEngine, prompts: list, params: SamplingParams) -> list[tuple[list[int], str | None]]:
+def collect(
+    engine: ProcessEngine, prompts: list, params: SamplingParams
+) -> list[tuple[list[int], str | None]]:
     """Each prompt's tokens and finish reason, all submitted at once (so they decode in one batch)."""
 
     async def one(prompt, index: int) -> tuple[list[int], str | None]:
@@ -35,11 +38,11 @@ def collect(engine: HFEngine, prompts: list, params: SamplingParams) -> list[tup
     return asyncio.run(every())
 
 
-def chats(engine: HFEngine) -> list:
+def chats(engine: ProcessEngine) -> list:
     return [engine.render_chat([ChatMessage(role="user", text=q)]) for q in QUESTIONS]
 
 
-def test_thudm_engine_batched_greedy_equals_alone(engine: HFEngine) -> None:
+def test_thudm_engine_batched_greedy_equals_alone(engine: ProcessEngine) -> None:
     params = SamplingParams(max_tokens=16, ignore_eos=True)
     prompts = chats(engine)
     together = collect(engine, prompts, params)
@@ -48,7 +51,7 @@ def test_thudm_engine_batched_greedy_equals_alone(engine: HFEngine) -> None:
     assert all(len(tokens) == 16 for tokens, _ in together)
 
 
-def test_thudm_engine_chat_prompt_is_the_models_format(engine: HFEngine) -> None:
+def test_thudm_engine_chat_prompt_is_the_models_format(engine: ProcessEngine) -> None:
     tokenizer = engine._prompts.tokenizer
     prompt = engine.render_chat([ChatMessage(role="user", text="你好")])
     tokens = tokenizer.convert_ids_to_tokens(list(prompt.token_ids))
@@ -56,21 +59,21 @@ def test_thudm_engine_chat_prompt_is_the_models_format(engine: HFEngine) -> None
     assert tokens[2] == "<|user|>" and tokens[-1] == "<|assistant|>"
 
 
-def _forced(engine: HFEngine, token: str) -> SamplingParams:
+def _forced(engine: ProcessEngine, token: str) -> SamplingParams:
     """Greedy with `token` pushed to the top: the model writes it at the first step."""
     token_id = engine._prompts.tokenizer.convert_tokens_to_ids(token)
     return SamplingParams(max_tokens=6, logit_bias=((token_id, 100.0),))
 
 
 @pytest.mark.parametrize("role", ["<|user|>", "<|observation|>"])
-def test_thudm_engine_chat_stops_at_the_next_role_tag(engine: HFEngine, role: str) -> None:
+def test_thudm_engine_chat_stops_at_the_next_role_tag(engine: ProcessEngine, role: str) -> None:
     [(tokens, finish)] = collect(engine, [chats(engine)[0]], _forced(engine, role))
     assert (tokens[-1:], finish) == ([engine._prompts.tokenizer.convert_tokens_to_ids(role)], "stop")
     assert len(tokens) == 1
 
 
 def test_thudm_engine_base_model_runs_to_max_tokens_through_role_tags() -> None:
-    base = HFEngine.load(load_spec("tiny-glm4-base"))
+    base = create_engine(load_spec("tiny-glm4-base"))
     try:
         prompt = base.encode("The capital of France is")  # a completion: [gMASK] sop, then the text
         assert base.tokenizer.convert_ids_to_tokens(list(prompt.token_ids[:2])) == ["[gMASK]", "<sop>"]
@@ -91,12 +94,12 @@ def test_thudm_engine_guide_style_offload_map_gives_the_same_tokens(tmp_path: Pa
         "transformer.output_layer": "cpu",
     }
     params = SamplingParams(max_tokens=12, ignore_eos=True)
-    single = HFEngine.load(load_spec("tiny-glm4"))
+    single = create_engine(load_spec("tiny-glm4"))
     try:
         expected = collect(single, chats(single)[:2], params)
     finally:
         single.close()
-    split = HFEngine.load(load_spec("tiny-glm4").model_copy(update={"device_map": guide}))
+    split = create_engine(load_spec("tiny-glm4").model_copy(update={"device_map": guide}))
     try:
         assert split.info.parallel == "layers"
         assert collect(split, chats(split)[:2], params) == expected

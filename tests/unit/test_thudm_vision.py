@@ -14,8 +14,9 @@ from PIL import Image
 from test_thudm_loader import chatglm_logits, thudm_tensors
 
 from shardbento.catalog import load_spec
+from shardbento.engine import create_engine
 from shardbento.engine.base import ChatMessage, SamplingParams
-from shardbento.engine.hf.engine import HFEngine
+from shardbento.engine.core.engine import ProcessEngine
 from shardbento.engine.hf.glm4v import CLIP_MEAN, CLIP_STD
 from shardbento.tiny.models import ensure_generated
 
@@ -23,8 +24,8 @@ F = torch.nn.functional
 
 
 @pytest.fixture(scope="module")
-def engine() -> Iterator[HFEngine]:
-    engine = HFEngine.load(load_spec("tiny-glm4v"))
+def engine() -> Iterator[ProcessEngine]:
+    engine = create_engine(load_spec("tiny-glm4v"))
     yield engine
     engine.close()
 
@@ -104,7 +105,7 @@ def reference_greedy(original_ids: list[int], pixels: torch.Tensor, steps: int) 
     return tokens
 
 
-def stream(engine: HFEngine, prompts: list, params: SamplingParams) -> list[list[int]]:
+def stream(engine: ProcessEngine, prompts: list, params: SamplingParams) -> list[list[int]]:
     async def one(prompt, index: int) -> list[int]:
         return [t async for d in engine.stream(prompt, params, f"v-{index}") for t in d.token_ids]
 
@@ -114,7 +115,7 @@ def stream(engine: HFEngine, prompts: list, params: SamplingParams) -> list[list
     return asyncio.run(every())
 
 
-def test_thudm_vision_greedy_tokens_equal_the_original_forward(engine: HFEngine) -> None:
+def test_thudm_vision_greedy_tokens_equal_the_original_forward(engine: ProcessEngine) -> None:
     image = picture(3)
     prompt = engine.render_chat([ChatMessage(role="user", text="What is in the picture?", images=(image,))])
     placeholder = engine.tokenizer.convert_tokens_to_ids("<|endoftext|>")
@@ -126,7 +127,7 @@ def test_thudm_vision_greedy_tokens_equal_the_original_forward(engine: HFEngine)
     assert tokens == reference_greedy(original, prompt.inputs["pixel_values"], 8)
 
 
-def test_thudm_vision_image_requests_batch_with_text_requests(engine: HFEngine) -> None:
+def test_thudm_vision_image_requests_batch_with_text_requests(engine: ProcessEngine) -> None:
     prompts = [
         engine.render_chat([ChatMessage(role="user", text="Describe it.", images=(picture(1),))]),
         engine.render_chat([ChatMessage(role="user", text="你好, who are you?")]),
@@ -134,10 +135,10 @@ def test_thudm_vision_image_requests_batch_with_text_requests(engine: HFEngine) 
     ]
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     assert stream(engine, prompts, params) == [stream(engine, [p], params)[0] for p in prompts]
-    assert engine._batches_images
+    assert engine.info.kv_pool_tokens is not None  # GLM-4V's image requests join the batch
 
 
-def test_thudm_vision_preprocessing_resizes_bicubic_and_normalises_as_clip(engine: HFEngine) -> None:
+def test_thudm_vision_preprocessing_resizes_bicubic_and_normalises_as_clip(engine: ProcessEngine) -> None:
     image = picture(5, (17, 50))
     prompt = engine.render_chat([ChatMessage(role="user", text="hi", images=(image,))])
     size = engine._prompts.processor.image_size
@@ -155,7 +156,7 @@ def test_thudm_vision_preprocessing_resizes_bicubic_and_normalises_as_clip(engin
     )
 
 
-def test_thudm_vision_guide_style_offload_map_gives_the_same_tokens(engine: HFEngine) -> None:
+def test_thudm_vision_guide_style_offload_map_gives_the_same_tokens(engine: ProcessEngine) -> None:
     guide = {
         "transformer.embedding": "cpu",
         "transformer.vision": "cpu",
@@ -167,7 +168,7 @@ def test_thudm_vision_guide_style_offload_map_gives_the_same_tokens(engine: HFEn
     prompt = engine.render_chat([ChatMessage(role="user", text="Describe it.", images=(picture(7),))])
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     expected = stream(engine, [prompt], params)
-    split = HFEngine.load(load_spec("tiny-glm4v").model_copy(update={"device_map": guide}))
+    split = create_engine(load_spec("tiny-glm4v").model_copy(update={"device_map": guide}))
     try:
         assert split.info.parallel == "layers"
         assert (

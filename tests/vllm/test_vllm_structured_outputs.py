@@ -9,13 +9,13 @@ from typing import Any
 
 import httpx
 import pytest
+from shardbento.engine.hf.engine import HFEngine
 from structured_cases import ALIASES, KINDS, check_output, structured
 
 from shardbento.api.image_urls import ImageFetchConfig
 from shardbento.api.openai.routes import attach_serving, create_openai_app
 from shardbento.api.serving import Serving
 from shardbento.catalog import load_spec
-from shardbento.engine.hf.engine import HFEngine
 from shardbento.engine.vllm.engine import VLLMEngine
 
 MODEL = "tiny-llama"

@@ -80,6 +80,7 @@ class RequestSampler:
         grammars: Grammars | None = None,
     ) -> None:
         self._params = params
+        self._device = device
         self._eos_ids = sorted(set(eos_ids) | set(params.stop_token_ids))  # blocked until min_tokens
         self._decode = decode
         self._generator = None if params.greedy else request_generator(params.seed, device)
@@ -94,6 +95,15 @@ class RequestSampler:
             if grammars is None:
                 raise ValueError("a constrained request needs the engine's Grammars")
             self.matcher = grammars.matcher(params.constraint)
+
+    @property
+    def params(self) -> SamplingParams:
+        return self._params
+
+    def reseeded(self, seed: int) -> RequestSampler:
+        """The same sampler (EOS ids, token names, grammar) drawing from a generator seeded with `seed`."""
+        params = dataclasses.replace(self._params, seed=seed)
+        return RequestSampler(params, set(self._eos_ids), self._decode, self._device, self.grammars)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         chosen = self._pick(input_ids, scores)

@@ -18,7 +18,15 @@ from shardbento.engine.batch.kvslots import PREFIX_BLOCK
 from shardbento.engine.batch.prefix import PrefixCache
 from shardbento.engine.batch.runner import ModelRunner, PrefillChunk, release_moves
 from shardbento.engine.batch.sampler import prefetch_masks, select_tokens
-from shardbento.engine.batch.sequence import Sequence, head_chunk, is_twin, join_twins, mixable, place
+from shardbento.engine.batch.sequence import (
+    Sequence,
+    head_chunk,
+    join_twins,
+    mixable,
+    place,
+    plan_together,
+    stream_token,
+)
 from shardbento.errors import Overloaded
 from shardbento.metrics import RequestMetrics
 
@@ -26,6 +34,11 @@ logger = logging.getLogger(__name__)
 
 
 Outbox = list[tuple[Any, Delta | BaseException]]
+
+
+class FatalEngineError(RuntimeError):
+    """A failure after which the engine cannot go on (its ranks are out of step): the loop fails every
+    request it holds and ends, so the process exits and the service stops serving (503)."""
 
 
 class Scheduler:
@@ -120,6 +133,11 @@ class Scheduler:
             try:
                 with torch.inference_mode():
                     self._step()
+            except FatalEngineError as exc:
+                logger.error("engine step failed and the engine cannot go on: %s", exc)
+                self._fail_all(exc, everything=True)
+                self._flush()
+                raise
             except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
                 logger.exception("engine step failed; failing %d requests", len(self._running))
                 self._fail_all(exc)
@@ -244,7 +262,7 @@ class Scheduler:
     def _plan_prefill(self) -> tuple[list[PrefillChunk], list[list[Sequence]]]:
         """This step's prompt chunks, each with the sequences it serves: a vision or partial head alone,
         or one whose part past its cached prefix passes the budget; else prompts that fit the budget
-        together, each from its cached prefix if it has one (_plan_together). A waiting text prompt
+        together, each from its cached prefix if it has one (sequence.plan_together). A waiting text prompt
         equal to one that completes here (the n choices of a request) joins it as a twin: it takes a
         slot and that prompt's KV, no compute. Nothing joins that the KV pool cannot hold beside the
         running sequences' next tokens; cached blocks are evicted for what joins."""
@@ -276,7 +294,8 @@ class Scheduler:
                 return [], []  # it waits for running sequences to finish (or be preempted)
             planned = [(head_chunk(head, budget, hit), [head])]
         else:
-            planned = self._plan_together(candidates, hit, budget, room, keep)
+            hit_of = lambda i: hit if i == 0 else self._hit(candidates[i])  # noqa: E731 - looked up lazily
+            planned = plan_together(candidates, hit_of, budget, room, keep, self._runner.packs)
         join_twins(planned, candidates, room)
         if self._prefix is not None:
             rows = running + sum(len(group) for chunk, group in planned if chunk.slot is not None)
@@ -286,49 +305,6 @@ class Scheduler:
             if not seq.generated:
                 self._metrics.queue.observe(time.monotonic() - seq.arrival_s)
         return place(planned, len(self._running)), [group for _, group in planned]
-
-    def _plan_together(
-        self,
-        candidates: list[Sequence],
-        head_hit: list[int],
-        budget: int,
-        room: Callable[[int, int], bool],
-        keep: set[int],
-    ) -> list[tuple[PrefillChunk, list[Sequence]]]:
-        """Prompts prefilled together in one forward. Packed (runner.packs), each computes its own
-        remainder past its cached prefix and the budget counts their sum; left-padded, each row
-        computes the same number of tokens (the batch's widest remainder): a row with a longer cached
-        prefix takes only as much of it as leaves that many tokens to compute."""
-        packs = self._runner.packs
-        chosen: list[tuple[Sequence, list[int]]] = []
-        width = longest = total = 0
-        prompts = set()
-        for seq in candidates:
-            context = seq.context()
-            if tuple(context) in prompts and is_twin(seq):
-                continue  # a twin: join_twins adds it
-            prompts.add(tuple(context))
-            if seq.inputs is not None or seq.num_prefilled:
-                break  # a vision prompt goes alone, as the head (with or without a cached prefix)
-            blocks = head_hit if seq is candidates[0] else self._hit(seq)
-            remainder = len(context) - len(blocks) * PREFIX_BLOCK
-            wider = max(width, remainder)
-            cost = total + remainder if packs else wider * (len(chosen) + 1)
-            if cost > budget or not room(len(chosen) + 1, max(longest, len(context))):
-                break
-            width, longest, total = wider, max(longest, len(context)), total + remainder
-            keep.update(blocks)
-            chosen.append((seq, blocks))
-        planned = []
-        for seq, blocks in chosen:
-            context = seq.context()
-            start = len(blocks) * PREFIX_BLOCK
-            if not packs:
-                start = min(start, max(0, len(context) - width))
-            prefix = tuple(blocks[: -(-start // PREFIX_BLOCK)]) if start else ()
-            seq.cached = start
-            planned.append((PrefillChunk(seq.seq_id, tuple(context[start:]), start, 0, prefix=prefix), [seq]))
-        return planned
 
     def _hit(self, seq: Sequence) -> list[int]:
         """The cached blocks a fresh prompt (or a preempted one's context) starts with; for a vision
@@ -364,22 +340,9 @@ class Scheduler:
         """Stream the sequence's next token; True when the sequence is finished."""
         if seq.sampler.needs_history:
             seq.history.append(token)
-        seq.generated.append(token)
-        now = time.monotonic()
-        self._metrics.generation_tokens.inc()
-        if seq.last_token_s:
-            self._metrics.itl.observe(now - seq.last_token_s)
-        else:
-            self._metrics.ttft.observe(now - seq.arrival_s)
-        seq.last_token_s = now
-        delta = seq.output.push(token, seq.sampler.pop_logprob())
+        delta = stream_token(seq, token, self._metrics)
         self._outbox.append((seq, delta))
-        seq.next_token = token
-        if delta.finish_reason is None:
-            return False
-        self._metrics.e2e.observe(now - seq.arrival_s)
-        self._metrics.finished(delta.finish_reason)
-        return True
+        return delta.finish_reason is not None
 
     def _release(self, rows: list[int]) -> None:
         """Remove rows from the batch, keeping the rest in slots 0..n-1 (the last row fills each gap)."""
@@ -398,14 +361,17 @@ class Scheduler:
             if id(seq.channel) in gone:
                 seq.cancelled = True
 
-    def _fail_all(self, exc: BaseException) -> None:
+    def _fail_all(self, exc: BaseException, everything: bool = False) -> None:
         """Fail what the step was computing: the running sequences and the partly prefilled ones; with
         none of those, the head of the queue (the step was planning it), so a step that keeps failing
-        still ends a request each time instead of retrying the same plan forever."""
+        still ends a request each time instead of retrying the same plan forever. `everything`: the
+        waiting ones too (the engine stops)."""
         with self._wake:
-            failed = [*self._running, *(s for s in self._waiting if s.num_prefilled)]
+            failed = [*self._running, *(s for s in self._waiting if s.num_prefilled or everything)]
             if not failed and self._waiting:
                 failed = [self._waiting[0]]
+            if everything:
+                self._closed = True
             for seq in failed:
                 if seq in self._waiting:
                     self._waiting.remove(seq)

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from shardbento.engine.base import Delta
 from shardbento.engine.batch.kvslots import PREFIX_BLOCK
 from shardbento.engine.batch.runner import PrefillChunk
 from shardbento.engine.batch.sampler import RequestSampler
@@ -51,6 +52,25 @@ class Sequence:
         return self.prompt_ids + self.generated if self.generated else self.prompt_ids
 
 
+def stream_token(seq: Sequence, token: int, metrics: Any) -> Delta:
+    """Push a chosen token through the sequence's output (text, stop strings, EOS ids, max_tokens) and
+    record its latencies; the Delta's finish_reason says whether the sequence ended."""
+    seq.generated.append(token)
+    seq.next_token = token
+    now = time.monotonic()
+    metrics.generation_tokens.inc()
+    if seq.last_token_s:
+        metrics.itl.observe(now - seq.last_token_s)
+    else:
+        metrics.ttft.observe(now - seq.arrival_s)
+    seq.last_token_s = now
+    delta = seq.output.push(token, seq.sampler.pop_logprob())
+    if delta.finish_reason is not None:
+        metrics.e2e.observe(now - seq.arrival_s)
+        metrics.finished(delta.finish_reason)
+    return delta
+
+
 def is_twin(seq: Sequence) -> bool:
     """Whether the sequence may share another's prefill: a fresh text prompt."""
     return seq.inputs is None and not seq.num_prefilled and not seq.generated
@@ -78,6 +98,49 @@ def join_twins(
         if group is not None and room(rows + 1, longest):
             group.append(seq)
             rows += 1
+
+
+def plan_together(
+    candidates: list[Sequence],
+    hit_of: Callable[[int], list[int]],
+    budget: int,
+    room: Callable[[int, int], bool],
+    keep: set[int],
+    packs: bool,
+) -> list[tuple[PrefillChunk, list[Sequence]]]:
+    """Prompts prefilled together in one forward (`hit_of(i)`: candidate i's cached blocks, looked up
+    only for the candidates considered). Packed, each computes its own remainder past its cached prefix and the budget counts
+    their sum; left-padded, each row computes the same number of tokens (the batch's widest remainder):
+    a row with a longer cached prefix takes only as much of it as leaves that many tokens to compute."""
+    chosen: list[tuple[Sequence, list[int]]] = []
+    width = longest = total = 0
+    prompts = set()
+    for index, seq in enumerate(candidates):
+        context = seq.context()
+        if tuple(context) in prompts and is_twin(seq):
+            continue  # a twin: join_twins adds it
+        prompts.add(tuple(context))
+        if seq.inputs is not None or seq.num_prefilled:
+            break  # a vision prompt goes alone, as the head (with or without a cached prefix)
+        blocks = hit_of(index)
+        remainder = len(context) - len(blocks) * PREFIX_BLOCK
+        wider = max(width, remainder)
+        cost = total + remainder if packs else wider * (len(chosen) + 1)
+        if cost > budget or not room(len(chosen) + 1, max(longest, len(context))):
+            break
+        width, longest, total = wider, max(longest, len(context)), total + remainder
+        keep.update(blocks)
+        chosen.append((seq, blocks))
+    planned = []
+    for seq, blocks in chosen:
+        context = seq.context()
+        start = len(blocks) * PREFIX_BLOCK
+        if not packs:
+            start = min(start, max(0, len(context) - width))
+        prefix = tuple(blocks[: -(-start // PREFIX_BLOCK)]) if start else ()
+        seq.cached = start
+        planned.append((PrefillChunk(seq.seq_id, tuple(context[start:]), start, 0, prefix=prefix), [seq]))
+    return planned
 
 
 def with_generated(inputs: dict[str, Any], generated: list[int]) -> dict[str, Any]:

@@ -53,7 +53,7 @@ class LoadedModel:
     parallel: str
 
 
-def _model_class(kind: str) -> Any:
+def model_class(kind: str) -> Any:
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     import shardbento.engine.hf.glm4v  # noqa: F401 - registers GLM-4V's converted model type
@@ -72,7 +72,7 @@ def load_model(spec: ModelSpec, plan: Plan) -> LoadedModel:
         common["quantization_config"] = quantized
     offload = {"offload_folder": str(Path(path) / ".offload")} if _uses_disk(device_map) else {}
     logger.info("loading %s from %s (%s, device_map=%s)", spec.name, path, dtype, device_map)
-    model = _model_class(spec.kind).from_pretrained(
+    model = model_class(spec.kind).from_pretrained(
         path, dtype=dtype, device_map=device_map, **common, **offload
     )
     model.eval()

@@ -137,6 +137,9 @@ class VLLMEngine(PreprocessorPrompts):
     def is_ready(self) -> bool:
         return not self._closed and not getattr(self._llm, "errored", False)
 
+    def is_alive(self) -> bool:
+        return not getattr(self._llm, "errored", False)
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True

@@ -1,4 +1,4 @@
-"""The service side of batched tensor-parallel text: requests to rank 0, its step reports back to each stream."""
+"""The service side of the engine process: requests to rank 0, its step reports back to each stream."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from shardbento.engine.base import Delta, DeltaChannel, SamplingParams, StartTogether, choice_ids
-from shardbento.engine.tp.messages import Cancel, RankFailure, StepReport, Submit, SubmitChoices
-from shardbento.engine.tp.relay import apply_metrics
+from shardbento.engine.base import Delta, DeltaChannel, Prompt, SamplingParams, StartTogether, choice_ids
+from shardbento.engine.core.messages import Cancel, RankFailure, StepReport, Submit, SubmitChoices
+from shardbento.engine.core.relay import apply_metrics
 from shardbento.errors import NotReady
 from shardbento.metrics import RequestMetrics
 
@@ -20,8 +20,8 @@ logger = logging.getLogger(__name__)
 POLL_S = 0.1
 
 
-class BatchClient:
-    """Sends text requests to rank 0's scheduler and routes what it reports to each request's DeltaChannel.
+class StreamRouter:
+    """Sends requests to rank 0 and routes what it reports to each request's DeltaChannel.
 
     One router thread reads rank 0's StepReports: it applies their metric observations to this
     process's RequestMetrics (what /metrics serves) and hands each step's Deltas over with one
@@ -41,11 +41,11 @@ class BatchClient:
         self._tickets = itertools.count()
         self._lock = threading.Lock()
         self._failure: str | None = None
-        self._router = threading.Thread(target=self._route, name="shardbento-tp-router", daemon=True)
+        self._router = threading.Thread(target=self._route, name="shardbento-router", daemon=True)
         self._router.start()
 
     def stream_choices(
-        self, prompt_ids: tuple[int, ...], params: list[SamplingParams], request_id: str
+        self, prompt: Prompt, params: list[SamplingParams], request_id: str
     ) -> list[AsyncIterator[Delta]]:
         """One stream per choice; rank 0 gets them in one message when the first stream starts."""
 
@@ -53,7 +53,7 @@ class BatchClient:
             opened = [self._open(DeltaChannel()) for _ in params]
             ids = choice_ids(request_id, len(params))
             submits = tuple(
-                Submit(ticket, rid, prompt_ids, p)
+                Submit(ticket, rid, prompt, p)
                 for (ticket, _), rid, p in zip(opened, ids, params, strict=True)
             )
             self._requests.put(submits[0] if len(submits) == 1 else SubmitChoices(submits))
@@ -99,7 +99,7 @@ class BatchClient:
             except queue.Empty:
                 continue
             except (EOFError, OSError):  # rank 0 died mid-message; the watchdog fails the streams
-                logger.warning("tensor-parallel results channel broke")
+                logger.warning("the engine's results channel broke")
                 return
             self._deliver(report)
 

@@ -6,7 +6,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from shardbento.engine.tp.messages import MetricOp
+from shardbento.engine.core.messages import MetricOp
 from shardbento.metrics import RequestMetrics
 
 
