@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from shardbento.engine.hf.engine import HFEngine
 
 from shardbento.catalog import ModelSpec, load_spec
 from shardbento.engine import create_engine
@@ -39,7 +38,7 @@ def test_vllm_engine_tp2_greedy_tokens_equal_transformers(
     )
     spec = load_spec("tiny-llama-tp2").model_copy(update={"engine": "vllm"})  # 2 CPU ranks
     params = SamplingParams(max_tokens=24, ignore_eos=True)
-    hf = HFEngine.load(load_spec("tiny-llama"))
+    hf = create_engine(load_spec("tiny-llama"))
     try:
         expected = tokens(hf, loop, params)
     finally:

@@ -9,13 +9,13 @@ from typing import Any
 
 import httpx
 import pytest
-from shardbento.engine.hf.engine import HFEngine
 from structured_cases import ALIASES, KINDS, check_output, structured
 
 from shardbento.api.image_urls import ImageFetchConfig
 from shardbento.api.openai.routes import attach_serving, create_openai_app
 from shardbento.api.serving import Serving
 from shardbento.catalog import load_spec
+from shardbento.engine import create_engine
 from shardbento.engine.vllm.engine import VLLMEngine
 
 MODEL = "tiny-llama"
@@ -33,7 +33,7 @@ def _app(engine: Any) -> Any:
 @pytest.fixture(scope="module")
 def apps(loop: asyncio.AbstractEventLoop) -> Iterator[dict[str, Any]]:
     """One vLLM engine for the whole module (it takes about a minute to start) beside transformers."""
-    hf = HFEngine.load(load_spec(MODEL))
+    hf = create_engine(load_spec(MODEL))
     vllm = VLLMEngine.load(load_spec(MODEL).model_copy(update={"engine": "vllm"}))
     try:
         yield {"transformers": _app(hf), "vllm": _app(vllm)}

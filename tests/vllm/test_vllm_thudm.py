@@ -9,8 +9,8 @@ import asyncio
 import pytest
 
 from shardbento.catalog import load_spec
+from shardbento.engine import create_engine
 from shardbento.engine.base import ChatMessage, SamplingParams
-from shardbento.engine.hf.engine import HFEngine
 from shardbento.engine.vllm.engine import VLLMEngine
 
 MESSAGES = [ChatMessage(role="user", text="你好, count the shards of the model.")]
@@ -28,7 +28,7 @@ def test_vllm_thudm_greedy_tokens_equal_the_native_conversion(
     name: str, loop: asyncio.AbstractEventLoop
 ) -> None:
     params = SamplingParams(max_tokens=24, ignore_eos=True)
-    hf = HFEngine.load(load_spec(name))
+    hf = create_engine(load_spec(name))
     try:
         chat, completion = hf.render_chat(MESSAGES), hf.encode("1, 2, 3, 4,")
         expected = [tokens(hf, loop, prompt, params) for prompt in (chat, completion)]
