@@ -125,6 +125,8 @@ def test_preflight_reads_the_cuda_version_a_lock_installs_and_the_driver_version
     (tmp_path / "cu12.txt").write_text("nvidia-cuda-runtime-cu12==12.8.90\n")
     assert lock_cuda(tmp_path / "cu12.txt") == (12, 8)
     proc = tmp_path / "version"
-    proc.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.14  Thu Feb 22 01:44:30 UTC 2024\n")
+    proc.write_text(
+        "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.14  Thu Feb 22 01:44:30 UTC 2024\n"
+    )
     assert driver_version(proc) == "550.54.14"
     assert driver_version(tmp_path / "missing") is None
