@@ -52,44 +52,62 @@ class GenerationDefaults(BaseModel):
 
 
 class ServingLimits(BaseModel):
-    """Batching and admission bounds: the one place they are set (BentoML's traffic limit derives from them)."""
+    """Batching and admission bounds: the one place they are set (BentoML's traffic limit derives from them).
+
+    Both engines honour max_num_seqs, max_waiting (the HTTP in-flight bound) and prefix_caching; the KV
+    pool's fields and max_prefill_tokens are the transformers engine's (vLLM sizes its own KV cache from
+    vllm.gpu_memory_utilization, and its per-step budget, vllm.extra_args.max_num_batched_tokens, counts
+    the decode tokens too).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_num_seqs: int = Field(
-        32, ge=1, description="Sequences decoded together in one step (the running set)."
+        32, ge=1, description="Sequences decoded together in one step (the running set; vLLM's max_num_seqs)."
     )
     max_waiting: int = Field(64, ge=0, description="Requests queued beyond the running set; more get a 429.")
     max_prefill_tokens: int = Field(
-        512, ge=16, description="Prompt tokens prefilled per step (chunked prefill)."
+        512, ge=16, description="Transformers engine: prompt tokens prefilled per step (chunked prefill)."
     )
     kv_cache_tokens: int | None = Field(
-        None, ge=16, description="The KV pool's size in tokens; wins over kv_cache_gib and the GPU rule."
+        None,
+        ge=16,
+        description="Transformers engine: the KV pool's size in tokens; wins over kv_cache_gib and the GPU rule.",
     )
-    kv_cache_gib: float = Field(4.0, gt=0.0, description="CPU: the KV pool's size in GiB.")
+    kv_cache_gib: float = Field(
+        4.0, gt=0.0, description="Transformers engine on CPU: the KV pool's size in GiB."
+    )
     prefix_caching: bool = Field(
-        True, description="Reuse the KV of prompt prefixes seen before (full 16-token blocks, LRU)."
+        True,
+        description="Reuse the KV of prompt prefixes seen before (full 16-token blocks, LRU); false turns "
+        "vLLM's enable_prefix_caching off too.",
     )
     gpu_memory_utilization: float = Field(
-        0.9, gt=0.0, le=1.0, description="GPU: the share of memory weights, activations and the KV pool use."
+        0.9,
+        gt=0.0,
+        le=1.0,
+        description="Transformers engine on GPUs: the share of memory weights, activations and the KV pool "
+        "use (vLLM's is vllm.gpu_memory_utilization).",
     )
 
 
-# Engine arguments the catalog sets through its own fields; extra_args may not repeat them.
-VLLM_MANAGED_ARGS = (
-    "model",
-    "tokenizer",
-    "revision",
-    "dtype",
-    "max_model_len",
-    "tensor_parallel_size",
-    "pipeline_parallel_size",
-    "gpu_memory_utilization",
-    "quantization",
-    "trust_remote_code",
-    "distributed_executor_backend",
-    "limit_mm_per_prompt",
-)
+# Engine arguments the catalog sets through its own fields (the field named); extra_args may not repeat them.
+VLLM_MANAGED_ARGS: dict[str, str] = {
+    "model": "source",
+    "tokenizer": "source",
+    "revision": "revision",
+    "dtype": "dtype",
+    "max_model_len": "max_model_len",
+    "tensor_parallel_size": "gpus",
+    "pipeline_parallel_size": "vllm.pipeline_parallel_size",
+    "gpu_memory_utilization": "vllm.gpu_memory_utilization",
+    "quantization": "vllm.quantization",
+    "trust_remote_code": "trust_remote_code",
+    "distributed_executor_backend": "vllm.distributed_executor_backend",
+    "limit_mm_per_prompt": "max_images",
+    "max_num_seqs": "limits.max_num_seqs",
+    "enable_prefix_caching": "limits.prefix_caching",
+}
 
 
 class VLLMOptions(BaseModel):
@@ -108,7 +126,12 @@ class VLLMOptions(BaseModel):
     def _not_managed(cls, value: dict[str, Any]) -> dict[str, Any]:
         managed = sorted(set(value) & set(VLLM_MANAGED_ARGS))
         if managed:
-            raise ValueError(f"{', '.join(managed)} must be set through the catalog fields, not extra_args")
+            raise ValueError(
+                "; ".join(
+                    f"{name} must be set through the catalog field {VLLM_MANAGED_ARGS[name]}, not extra_args"
+                    for name in managed
+                )
+            )
         return value
 
 

@@ -116,18 +116,25 @@ def _check_gpu_type(spec: ModelSpec, lock: str) -> None:
         raise ImageError(f"model {spec.name!r}: {refusal}")
 
 
-def image_for(spec: ModelSpec) -> Image:
+def image_for(spec: ModelSpec) -> Image | None:
     """Python 3.11 on Debian; CPU models get the pinned CPU set, GPU models the locked CUDA set of the
-    engine they run (vLLM's, or the transformers engine's).
+    engine they run (vLLM's, or the transformers engine's). None for `engine: vllm` on CPU: no image
+    carries it, but `bentoml serve` from a checkout runs it (the vLLM tests); build_bento refuses it.
 
     BentoML's own locking stays off: it would resolve torch against PyPI (the CUDA build) for CPU images
     too, and the CUDA set is locked already.
     """
     from bentoml.images import Image
 
+    try:
+        requirements = requirements_file(spec)
+    except ImageError:
+        if spec.num_gpus:
+            raise
+        return None
     image = Image(python_version=PYTHON_VERSION, lock_python_packages=False)
     # BentoML adds its own `bentoml==<running version>` line; a second one would be a double requirement.
-    pins = [r for r in read_requirements(REPO / requirements_file(spec)) if not r.startswith("bentoml==")]
+    pins = [r for r in read_requirements(REPO / requirements) if not r.startswith("bentoml==")]
     return image.python_packages(*pins)
 
 
@@ -144,6 +151,7 @@ def build_bento(name: str, version: str | None = None) -> Bento:
     from shardbento.catalog import load_spec
 
     spec = load_spec(name, catalog_dir())
+    requirements_file(spec)  # an entry no image can carry is refused here, by name
     with tempfile.TemporaryDirectory(prefix="shardbento-build-") as context:
         _stage(Path(context))
         bento = bentoml.bentos.build_bentofile(

@@ -35,7 +35,8 @@ class KedaOptions:
 
 
 def queries(spec: ModelSpec, options: KedaOptions) -> dict[str, str]:
-    """The PromQL each trigger reads: the model's gauge summed over its pods (0 before any scrape)."""
+    """The PromQL each trigger reads: the model's gauge summed over its pods (0 before any scrape). Both
+    engines export these gauges under the catalog name (the vLLM engine from vLLM's scheduler stats)."""
     labels = f'model_name="{spec.name}"'
     if options.namespace:
         labels += f',namespace="{options.namespace}"'
@@ -59,11 +60,6 @@ def scaled_object(
         raise ValueError(
             "KEDA scales between --replicas and --max-replicas; --replicas must be at least 1: "
             "a replica has to be up to queue the requests that would wake more"
-        )
-    if spec.engine == "vllm" or (spec.engine == "auto" and spec.gpus > 0):
-        raise ValueError(
-            f"{spec.name} may run the vLLM engine, which reports vLLM's own vllm:* gauges, not the "
-            "shardbento:* ones the ScaledObject reads; use --autoscaler cpu for it"
         )
     server, targets = options.prometheus_url, thresholds(spec, options)
     triggers = [

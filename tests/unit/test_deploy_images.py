@@ -68,6 +68,7 @@ def test_deploy_images_vllm_on_cpu_has_no_image() -> None:
     spec = ModelSpec(name="x", source="org/model", kind="text", engine="vllm")
     with pytest.raises(ImageError, match="engine: vllm on CPU is for tests"):
         requirements_file(spec)
+    assert image_for(spec) is None  # `bentoml serve` from a checkout still runs it (tests/vllm)
 
 
 def test_deploy_images_gpu_kinds_the_locked_cuda_build_cannot_drive_are_refused() -> None:

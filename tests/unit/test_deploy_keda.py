@@ -18,6 +18,7 @@ from shardbento.cli import main
 from shardbento.deploy import k8s
 from shardbento.deploy.crd import load_crds, validate_custom
 from shardbento.deploy.keda import KedaOptions, queries, thresholds
+from shardbento.engine.vllm.args import engine_kwargs
 from shardbento.metrics import RequestMetrics
 
 CRD_DIR = Path(__file__).resolve().parents[1] / "data" / "crds"
@@ -128,10 +129,21 @@ def test_keda_refuses_what_it_cannot_scale(change: dict, message: str) -> None:
         k8s.manifests(load_spec("tiny-llama"), k8s.K8sOptions(**fields))
 
 
-def test_keda_refuses_an_entry_that_may_run_vllm() -> None:
-    spec = load_spec("llama-3.1-8b-instruct").model_copy(update={"engine": "vllm"})
-    with pytest.raises(ValueError, match="vllm:"):
-        k8s.manifests(spec, k8s.K8sOptions(max_replicas=3, keda=KedaOptions(prometheus_url=PROMETHEUS)))
+@pytest.mark.parametrize("engine", ["vllm", "auto"])
+def test_keda_scales_an_entry_that_runs_vllm_on_the_max_num_seqs_vllm_is_given(engine: str) -> None:
+    """The vLLM engine exports the same gauges (tests/vllm/test_vllm_service.py checks them on a real
+    server) and runs at most limits.max_num_seqs, which the running target is a fraction of."""
+    spec = load_spec("llama-3.1-8b-instruct")
+    spec = spec.model_copy(
+        update={"engine": engine, "limits": spec.limits.model_copy(update={"max_num_seqs": 40})}
+    )
+    options = k8s.K8sOptions(max_replicas=3, keda=KedaOptions(prometheus_url=PROMETHEUS))
+    scaled = {o["kind"]: o for o in k8s.manifests(spec, options)}["ScaledObject"]
+    triggers = {t["name"]: t["metadata"] for t in scaled["spec"]["triggers"]}
+    query = 'sum(shardbento:num_requests_running{model_name="llama-3.1-8b-instruct"}) or vector(0)'
+    assert triggers["running"]["query"] == query
+    assert engine_kwargs(spec, "org/model")["max_num_seqs"] == 40
+    assert triggers["running"]["threshold"] == "32"  # 0.8 x 40
 
 
 @pytest.mark.parametrize(

@@ -43,9 +43,29 @@ def test_engine_kwargs_cpu_uses_float32_and_one_rank() -> None:
 
 
 def test_engine_kwargs_extra_args_pass_through() -> None:
-    extra = {"enable_prefix_caching": False, "max_num_seqs": 8}
+    extra = {"enforce_eager": True, "kv_cache_dtype": "fp8"}
     kwargs = engine_kwargs(spec(engine="vllm", vllm={"extra_args": extra}), "org/model", KNOWN)
     assert {k: kwargs[k] for k in extra} == extra
+
+
+def test_engine_kwargs_limits_from_the_catalog() -> None:
+    """vLLM runs at most limits.max_num_seqs (what KEDA's running target is a fraction of); prefix
+    caching off in the catalog is off in vLLM, on leaves vLLM's default (on where it supports the model)."""
+    kwargs = engine_kwargs(spec(engine="vllm", limits={"max_num_seqs": 12}), "org/model", KNOWN)
+    assert kwargs["max_num_seqs"] == 12
+    assert "enable_prefix_caching" not in kwargs
+    assert "max_num_batched_tokens" not in kwargs  # max_prefill_tokens is the transformers engine's
+    off = engine_kwargs(spec(engine="vllm", limits={"prefix_caching": False}), "org/model", KNOWN)
+    assert (off["max_num_seqs"], off["enable_prefix_caching"]) == (spec().limits.max_num_seqs, False)
+
+
+@pytest.mark.parametrize(
+    ("arg", "field"),
+    [("max_num_seqs", "limits.max_num_seqs"), ("enable_prefix_caching", "limits.prefix_caching")],
+)
+def test_catalog_rejects_extra_args_that_repeat_limits(arg: str, field: str) -> None:
+    with pytest.raises(ValueError, match=f"{arg} must be set through the catalog field {field}"):
+        spec(engine="vllm", vllm={"extra_args": {arg: 8}})
 
 
 def test_engine_kwargs_unknown_extra_arg_names_close_match() -> None:

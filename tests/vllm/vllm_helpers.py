@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from servers import Server
 
 from shardbento.catalog import CATALOG_DIR
@@ -48,3 +49,22 @@ def comparable(body: dict) -> dict:
     for call in result.get("tool_calls") or []:
         call.pop("id", None)
     return result
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(server: Server) -> Samples:
+    """Every sample on the server's /metrics, by name and labels."""
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of the samples called `name` whose labels include `labels`."""
+    wanted = set(labels.items())
+    return sum(value for (sample, have), value in samples.items() if sample == name and wanted <= have)

@@ -38,6 +38,7 @@ def engine_kwargs(
         "seed": 0,
         # The transformers engine's grammars exactly: llguidance, compact JSON (engine/grammar.py).
         "structured_outputs_config": {"backend": "guidance", "disable_any_whitespace": True},
+        **limits_kwargs(spec),
     }
     if not Path(model_path).is_dir():
         kwargs["revision"] = spec.revision
@@ -49,6 +50,16 @@ def engine_kwargs(
     if spec.kind == "vision":
         kwargs.update(_vision_kwargs(spec))
     return {**kwargs, **options.extra_args}
+
+
+def limits_kwargs(spec: ModelSpec) -> dict[str, Any]:
+    """The catalog limits vLLM has an equivalent for: the running set (what KEDA's running trigger is
+    measured against) and prefix caching when it is off; on, vLLM keeps its own default (on where it
+    supports the model). The KV pool's fields and max_prefill_tokens stay the transformers engine's."""
+    kwargs: dict[str, Any] = {"max_num_seqs": spec.limits.max_num_seqs}
+    if not spec.limits.prefix_caching:
+        kwargs["enable_prefix_caching"] = False
+    return kwargs
 
 
 def _vision_kwargs(spec: ModelSpec) -> dict[str, Any]:

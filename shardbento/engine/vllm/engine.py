@@ -22,6 +22,8 @@ from shardbento.engine.base import (
 from shardbento.engine.hf.preprocess import Preprocessor, PreprocessorPrompts, load_preprocessor
 from shardbento.engine.output import OutputStream
 from shardbento.engine.vllm.args import engine_kwargs
+from shardbento.engine.vllm.stats import RequestTimer, SchedulerRecorder
+from shardbento.metrics import RequestMetrics
 from shardbento.plan.source import resolve_source, tokenizer_path
 
 logger = logging.getLogger(__name__)
@@ -76,12 +78,24 @@ def _structured_outputs(constraint: Constraint | None) -> Any:
 
 
 class VLLMEngine(PreprocessorPrompts):
-    """One vLLM AsyncLLM (its own engine-core process, TP/PP workers) serving one catalog model."""
+    """One vLLM AsyncLLM (its own engine-core process, TP/PP workers) serving one catalog model.
 
-    def __init__(self, spec: ModelSpec, llm: Any, prompts: Preprocessor, kwargs: dict[str, Any]) -> None:
+    It records the transformers engine's metrics under the catalog name (engine/vllm/stats.py says
+    which come from vLLM's stats and which from each request's stream); vLLM's `vllm:*` stay beside them.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        llm: Any,
+        prompts: Preprocessor,
+        kwargs: dict[str, Any],
+        metrics: RequestMetrics,
+    ) -> None:
         self.spec = spec
         self._llm = llm
         self._prompts = prompts
+        self._metrics = metrics
         self._closed = False
         parallel = f"tp={kwargs['tensor_parallel_size']},pp={kwargs['pipeline_parallel_size']}"
         backend = kwargs.get("distributed_executor_backend")
@@ -102,12 +116,17 @@ class VLLMEngine(PreprocessorPrompts):
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from shardbento.engine.vllm.statlogger import stat_logger_factory
+
         path, tokenizer = resolve_source(spec), tokenizer_path(spec)
         kwargs = engine_kwargs(spec, path, known_engine_args(), tokenizer=tokenizer)
         prompts = load_preprocessor(spec, tokenizer)
+        metrics = RequestMetrics(spec.name)
         logger.info("starting vLLM for %s: %s", spec.name, kwargs)
-        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
-        return cls(spec, llm, prompts, kwargs)
+        llm = AsyncLLM.from_engine_args(
+            AsyncEngineArgs(**kwargs), stat_loggers=[stat_logger_factory(SchedulerRecorder(metrics))]
+        )
+        return cls(spec, llm, prompts, kwargs, metrics)
 
     def render_chat(
         self, messages: list[ChatMessage], template_kwargs: dict[str, Any] | None = None
@@ -153,20 +172,30 @@ class VLLMEngine(PreprocessorPrompts):
     async def stream(self, prompt: Prompt, params: SamplingParams, request_id: str) -> AsyncIterator[Delta]:
         eos_ids = self._prompts.eos_token_ids
         output = OutputStream(self.tokenizer, prompt.token_ids, params, eos_ids)
+        timer = RequestTimer(self._metrics)
         request = prompt.inputs if prompt.num_images else {"prompt_token_ids": list(prompt.token_ids)}
         results = self._llm.generate(request, to_vllm_params(params, eos_ids), request_id)
         try:
             async for result in results:
                 if prompt.num_images and output.num_tokens == 0:
                     _check_prompt_length(prompt, result, request_id)
-                completion = result.outputs[0]
-                for delta in self._deltas(output, completion, params.logprobs or 0):
+                deltas = self._deltas(output, result.outputs[0], params.logprobs or 0)
+                timer.scheduled(result.metrics)
+                timer.tokens(sum(len(delta.token_ids) for delta in deltas))
+                if output.finished:
+                    timer.end(deltas[-1].finish_reason)  # before the yields: a client may stop at the last
+                for delta in deltas:
                     yield delta
                 if output.finished:
                     return
             if not output.finished:  # vLLM ended without a token we count as the end (an abort)
+                timer.end("abort")
                 yield Delta(text="", finish_reason="stop")
+        except Exception as exc:
+            timer.end(None if _refused(exc) and output.num_tokens == 0 else "error")
+            raise
         finally:
+            timer.end("abort")  # the client went away (nothing once the request has ended)
             await results.aclose()  # stops vLLM's request too when we finished first or the client left
             if not output.finished:
                 await self._llm.abort(request_id)
@@ -202,6 +231,13 @@ def _check_prompt_length(prompt: Prompt, result: Any, request_id: str) -> None:
             num_tokens,
             prompt.num_tokens,
         )
+
+
+def _refused(exc: Exception) -> bool:
+    """vLLM turned the request down before running it (validation, admission): not a finished request."""
+    from vllm.exceptions import GracefulHTTPError, VLLMClientError
+
+    return isinstance(exc, VLLMClientError | GracefulHTTPError)
 
 
 def _devices(spec: ModelSpec) -> tuple[str, ...]:
