@@ -167,6 +167,11 @@ def _load_tokenizer(config: RankConfig) -> Any:
     """Rank 0's tokenizer: the scheduler detokenizes (stop strings) and names logprob tokens there."""
     from transformers import AutoTokenizer
 
+    from shardbento.engine.hf.chatglm3_tokenizer import load_converted  # decodes as the service's does
+
+    converted = load_converted(config.model_path)
+    if converted is not None:
+        return converted
     return AutoTokenizer.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
 
 
