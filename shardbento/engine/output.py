@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Protocol
 
 from shardbento.engine.base import Delta, SamplingParams, TokenLogprob
@@ -11,17 +12,27 @@ from shardbento.textmatch import held_suffix
 # (SentencePiece's leading space) render the first generated word as they would mid-text.
 _CONTEXT_TOKENS = 5
 _REPLACEMENT = "\ufffd"
+# A byte-fallback token (SentencePiece's "<0xE4>"): the bytes after it may change how it reads ("u" alone,
+# "\ufffd\ufffd" with an invalid byte after it in a tokenizer that replaces a whole invalid run), so a delta is
+# only sure once a run of them has ended (a skipped special between two bytes does not end it).
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 class Decoder(Protocol):
+    all_special_ids: list[int]
+
     def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+
+    def convert_ids_to_tokens(self, ids: int) -> str | None: ...
 
 
 class IncrementalDetokenizer:
-    """Turns token ids into text deltas; never emits half of a multi-byte UTF-8 character."""
+    """Turns token ids into text deltas; never emits half of a multi-byte UTF-8 character, nor text a later
+    byte token could still change: the deltas joined are the whole output's decode."""
 
     def __init__(self, tokenizer: Decoder, prompt_ids: list[int] | tuple[int, ...] = ()) -> None:
         self._tokenizer = tokenizer
+        self._skipped = frozenset(tokenizer.all_special_ids)
         self._ids = list(prompt_ids[-_CONTEXT_TOKENS:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
@@ -31,6 +42,8 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
+        if self._run_may_continue(token_id):
+            return ""
         prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         new_text = self._decode(self._ids[self._prefix_offset :])
         if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT):
@@ -38,6 +51,11 @@ class IncrementalDetokenizer:
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._ids)
         return new_text[len(prefix_text) :]
+
+    def _run_may_continue(self, token_id: int) -> bool:
+        """A byte token, or a skipped special that a run of them continues across."""
+        token = self._tokenizer.convert_ids_to_tokens(token_id)
+        return token_id in self._skipped or bool(_BYTE_TOKEN.fullmatch(token or ""))
 
     def flush(self) -> str:
         """Whatever is still held back (an incomplete character becomes U+FFFD)."""

@@ -10,12 +10,15 @@ from pathlib import Path
 
 from shardbento.cachedir import build_once, cache_root
 from shardbento.thudm.layout import CheckpointError, glm_config, native_names, qkv_sizes
-from shardbento.thudm.tokenizer import build_fast_tokenizer
+from shardbento.thudm.tokenizer import build_fast_tokenizer, detect_format
 
 logger = logging.getLogger(__name__)
 
 # Bump when the conversion's output changes (it is part of the directory name).
 FORMAT_VERSION = 1
+# Bumped apart per tokenizer format, so a fix to one format's conversion does not re-convert the other's
+# weights. sentencepiece 2: BPE over the whole text (whitespace-run pieces), SentencePiece's decoding.
+TOKENIZER_VERSIONS = {"sentencepiece": 2}
 _FILES = ["*.json", "*.safetensors", "tokenizer.model"]
 
 
@@ -58,8 +61,12 @@ def _read_config(source: Path) -> dict:
 
 
 def _key(source: Path) -> str:
-    """Directory name: the checkpoint's name and a hash of its config and shard names and sizes."""
+    """Directory name: the checkpoint's name and a hash of the conversion's versions, its config and shard
+    names and sizes."""
     hasher = hashlib.sha256(f"format={FORMAT_VERSION}".encode())
+    tokenizer_format = detect_format(source)
+    if tokenizer_format in TOKENIZER_VERSIONS:
+        hasher.update(f"{tokenizer_format}={TOKENIZER_VERSIONS[tokenizer_format]}".encode())
     hasher.update((source / "config.json").read_bytes())
     for shard in sorted(source.glob("*.safetensors")):
         hasher.update(f"{shard.name}:{shard.stat().st_size}".encode())

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from shardbento.thudm.tokenizer import CHATGLM3_SPECIALS, GLM4_SPECIALS
-from shardbento.tiny.thudm_tokenizer import bilingual_lines, write_sentencepiece, write_tiktoken
+from shardbento.tiny.thudm_tokenizer import training_lines, write_sentencepiece, write_tiktoken
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the tokenizers learn indented code (whitespace-run pieces)
 _INIT_STD = 0.02
 _VOCAB_PADDING = 64  # THUDM pads the vocabulary (65024, 151552); padded rows are never a real token
 
@@ -63,7 +63,7 @@ _VISION = {
 def thudm_digest(recipe: ThudmRecipe) -> str:
     hasher = hashlib.sha256(json.dumps(asdict(recipe), sort_keys=True).encode())
     hasher.update(f"format={FORMAT_VERSION}".encode())
-    for line in bilingual_lines():
+    for line in training_lines():
         hasher.update(line.encode())
     return hasher.hexdigest()[:10]
 

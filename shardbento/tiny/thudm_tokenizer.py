@@ -1,5 +1,5 @@
-"""The tiny THUDM-layout checkpoints' tokenizer files: a bilingual corpus, a SentencePiece model trained
-with ChatGLM3's options, tiktoken ranks learned over GLM-4's split pattern."""
+"""The tiny THUDM-layout checkpoints' tokenizer files: a bilingual corpus with indented code, a SentencePiece
+model trained with ChatGLM3's options, tiktoken ranks learned over GLM-4's split pattern."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
-from shardbento.thudm.tokenizer import GLM4_PATTERN, byte_alphabet
+from shardbento.thudm.tiktoken_model import GLM4_PATTERN, byte_alphabet
 from shardbento.tiny.tokenizer import corpus_lines
 
 _CHINESE_WORDS = (
@@ -22,6 +22,7 @@ _CHINESE_WORDS = (
     "请问", "为什么", "怎么样", "什么", "哪里",
 )  # fmt: skip
 _CHINESE_PUNCTUATION = ["。", "，", "！", "？", "；", "、"]
+_CODE_NAMES = ("total", "count", "value", "items", "result", "index", "name", "data", "row", "key")
 
 
 def bilingual_lines(num_sentences: int = 1500) -> Iterator[str]:
@@ -34,14 +35,41 @@ def bilingual_lines(num_sentences: int = 1500) -> Iterator[str]:
         yield english if index % 3 else f"{english} {chinese}{rng.choice(_CHINESE_PUNCTUATION)}"
 
 
+def code_lines(num_snippets: int = 150) -> Iterator[str]:
+    """Seeded Python, JSON, Markdown tables and C-like code, one line at a time (as a SentencePiece trainer
+    reads its corpus): runs of spaces and tabs for the whitespace pieces real vocabularies have."""
+    rng = random.Random(20240606)
+    for index in range(num_snippets):
+        name, left, right = (rng.choice(_CODE_NAMES) for _ in range(3))
+        yield from (
+            f"def {name}_{index % 7}({left}, {right}):",
+            f"    if {left} > {right}:",
+            f"        return {left} - {right}",
+            f"    for {name} in range({index}):",
+            f"        {right} += {name}  # two  spaces",
+            f"    return {right}",
+        )
+        document = {left: index, right: [name, index * 3], "nested": {name: index % 2 == 0}}
+        yield from json.dumps(document, indent=2 if index % 2 else 4).splitlines()
+        yield f"| {left:<8} | {right:>6} |"
+        yield f"| {index:<8} | {index * 7:>6} |"
+        yield from (f"\tif ({left}) {{", f"\t\t{right}();", "\t}")
+
+
+def training_lines() -> Iterator[str]:
+    """Both tiny THUDM tokenizers' training corpus."""
+    yield from bilingual_lines()
+    yield from code_lines()
+
+
 def write_sentencepiece(vocab_size: int, path: Path) -> int:
     """A BPE SentencePiece model trained here with ChatGLM3's options (byte fallback, digits split, a
-    dummy prefix, no normalization); returns its number of pieces."""
+    dummy prefix, no normalization, whitespace-only pieces); returns its number of pieces."""
     import sentencepiece
 
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=bilingual_lines(),
+        sentence_iterator=training_lines(),
         model_writer=model,
         vocab_size=vocab_size,
         model_type="bpe",
@@ -51,6 +79,7 @@ def write_sentencepiece(vocab_size: int, path: Path) -> int:
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
         add_dummy_prefix=True,
+        allow_whitespace_only_pieces=True,
         unk_id=0,
         bos_id=1,
         eos_id=2,
@@ -77,7 +106,7 @@ def write_tiktoken(vocab_size: int, path: Path) -> int:
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
-    tokenizer.train_from_iterator(bilingual_lines(), trainer=trainer)
+    tokenizer.train_from_iterator(training_lines(), trainer=trainer)
     from_text = {char: byte for byte, char in byte_alphabet().items()}
     ranks: dict[bytes, int] = {bytes([b]): b for b in range(256)}
     for merge in json.loads(tokenizer.to_str())["model"]["merges"]:

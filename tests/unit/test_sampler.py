@@ -86,8 +86,13 @@ def test_sampler_stop_token_ids_end_the_output_even_when_eos_is_ignored() -> Non
     from shardbento.engine.output import OutputStream
 
     class Chars:
+        all_special_ids: list[int] = []
+
         def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
             return "".join(chr(97 + i % 26) for i in ids)
+
+        def convert_ids_to_tokens(self, token_id: int) -> str:
+            return chr(97 + token_id % 26)
 
     params = SamplingParams(max_tokens=10, ignore_eos=True, stop_token_ids=(3,), min_tokens=2)
     output = OutputStream(Chars(), (), params, eos_ids={1})

@@ -7,11 +7,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from thudm_reference import build_chat_input, sentencepiece_reference, tiktoken_reference
 
 from shardbento.catalog import load_spec
 from shardbento.engine import create_engine
 from shardbento.engine.base import ChatMessage, SamplingParams
 from shardbento.engine.core.engine import ProcessEngine
+from shardbento.engine.hf.chatglm3_tokenizer import ConvertedChatGLM3Tokenizer
+from shardbento.tiny.models import ensure_generated
 
 QUESTIONS = ["你好, who are you?", "Tell me about the sharded bento.", "1, 2, 3, 4,", "今天天气怎么样？"]
 
@@ -57,6 +60,24 @@ def test_thudm_engine_chat_prompt_is_the_models_format(engine: ProcessEngine) ->
     tokens = tokenizer.convert_ids_to_tokens(list(prompt.token_ids))
     assert tokens[0] == "[gMASK]" and tokens[1] in ("sop", "<sop>")
     assert tokens[2] == "<|user|>" and tokens[-1] == "<|assistant|>"
+
+
+CODE = "Why does this fail?\n```python\ndef add(a, b):\n    if a:\n        return a  +  b\n\treturn b\n```"
+
+
+def test_thudm_engine_code_prompt_is_the_originals_tokens(engine: ProcessEngine) -> None:
+    """A served chat prompt with indented code, a system turn and a leading space: the ids the original
+    build_chat_input assembles (the reference library on each content, the specials between)."""
+    name = engine.info.model
+    messages = [{"role": "system", "content": " Answer  briefly."}, {"role": "user", "content": CODE}]
+    if name == "tiny-chatglm3":
+        encode, specials = sentencepiece_reference(ensure_generated(name))
+        assert isinstance(engine._prompts.tokenizer, ConvertedChatGLM3Tokenizer)
+    else:
+        reference, specials = tiktoken_reference(ensure_generated(name))
+        encode = reference.encode_ordinary
+    prompt = engine.render_chat([ChatMessage(role=m["role"], text=m["content"]) for m in messages])
+    assert list(prompt.token_ids) == build_chat_input(specials, encode, messages)
 
 
 def _forced(engine: ProcessEngine, token: str) -> SamplingParams:

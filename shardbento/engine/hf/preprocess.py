@@ -183,6 +183,7 @@ def load_preprocessor(
     from transformers import AutoConfig, GenerationConfig
 
     import shardbento.engine.hf.glm4v as glm4v  # registers GLM-4V's converted model type
+    from shardbento.engine.hf.chatglm3_tokenizer import load_converted
 
     common = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
     if config is None:
@@ -195,6 +196,8 @@ def load_preprocessor(
         from transformers import AutoTokenizer
 
         preprocessor = glm4v.Glm4vProcessor(AutoTokenizer.from_pretrained(path), config.vision_config)
+    elif (converted := load_converted(path)) is not None:  # ChatGLM3's, with SentencePiece's decoding
+        preprocessor = converted
     else:
         preprocessor = preprocessor_class(spec.kind).from_pretrained(path, **common)
     tokenizer = getattr(preprocessor, "tokenizer", preprocessor)
