@@ -1,4 +1,5 @@
-"""Batched token selection: the batch's picks equal each row's own sampler, tiny temperatures stay greedy."""
+"""Batched token selection: the batch's picks equal each row's own, seeds reproduce inside any batch,
+sampled rows follow their distribution, tiny temperatures stay greedy."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import torch
 from shardbento.engine.base import SamplingParams
 from shardbento.engine.batch.sampler import RequestSampler, select_tokens
 
+PROMPT = (1, 2)
 
-def samplers(eos: set[int]) -> list[RequestSampler]:
+
+def samplers(eos: set[int], favourite: int = 0) -> list[RequestSampler]:
     params = [
         SamplingParams(max_tokens=4),
         SamplingParams(max_tokens=4, min_tokens=2),
@@ -18,18 +21,20 @@ def samplers(eos: set[int]) -> list[RequestSampler]:
         SamplingParams(max_tokens=4, presence_penalty=1.5, frequency_penalty=0.5),
         SamplingParams(max_tokens=4, logit_bias=((3, 4.0), (7, -100.0))),
     ]
-    return [RequestSampler(p, eos_ids=eos, decode=str) for p in params]
+    prompts = [PROMPT + (favourite,) if p.repetition_penalty != 1.0 else () for p in params]
+    return [RequestSampler(p, eos_ids=eos, decode=str, prompt_ids=ids) for p, ids in zip(params, prompts)]
 
 
 def test_sampler_select_tokens_equals_selecting_row_by_row() -> None:
     logits = torch.randn(7, 50, generator=torch.Generator().manual_seed(0))
     favourite = int(logits[1].argmax())
     eos = {favourite, 49}  # row 1's favourite token is an EOS it must not pick yet (min_tokens=2)
-    histories = [None, None, None, None, [1, 2, int(logits[4].argmax())], None, None]
-    batched = select_tokens(samplers(eos), logits, histories)
-    one_by_one = [s.select(logits[i], histories[i]) for i, s in enumerate(samplers(eos))]
+    repeated = int(logits[4].argmax())  # row 4's favourite is in its prompt: the penalty moves it
+    batched = select_tokens(samplers(eos, repeated), logits)
+    one_by_one = [s.select(logits[i]) for i, s in enumerate(samplers(eos, repeated))]
     assert batched == one_by_one
     assert batched[1] != favourite and int(logits[1].argmax()) == favourite  # logits left untouched
+    assert batched[4] != repeated
 
 
 def test_sampler_tiny_temperature_is_greedy_not_overflow() -> None:
@@ -38,7 +43,7 @@ def test_sampler_tiny_temperature_is_greedy_not_overflow() -> None:
         RequestSampler(SamplingParams(max_tokens=2, temperature=t), eos_ids=set(), decode=str)
         for t in (2.2e-308, 1e-6)
     ]
-    assert select_tokens(tiny, logits, [None, None]) == logits.argmax(-1).tolist()
+    assert select_tokens(tiny, logits) == logits.argmax(-1).tolist()
 
 
 def _greedy(params: SamplingParams, rows: list[torch.Tensor]) -> list[int]:
@@ -100,3 +105,63 @@ def test_sampler_stop_token_ids_end_the_output_even_when_eos_is_ignored() -> Non
     assert finishes == [None, None, None, "stop"]  # EOS 1 ignored; 3 held back by min_tokens, then stops
     sampler = RequestSampler(params, eos_ids={1}, decode=str)
     assert sampler.blocks_eos and 3 in sampler.eos_ids  # masked until min_tokens like an EOS id
+
+
+def test_sampler_seeded_row_draws_the_same_alone_and_inside_any_batch() -> None:
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(4))
+    seeded = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.95, seed=11)
+
+    def run(rows: int) -> list[int]:
+        mine = RequestSampler(seeded, eos_ids=set(), decode=str)
+        others = [
+            RequestSampler(SamplingParams(max_tokens=8, temperature=1.0), set(), str) for _ in range(rows)
+        ]
+        return [select_tokens([mine, *others], logits[: rows + 1])[0] for _ in range(8)]
+
+    assert run(0) == run(2) == run(5)
+
+
+def expected_distribution(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """The distribution a sampler must follow, computed directly: softmax at the temperature, the top_k
+    most likely, then the smallest set reaching top_p (the token that crosses it kept), renormalised."""
+    probs = (logits / temperature).softmax(-1)
+    order = probs.argsort(descending=True)
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    mass = 0.0
+    for rank, token in enumerate(order.tolist()):
+        if (top_k and rank >= top_k) or mass >= top_p:
+            break
+        keep[token] = True
+        mass += float(probs[token])
+    kept = probs * keep
+    return kept / kept.sum()
+
+
+def test_sampler_sampled_rows_follow_their_distribution() -> None:
+    """20,000 rows sampled in one batch (each its own seeded request) against the distribution computed
+    directly: a chi-square test at a fixed seed, so the verdict is the same every run; tokens outside the
+    nucleus never appear."""
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0, -8.0])
+    temperature, top_k, top_p = 0.8, 6, 0.9
+    expected = expected_distribution(logits, temperature, top_k, top_p)
+    params = [
+        SamplingParams(max_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p, seed=i)
+        for i in range(20000)
+    ]
+    picks = select_tokens([RequestSampler(p, set(), str) for p in params], logits.expand(len(params), -1))
+    observed = torch.bincount(torch.tensor(picks), minlength=len(logits)).double()
+    assert observed[expected == 0].sum() == 0
+    support = expected > 0
+    want = expected[support].double() * len(params)
+    chi2 = float(((observed[support] - want) ** 2 / want).sum())
+    assert chi2 < 20.5, (chi2, observed.tolist(), want.tolist())  # 99.9 % quantile, 4 degrees of freedom
+
+
+def test_sampler_prompt_ids_past_the_logits_never_index_them() -> None:
+    """A vision prompt's image id may lie past the output width (Mllama's <|image|> = the vocabulary
+    size): the repetition penalty skips it instead of failing the request."""
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(5))
+    top = int(logits.argmax())
+    params = SamplingParams(max_tokens=1, repetition_penalty=50.0)
+    sampler = RequestSampler(params, set(), str, prompt_ids=(top, 50, 128256))
+    assert select_tokens([sampler], logits) != [top]

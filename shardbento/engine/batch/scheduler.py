@@ -322,24 +322,13 @@ class Scheduler:
     ) -> None:
         """Pick, stream and account one token for each of `rows` (logits and `masks` in the same order)."""
         seqs = [self._running[row] for row in rows]
-        histories = [self._history(seq) for seq in seqs]
-        tokens = select_tokens([seq.sampler for seq in seqs], logits, histories, masks)
+        tokens = select_tokens([seq.sampler for seq in seqs], logits, masks)
         done = [row for row, seq, token in zip(rows, seqs, tokens, strict=True) if self._accept(seq, token)]
         self._remember(done)
         self._release(done)
 
-    @staticmethod
-    def _history(seq: Sequence) -> list[int] | None:
-        if not seq.sampler.needs_history:
-            return None
-        if not seq.history:
-            seq.history.extend(seq.prompt_ids)
-        return seq.history
-
     def _accept(self, seq: Sequence, token: int) -> bool:
         """Stream the sequence's next token; True when the sequence is finished."""
-        if seq.sampler.needs_history:
-            seq.history.append(token)
         delta = stream_token(seq, token, self._metrics)
         self._outbox.append((seq, delta))
         return delta.finish_reason is not None

@@ -34,7 +34,6 @@ class Sequence:
     channel: Any
     arrival_s: float = field(default_factory=time.monotonic)
     cancelled: bool = False
-    history: list[int] = field(default_factory=list)
     num_prefilled: int = 0
     next_token: int = -1
     last_token_s: float = 0.0

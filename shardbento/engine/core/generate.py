@@ -38,7 +38,12 @@ class GenerateRunner:
 
     def generate(self, inputs: dict[str, Any], params: SamplingParams) -> None:
         seq = self.current
-        sampler = seq.sampler if seq is not None else RequestSampler(params, set(self._eos_ids), str)
+        ids = inputs["input_ids"][0].tolist() if params.repetition_penalty != 1.0 else ()
+        sampler = (
+            seq.sampler
+            if seq is not None
+            else RequestSampler(params, set(self._eos_ids), str, prompt_ids=ids)
+        )
         moved = {k: v.to(self._device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         self.model.generate(
             **moved,

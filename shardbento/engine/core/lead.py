@@ -127,7 +127,8 @@ class SequenceFactory:
         """The Sequence of one request whose Deltas the loop's `deliver` hands to `channel`."""
         prompts = self.prompts
         output = OutputStream(prompts.tokenizer, prompt.token_ids, params, set(prompts.eos_token_ids))
-        seq = Sequence(request_id, list(prompt.token_ids), prompts.sampler(params), output, channel)
+        sampler = prompts.sampler(params, prompt.token_ids)
+        seq = Sequence(request_id, list(prompt.token_ids), sampler, output, channel)
         if prompt.num_images:
             seq.inputs = dict(prompt.inputs)
             if self.caches_image_prefixes and self.image_token_id in prompt.token_ids:

@@ -82,10 +82,15 @@ class Preprocessor:
         """The catalog's `reasoning_parser`, else the family the chat template's markers name."""
         return self.spec.reasoning_parser or detect_reasoning_parser(self.chat_template)
 
-    def sampler(self, params: SamplingParams) -> RequestSampler:
-        """The token picker for one request: its EOS ids, token names for logprobs, its grammar."""
+    def sampler(self, params: SamplingParams, prompt_ids: tuple[int, ...] = ()) -> RequestSampler:
+        """The token picker for one request: its EOS ids, token names for logprobs, its grammar, and
+        (for a repetition penalty) its prompt."""
         return RequestSampler(
-            params, eos_ids=self.eos_token_ids, decode=self.token_text, grammars=self.grammars
+            params,
+            eos_ids=self.eos_token_ids,
+            decode=self.token_text,
+            grammars=self.grammars,
+            prompt_ids=prompt_ids,
         )
 
     def token_text(self, token_id: int) -> str:
