@@ -7,7 +7,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from shardbento.reasoning import REASONING_PARSERS, UNIMPLEMENTED_PARSERS
 
@@ -51,13 +59,19 @@ class GenerationDefaults(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0.0)
 
 
+# The default step token budget (ServingLimits.max_num_batched_tokens). CPU: chosen by measuring the
+# side-by-side benchmark's inter-token latency against throughput (README, "Step token budget"); GPUs:
+# vLLM's default for online serving (not measured here: no GPU).
+CPU_STEP_TOKENS = 256
+GPU_STEP_TOKENS = 2048
+
+
 class ServingLimits(BaseModel):
     """Batching and admission bounds: the one place they are set (BentoML's traffic limit derives from them).
 
-    Both engines honour max_num_seqs, max_waiting (the HTTP in-flight bound) and prefix_caching; the KV
-    pool's fields and max_prefill_tokens are the transformers engine's (vLLM sizes its own KV cache from
-    vllm.gpu_memory_utilization, and its per-step budget, vllm.extra_args.max_num_batched_tokens, counts
-    the decode tokens too).
+    Both engines honour max_num_seqs, max_waiting (the HTTP in-flight bound), prefix_caching and a set
+    max_num_batched_tokens; the KV pool's fields are the transformers engine's (vLLM sizes its own KV
+    cache from vllm.gpu_memory_utilization).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -66,8 +80,14 @@ class ServingLimits(BaseModel):
         32, ge=1, description="Sequences decoded together in one step (the running set; vLLM's max_num_seqs)."
     )
     max_waiting: int = Field(64, ge=0, description="Requests queued beyond the running set; more get a 429.")
-    max_prefill_tokens: int = Field(
-        512, ge=16, description="Transformers engine: prompt tokens prefilled per step (chunked prefill)."
+    max_num_batched_tokens: int | None = Field(
+        None,
+        ge=16,
+        validation_alias=AliasChoices("max_num_batched_tokens", "max_prefill_tokens"),
+        description="Tokens one step computes: the running sequences' next tokens, then waiting prompts' "
+        "(a long one in chunks) up to this, so a newcomer's prefill never stalls the streams for long "
+        "(vLLM's max_num_batched_tokens; max_prefill_tokens is its older name here). Unset: "
+        f"{CPU_STEP_TOKENS} on CPU (measured, README), {GPU_STEP_TOKENS} on GPUs (vLLM's default).",
     )
     kv_cache_tokens: int | None = Field(
         None,
@@ -90,6 +110,12 @@ class ServingLimits(BaseModel):
         "use (vLLM's is vllm.gpu_memory_utilization).",
     )
 
+    def step_tokens(self, on_gpu: bool) -> int:
+        """The step's token budget: max_num_batched_tokens, else the device's default."""
+        if self.max_num_batched_tokens is not None:
+            return self.max_num_batched_tokens
+        return GPU_STEP_TOKENS if on_gpu else CPU_STEP_TOKENS
+
 
 # Engine arguments the catalog sets through its own fields (the field named); extra_args may not repeat them.
 VLLM_MANAGED_ARGS: dict[str, str] = {
@@ -107,6 +133,7 @@ VLLM_MANAGED_ARGS: dict[str, str] = {
     "limit_mm_per_prompt": "max_images",
     "max_num_seqs": "limits.max_num_seqs",
     "enable_prefix_caching": "limits.prefix_caching",
+    "max_num_batched_tokens": "limits.max_num_batched_tokens",
 }
 
 

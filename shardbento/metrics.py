@@ -26,6 +26,7 @@ _LATENCY_BUCKETS_S = (
     20.0,
     60.0,
 )
+_STEP_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 _E2E_BUCKETS_S = (0.1, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
 
 
@@ -46,6 +47,8 @@ class EngineMetrics:
     prefix_cache_hits: Any
     num_preemptions: Any
     request_success: Any
+    engine_step: Any
+    engine_step_host: Any
 
 
 @functools.cache
@@ -89,6 +92,15 @@ def engine_metrics() -> EngineMetrics:
             "Sequences taken out of the batch because the KV pool was full (recomputed later).",
             ["model_name"],
         ),
+        engine_step=histogram(
+            "engine_step_seconds", "One engine step: its forward and everything around it.", _STEP_BUCKETS_S
+        ),
+        engine_step_host=histogram(
+            "engine_step_host_seconds",
+            "One engine step's work outside the model's forward calls: planning, token selection, output "
+            "(on GPUs also the wait for the forward's kernels, which the copy of the chosen ids makes).",
+            _STEP_BUCKETS_S,
+        ),
         request_success=Counter(
             f"{PREFIX}:request_success",
             "Finished requests by finish reason (stop, length, abort, error).",
@@ -114,6 +126,8 @@ class RequestMetrics:
         "prefix_queries": "prefix_cache_queries",
         "prefix_hits": "prefix_cache_hits",
         "preemptions": "num_preemptions",
+        "step": "engine_step",
+        "step_host": "engine_step_host",
     }
 
     def __init__(self, model_name: str) -> None:

@@ -23,20 +23,22 @@ def client(text_server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{text_server.url}/v1", api_key="unused", timeout=120, max_retries=0)
 
 
-def generate_text(engine, messages: list[dict], max_tokens: int) -> tuple[str, int]:
-    """Greedy text straight from the transformers model (`model.generate`), and the prompt length."""
-    prompt = engine.render_chat([ChatMessage(role=m["role"], text=m["content"]) for m in messages])
+def generate_text(loaded, messages: list[dict], max_tokens: int) -> tuple[str, int]:
+    """Greedy text straight from the transformers model loaded here (`model.generate`), and the prompt
+    length."""
+    prompts = loaded.prompts
+    prompt = prompts.render_chat([ChatMessage(role=m["role"], text=m["content"]) for m in messages])
     with torch.inference_mode():
-        out = engine.model.generate(**prompt.inputs, max_new_tokens=max_tokens, do_sample=False)
+        out = loaded.model.generate(**prompt.inputs, max_new_tokens=max_tokens, do_sample=False)
     new_ids = out[0, prompt.num_tokens :].tolist()
-    return engine.tokenizer.decode(new_ids, skip_special_tokens=True), prompt.num_tokens
+    return prompts.tokenizer.decode(new_ids, skip_special_tokens=True), prompt.num_tokens
 
 
-def test_openai_chat_greedy_matches_typed_chat_and_generate(client, text_server, text_engine) -> None:
+def test_openai_chat_greedy_matches_typed_chat_and_generate(client, text_server, text_model) -> None:
     answer = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0)
     with bentoml.SyncHTTPClient(text_server.url, timeout=120) as typed:
         typed_text = typed.chat(messages=MESSAGES, max_tokens=12)["text"]
-    expected, prompt_tokens = generate_text(text_engine, MESSAGES, 12)
+    expected, prompt_tokens = generate_text(text_model, MESSAGES, 12)
     choice = answer.choices[0]
     assert choice.message.role == "assistant"
     assert choice.message.content == typed_text == expected

@@ -7,8 +7,8 @@ import torch
 
 from shardbento.engine.batch import packed
 from shardbento.engine.batch.kvslots import PREFIX_BLOCK as B
-from shardbento.engine.batch.packed import enable_packing
 from shardbento.engine.batch.runner import ModelRunner, PrefillChunk
+from shardbento.engine.batch.selfcheck import enable_packing
 
 PROMPTS = ((5, 9, 14), tuple(range(20, 61)), (7, 8, 9, 10, 11, 12, 13))
 
@@ -35,9 +35,10 @@ def test_runner_batched_prefill_equals_one_at_a_time(text_model) -> None:
 def test_runner_chunked_prefill_equals_whole_prompt(text_model) -> None:
     chunked, whole = runner(text_model), runner(text_model)
     prompt = PROMPTS[1]
-    chunked.prefill([PrefillChunk(0, prompt[:16], 0, None)])
-    chunked.prefill([PrefillChunk(0, prompt[16:32], 16, None)])
-    last = chunked.prefill([PrefillChunk(0, prompt[32:], 32, 0)])
+    length = len(prompt)
+    chunked.prefill([PrefillChunk(0, prompt[:16], 0, None, length=length)])
+    chunked.prefill([PrefillChunk(0, prompt[16:32], 16, None, length=length)])
+    last = chunked.prefill([PrefillChunk(0, prompt[32:], 32, 0, length=length)])
     assert close(last, whole.prefill([PrefillChunk(0, prompt, 0, 0)]))
     assert chunked.kv.lengths[0] == len(prompt)
     assert close(chunked.decode([3]), whole.decode([3]))

@@ -22,7 +22,10 @@ def samplers(eos: set[int], favourite: int = 0) -> list[RequestSampler]:
         SamplingParams(max_tokens=4, logit_bias=((3, 4.0), (7, -100.0))),
     ]
     prompts = [PROMPT + (favourite,) if p.repetition_penalty != 1.0 else () for p in params]
-    return [RequestSampler(p, eos_ids=eos, decode=str, prompt_ids=ids) for p, ids in zip(params, prompts)]
+    return [
+        RequestSampler(p, eos_ids=eos, decode=str, prompt_ids=ids)
+        for p, ids in zip(params, prompts, strict=True)
+    ]
 
 
 def test_sampler_select_tokens_equals_selecting_row_by_row() -> None:

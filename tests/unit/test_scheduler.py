@@ -207,6 +207,9 @@ def test_scheduler_metrics_move_with_requests(text_engine) -> None:
         "generation_tokens_total",
         "time_to_first_token_seconds_count",
         "inter_token_latency_seconds_count",
+        "engine_step_seconds_count",
+        "engine_step_seconds_sum",
+        "engine_step_host_seconds_sum",
     )
     before = {n: metric(n) for n in names}
     finished = metric("request_success_total", finished_reason="length")
@@ -218,6 +221,8 @@ def test_scheduler_metrics_move_with_requests(text_engine) -> None:
     assert moved["generation_tokens_total"] == len(tokens)
     assert moved["time_to_first_token_seconds_count"] == 1
     assert moved["inter_token_latency_seconds_count"] == len(tokens) - 1
+    assert moved["engine_step_seconds_count"] >= len(tokens) - 1  # a step may prefill and decode; relayed
+    assert 0 < moved["engine_step_host_seconds_sum"] < moved["engine_step_seconds_sum"]
     assert metric("request_success_total", finished_reason="length") == finished + 1
 
 
@@ -307,3 +312,44 @@ def test_scheduler_choices_refused_together(text_model) -> None:
         engine.close()
     assert len(refused) == 4 and all(isinstance(r, Overloaded) for r in refused)
     assert metric("prompt_tokens_total") == prompted
+
+
+def test_scheduler_steps_stay_within_the_token_budget_and_long_prompts_mix_in_chunks(text_model) -> None:
+    """A 64-token step budget: two short prompts join and decode while a long one is prefilled a chunk a
+    step in the same forwards (mixed steps, its chunks growing in its pool row); no forward computes more
+    than 64 tokens, and every request's greedy tokens equal its own alone."""
+    budget = 64
+    engine = InProcessEngine(text_model, ServingLimits(max_num_batched_tokens=budget, prefix_caching=False))
+    runner = engine.runner
+    per_forward: list[int] = []
+    row_chunks_mixed = []
+    mixed, prefill, decode = runner.mixed, runner.prefill, runner.decode
+
+    def counting_mixed(chunks, token_ids):
+        per_forward.append(len(token_ids) + sum(len(c.token_ids) for c in chunks))
+        row_chunks_mixed.extend(c for c in chunks if c.in_row)
+        return mixed(chunks, token_ids)
+
+    def counting_prefill(chunks):
+        per_forward.append(sum(len(c.token_ids) for c in chunks))
+        return prefill(chunks)
+
+    def counting_decode(token_ids):
+        per_forward.append(len(token_ids))
+        return decode(token_ids)
+
+    runner.mixed, runner.prefill, runner.decode = counting_mixed, counting_prefill, counting_decode
+    short = [engine.encode("Hi there."), engine.encode("Why?")]
+    long = engine.encode("the sharded bento serves many GPUs " * 30)
+    assert long.num_tokens > 4 * budget
+    pairs = [(p, SamplingParams(max_tokens=40, ignore_eos=True)) for p in (*short, long)]
+    reference = InProcessEngine(text_model, ServingLimits(max_num_batched_tokens=2048, prefix_caching=False))
+    try:
+        got = together(engine, pairs)
+        expected = alone(reference, pairs)  # every prompt whole, one request at a time
+    finally:
+        engine.close()
+        reference.close()
+    assert max(per_forward) <= budget
+    assert len(row_chunks_mixed) >= long.num_tokens // budget  # its chunks went beside the decodes
+    assert got == expected

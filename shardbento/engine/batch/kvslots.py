@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from shardbento.engine.hf.placement import device_ints
+
 BLOCK = 64  # row widths are multiples of this: a growing batch re-lays its rows out once per BLOCK steps
 PREFIX_BLOCK = 16  # tokens per cached prefix block (vLLM's default block size)
 
@@ -45,7 +47,8 @@ class SlotKVCache:
         self.partial_row: int | None = None
         self._chunk: tuple[int, int, int] | None = None  # (row, start, tokens) of the chunk being computed
         self._num_rows = 0
-        self._starts: torch.Tensor | None = None
+        self._index: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tail_index: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
         self._kv_len = 0
 
     @property
@@ -94,13 +97,24 @@ class SlotKVCache:
         """The widest row that still gives every slot one (0 when the pool is smaller than that)."""
         return min(self.max_len, self.pool_tokens // self.num_slots // BLOCK * BLOCK)
 
-    def begin_step(self, num_rows: int, kv_len: int, device: torch.device) -> None:
-        """The next forward decodes one token for rows 0..num_rows-1 and attends to kv_len keys."""
+    def begin_step(self, num_rows: int, kv_len: int, device: torch.device) -> torch.Tensor:
+        """The next forward decodes one token for rows 0..num_rows-1 and attends to kv_len keys; the
+        rows' lengths (where each writes its new key) on `device`, returned. Layers on other devices get
+        their copy of the index once per step, not once per layer."""
         if kv_len > self.width:
             self.fit(num_rows, kv_len)
         self._num_rows = num_rows
-        self._starts = torch.tensor(self.lengths[:num_rows], dtype=torch.long, device=device)
+        starts = device_ints([self.lengths[:num_rows]], device)[0]
+        self._index = {device: (torch.arange(num_rows, device=device), starts)}
         self._kv_len = kv_len
+        return starts
+
+    def _step_index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, their write positions) of this step on `device`, made once per step there."""
+        if device not in self._index:
+            rows, starts = next(iter(self._index.values()))
+            self._index[device] = (rows.to(device), starts.to(device))
+        return self._index[device]
 
     def begin_chunk(self, row: int, start: int, num_tokens: int) -> None:
         """The next forward computes `num_tokens` tokens of one prompt from position `start`: each layer
@@ -111,6 +125,17 @@ class SlotKVCache:
         row, start, num_tokens = self._chunk
         self.lengths[row] = start + num_tokens
         self._chunk = None
+
+    def write_chunk(
+        self, layer_idx: int, row: int, start: int, key_states: torch.Tensor, value_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's keys and values of a chunk ([1, kv heads, tokens, head dim]) written at `start` of
+        `row`; the row up to them returned as views (what the chunk's queries attend to)."""
+        keys, values = self._layer(layer_idx, key_states)
+        end = start + key_states.shape[2]
+        keys[row, :, start:end] = key_states[0]
+        values[row, :, start:end] = value_states[0]
+        return keys[row : row + 1, :, :end], values[row : row + 1, :, :end]
 
     def load_prefix(self, row: int, blocks: list[int], num_tokens: int) -> None:
         """Put cached blocks' first `num_tokens` tokens of KV at the front of `row` (a chunked prompt that
@@ -124,14 +149,11 @@ class SlotKVCache:
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self._layer(layer_idx, key_states)
         if self._chunk is not None:
-            row, start, n = self._chunk
-            keys[row, :, start : start + n] = key_states[0]
-            values[row, :, start : start + n] = value_states[0]
-            return keys[row : row + 1, :, : start + n], values[row : row + 1, :, : start + n]
-        rows = torch.arange(self._num_rows, device=keys.device)
-        starts = self._starts.to(keys.device)
+            row, start, _ = self._chunk
+            return self.write_chunk(layer_idx, row, start, key_states, value_states)
+        keys, values = self._layer(layer_idx, key_states)
+        rows, starts = self._step_index(keys.device)
         keys[rows, :, starts] = key_states[:, :, 0]
         values[rows, :, starts] = value_states[:, :, 0]
         return keys[: self._num_rows, :, : self._kv_len], values[: self._num_rows, :, : self._kv_len]
@@ -197,17 +219,23 @@ class SlotKVCache:
         row, cache block) triples; cache blocks are 0..prefix_blocks, the next ones appended."""
         if not blocks:
             return
-        rows = torch.tensor([row for row, _, _ in blocks])
-        at = torch.tensor([j for _, j, _ in blocks])
+        count = self.pool_tokens // PREFIX_BLOCK
+        index = [
+            [row for row, _, _ in blocks],
+            [j for _, j, _ in blocks],
+            [count - 1 - b for _, _, b in blocks],
+        ]
+        on: dict[torch.device, torch.Tensor] = {}  # the indices on each device, copied there once
         for layer_idx in self._storage:
+            device = self._storage[layer_idx][0].device
+            if device not in on:
+                on[device] = device_ints(index, device)
+            rows, at, tails = on[device]
             for which, store in enumerate((self._keys, self._values)):
                 windows = store[layer_idx].unfold(
                     2, PREFIX_BLOCK, PREFIX_BLOCK
                 )  # [rows, heads, n, dim, block]
-                cache = self._prefix_view(layer_idx, which)
-                cache[torch.tensor([_tail(b, cache) for _, _, b in blocks])] = windows[rows, :, at].transpose(
-                    -1, -2
-                )
+                self._prefix_view(layer_idx, which)[tails] = windows[rows, :, at].transpose(-1, -2)
         self.prefix_blocks = max(self.prefix_blocks, *(b + 1 for _, _, b in blocks))
 
     def drop_prefix(self, moves: list[tuple[int, int]], count: int) -> None:
@@ -223,11 +251,22 @@ class SlotKVCache:
     def prefix(self, layer_idx: int, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values of cached blocks, in order: [1, kv heads, len(blocks) x block, head dim]."""
         out = []
+        tails = self._tails(tuple(blocks), self._storage[layer_idx][0].device)
         for which in (0, 1):
-            cache = self._prefix_view(layer_idx, which)
-            picked = cache[torch.tensor([_tail(b, cache) for b in blocks])]  # [n, heads, block, dim]
+            picked = self._prefix_view(layer_idx, which)[tails]  # [n, heads, block, dim]
             out.append(picked.permute(1, 0, 2, 3).reshape(1, picked.shape[1], -1, picked.shape[3]))
         return out[0], out[1]
+
+    def _tails(self, blocks: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """Cached blocks' rows in the storage's tail view, as an index on `device`: made once per block
+        list and device, not once per layer."""
+        key = (blocks, device)
+        if key not in self._tail_index:
+            if len(self._tail_index) > 64:
+                self._tail_index.clear()
+            count = self.pool_tokens // PREFIX_BLOCK
+            self._tail_index[key] = device_ints([[count - 1 - b for b in blocks]], device)[0]
+        return self._tail_index[key]
 
     def layer_indices(self) -> list[int]:
         return sorted(self._storage)

@@ -19,7 +19,6 @@ does not come through the registry is never packed.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import threading
 from collections.abc import Iterator, Sequence
@@ -28,8 +27,6 @@ from typing import Any
 
 import torch
 from torch.nn.attention.bias import causal_lower_right
-
-from shardbento.engine.batch.selfcheck import Agreement, agreement
 
 logger = logging.getLogger(__name__)
 
@@ -52,20 +49,47 @@ class DecodeRows:
 
 
 @dataclass(frozen=True)
+class RowChunk:
+    """A chunk of a prompt prefilled in its own row of `kv` (a SlotKVCache), packed after the other
+    prompts: its keys go to positions `start`.. of `row` and its queries attend to that row up to them,
+    so the earlier chunks are read where they are, never copied."""
+
+    kv: Any
+    row: int
+    start: int
+    num_tokens: int
+
+
+@dataclass(frozen=True)
 class PackedRows:
     """Where each prompt is in a packed forward: its cached keys at `cached[i]` = (offset, length) of
     the cache's part, its new tokens at `new[i]` = (offset, length) among the prompts' tokens, which
-    follow the running sequences' decode tokens when `decode` is set (a mixed step)."""
+    follow the running sequences' decode tokens when `decode` is set (a mixed step); `row`, a chunk of a
+    prompt growing in its pool row, comes last."""
 
     cached: tuple[tuple[int, int], ...]
     new: tuple[tuple[int, int], ...]
     decode: DecodeRows | None = None
+    row: RowChunk | None = None
 
     @classmethod
-    def of(cls, starts: list[int], lengths: list[int], decode: DecodeRows | None = None) -> PackedRows:
+    def of(
+        cls,
+        starts: list[int],
+        lengths: list[int],
+        decode: DecodeRows | None = None,
+        row: RowChunk | None = None,
+    ) -> PackedRows:
         offsets = [sum(starts[:i]) for i in range(len(starts))]
         at = [sum(lengths[:i]) for i in range(len(lengths))]
-        return cls(tuple(zip(offsets, starts, strict=True)), tuple(zip(at, lengths, strict=True)), decode)
+        return cls(
+            tuple(zip(offsets, starts, strict=True)), tuple(zip(at, lengths, strict=True)), decode, row
+        )
+
+    @property
+    def new_tokens(self) -> int:
+        """The prompts' own tokens (the row chunk's follow them)."""
+        return sum(n for _, n in self.new)
 
     @property
     def cached_tokens(self) -> int:
@@ -78,13 +102,19 @@ class PackedRows:
 
     def positions(self, decode_positions: Sequence[int] = ()) -> torch.Tensor:
         """Each packed token's rotary position: the decode tokens', then each prompt's from its cached
-        length onwards."""
+        length onwards, then the row chunk's from its start."""
         prompts = [torch.arange(s, s + n) for (_, s), (_, n) in zip(self.cached, self.new, strict=True)]
+        if self.row is not None:
+            prompts.append(torch.arange(self.row.start, self.row.start + self.row.num_tokens))
         return torch.cat([torch.tensor(list(decode_positions), dtype=torch.long), *prompts])
 
     def last_tokens(self) -> torch.Tensor:
-        """The index of each decode token, then of each prompt's last token (their logits pick the next)."""
-        return torch.tensor([*range(self.lead), *(self.lead + at + n - 1 for at, n in self.new)])
+        """The index of each decode token, then of each prompt's last token and the row chunk's (their
+        logits pick the next)."""
+        last = [*range(self.lead), *(self.lead + at + n - 1 for at, n in self.new)]
+        if self.row is not None:
+            last.append(self.lead + self.new_tokens + self.row.num_tokens - 1)
+        return torch.tensor(last)
 
     def spans(self, row: int) -> list[tuple[int, int]]:
         """(offset, length) of prompt `row`'s keys in a layer's cache after the forward: cached, then new."""
@@ -122,6 +152,8 @@ def packed_attention(
         outputs.append(
             _decode_attention(module.layer_idx, rows.decode, query, key, value, rows.cached_tokens, scale)
         )
+    if rows.row is not None:
+        chunk = _row_attention(module.layer_idx, rows, query, key, value, first, scale)
     gqa = query.shape[1] != key.shape[1]
     if gqa and rows.cached_tokens and query.device.type in REPEAT_KV_DEVICES:
         key, value = repeat_heads(key, query.shape[1]), repeat_heads(value, query.shape[1])
@@ -140,7 +172,38 @@ def packed_attention(
                 q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa
             )
         )
+    if rows.row is not None:
+        outputs.append(chunk)
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _row_attention(
+    layer_idx: int,
+    rows: PackedRows,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    first: int,
+    scale: float | None,
+) -> torch.Tensor:
+    """The row chunk's attention: its new keys and values written into its pool row, its queries on
+    that row up to them (lower-right causal: each sees the earlier chunks and its own past)."""
+    chunk = rows.row
+    at, n = first + rows.new_tokens, chunk.num_tokens
+    keys, values = chunk.kv.write_chunk(
+        layer_idx, chunk.row, chunk.start, key[:, :, at : at + n], value[:, :, at : at + n]
+    )
+    q = query[:, :, rows.lead + rows.new_tokens : rows.lead + rows.new_tokens + n]
+    mask = causal_lower_right(n, chunk.start + n) if chunk.start else None
+    return torch.nn.functional.scaled_dot_product_attention(
+        q,
+        keys,
+        values,
+        attn_mask=mask,
+        is_causal=not chunk.start,
+        scale=scale,
+        enable_gqa=q.shape[1] != keys.shape[1],
+    )
 
 
 def repeat_heads(states: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -186,80 +249,11 @@ def _register() -> None:
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
-def enable_packing(model: Any) -> bool:
-    """Switch a text model's SDPA attention to the packed-capable one and check, on the model, that two
-    prompts packed (one continuing from a cached prefix) give each prompt's own logits and keys; on any
-    difference the model keeps its attention and is never packed. Sliding-window and vision models
-    are left alone."""
-    config = model.config
-    if (
-        getattr(config, "_attn_implementation", None) not in ("sdpa", ATTENTION)
-        or _windowed(config)
-        or _vision(config)
-    ):
-        return False
-    _register()
-    why = ""
-    try:
-        model.set_attn_implementation(ATTENTION)
-        check = _packs_right(model)
-        ok, why = check is not None and check.ok, check.describe() if check else "the attention was bypassed"
-    except Exception as exc:  # noqa: BLE001 - an unexpected model: it keeps its own attention
-        ok, why = False, f"the check failed: {type(exc).__name__}: {exc}"
-    if not ok:
-        with contextlib.suppress(Exception):
-            model.set_attn_implementation("sdpa")
-    logger.info(
-        "prompts prefilled together: %s (packed against one-by-one on this model: %s)",
-        "packed in one row" if ok else "left-padded",
-        why,
-    )
-    return ok
-
-
-def _packs_right(model: Any) -> Agreement | None:
-    """Two prompts packed (one continuing from a cached prefix) against each prompt's own forward:
-    logits and keys; None when some layer's attention did not come through the registry."""
-    from transformers import DynamicCache
-
-    from shardbento.engine.hf.placement import hidden_states_device, input_device
-
-    device, hidden = input_device(model), hidden_states_device(model)
-    prompts = [list(range(3, 12)), list(range(20, 26))]  # the second continues from 4 cached tokens
-    alone = []
-    for ids in prompts:
-        cache = DynamicCache(config=model.config)
-        out = model(input_ids=torch.tensor([ids], device=device), past_key_values=cache, use_cache=True)
-        alone.append((out.logits[0, -1], cache))
-    cached = 4
-    rows = PackedRows.of([0, cached], [len(prompts[0]), len(prompts[1]) - cached])
-    cache = DynamicCache(config=model.config)
-    for layer_idx, layer in enumerate(alone[1][1].layers):
-        cache.update(layer.keys[:, :, :cached], layer.values[:, :, :cached], layer_idx)
-    ids = prompts[0] + prompts[1][cached:]
-    _local.calls = 0
-    with packed_rows(rows):
-        out = model(
-            input_ids=torch.tensor([ids], device=device),
-            position_ids=rows.positions()[None].to(device),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=rows.last_tokens().to(hidden),
-        )
-    if _local.calls != len(cache.layers):
-        return None
-    checks = []
-    for row, (logits, own) in enumerate(alone):
-        keys = torch.cat([cache.layers[0].keys[:, :, at : at + n] for at, n in rows.spans(row)], dim=2)
-        checks += [agreement(out.logits[0, row], logits), agreement(keys, own.layers[0].keys, top_k=0)]
-    return functools.reduce(Agreement.worst, checks)
-
-
-def _windowed(config: Any) -> bool:
+def windowed(config: Any) -> bool:
     text = config.get_text_config()
     types = getattr(text, "layer_types", None) or ()
     return bool(getattr(text, "sliding_window", None)) or any(t != "full_attention" for t in types)
 
 
-def _vision(config: Any) -> bool:
+def vision(config: Any) -> bool:
     return getattr(config, "vision_config", None) is not None

@@ -15,18 +15,11 @@ import torch
 from shardbento.catalog import ServingLimits
 from shardbento.engine.base import Delta, DeltaChannel
 from shardbento.engine.batch.kvslots import PREFIX_BLOCK
+from shardbento.engine.batch.planner import MIN_CHUNK, choose_chunks, join_twins, mixable, place
 from shardbento.engine.batch.prefix import PrefixCache
 from shardbento.engine.batch.runner import ModelRunner, PrefillChunk, release_moves
 from shardbento.engine.batch.sampler import prefetch_masks, select_tokens
-from shardbento.engine.batch.sequence import (
-    Sequence,
-    head_chunk,
-    join_twins,
-    mixable,
-    place,
-    plan_together,
-    stream_token,
-)
+from shardbento.engine.batch.sequence import Sequence, stream_token
 from shardbento.errors import Overloaded
 from shardbento.metrics import RequestMetrics
 
@@ -44,12 +37,13 @@ class FatalEngineError(RuntimeError):
 class Scheduler:
     """Iteration-level batching over a ModelRunner, in the style of vLLM's scheduler.
 
-    Each step first prefills waiting requests (FIFO, at most `max_prefill_tokens` padded prompt
-    tokens: fresh prompts together in one forward, a long prompt alone, spread over several steps so
-    running streams never stall long), then decodes one token for every running sequence in one
-    forward pass. Finished and cancelled sequences leave at the end of the step that sees them; the
-    Deltas of each phase go out together (one event-loop wake-up after the prefill and one after the
-    decode, not one per token). One thread owns the model: forward passes never overlap.
+    Each step computes at most the step's token budget (`max_num_batched_tokens`): one token for every
+    running sequence and, in the same forward where the model was checked to allow it (a mixed step),
+    waiting prompts' tokens in FIFO order: complete prompts together, then the next one's first chunk
+    with what is left; a long prompt goes on a chunk a step, so a newcomer's prefill never stalls the
+    running streams for more than one budget. Finished and cancelled sequences leave at the end of the
+    step that sees them; a step's Deltas go out together (one event-loop wake-up). One thread owns the
+    model: forward passes never overlap.
     """
 
     def __init__(
@@ -62,6 +56,7 @@ class Scheduler:
     ) -> None:
         self._runner = runner
         self._limits = limits
+        self._step_tokens = limits.step_tokens(runner.on_gpu)
         self._metrics = metrics
         self._prefix = PrefixCache(runner) if limits.prefix_caching else None
         self._deliver = deliver
@@ -69,6 +64,7 @@ class Scheduler:
         self._running: list[Sequence] = []
         self._outbox: list[tuple[Sequence, Delta | BaseException]] = []
         self._chunking: Sequence | None = None  # the waiting head whose prompt is partly in the KV pool
+        self._forward_s = 0.0  # this step's time inside the runner's forward calls
         self._wake = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -144,6 +140,22 @@ class Scheduler:
             self._flush()
 
     def _step(self) -> None:
+        """One step, timed: the whole of it and the part outside the model's forward calls."""
+        self._forward_s = 0.0
+        started = time.perf_counter()
+        self._compute()
+        total = time.perf_counter() - started
+        self._metrics.step.observe(total)
+        self._metrics.step_host.observe(max(total - self._forward_s, 0.0))
+
+    def _forward(self, method: str, *args: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return getattr(self._runner, method)(*args)
+        finally:
+            self._forward_s += time.perf_counter() - started
+
+    def _compute(self) -> None:
         self._drop_cancelled()
         chunks, groups = self._plan_prefill()
         if chunks and self._running and self._runner.mixes and all(map(mixable, chunks)):
@@ -154,7 +166,7 @@ class Scheduler:
             self._preempt()
             if self._running:
                 masks = prefetch_masks([seq.sampler for seq in self._running])  # made during the forward
-                logits = self._runner.decode([seq.next_token for seq in self._running])
+                logits = self._forward("decode", [seq.next_token for seq in self._running])
                 self._advance(list(range(len(self._running))), logits, masks)
         self._metrics.running.set(len(self._running))
         self._metrics.waiting.set(len(self._waiting))
@@ -205,14 +217,14 @@ class Scheduler:
         prompts cost no separate decode forward (the plan left room for both)."""
         running = len(self._running)
         masks = prefetch_masks([seq.sampler for seq in self._running])  # the joining rows' come after
-        prompts, decoded = self._runner.mixed(chunks, [seq.next_token for seq in self._running])
+        prompts, decoded = self._forward("mixed", chunks, [seq.next_token for seq in self._running])
         rows, joined = self._join(chunks, groups)
         self._advance([*range(running), *rows], torch.cat([decoded, prompts[joined]]), masks)
 
     def _prefill(self, chunks: list[PrefillChunk], groups: list[list[Sequence]]) -> None:
         if not chunks:
             return
-        logits = self._runner.prefill(chunks)
+        logits = self._forward("prefill", chunks)
         rows, joined = self._join(chunks, groups)
         if joined:
             self._advance(rows, logits[joined])
@@ -260,13 +272,12 @@ class Scheduler:
         self._prefix.flush()
 
     def _plan_prefill(self) -> tuple[list[PrefillChunk], list[list[Sequence]]]:
-        """This step's prompt chunks, each with the sequences it serves: a vision or partial head alone,
-        or one whose part past its cached prefix passes the budget; else prompts that fit the budget
-        together, each from its cached prefix if it has one (sequence.plan_together). A waiting text prompt
-        equal to one that completes here (the n choices of a request) joins it as a twin: it takes a
-        slot and that prompt's KV, no compute. Nothing joins that the KV pool cannot hold beside the
-        running sequences' next tokens; cached blocks are evicted for what joins."""
-        budget = self._limits.max_prefill_tokens
+        """This step's prompt chunks, each with the sequences it serves (planner.choose_chunks): what
+        fits the step's token budget beside the running sequences' decode tokens when they share the
+        forward (a mixed step), else the whole budget. A waiting text prompt equal to one that completes
+        here (the n choices of a request) joins it as a twin: it takes a slot and that prompt's KV, no
+        compute. Nothing joins that the KV pool cannot hold beside the running sequences' next tokens;
+        cached blocks are evicted for what joins."""
         with self._wake:
             candidates = list(self._waiting)[: self._free_slots()]
         if not candidates:
@@ -274,7 +285,6 @@ class Scheduler:
         kv = self._runner.kv
         running = len(self._running)
         grown = max(kv.lengths[:running], default=0) + 1
-
         head = candidates[0]
         if self._chunking is not None and self._chunking is not head:  # a preempted sequence went first
             self._abandon_chunking()
@@ -284,18 +294,10 @@ class Scheduler:
         def room(rows: int, longest: int) -> bool:  # cached blocks but `keep` may be evicted for it
             return kv.holds(running + rows, max(grown, longest + 1), prefix_blocks=len(keep))
 
-        remainder = len(head.context()) - max(len(hit) * PREFIX_BLOCK, head.num_prefilled)
-        alone = remainder > budget
-        if alone or head.inputs is not None or head.num_prefilled:
-            # A prompt prefilled in chunks holds its row for as many steps as it has chunks, while the
-            # running sequences grow a token a step: it starts only if it can finish beside them.
-            steps = -(-remainder // budget)
-            if not room(1, max(len(head.context()), grown + steps - 1)):
-                return [], []  # it waits for running sequences to finish (or be preempted)
-            planned = [(head_chunk(head, budget, hit), [head])]
-        else:
-            hit_of = lambda i: hit if i == 0 else self._hit(candidates[i])  # noqa: E731 - looked up lazily
-            planned = plan_together(candidates, hit_of, budget, room, keep, self._runner.packs)
+        hit_of = lambda i: hit if i == 0 else self._hit(candidates[i])  # noqa: E731 - looked up lazily
+        planned = choose_chunks(
+            candidates, hit_of, self._prompt_budget(), room, keep, self._runner.packs, grown
+        )
         join_twins(planned, candidates, room)
         if self._prefix is not None:
             rows = running + sum(len(group) for chunk, group in planned if chunk.slot is not None)
@@ -305,6 +307,14 @@ class Scheduler:
             if not seq.generated:
                 self._metrics.queue.observe(time.monotonic() - seq.arrival_s)
         return place(planned, len(self._running)), [group for _, group in planned]
+
+    def _prompt_budget(self) -> int:
+        """Prompt tokens this step may compute: the step budget less the running sequences' decode
+        tokens when they share its forward (at least MIN_CHUNK, so a newcomer always progresses)."""
+        budget = self._step_tokens
+        if self._running and self._runner.mixes:
+            return max(budget - len(self._running), MIN_CHUNK)
+        return budget
 
     def _hit(self, seq: Sequence) -> list[int]:
         """The cached blocks a fresh prompt (or a preempted one's context) starts with; for a vision

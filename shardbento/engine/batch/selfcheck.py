@@ -1,10 +1,19 @@
-"""The load-time checks' verdict: a fast path's outputs against the plain path's on the loaded model."""
+"""The load-time checks of the fast paths on the loaded model (packed prefill, mixed steps with a chunk
+growing in its pool row): their outputs against the plain path's, and the verdict's measure."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from shardbento.engine.batch import packed
+
+logger = logging.getLogger(__name__)
 
 TOP_K = 5  # each row's best token must be among the other path's best TOP_K
 
@@ -65,3 +74,114 @@ def agreement(fast: torch.Tensor, plain: torch.Tensor, top_k: int = TOP_K) -> Ag
         top_a, top_b = rows_a.topk(k, dim=-1).indices, rows_b.topk(k, dim=-1).indices
         agree = bool(((top_b == best_a[:, None]).any(-1) & (top_a == best_b[:, None]).any(-1)).all())
     return Agreement(diff, spread, tolerance_for(fast.dtype), agree)
+
+
+def enable_packing(model: Any) -> bool:
+    """Switch a text model's SDPA attention to the packed-capable one and check, on the model, that two
+    prompts packed (one continuing from a cached prefix) give each prompt's own logits and keys; on any
+    difference the model keeps its attention and is never packed. Sliding-window and vision models
+    are left alone."""
+    config = model.config
+    if (
+        getattr(config, "_attn_implementation", None) not in ("sdpa", packed.ATTENTION)
+        or packed.windowed(config)
+        or packed.vision(config)
+    ):
+        return False
+    packed._register()
+    why = ""
+    try:
+        model.set_attn_implementation(packed.ATTENTION)
+        check = _packs_right(model)
+        ok, why = check is not None and check.ok, check.describe() if check else "the attention was bypassed"
+    except Exception as exc:  # noqa: BLE001 - an unexpected model: it keeps its own attention
+        ok, why = False, f"the check failed: {type(exc).__name__}: {exc}"
+    if not ok:
+        with contextlib.suppress(Exception):
+            model.set_attn_implementation("sdpa")
+    logger.info(
+        "prompts prefilled together: %s (packed against one-by-one on this model: %s)",
+        "packed in one row" if ok else "left-padded",
+        why,
+    )
+    return ok
+
+
+def _packs_right(model: Any) -> Agreement | None:
+    """Two prompts packed (one continuing from a cached prefix) against each prompt's own forward:
+    logits and keys; None when some layer's attention did not come through the registry."""
+    from transformers import DynamicCache
+
+    from shardbento.engine.hf.placement import hidden_states_device, input_device
+
+    device, hidden = input_device(model), hidden_states_device(model)
+    prompts = [list(range(3, 12)), list(range(20, 26))]  # the second continues from 4 cached tokens
+    alone = []
+    for ids in prompts:
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=torch.tensor([ids], device=device), past_key_values=cache, use_cache=True)
+        alone.append((out.logits[0, -1], cache))
+    cached = 4
+    rows = packed.PackedRows.of([0, cached], [len(prompts[0]), len(prompts[1]) - cached])
+    cache = DynamicCache(config=model.config)
+    for layer_idx, layer in enumerate(alone[1][1].layers):
+        cache.update(layer.keys[:, :, :cached], layer.values[:, :, :cached], layer_idx)
+    ids = prompts[0] + prompts[1][cached:]
+    packed._local.calls = 0
+    with packed.packed_rows(rows):
+        out = model(
+            input_ids=torch.tensor([ids], device=device),
+            position_ids=rows.positions()[None].to(device),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=rows.last_tokens().to(hidden),
+        )
+    if packed._local.calls != len(cache.layers):
+        return None
+    checks = []
+    for row, (logits, own) in enumerate(alone):
+        keys = torch.cat([cache.layers[0].keys[:, :, at : at + n] for at, n in rows.spans(row)], dim=2)
+        checks += [agreement(out.logits[0, row], logits), agreement(keys, own.layers[0].keys, top_k=0)]
+    return functools.reduce(Agreement.worst, checks)
+
+
+def mixes_right(runner: Any) -> bool:
+    """Whether mixed steps give the logits that decode steps and prefills give apart, on this model:
+    with a complete prompt, and with a long prompt's chunks growing in its pool row (the decode half
+    needs the attention layers' own layer_idx). Logged at INFO with the measured difference."""
+    from shardbento.engine.batch.prefill import PrefillChunk
+
+    first, second, long = tuple(range(3, 12)), tuple(range(20, 26)), tuple(range(30, 50))
+    try:
+        runner.prefill([PrefillChunk(-1, first, 0, 0)])
+        apart = [runner.decode([token]) for token in (5, 7, 9)]
+        runner.release([0])
+        alone = runner.prefill([PrefillChunk(-2, second, 0, 0)])
+        runner.release([0])
+        whole = runner.prefill([PrefillChunk(-3, long, 0, 0)])
+        runner.release([0])
+        runner.prefill([PrefillChunk(-1, first, 0, 0)])
+        prompt, decoded = runner.mixed([PrefillChunk(-2, second, 0, 1)], [5])
+        runner.release([1])
+        _, chunk_decoded = runner.mixed([PrefillChunk(-3, long[:8], 0, None, length=len(long))], [7])
+        rest, last_decoded = runner.mixed([PrefillChunk(-3, long[8:], 8, 1, length=len(long))], [9])
+        checks = [
+            agreement(decoded, apart[0]),
+            agreement(prompt, alone),
+            agreement(chunk_decoded, apart[1]),
+            agreement(last_decoded, apart[2]),
+            agreement(rest, whole),
+        ]
+        check = functools.reduce(Agreement.worst, checks)
+        ok, why = check.ok, check.describe()
+    except Exception as exc:  # noqa: BLE001 - e.g. attention modules without layer_idx: no mixed steps
+        ok, why = False, f"the check failed: {type(exc).__name__}: {exc}"
+    finally:
+        runner.release(list(range(runner.num_rows)))
+    logger.info(
+        "running sequences decode in the prompts' forward (mixed steps, chunks included): %s (mixed "
+        "against decode and prefill apart on this model: %s)",
+        "yes" if ok else "no",
+        why,
+    )
+    return ok

@@ -84,6 +84,15 @@ def hidden_states_device(model: Any) -> torch.device:
     return input_device(model)
 
 
+def device_ints(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Equal-length lists of ints as one int64 tensor [rows, n] on `device`, in one host-to-device copy
+    (from pinned memory, not waiting for the device, on CUDA): a step's ids, positions and lengths."""
+    host = torch.tensor(rows, dtype=torch.long)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def module_device(model: Any, module: Any) -> torch.device | None:
     """Where `module` computes: accelerate's hook (an offloaded module's weights are on `meta` and run
     on its execution device), else the model's device map, else its first parameter (never `meta`)."""

@@ -54,9 +54,12 @@ def engine_kwargs(
 
 def limits_kwargs(spec: ModelSpec) -> dict[str, Any]:
     """The catalog limits vLLM has an equivalent for: the running set (what KEDA's running trigger is
-    measured against) and prefix caching when it is off; on, vLLM keeps its own default (on where it
-    supports the model). The KV pool's fields and max_prefill_tokens stay the transformers engine's."""
+    measured against), the step token budget when the entry sets one (unset, vLLM keeps its own default),
+    and prefix caching when it is off (on, vLLM keeps its own default: on where it supports the model).
+    The KV pool's fields stay the transformers engine's."""
     kwargs: dict[str, Any] = {"max_num_seqs": spec.limits.max_num_seqs}
+    if spec.limits.max_num_batched_tokens is not None:
+        kwargs["max_num_batched_tokens"] = spec.limits.max_num_batched_tokens
     if not spec.limits.prefix_caching:
         kwargs["enable_prefix_caching"] = False
     return kwargs
