@@ -3,9 +3,11 @@ sampled rows follow their distribution, tiny temperatures stay greedy."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from shardbento.engine.base import SamplingParams
+from shardbento.engine.batch import sampling
 from shardbento.engine.batch.sampler import RequestSampler, select_tokens
 
 PROMPT = (1, 2)
@@ -140,12 +142,19 @@ def expected_distribution(logits: torch.Tensor, temperature: float, top_k: int, 
     return kept / kept.sum()
 
 
-def test_sampler_sampled_rows_follow_their_distribution() -> None:
+@pytest.mark.parametrize(
+    ("candidates", "top_k"),
+    [(512, 6), (7, 0), (3, 6), (10**9, 6)],
+    ids=["top-k-among-candidates", "top-p-among-candidates", "fallback", "sorted"],
+)
+def test_sampler_sampled_rows_follow_their_distribution(monkeypatch, candidates: int, top_k: int) -> None:
     """20,000 rows sampled in one batch (each its own seeded request) against the distribution computed
     directly: a chi-square test at a fixed seed, so the verdict is the same every run; tokens outside the
-    nucleus never appear."""
+    nucleus never appear. Three ways: among each row's best candidates (a CPU's path), with too few
+    candidates (those rows fall back to the sorted vocabulary), and sorting every row (a GPU's path)."""
+    monkeypatch.setattr(sampling, "CANDIDATES", candidates)
     logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0, -8.0])
-    temperature, top_k, top_p = 0.8, 6, 0.9
+    temperature, top_p = 0.8, 0.9
     expected = expected_distribution(logits, temperature, top_k, top_p)
     params = [
         SamplingParams(max_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p, seed=i)

@@ -62,32 +62,54 @@ def apply_penalties(
     logits[rows] = picked
 
 
-def sample(
-    logits: torch.Tensor,
-    temperature: torch.Tensor,
-    top_k: torch.Tensor,
-    top_p: torch.Tensor,
-    min_p: torch.Tensor,
-    noise: torch.Tensor,
-) -> torch.Tensor:
-    """One token per row from temperature-scaled logits, in vLLM's order: min_p, then top-k and top-p
-    (per-row k, 0 = all, and p); a draw by the exponential race (argmax of probs / noise, noise ~ Exp(1):
-    the same distribution as multinomial, from noise drawn before, so each row can use its own
-    generator). A row left with nothing to choose from takes its argmax."""
-    scaled = logits / temperature[:, None]
+# On a CPU a full sort of a 128K vocabulary per row costs more than a small model's forward: the tokens
+# min_p, top-k and top-p keep are looked for among each row's best CANDIDATES first (GPUs sort).
+CANDIDATES = 512
+
+
+def filter_sorted(
+    scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Temperature-scaled logits sorted best first, with what vLLM's order removes at -inf: min_p (on the
+    whole distribution), then top-k (per-row k, 0 = all), then top-p of what is left (per-row p; the
+    token that crosses it is kept). Returns (filtered sorted logits, their token ids)."""
     probs = scaled.softmax(dim=-1)
-    scaled = scaled.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, NEG_INF)
+    floor = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+    scaled = scaled.masked_fill(probs < floor, NEG_INF)
     ordered, order = scaled.sort(dim=-1, descending=True)
     positions = torch.arange(ordered.shape[-1], device=ordered.device)[None, :]
-    beyond_k = (top_k[:, None] > 0) & (positions >= top_k[:, None])
-    ordered = ordered.masked_fill(beyond_k, NEG_INF)
+    ordered = ordered.masked_fill((top_k[:, None] > 0) & (positions >= top_k[:, None]), NEG_INF)
     sorted_probs = ordered.softmax(dim=-1)
     before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability mass ahead of each token
-    ordered = ordered.masked_fill(before >= top_p[:, None], NEG_INF)  # keep the token that crosses top_p
-    kept = torch.full_like(scaled, NEG_INF).scatter(-1, order, ordered)
-    chosen = (kept.softmax(dim=-1) / noise).argmax(dim=-1)
-    nothing = torch.isinf(kept).all(dim=-1) | torch.isnan(kept).any(dim=-1)
-    return torch.where(nothing, logits.argmax(dim=-1), chosen)
+    return ordered.masked_fill(before >= top_p[:, None], NEG_INF), order
+
+
+def filter_candidates(
+    scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """filter_sorted() over each row's `width` best tokens only: (filtered logits, ids, exact). A row is
+    exact when top-k keeps no more than `width` tokens or its last candidate is already cut: what the
+    filters keep is then among the candidates, with top-p measured against the whole kept mass."""
+    probs = scaled.softmax(dim=-1)
+    floor = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+    mass = (probs * (probs >= floor)).sum(dim=-1)  # what min_p keeps, over the whole row
+    values, ids = scaled.topk(width, dim=-1)
+    p = probs.gather(-1, ids)
+    positions = torch.arange(width, device=scaled.device)[None, :]
+    keep = (p >= floor) & ((top_k[:, None] == 0) | (positions < top_k[:, None]))
+    limited = (top_k > 0) & (top_k <= width)
+    kept = p * keep
+    total = torch.where(limited, kept.sum(dim=-1), mass)  # the mass top-p is a share of
+    keep &= (kept.cumsum(dim=-1) - kept) < top_p[:, None] * total[:, None]
+    return values.masked_fill(~keep, NEG_INF), ids, limited | ~keep[:, -1]
+
+
+def race(filtered: torch.Tensor, ids: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The token drawn from the filtered logits' distribution by the exponential race: argmax of
+    probs / noise (noise ~ Exp(1)) is argmax of logits - log(noise), no softmax needed; the same
+    distribution as multinomial, from noise drawn before (each row from its own generator if seeded)."""
+    pick = (filtered - noise.log()).argmax(dim=-1, keepdim=True)
+    return ids.gather(-1, pick)[:, 0]
 
 
 class BatchSampling:
@@ -162,6 +184,8 @@ class BatchSampling:
         return chosen
 
     def _sample(self, rows: list[int]) -> torch.Tensor:
+        """The sampled rows' draws: temperature, then the filters (among the best candidates first on a
+        CPU, the whole sorted vocabulary for rows where that is not exact, and always on GPUs)."""
         params = [self.samplers[i].params for i in rows]
         values = torch.tensor(
             [[p.temperature, p.top_k, p.top_p, p.min_p] for p in params],
@@ -169,13 +193,31 @@ class BatchSampling:
             device=self.device,
         )
         temperature, top_k, top_p, min_p = values.unbind(dim=1)
-        noise = torch.empty((len(rows), self.width), device=self.device)
+        top_k = top_k.long()
+        scaled = self.logits[self._rows(rows)] / temperature[:, None]
+        if self.device.type == "cpu" and self.width > CANDIDATES:
+            filtered, ids, exact = filter_candidates(scaled, top_k, top_p, min_p, CANDIDATES)
+            chosen = race(filtered, ids, self._noise(rows, CANDIDATES))
+            if bool(exact.all()):  # on a CPU: no device to wait for
+                return chosen
+            rest = [j for j, ok in enumerate(exact.tolist()) if not ok]
+            index = self._rows(rest)
+            ordered, order = filter_sorted(scaled[index], top_k[index], top_p[index], min_p[index])
+            chosen[index] = race(ordered, order, self._noise([rows[j] for j in rest], self.width))
+            return chosen
+        ordered, order = filter_sorted(scaled, top_k, top_p, min_p)
+        return race(ordered, order, self._noise(rows, self.width))
+
+    def _noise(self, rows: list[int], width: int) -> torch.Tensor:
+        """Exp(1) noise for the race, [rows, width]: a seeded request's row from its own generator (the
+        same draws whatever its batch), the others from the shared one."""
+        noise = torch.empty((len(rows), width), device=self.device)
         noise.exponential_(generator=shared_generator(self.device))
-        for j, i in enumerate(rows):  # a seeded request draws from its own generator, whatever its batch
+        for j, i in enumerate(rows):
             generator = self._states[i].generator
             if generator is not None:
                 noise[j].exponential_(generator=generator)
-        return sample(self.logits[self._rows(rows)], temperature, top_k.long(), top_p, min_p, noise)
+        return noise
 
     def record(self, chosen: torch.Tensor, tokens: list[int]) -> None:
         """Each request's state after the step: the grammar advanced, penalty counts (on the device),
