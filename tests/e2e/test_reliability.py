@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 from reliability.load import measure, report
-from reliability.scenarios import corrupt_shard, dead_rank, sigterm_drain
+from reliability.scenarios import corrupt_shard, dead_engine, dead_rank, sigterm_drain
 
 RSS_GROWTH_BOUND_MIB = 200  # tiny model, ~550 MiB resident: growth past this is a leak
 
@@ -82,6 +82,14 @@ def test_tp_dead_rank_fails_readyz_and_requests_fast(log_dir) -> None:
     assert seen["chat_after_s"] < 5
     assert seen["retry_after"] is not None
     assert seen["log_names_rank"] and seen["ranks_reaped"], seen
+
+
+def test_dead_engine_process_ends_open_streams_and_the_service_asks_to_restart(log_dir) -> None:
+    seen = dead_engine(log_dir)
+    assert seen["engine_processes"] == 1 and seen["stream_status"] == 200
+    assert "error" in seen["last_event"] and "stopped serving" in seen["last_event"]["error"]["message"], seen
+    assert (seen["livez_after"], seen["readyz_after"], seen["chat_after"]) == (503, 503, 503), seen
+    assert seen["chat_after_s"] < 5 and "not serving" in seen["chat_error"]["message"]
 
 
 def test_limits_request_timeout_is_408(log_dir) -> None:

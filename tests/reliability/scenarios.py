@@ -157,11 +157,7 @@ def dead_rank(log_dir: Path) -> dict[str, object]:
     """Kill one tensor-parallel rank: /readyz fails and a request gets a 503 at once."""
     with serve("tiny-llama-tp2", log_dir, ready_timeout_s=300) as server:
         ok = httpx.post(f"{server.url}/chat", json=CHAT, timeout=60).status_code
-        ranks = [
-            p
-            for p in psutil.Process(server.process.pid).children(recursive=True)
-            if "multiprocessing.spawn" in " ".join(p.cmdline())
-        ]
+        ranks = _engine_processes(server)
         ranks[-1].kill()
         readyz = _wait_status(server, "/readyz", 503, timeout_s=30)
         started = time.monotonic()
@@ -175,9 +171,50 @@ def dead_rank(log_dir: Path) -> dict[str, object]:
             "chat_after_s": chat_after_s,
             "retry_after": chat.headers.get("retry-after"),
             "chat_error": json.loads(chat.text).get("error"),
-            "log_names_rank": "tensor-parallel rank" in server.log(),
+            "log_names_rank": "engine rank" in server.log(),
             "ranks_reaped": _reaped(ranks, timeout_s=30),
         }
+
+
+def dead_engine(log_dir: Path) -> dict[str, object]:
+    """Kill the one engine process while a stream is open: the stream ends with an error event, later
+    requests get a 503 at once, /readyz and /livez answer 503 (the service asks to be restarted)."""
+    with serve("tiny-llama", log_dir, ready_timeout_s=300) as server:
+        engine = _engine_processes(server)
+        body = {**CHAT, "max_tokens": 900, "ignore_eos": True, "stream": True, "model": "tiny-llama"}
+        events: list[str] = []
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as stream:
+            status = stream.status_code
+            lines = stream.iter_lines()
+            while len(events) < 3:  # the stream is under way: its first chunks arrived
+                line = next(lines)
+                if line.startswith("data: "):
+                    events.append(line[6:])
+            engine[0].kill()
+            events.extend(line[6:] for line in lines if line.startswith("data: "))
+        livez = _wait_status(server, "/livez", 503, timeout_s=30)
+        started = time.monotonic()
+        chat = httpx.post(f"{server.url}/chat", json=CHAT, timeout=60)
+        return {
+            "engine_processes": len(engine),
+            "stream_status": status,
+            "last_event": json.loads(events[-1]) if events[-1] != "[DONE]" else "[DONE]",
+            "livez_after": livez,
+            "readyz_after": httpx.get(f"{server.url}/readyz", timeout=10).status_code,
+            "chat_after": chat.status_code,
+            "chat_after_s": round(time.monotonic() - started, 2),
+            "chat_error": json.loads(chat.text).get("error"),
+        }
+
+
+def _engine_processes(server: Server) -> list[psutil.Process]:
+    """The engine's rank processes: the service's spawned children."""
+    return [
+        p
+        for p in psutil.Process(server.process.pid).children(recursive=True)
+        if "multiprocessing.spawn" in " ".join(p.cmdline())
+        and "resource_tracker" not in " ".join(p.cmdline())
+    ]
 
 
 def _reaped(processes: list[psutil.Process], timeout_s: float) -> bool:
