@@ -13,7 +13,7 @@ CLIENTS_BIN := $(CLIENTS_VENV)/bin
 CLIENTS_STAMP := $(CLIENTS_VENV)/.installed-$(shell cat env/cpu.txt env/clients.txt | cksum | cut -d' ' -f1)
 
 .PHONY: setup serve test lint format unit clean browser vllm-setup test-vllm vllm-architectures reliability clients-setup test-clients
-.PHONY: bento bentos cuda-lock k8s-validate bentocloud container openllm
+.PHONY: bento bentos cuda-lock k8s-validate bentocloud container openllm gpu-wheels
 
 $(STAMP): env/cpu.txt env/dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -129,6 +129,16 @@ bentocloud: setup
 	mkdir -p $(DEPLOY_DIR)/bentocloud
 	set -e; for m in $(MODELS); do $(BIN)/python -m shardbento bentocloud $$m -o $(DEPLOY_DIR)/bentocloud/$$m.yaml; done
 	$(BIN)/python -m shardbento bentocloud --check $(DEPLOY_DIR)/bentocloud/*.yaml
+
+# The GPU check's wheels (benchmarks/gpu_recipe.py's docstring has the one command that runs it on a lent
+# GPU machine): Python 3.12 x86_64 wheels of env/gpu-check.txt, no dependencies (that machine has them).
+GPU_WHEELS ?= .whl
+gpu-wheels: setup
+	mkdir -p $(GPU_WHEELS)
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d $(GPU_WHEELS) -r env/gpu-check.txt
+	du -sh $(GPU_WHEELS)
 
 # Opt-in, slow (minutes, GBs): a local base image, `bentoml containerize` with podman, run and curl.
 container: setup
