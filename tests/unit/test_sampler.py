@@ -177,3 +177,17 @@ def test_sampler_prompt_ids_past_the_logits_never_index_them() -> None:
     params = SamplingParams(max_tokens=1, repetition_penalty=50.0)
     sampler = RequestSampler(params, set(), str, prompt_ids=(top, 50, 128256))
     assert select_tokens([sampler], logits) != [top]
+
+
+def test_sampler_seeded_rows_never_draw_what_their_filters_removed(monkeypatch) -> None:
+    """Sorted-vocabulary rows of different nucleus sizes in one batch (a seeded row draws only as many
+    noise values as its own filters keep): every pick lies inside its own row's nucleus."""
+    monkeypatch.setattr(sampling, "CANDIDATES", 2)  # every row falls back to the sorted vocabulary
+    logits = torch.tensor([[4.0, 3.9, 3.8, -9.0, -9.0, -9.0], [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    for seed in range(200):
+        narrow = RequestSampler(
+            SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9, seed=seed), set(), str
+        )
+        wide = RequestSampler(SamplingParams(max_tokens=1, temperature=1.0, top_p=0.99), set(), str)
+        picked = select_tokens([narrow, wide], logits)
+        assert picked[0] in (0, 1, 2), (seed, picked)

@@ -203,21 +203,27 @@ class BatchSampling:
             rest = [j for j, ok in enumerate(exact.tolist()) if not ok]
             index = self._rows(rest)
             ordered, order = filter_sorted(scaled[index], top_k[index], top_p[index], min_p[index])
-            chosen[index] = race(ordered, order, self._noise([rows[j] for j in rest], self.width))
+            kept = torch.isfinite(ordered).sum(dim=-1).tolist()  # noise only for what the filters kept
+            width = max(kept)
+            noise = self._noise([rows[j] for j in rest], width, kept)
+            chosen[index] = race(ordered[:, :width], order[:, :width], noise)
             return chosen
         ordered, order = filter_sorted(scaled, top_k, top_p, min_p)
         return race(ordered, order, self._noise(rows, self.width))
 
-    def _noise(self, rows: list[int], width: int) -> torch.Tensor:
-        """Exp(1) noise for the race, [rows, width]: a seeded request's row from its own generator (the
-        same draws whatever its batch), the others from the shared one."""
+    def _noise(self, rows: list[int], width: int, kept: list[int] | None = None) -> torch.Tensor:
+        """Exp(1) noise for the race, [rows, width], as -log(uniform) (several times faster than
+        exponential_ on a CPU): a seeded request's row from its own generator, `kept[j]` draws (the
+        same draws for the same logits whatever its batch), the others from the shared one."""
         noise = torch.empty((len(rows), width), device=self.device)
-        noise.exponential_(generator=shared_generator(self.device))
+        noise.uniform_(generator=shared_generator(self.device))
         for j, i in enumerate(rows):
             generator = self._states[i].generator
             if generator is not None:
-                noise[j].exponential_(generator=generator)
-        return noise
+                drawn = width if kept is None else kept[j]
+                noise[j, drawn:] = 0.0  # -log(0) = inf: never drawn (the filters removed those tokens)
+                noise[j, :drawn].uniform_(generator=generator)
+        return noise.log_().neg_()
 
     def record(self, chosen: torch.Tensor, tokens: list[int]) -> None:
         """Each request's state after the step: the grammar advanced, penalty counts (on the device),
