@@ -43,6 +43,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=1,
         help="conversations of this many turns, each carrying the earlier ones",
     )
+    parser.add_argument(
+        "--extra-body",
+        type=json.loads,
+        default={},
+        help='a JSON object merged into every request, e.g. \'{"temperature": 0.6, "top_p": 0.9}\'',
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     parser.add_argument("--json", type=Path, help="write the report as JSON here")
     parser.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
@@ -60,6 +66,9 @@ def handle(args: argparse.Namespace) -> int:
         return 2
     if not levels or min(levels) < 1 or args.input_tokens < 1 or args.output_tokens < 1 or args.turns < 1:
         print("--concurrency, --input-tokens, --output-tokens and --turns must be positive", file=sys.stderr)
+        return 2
+    if not isinstance(args.extra_body, dict):
+        print("--extra-body must be a JSON object", file=sys.stderr)
         return 2
     if args.shared_prefix_tokens < 0:
         print("--shared-prefix-tokens must not be negative", file=sys.stderr)
@@ -94,9 +103,9 @@ async def run_bench(args: argparse.Namespace, levels: list[int]) -> dict[str, An
     timeout = aiohttp.ClientTimeout(total=600.0)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:
         model = args.model or await _first_model(client, args.url, headers)
-        extra = (
-            {"response_format": json.loads(args.response_format.read_text())} if args.response_format else {}
-        )
+        extra = dict(args.extra_body)
+        if args.response_format:
+            extra["response_format"] = json.loads(args.response_format.read_text())
         target, probe_tokens = await probe(client, Target(chat_url(args.url), model, True, headers, extra))
         per_word = probe_tokens / 50 if probe_tokens else 1.0
         words = max(1, round(args.input_tokens / per_word))

@@ -4,6 +4,7 @@ stage one op over the rows it concerns, no host round trip but the one copy of t
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -62,26 +63,34 @@ def apply_penalties(
     logits[rows] = picked
 
 
-# On a CPU a full sort of a 128K vocabulary per row costs more than a small model's forward: the tokens
-# min_p, top-k and top-p keep are looked for among each row's best CANDIDATES first (GPUs sort).
+# On a CPU a full sort of a 128K vocabulary per row costs more than a small model's forward: for a
+# vocabulary wider than CANDIDATE_VOCAB the tokens min_p, top-k and top-p keep are looked for among each
+# row's best CANDIDATES first (GPUs sort: it costs them little, and a branch would cost a sync).
 CANDIDATES = 512
+CANDIDATE_VOCAB = 8 * CANDIDATES
 
 
 def filter_sorted(
-    scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Temperature-scaled logits sorted best first, with what vLLM's order removes at -inf: min_p (on the
-    whole distribution), then top-k (per-row k, 0 = all), then top-p of what is left (per-row p; the
-    token that crosses it is kept). Returns (filtered sorted logits, their token ids)."""
-    probs = scaled.softmax(dim=-1)
-    floor = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
-    scaled = scaled.masked_fill(probs < floor, NEG_INF)
+    scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, used: Used
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Temperature-scaled logits with what vLLM's order removes at -inf: min_p (on the whole
+    distribution), then top-k (per-row k, 0 = all), then top-p of what is left (per-row p; the token that
+    crosses it is kept), each only where some row uses it (`used`, known on the host). Sorted best first
+    with their token ids when top-k or top-p applies; as they are (ids None) otherwise."""
+    if used.min_p:
+        probs = scaled.softmax(dim=-1)
+        scaled = scaled.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, NEG_INF)
+    if not (used.top_k or used.top_p):
+        return scaled, None
     ordered, order = scaled.sort(dim=-1, descending=True)
-    positions = torch.arange(ordered.shape[-1], device=ordered.device)[None, :]
-    ordered = ordered.masked_fill((top_k[:, None] > 0) & (positions >= top_k[:, None]), NEG_INF)
-    sorted_probs = ordered.softmax(dim=-1)
-    before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability mass ahead of each token
-    return ordered.masked_fill(before >= top_p[:, None], NEG_INF), order
+    if used.top_k:
+        positions = torch.arange(ordered.shape[-1], device=ordered.device)[None, :]
+        ordered = ordered.masked_fill((top_k[:, None] > 0) & (positions >= top_k[:, None]), NEG_INF)
+    if used.top_p:
+        sorted_probs = ordered.softmax(dim=-1)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability mass ahead of each token
+        ordered = ordered.masked_fill(before >= top_p[:, None], NEG_INF)
+    return ordered, order
 
 
 def filter_candidates(
@@ -104,12 +113,22 @@ def filter_candidates(
     return values.masked_fill(~keep, NEG_INF), ids, limited | ~keep[:, -1]
 
 
-def race(filtered: torch.Tensor, ids: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def race(filtered: torch.Tensor, ids: torch.Tensor | None, noise: torch.Tensor) -> torch.Tensor:
     """The token drawn from the filtered logits' distribution by the exponential race: argmax of
     probs / noise (noise ~ Exp(1)) is argmax of logits - log(noise), no softmax needed; the same
-    distribution as multinomial, from noise drawn before (each row from its own generator if seeded)."""
+    distribution as multinomial, from noise drawn before (each row from its own generator if seeded).
+    `ids`: the token of each column (None: the columns are the vocabulary)."""
     pick = (filtered - noise.log()).argmax(dim=-1, keepdim=True)
-    return ids.gather(-1, pick)[:, 0]
+    return pick[:, 0] if ids is None else ids.gather(-1, pick)[:, 0]
+
+
+@dataclass(frozen=True, slots=True)
+class Used:
+    """Which filters any of the sampled rows uses (their parameters are on the host: no device sync)."""
+
+    min_p: bool
+    top_k: bool
+    top_p: bool
 
 
 class BatchSampling:
@@ -194,22 +213,28 @@ class BatchSampling:
         )
         temperature, top_k, top_p, min_p = values.unbind(dim=1)
         top_k = top_k.long()
+        used = Used(
+            any(p.min_p > 0 for p in params),
+            any(p.top_k > 0 for p in params),
+            any(p.top_p < 1 for p in params),
+        )
         scaled = self.logits[self._rows(rows)] / temperature[:, None]
-        if self.device.type == "cpu" and self.width > CANDIDATES:
+        candidates = (used.top_k or used.top_p) and self.width > max(CANDIDATE_VOCAB, CANDIDATES)
+        if self.device.type == "cpu" and candidates:
             filtered, ids, exact = filter_candidates(scaled, top_k, top_p, min_p, CANDIDATES)
             chosen = race(filtered, ids, self._noise(rows, CANDIDATES))
             if bool(exact.all()):  # on a CPU: no device to wait for
                 return chosen
             rest = [j for j, ok in enumerate(exact.tolist()) if not ok]
             index = self._rows(rest)
-            ordered, order = filter_sorted(scaled[index], top_k[index], top_p[index], min_p[index])
+            ordered, order = filter_sorted(scaled[index], top_k[index], top_p[index], min_p[index], used)
             kept = torch.isfinite(ordered).sum(dim=-1).tolist()  # noise only for what the filters kept
             width = max(kept)
             noise = self._noise([rows[j] for j in rest], width, kept)
             chosen[index] = race(ordered[:, :width], order[:, :width], noise)
             return chosen
-        ordered, order = filter_sorted(scaled, top_k, top_p, min_p)
-        return race(ordered, order, self._noise(rows, self.width))
+        filtered, ids = filter_sorted(scaled, top_k, top_p, min_p, used)
+        return race(filtered, ids, self._noise(rows, self.width))
 
     def _noise(self, rows: list[int], width: int, kept: list[int] | None = None) -> torch.Tensor:
         """Exp(1) noise for the race, [rows, width], as -log(uniform) (several times faster than

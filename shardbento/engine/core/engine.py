@@ -3,6 +3,7 @@ tensor-parallel rank); this process holds the Preprocessor and routes requests a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import socket
@@ -177,6 +178,8 @@ class ProcessEngine(PreprocessorPrompts):
     ) -> list[AsyncIterator[Delta]]:
         if not self.is_ready():
             raise NotReady(f"model {self.spec.name!r} is not serving: {self.failure or 'shutting down'}")
+        if not prompt.num_images:  # rank 0 needs the ids only: tensors would cross in shared memory
+            prompt = dataclasses.replace(prompt, inputs=None)
         return self._router.stream_choices(prompt, params, request_id)
 
 
