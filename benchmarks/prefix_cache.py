@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from side_by_side import Peer, bench_level, replace_section, shardbento_peer, start_peer, stop  # noqa: E402
+from peers import Peer, bench_level, replace_section, start_peer, stop  # noqa: E402
+from side_by_side import shardbento_peer  # noqa: E402
 
 from shardbento.tiny.models import ensure_generated  # noqa: E402
 
