@@ -42,6 +42,7 @@ class Sampling:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; N: the chosen token plus N alternatives
     constraint: Constraint | None = None  # response_format (a tool_choice that forces a call wins)
+    prompt_logprobs: int | None = None  # None: off; N: each prompt token's logprob plus N alternatives
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +118,7 @@ class Completion:
     tool_calls: list[ParsedCall] = field(default_factory=list)  # then `text` is the content around them
     reasoning: str | None = None  # a thinking model's reasoning (then `text` is the answer alone)
     reasoning_tokens: int = 0  # tokens generated before the reasoning ended
+    prompt_logprobs: list[TokenLogprob] | None = None  # the prompt's, when asked (None for its first)
 
     @property
     def total_tokens(self) -> int:

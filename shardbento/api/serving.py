@@ -191,6 +191,11 @@ class Serving:
                 code="context_length_exceeded",
             )
         self.check_stop(sampling.stop)
+        if sampling.prompt_logprobs is not None and prompt.num_images:
+            raise InvalidRequest(
+                "prompt logprobs are computed for text prompts only; this request has images",
+                param="prompt_logprobs",
+            )
         room = limit - prompt.num_tokens
         max_tokens = sampling.max_tokens
         if max_tokens is None:

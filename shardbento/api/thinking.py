@@ -70,9 +70,11 @@ async def read_completion(generation: Generation) -> Completion:
     finish: FinishReason = "length"
     splitter = generation.reasoning.splitter() if generation.reasoning is not None else None
     thought: list[str] = []
+    scored: list[TokenLogprob] | None = None
     async for delta in generation.deltas:
         num_tokens += len(delta.token_ids)
         logprobs.extend(delta.logprobs)
+        scored = delta.prompt_logprobs if delta.prompt_logprobs is not None else scored
         finish = delta.finish_reason or finish
         if splitter is None:
             parts.append(delta.text)
@@ -81,6 +83,7 @@ async def read_completion(generation: Generation) -> Completion:
         thought.append(split.reasoning)
         parts.append(split.content)
     completion = Completion("", finish, generation.prompt.num_tokens, num_tokens, logprobs)
+    completion.prompt_logprobs = scored
     if splitter is not None:
         last = splitter.finish()
         thought.append(last.reasoning)

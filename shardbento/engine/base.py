@@ -44,6 +44,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; N: the chosen token plus N alternatives
     constraint: Constraint | None = None  # a grammar the output must match (engine/grammar.py)
+    prompt_logprobs: int | None = None  # None: off; N: each prompt token's logprob plus N alternatives
 
     @property
     def shapes_logits(self) -> bool:
@@ -124,9 +125,18 @@ class Prompt:
 
 @dataclass(frozen=True, slots=True)
 class TokenLogprob:
+    """A token's log-probability under the model's raw distribution and the best alternatives there.
+
+    `logprob` is None only for a prompt's first token (nothing predicts it); prompt tokens also carry
+    their id, their rank in the distribution (1: the most likely) and the alternatives' ids.
+    """
+
     token: str
-    logprob: float
+    logprob: float | None
     top: tuple[tuple[str, float], ...] = ()
+    token_id: int = -1
+    rank: int = 0
+    top_ids: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -137,6 +147,7 @@ class Delta:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # on a request's first Delta, when asked
 
 
 class DeltaChannel:

@@ -139,8 +139,8 @@ def test_openai_completions_bad_prompts_are_400(text_server) -> None:
         assert_error(
             post(text_server, {"model": TEXT_MODEL, "prompt": prompt}, "/v1/completions"), 400, "prompt"
         )
-    body = {"model": TEXT_MODEL, "prompt": "x", "echo": True, "logprobs": 1}  # no prompt logprobs
-    assert_error(post(text_server, body, "/v1/completions"), 400, "echo")
+    body = {"model": TEXT_MODEL, "prompt": "x", "max_tokens": 0}  # 0 only with echo
+    assert_error(post(text_server, body, "/v1/completions"), 400, "max_tokens")
 
 
 def test_openai_image_to_text_model_is_400(text_server) -> None:
@@ -268,3 +268,14 @@ def test_openai_stream_failing_before_output_is_500(fetching_server) -> None:
     with pytest.raises(openai.InternalServerError):
         list(client.chat.completions.create(model=VISION_MODEL, messages=HI, max_tokens=8, stream=True))
     assert post(fetching_server, {**body, "stream": False}).status_code == 200  # the service keeps serving
+
+
+def test_openai_prompt_logprobs_with_images_are_400(vision_server) -> None:
+    body = {"model": VISION_MODEL, "messages": image_message(data_uri(png_bytes())), "prompt_logprobs": 1}
+    error = assert_error(post(vision_server, body), 400, "prompt_logprobs")
+    assert "images" in error["message"]
+    text_only = post(
+        vision_server, {"model": VISION_MODEL, "messages": HI, "max_tokens": 1, "prompt_logprobs": 0}
+    )
+    assert text_only.status_code == 200, text_only.text
+    assert text_only.json()["prompt_logprobs"][0] is None

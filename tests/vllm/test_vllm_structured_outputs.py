@@ -1,5 +1,7 @@
-"""structured_outputs on the vLLM engine (vLLM's own guidance backend): each kind through the real /v1 app
-in-process, the output judged and equal to the transformers engine's greedy one."""
+"""structured_outputs and prompt logprobs on the vLLM engine through the real /v1 app in-process, beside
+the transformers engine: each constraint kind (vLLM's own guidance backend) judged and equal to the
+transformers engine's greedy output; an lm-eval loglikelihood request and vLLM's prompt_logprobs field
+equal to the transformers engine's (one vLLM engine serves the module: it takes a minute to start)."""
 
 from __future__ import annotations
 
@@ -92,3 +94,39 @@ def test_vllm_structured_outputs_bad_grammar_is_the_same_400(
     assert responses["vllm"].status_code == responses["transformers"].status_code == 400
     assert responses["vllm"].json() == responses["transformers"].json()
     assert responses["vllm"].json()["error"]["param"] == "structured_outputs.grammar"
+
+
+def test_vllm_prompt_logprobs_equal_transformers(
+    loop: asyncio.AbstractEventLoop, apps: dict[str, Any]
+) -> None:
+    """echo with logprobs (lm-eval's loglikelihood request) and the prompt_logprobs field: the same
+    tokens, logprobs and alternatives from both engines, the first token's null."""
+    body = {
+        "model": MODEL,
+        "prompt": "Question: which bento serves the model? Answer: the sharded one",
+        "max_tokens": 1,
+        "temperature": 0,
+        "echo": True,
+        "logprobs": 1,
+        "prompt_logprobs": 2,
+    }
+    choices = {}
+    for name, app in apps.items():
+        response = post(loop, app, "/completions", body)
+        assert response.status_code == 200, (name, response.text)
+        choices[name] = response.json()["choices"][0]
+    ours, theirs = choices["transformers"], choices["vllm"]
+    assert ours["text"] == theirs["text"]
+    assert ours["logprobs"]["tokens"] == theirs["logprobs"]["tokens"]
+    assert theirs["logprobs"]["token_logprobs"][0] is None
+    assert theirs["logprobs"]["token_logprobs"][1:] == pytest.approx(
+        ours["logprobs"]["token_logprobs"][1:], abs=1e-3
+    )
+    assert len(theirs["prompt_logprobs"]) == len(ours["prompt_logprobs"]) > 5
+    assert theirs["prompt_logprobs"][0] is ours["prompt_logprobs"][0] is None
+    for a, b in zip(ours["prompt_logprobs"][1:], theirs["prompt_logprobs"][1:], strict=True):
+        assert set(a) == set(b)
+        for token_id, entry in a.items():
+            assert b[token_id]["logprob"] == pytest.approx(entry["logprob"], abs=1e-3)
+            assert b[token_id]["decoded_token"] == entry["decoded_token"]
+            assert abs(b[token_id]["rank"] - entry["rank"]) <= 1

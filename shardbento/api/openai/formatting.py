@@ -12,6 +12,8 @@ from shardbento.api.openai.protocol import (
     ChatLogprobs,
     ChatTokenLogprob,
     CompletionLogprobs,
+    PromptLogprob,
+    PromptLogprobs,
     TopLogprob,
     Usage,
 )
@@ -89,16 +91,47 @@ def chat_logprobs(items: list[TokenLogprob]) -> ChatLogprobs:
 
 
 def completion_logprobs(items: list[TokenLogprob], offset: int = 0) -> CompletionLogprobs:
+    """The legacy logprobs object; an echoed prompt's first token has none (null, as OpenAI's)."""
     offsets = []
     for item in items:
         offsets.append(offset)
         offset += len(item.token)
     return CompletionLogprobs(
         tokens=[i.token for i in items],
-        token_logprobs=[i.logprob for i in items],
-        top_logprobs=[dict(i.top) or {i.token: i.logprob} for i in items],  # logprobs=0: the chosen token
+        token_logprobs=[_finite(i.logprob) for i in items],
+        top_logprobs=[  # logprobs=0: the chosen token alone
+            None
+            if i.logprob is None
+            else {t: _finite(lp) for t, lp in i.top} or {i.token: _finite(i.logprob)}
+            for i in items
+        ],
         text_offset=offsets,
     )
+
+
+def prompt_logprobs(items: list[TokenLogprob]) -> PromptLogprobs:
+    """vLLM's prompt_logprobs: per prompt token, null for the first, else the token itself and the best
+    alternatives by id, each with its logprob, rank and text."""
+    out: PromptLogprobs = []
+    for item in items:
+        if item.logprob is None:
+            out.append(None)
+            continue
+        entry = {
+            str(i): PromptLogprob(logprob=_finite(lp), rank=rank, decoded_token=text)
+            for rank, (i, (text, lp)) in enumerate(zip(item.top_ids, item.top, strict=True), 1)
+        }
+        entry.setdefault(
+            str(item.token_id),
+            PromptLogprob(logprob=_finite(item.logprob), rank=item.rank, decoded_token=item.token),
+        )
+        out.append(entry)
+    return out
+
+
+def _finite(logprob: float | None) -> float | None:
+    """A token the model rules out has logprob -inf, which JSON cannot carry: -9999.0 (as vLLM sends)."""
+    return None if logprob is None else max(logprob, -9999.0)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> Usage:

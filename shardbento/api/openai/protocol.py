@@ -161,6 +161,7 @@ class SamplingRequest(BaseModel):
     logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None  # JSON keys: "id"
     min_p: Annotated[float | None, Field(ge=0.0, le=1.0)] = None
     stop_token_ids: list[int] | None = None
+    prompt_logprobs: Annotated[int | None, Field(ge=0, le=MAX_TOP_LOGPROBS)] = None  # vLLM's extra field
 
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
@@ -225,6 +226,7 @@ class ChatCompletionRequest(SamplingRequest):
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: Annotated[int | None, Field(ge=0)] = None  # 0 only with echo: the prompt scored alone
     logprobs: Annotated[int | None, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] = None
     echo: bool = False
     reasoning_effort: Any = None  # refused: a raw prompt has no chat template to pass it to
@@ -248,9 +250,20 @@ class ChatLogprobs(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None: an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
+
+
+class PromptLogprob(BaseModel):
+    """One candidate at a prompt position, as vLLM's prompt_logprobs field gives it."""
+
+    logprob: float
+    rank: int
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]  # per prompt token: token id -> candidate
 
 
 class FunctionCallOut(BaseModel):
@@ -286,6 +299,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None  # the rendered prompt's, when asked (vLLM's field)
 
 
 class ChatCompletionChunk(BaseModel):
@@ -305,6 +319,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # when asked (vLLM's field)
 
 
 class TextCompletion(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -10,7 +11,13 @@ from typing import Any
 from pydantic import BaseModel
 
 from shardbento.api.image_urls import ImageFetchConfig, load_image
-from shardbento.api.openai.formatting import chat_logprobs, completion_logprobs, parse, usage
+from shardbento.api.openai.formatting import (
+    chat_logprobs,
+    completion_logprobs,
+    parse,
+    prompt_logprobs,
+    usage,
+)
 from shardbento.api.openai.guided import guided_fields, output_constraint, refuse_beside_forced_call
 from shardbento.api.openai.protocol import (
     NEUTRAL_VALUES,
@@ -31,7 +38,13 @@ from shardbento.api.openai.protocol import (
     TokenizeCompletionRequest,
     TokenizeResponse,
 )
-from shardbento.api.openai.streaming import ChatChoiceStream, CompletionChoiceStream, sse_stream
+from shardbento.api.openai.streaming import (
+    ChatChoiceStream,
+    CompletionChoiceStream,
+    EchoedPrompt,
+    sse_stream,
+    trimmed,
+)
 from shardbento.api.openai.structured import message_calls, request_tools, tool_calls_out
 from shardbento.api.request import Completion, Generation, GenerationRequest, Sampling
 from shardbento.api.serving import Serving, new_request_id
@@ -109,6 +122,7 @@ class OpenAIServing:
         self._check_common(request)
         if request.top_logprobs is not None and not request.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
+        _refuse_streamed_prompt_logprobs(request)
         limits = self.serving.settings
         tools = request_tools(
             request.tools, request.tool_choice, request.parallel_tool_calls, limits.max_schema_bytes
@@ -150,6 +164,7 @@ class OpenAIServing:
             model=self.serving.spec.name,
             choices=choices,
             usage=_usage(completions),
+            prompt_logprobs=_prompt_logprobs(request, completions[0]),
         )
 
     async def completion(self, body: Any) -> Result:
@@ -161,27 +176,44 @@ class OpenAIServing:
                 "reasoning_effort applies to chat completions (a raw prompt has no chat template)",
                 param="reasoning_effort",
             )
-        if request.echo and request.logprobs is not None:
-            raise InvalidRequest("echo with logprobs is not supported (no prompt logprobs)", param="echo")
-        generation = GenerationRequest(
-            request_id=new_request_id("cmpl"),
-            sampling=self._sampling(request, request.max_tokens, request.logprobs),
-            prompt=prompt,
-        )
+        _refuse_streamed_prompt_logprobs(request)
+        if request.max_tokens == 0 and not request.echo:
+            raise InvalidRequest(
+                "max_tokens must be at least 1 (0 is allowed with echo: the prompt alone comes back)",
+                param="max_tokens",
+            )
+        # echo with logprobs returns the prompt's logprobs first (its first token's null), as OpenAI's
+        # legacy API and vLLM do; max_tokens 0 with echo scores the prompt and generates nothing.
+        scored = request.echo and request.logprobs is not None
+        prompt_only = request.echo and request.max_tokens == 0
+        sampling = self._sampling(request, 1 if prompt_only else request.max_tokens, request.logprobs)
+        if scored:
+            top = max(request.logprobs, request.prompt_logprobs or 0)
+            sampling = dataclasses.replace(sampling, prompt_logprobs=top)
+        generation = GenerationRequest(request_id=new_request_id("cmpl"), sampling=sampling, prompt=prompt)
         echo = ""
         if request.echo:
             echo = prompt if isinstance(prompt, str) else await self.serving.detokenize(prompt)
+        echoed = EchoedPrompt(echo, request.logprobs if scored else None, prompt_only)
         if request.stream:
             started = await self.serving.stream_choices(generation, request.n)
-            choices = [CompletionChoiceStream(g, i, echo) for i, g in enumerate(started)]
+            choices = [CompletionChoiceStream(g, i, echoed) for i, g in enumerate(started)]
             return self._sse(generation.request_id, started, choices, request)
         completions = await self.serving.complete_choices(generation, request.n)
+        if prompt_only:
+            for c in completions:  # the one token generated to run the prompt is not returned
+                c.text, c.logprobs, c.completion_tokens, c.finish_reason = "", [], 0, "length"
         choices = [
             CompletionChoice(
                 index=i,
                 text=echo + c.text,
-                logprobs=completion_logprobs(c.logprobs) if request.logprobs is not None else None,
+                logprobs=(
+                    completion_logprobs(echoed.logprobs(c.prompt_logprobs) + c.logprobs)
+                    if request.logprobs is not None
+                    else None
+                ),
                 finish_reason=c.finish_reason,
+                prompt_logprobs=_prompt_logprobs(request, c),
             )
             for i, c in enumerate(completions)
         ]
@@ -266,6 +298,7 @@ class OpenAIServing:
             min_tokens=request.min_tokens,
             ignore_eos=request.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=request.prompt_logprobs,
             constraint=output_constraint(
                 request.response_format,
                 request.structured_outputs,
@@ -273,6 +306,22 @@ class OpenAIServing:
                 guided_fields(request),
             ),
         )
+
+
+def _refuse_streamed_prompt_logprobs(request: SamplingRequest) -> None:
+    if request.prompt_logprobs is not None and request.stream:  # as vLLM: they come with the whole answer
+        raise InvalidRequest(
+            "prompt_logprobs are not available when stream is true; with echo and logprobs a completion "
+            "stream carries the prompt's logprobs in its first chunk",
+            param="prompt_logprobs",
+        )
+
+
+def _prompt_logprobs(request: SamplingRequest, completion: Completion) -> Any:
+    """vLLM's prompt_logprobs field, when the request asked for it."""
+    if request.prompt_logprobs is None or completion.prompt_logprobs is None:
+        return None
+    return prompt_logprobs(trimmed(completion.prompt_logprobs, request.prompt_logprobs))
 
 
 def _usage(completions: list[Completion]) -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 from shardbento.api.errors import as_error
@@ -40,6 +41,9 @@ class ChatChoiceStream:
         logprobs = chat_logprobs(self.held).model_dump() if self.want_logprobs and self.held else None
         self.held = []
         return {"index": self.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+
+    def tokens(self, delta: Delta) -> int:
+        return len(delta.token_ids)
 
     def chunks(self, delta: Delta) -> list[Choice]:
         self.held.extend(delta.logprobs)
@@ -88,29 +92,54 @@ class ChatChoiceStream:
         return out
 
 
-class CompletionChoiceStream:
-    """One completion choice's chunks, text offsets counted across them; `echo` text goes first."""
+@dataclass(frozen=True, slots=True)
+class EchoedPrompt:
+    """What a completion returns before its output with echo: the prompt's text, its logprobs with `top`
+    alternatives each (None: not asked), and whether the output is left out (`alone`: max_tokens 0)."""
 
-    def __init__(self, generation: Generation, index: int, echo: str = "") -> None:
+    text: str = ""
+    top: int | None = None
+    alone: bool = False
+
+    def logprobs(self, items: list[TokenLogprob] | None) -> list[TokenLogprob]:
+        return [] if self.top is None or items is None else trimmed(items, self.top)
+
+
+def trimmed(items: list[TokenLogprob], top: int) -> list[TokenLogprob]:
+    """Prompt logprobs with at most `top` alternatives each."""
+    return [replace(i, top=i.top[:top], top_ids=i.top_ids[:top]) for i in items]
+
+
+class CompletionChoiceStream:
+    """One completion choice's chunks, text offsets counted across them; the echoed prompt goes first
+    (its logprobs in the first chunk when asked)."""
+
+    def __init__(self, generation: Generation, index: int, echoed: EchoedPrompt = EchoedPrompt()) -> None:
         self.index = index
         self.want_logprobs = generation.params.logprobs is not None
         self.offset = 0
-        self.echo = echo
+        self.echoed = echoed
+        self.echo = echoed.text
         self.held: list[TokenLogprob] = []
 
+    def tokens(self, delta: Delta) -> int:
+        return 0 if self.echoed.alone else len(delta.token_ids)
+
     def chunks(self, delta: Delta) -> list[Choice]:
+        self.held.extend(self.echoed.logprobs(delta.prompt_logprobs))
+        finish = delta.finish_reason
+        if self.echoed.alone:  # the token generated to run the prompt is not returned
+            delta, finish = Delta(text="", finish_reason=finish), "length" if finish else None
         self.held.extend(delta.logprobs)
         text, self.echo = self.echo + delta.text, ""
-        if not text and delta.finish_reason is None:
+        if not text and finish is None:
             return []
         items, self.held = self.held, []
         logprobs = (
             completion_logprobs(items, self.offset).model_dump() if self.want_logprobs and items else None
         )
         self.offset += len(text)
-        return [
-            {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": delta.finish_reason}
-        ]
+        return [{"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": finish}]
 
 
 async def interleaved(generations: list[Generation]) -> AsyncIterator[tuple[int, Delta]]:
@@ -160,7 +189,7 @@ async def sse_stream(
     prompt_tokens = generations[0].prompt.num_tokens
     try:
         async for index, delta in interleaved(generations):
-            num_tokens += len(delta.token_ids)
+            num_tokens += choices[index].tokens(delta)
             for choice in choices[index].chunks(delta):
                 chunk = {**frame, "choices": [choice]}
                 if continuous_usage:

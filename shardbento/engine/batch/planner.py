@@ -9,6 +9,7 @@ from dataclasses import replace
 
 from shardbento.engine.batch.kvslots import PREFIX_BLOCK
 from shardbento.engine.batch.prefill import PrefillChunk
+from shardbento.engine.batch.scoring import SCORED_STEP_TOKENS
 from shardbento.engine.batch.sequence import Sequence, with_generated
 
 Planned = list[tuple[PrefillChunk, list[Sequence]]]
@@ -29,7 +30,8 @@ def choose_chunks(
     `keep` collects the blocks read; `grown`: the running rows' longest after this step). In order:
     the head's next chunk when it is being prefilled in chunks (alone unless it completes); a vision
     head alone (whole with its pixels, or its text past a cached prefix); else complete prompts packed
-    together, then the next prompt's first chunk with what the budget has left."""
+    together, then the next prompt's first chunk with what the budget has left. Prompts that ask for
+    prompt logprobs keep logits at every token: at most SCORED_STEP_TOKENS of those a step."""
     head = candidates[0]
     if head.num_prefilled:
         chunk = _chunk(head, head.num_prefilled, budget, ())
@@ -41,27 +43,51 @@ def choose_chunks(
     else:
         planned, first = [], 0
     left = budget - sum(len(chunk.token_ids) for chunk, _ in planned)
+    scored_left = SCORED_STEP_TOKENS - sum(_scored_tokens(chunk) for chunk, _ in planned)
     together, stopped = plan_together(
-        candidates[first:], lambda i: hit_of(i + first), left, room, keep, packs, rows_before=len(planned)
+        candidates[first:],
+        lambda i: hit_of(i + first),
+        left,
+        room,
+        keep,
+        packs,
+        rows_before=len(planned),
+        scored_budget=scored_left,
     )
     planned += together
     left -= sum(len(chunk.token_ids) for chunk, _ in together)
+    scored_left -= sum(_scored_tokens(chunk) for chunk, _ in together)
     index = first + stopped
     if first == 0 and index < len(candidates) and left >= MIN_CHUNK:
-        planned += _first_chunk(
-            candidates[index], hit_of(index), left, budget, room, keep, grown, len(planned)
-        )
+        if candidates[index].scoring is not None:
+            left = min(left, scored_left)
+        if left >= MIN_CHUNK:
+            planned += _first_chunk(
+                candidates[index], hit_of(index), left, budget, room, keep, grown, len(planned)
+            )
     return planned
 
 
+def _scored_tokens(chunk: PrefillChunk) -> int:
+    return len(chunk.token_ids) if chunk.scored is not None else 0
+
+
 def _chunk(seq: Sequence, start: int, budget: int, prefix: tuple[int, ...]) -> PrefillChunk:
-    """The next `budget` tokens of a prompt prefilled in its row; `slot` set (to be placed) when they
-    complete it."""
+    """The next `budget` tokens of a prompt prefilled in its row (a scored one's within the step's
+    scored tokens); `slot` set (to be placed) when they complete it."""
     context = seq.context()
+    if seq.scoring is not None:
+        budget = min(budget, SCORED_STEP_TOKENS)
     take = context[start : start + budget]
     done = start + len(take) == len(context)
     return PrefillChunk(
-        seq.seq_id, tuple(take), start, 0 if done else None, prefix=prefix, length=len(context)
+        seq.seq_id,
+        tuple(take),
+        start,
+        0 if done else None,
+        prefix=prefix,
+        length=len(context),
+        scored=seq.scoring,
     )
 
 
@@ -75,7 +101,7 @@ def _vision_head(
         if not room(1, len(context)):
             return []  # it waits for running sequences to finish (or be preempted)
         inputs = with_generated(seq.inputs, seq.generated)
-        return [(PrefillChunk(seq.seq_id, tuple(context), 0, 0, inputs), [seq])]
+        return [(PrefillChunk(seq.seq_id, tuple(context), 0, 0, inputs, scored=seq.scoring), [seq])]
     start = len(hit) * PREFIX_BLOCK
     if not room(1, max(len(context), grown + _steps(len(context) - start, budget) - 1)):
         return []
@@ -104,7 +130,9 @@ def _first_chunk(
     keep.update(hit)
     seq.cached = start
     take = context[start : start + left]
-    chunk = PrefillChunk(seq.seq_id, tuple(take), start, None, prefix=tuple(hit), length=len(context))
+    chunk = PrefillChunk(
+        seq.seq_id, tuple(take), start, None, prefix=tuple(hit), length=len(context), scored=seq.scoring
+    )
     return [(chunk, [seq])]
 
 
@@ -125,14 +153,18 @@ def plan_together(
     keep: set[int],
     packs: bool,
     rows_before: int = 0,
+    scored_budget: int = SCORED_STEP_TOKENS,
 ) -> tuple[Planned, int]:
     """Complete prompts prefilled together in one forward, and the index of the first candidate not
     taken (`hit_of(i)`: candidate i's cached blocks, looked up only for the candidates considered).
     Packed, each computes its own remainder past its cached prefix and the budget counts their sum;
     left-padded, each row computes the same number of tokens (the batch's widest remainder): a row with a
-    longer cached prefix takes only as much of it as leaves that many tokens to compute."""
+    longer cached prefix takes only as much of it as leaves that many tokens to compute. The positions
+    kept for prompt logprobs stay within `scored_budget`: packed, the scored prompts' tokens; left-padded,
+    every row's (a scored row there keeps the whole batch's logits)."""
     chosen: list[tuple[Sequence, list[int]]] = []
-    width = longest = total = 0
+    width = longest = total = scored = 0
+    any_scored = False
     prompts = set()
     stopped = len(candidates)
     for index, seq in enumerate(candidates):
@@ -147,10 +179,17 @@ def plan_together(
         remainder = len(context) - len(blocks) * PREFIX_BLOCK
         wider = max(width, remainder)
         cost = total + remainder if packs else wider * (len(chosen) + 1)
-        if cost > budget or not room(rows_before + len(chosen) + 1, max(longest, len(context))):
+        scores = any_scored or seq.scoring is not None
+        kept = (scored + remainder * (seq.scoring is not None)) if packs else cost * scores
+        if (
+            cost > budget
+            or kept > scored_budget
+            or not room(rows_before + len(chosen) + 1, max(longest, len(context)))
+        ):
             stopped = index
             break
         width, longest, total = wider, max(longest, len(context)), total + remainder
+        scored, any_scored = kept, scores
         keep.update(blocks)
         chosen.append((seq, blocks))
     planned = []
@@ -161,7 +200,8 @@ def plan_together(
             start = min(start, max(0, len(context) - width))
         prefix = tuple(blocks[: -(-start // PREFIX_BLOCK)]) if start else ()
         seq.cached = start
-        planned.append((PrefillChunk(seq.seq_id, tuple(context[start:]), start, 0, prefix=prefix), [seq]))
+        chunk = PrefillChunk(seq.seq_id, tuple(context[start:]), start, 0, prefix=prefix, scored=seq.scoring)
+        planned.append((chunk, [seq]))
     return planned, stopped
 
 
@@ -180,9 +220,14 @@ def join_twins(planned: Planned, candidates: list[Sequence], room: Room) -> None
         if id(seq) in taken or not is_twin(seq):
             continue
         group = completing.get(tuple(seq.prompt_ids))
-        if group is not None and room(rows + 1, longest):
+        if group is not None and _scores_enough(group[0], seq) and room(rows + 1, longest):
             group.append(seq)
             rows += 1
+
+
+def _scores_enough(first: Sequence, twin: Sequence) -> bool:
+    """Whether the twin's prompt logprobs (if it asks) come with the first's prefill."""
+    return twin.scoring is None or (first.scoring is not None and first.scoring >= twin.scoring)
 
 
 def place(planned: Planned, first_slot: int) -> list[PrefillChunk]:

@@ -10,6 +10,7 @@ import torch
 
 from shardbento.engine.batch.kvslots import SlotKVCache
 from shardbento.engine.batch.packed import DecodeRows, PackedRows, RowChunk, packed_rows
+from shardbento.engine.batch.scoring import Score, score_chunk
 from shardbento.engine.hf.placement import device_ints
 
 
@@ -34,6 +35,7 @@ class PrefillChunk:
     copies: tuple[int, ...] = ()
     prefix: tuple[int, ...] = ()  # cached blocks that hold tokens 0..start-1 (prefix caching)
     length: int = 0  # a chunk of a prompt prefilled in its pool row: the whole prompt's tokens
+    scored: int | None = None  # prompt logprobs asked (with this many alternatives): logits at every token
 
     @property
     def in_row(self) -> bool:
@@ -49,6 +51,26 @@ class PrefillPaths:
     _device: torch.device
     _hidden_device: torch.device
     _partial: tuple[int, int] | None
+
+    keeps_scores: bool  # False on a tensor-parallel follower: rank 0 delivers prompt logprobs
+    _scores: dict[int, list[Score]]  # seq id -> its prompt's scores so far
+    _score_tails: dict[int, torch.Tensor]  # seq id -> the logits row after its last chunk
+
+    def _keep_scores(self, chunk: PrefillChunk, logits: torch.Tensor) -> None:
+        """A scored chunk's prompt logprobs from its logits (a row per token), kept until the scheduler
+        takes them as its prompt completes; the last row waits for the prompt's next chunk."""
+        if chunk.scored is None or not self.keeps_scores:
+            return
+        previous = self._score_tails.pop(chunk.seq_id, None)
+        scores = score_chunk(logits, chunk.token_ids, previous, chunk.scored)
+        self._scores.setdefault(chunk.seq_id, []).extend(scores)
+        if chunk.slot is None:
+            self._score_tails[chunk.seq_id] = logits[-1].clone()
+
+    def take_scores(self, seq_id: int) -> list[Score]:
+        """The prompt logprobs computed for a sequence (empty when none), forgotten here."""
+        self._score_tails.pop(seq_id, None)
+        return self._scores.pop(seq_id, [])
 
     def _prefill_packed(
         self, chunks: list[PrefillChunk], decode: DecodeRows | None = None, token_ids: list[int] = ()
@@ -82,13 +104,23 @@ class PrefillPaths:
         ]
         positions = rows.positions(self.kv.positions(len(token_ids))).tolist()
         step = device_ints([ids, positions], self._device)  # one copy to the device
+        last = rows.last_tokens()
+        scored = [
+            (c, rows.lead + at) for c, (at, _) in zip(plain, rows.new, strict=True) if c.scored is not None
+        ]
+        scored += [(c, rows.lead + rows.new_tokens) for c in in_row if c.scored is not None]
+        keep = (
+            torch.cat([last, *(torch.arange(at, at + len(c.token_ids)) for c, at in scored)])
+            if scored
+            else last
+        )
         with packed_rows(rows):
             out = self.model(
                 input_ids=step[0][None],
                 position_ids=step[1][None],
                 past_key_values=cache,
                 use_cache=True,
-                logits_to_keep=rows.last_tokens().to(self._hidden_device),
+                logits_to_keep=keep.to(self._hidden_device),
             )
         self.kv.advance(len(token_ids))  # the decode rows' new tokens are in their rows
         for n, chunk in enumerate(plain):
@@ -97,6 +129,11 @@ class PrefillPaths:
         if in_row:
             self._row_done(in_row[0])
         logits = out.logits[0]
+        at = len(last)
+        for chunk, _ in scored:  # every position of these chunks, after the last tokens'
+            self._keep_scores(chunk, logits[at : at + len(chunk.token_ids)])
+            at += len(chunk.token_ids)
+        logits = logits[: len(last)]
         lead = len(token_ids)
         chunk_logits = logits[lead:][torch.tensor(order).argsort()]  # back to the order given
         return torch.cat([logits[:lead], chunk_logits])
@@ -138,11 +175,12 @@ class PrefillPaths:
                 attention_mask=self._attention_mask(keep)[None, None],
                 past_key_values=self.kv,
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=1 if chunk.scored is None else 0,
             )
         finally:
             self.kv.end_chunk()
         self._row_done(chunk)
+        self._keep_scores(chunk, out.logits[0])
         return out.logits[0, -1]
 
     def _prefill_fresh(self, chunks: list[PrefillChunk]) -> torch.Tensor:
@@ -168,11 +206,12 @@ class PrefillPaths:
             position_ids=(steps + starts[:, None]).clamp(min=0).to(self._device),
             past_key_values=cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if any(c.scored is not None for c in chunks) else 1,
         )
         for row, chunk in enumerate(chunks):
             self.kv.load(chunk.slot, cache, row=row, offset=cached - chunk.start + int(pads[row]))
             self._copy(chunk)
+            self._keep_scores(chunk, out.logits[row, int(pads[row]) :])
         return out.logits[:, -1]
 
     def _cached_prefixes(

@@ -39,6 +39,9 @@ class ModelRunner(PrefillPaths):
         # checked the model packs right; each then computes only its tokens past its cached prefix.
         self.packs = False
         self.mixes = False  # and the running rows' decode tokens go in that same forward (mixed steps)
+        self.keeps_scores = True  # prompt logprobs (scoring.py); a follower rank sets it False
+        self._scores = {}
+        self._score_tails = {}
 
     @property
     def on_gpu(self) -> bool:
@@ -179,7 +182,9 @@ class ModelRunner(PrefillPaths):
         self.kv.drop_prefix(moves, count)
 
     def drop(self, seq_id: int) -> None:
-        """Forget a sequence whose prompt was only partly prefilled (its row is freed)."""
+        """Forget a sequence whose prompt was only partly prefilled (its row is freed, its scores so far
+        go)."""
+        self.take_scores(seq_id)
         if self._partial is not None and self._partial[0] == seq_id:
             self.kv.free(self._partial[1])
             self._partial = self.kv.partial_row = None

@@ -19,7 +19,7 @@ from shardbento.engine.batch.planner import MIN_CHUNK, choose_chunks, join_twins
 from shardbento.engine.batch.prefix import PrefixCache
 from shardbento.engine.batch.runner import ModelRunner, PrefillChunk, release_moves
 from shardbento.engine.batch.sampler import prefetch_masks, select_tokens
-from shardbento.engine.batch.sequence import Sequence, stream_token
+from shardbento.engine.batch.sequence import Sequence, prompt_logprobs, stream_token
 from shardbento.errors import Overloaded
 from shardbento.metrics import RequestMetrics
 
@@ -241,6 +241,8 @@ class Scheduler:
                 continue  # the rest of this prompt goes in the next step
             if group[0] is self._chunking:
                 self._chunking = None
+            if chunk.scored is not None:
+                self._attach_scores(group)
             with self._wake:
                 for seq in group:
                     self._waiting.remove(seq)
@@ -255,6 +257,15 @@ class Scheduler:
                 self._metrics.prefix_hits.inc(group[0].cached)
         self._remember(range(first_row, len(self._running)))
         return list(range(first_row, len(self._running))), joined
+
+    def _attach_scores(self, group: list[Sequence]) -> None:
+        """The prompt logprobs the runner computed for the group's prefill, for each sequence that asked
+        (its first Delta carries them)."""
+        scores = self._runner.take_scores(group[0].seq_id)
+        for seq in group:
+            if seq.scoring is not None:
+                seq.prompt_logprobs = prompt_logprobs(scores, seq.scoring, seq.sampler.token_text)
+                seq.scoring = None
 
     def _remember(self, rows: Iterable[int]) -> None:
         """Cache the full blocks these rows' KV holds (a prompt as it joins, a whole answer as it ends)."""
@@ -320,7 +331,9 @@ class Scheduler:
         """The cached blocks a fresh prompt (or a preempted one's context) starts with; for a vision
         prompt only a hit past its last image token (its remainder is then text, prefilled without the
         pixels), under its images' digest."""
-        if self._prefix is None or seq.num_prefilled or (seq.inputs is not None and not seq.prefix_salt):
+        if self._prefix is None or seq.num_prefilled or seq.scoring is not None:
+            return []  # a prompt scored for logprobs computes every token
+        if seq.inputs is not None and not seq.prefix_salt:
             return []
         blocks = self._prefix.hit(seq.context(), seq.prefix_salt)
         if seq.inputs is not None and len(blocks) * PREFIX_BLOCK < seq.image_end:
@@ -372,6 +385,7 @@ class Scheduler:
             if everything:
                 self._closed = True
             for seq in failed:
+                self._runner.take_scores(seq.seq_id)
                 if seq in self._waiting:
                     self._waiting.remove(seq)
                     self._runner.drop(seq.seq_id)

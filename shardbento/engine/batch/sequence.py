@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from shardbento.engine.base import Delta
+from shardbento.engine.base import Delta, TokenLogprob
 from shardbento.engine.batch.sampler import RequestSampler
+from shardbento.engine.batch.scoring import Score
 from shardbento.engine.output import OutputStream
 
 
@@ -42,6 +44,10 @@ class Sequence:
     # images it may not cache); `image_end` is the token after its last image token.
     prefix_salt: int = 0
     image_end: int = 0
+    # Prompt logprobs: asked with this many alternatives and not yet computed (the prompt then goes
+    # without a cached prefix, logits kept at every token); once computed, held for the first Delta.
+    scoring: int | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     def context(self) -> list[int]:
         """The tokens a prefill computes: the prompt, and after a preemption what was generated."""
@@ -61,10 +67,27 @@ def stream_token(seq: Sequence, token: int, metrics: Any) -> Delta:
         metrics.ttft.observe(now - seq.arrival_s)
     seq.last_token_s = now
     delta = seq.output.push(token, seq.sampler.pop_logprob())
+    if seq.prompt_logprobs is not None:
+        delta.prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None
     if delta.finish_reason is not None:
         metrics.e2e.observe(now - seq.arrival_s)
         metrics.finished(delta.finish_reason)
     return delta
+
+
+def prompt_logprobs(scores: list[Score], top: int, text: Callable[[int], str]) -> list[TokenLogprob]:
+    """A prompt's scores (runner.take_scores) as TokenLogprobs with their tokens' text, `top` best each."""
+    return [
+        TokenLogprob(
+            text(token_id),
+            logprob,
+            tuple((text(i), lp) for i, lp in zip(ids[:top], lps[:top], strict=True)),
+            token_id=token_id,
+            rank=rank,
+            top_ids=ids[:top],
+        )
+        for token_id, logprob, rank, ids, lps in scores
+    ]
 
 
 def with_generated(inputs: dict[str, Any], generated: list[int]) -> dict[str, Any]:

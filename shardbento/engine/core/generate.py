@@ -17,7 +17,7 @@ from shardbento.engine.base import SamplingParams
 from shardbento.engine.batch.sampler import RequestSampler, forced_generate_kwargs
 from shardbento.engine.batch.scheduler import FatalEngineError, Outbox
 from shardbento.engine.batch.sequence import Sequence, stream_token
-from shardbento.errors import Overloaded
+from shardbento.errors import InvalidRequest, Overloaded
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,12 @@ class GenerateLoop:
         local.on_token = self._token
 
     def submit(self, *seqs: Sequence) -> None:
+        if any(seq.scoring is not None for seq in seqs):
+            raise InvalidRequest(
+                "prompt logprobs are not available for this model: it runs one request at a time through "
+                "generate(), which keeps no prompt logits",
+                param="prompt_logprobs",
+            )
         with self._wake:
             if len(self._waiting) + len(seqs) > self._limits.max_waiting + 1:
                 raise Overloaded(

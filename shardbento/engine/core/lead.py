@@ -28,7 +28,7 @@ from shardbento.engine.core.messages import (
 from shardbento.engine.core.relay import MetricsRelay
 from shardbento.engine.hf.preprocess import Preprocessor
 from shardbento.engine.output import OutputStream
-from shardbento.errors import Overloaded, ShardbentoError
+from shardbento.errors import ShardbentoError
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +129,7 @@ class SequenceFactory:
         output = OutputStream(prompts.tokenizer, prompt.token_ids, params, set(prompts.eos_token_ids))
         sampler = prompts.sampler(params, prompt.token_ids)
         seq = Sequence(request_id, list(prompt.token_ids), sampler, output, channel)
+        seq.scoring = params.prompt_logprobs
         if prompt.num_images:
             seq.inputs = dict(prompt.inputs)
             if self.caches_image_prefixes and self.image_token_id in prompt.token_ids:
@@ -211,7 +212,7 @@ def _admit(
         live[seq.channel] = seq  # before submit: the loop may finish it before submit returns
     try:
         loop.submit(*seqs)
-    except Overloaded as exc:
+    except ShardbentoError as exc:  # a 429 at capacity, or what this loop cannot serve
         for seq in seqs:
             live.pop(seq.channel, None)
         sender.deliver([(message.ticket, exc) for message in choices])
@@ -221,8 +222,10 @@ def follow(runner: Any, control: Any) -> None:
     """A follower rank: replay rank 0's runner calls on this shard, in order, until Stop.
 
     A call that raises ends the process: the service's watchdog then stops serving, rather than
-    leaving the ranks out of step.
+    leaving the ranks out of step. A follower computes no prompt logprobs (rank 0 delivers them).
     """
+    if hasattr(runner, "keeps_scores"):
+        runner.keeps_scores = False
     with torch.inference_mode():
         while isinstance(call := control.get(), RunnerCall):
             getattr(runner, call.method)(*call.args)

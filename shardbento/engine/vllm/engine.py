@@ -55,6 +55,7 @@ def to_vllm_params(params: SamplingParams, eos_ids: set[int]) -> Any:
         ignore_eos=params.ignore_eos,
         stop_token_ids=sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))),
         logprobs=params.logprobs,
+        prompt_logprobs=params.prompt_logprobs,
         detokenize=False,
         structured_outputs=_structured_outputs(params.constraint),
     )
@@ -180,6 +181,8 @@ class VLLMEngine(PreprocessorPrompts):
                 if prompt.num_images and output.num_tokens == 0:
                     _check_prompt_length(prompt, result, request_id)
                 deltas = self._deltas(output, result.outputs[0], params.logprobs or 0)
+                if params.prompt_logprobs is not None and output.num_tokens == len(deltas) and deltas:
+                    deltas[0].prompt_logprobs = self._prompt_logprobs(result, params.prompt_logprobs)
                 timer.scheduled(result.metrics)
                 timer.tokens(sum(len(delta.token_ids) for delta in deltas))
                 if output.finished:
@@ -215,10 +218,29 @@ class VLLMEngine(PreprocessorPrompts):
     def _logprob(self, token_id: int, candidates: dict[int, Any], num_top: int) -> TokenLogprob:
         """Like the transformers sampler: the chosen token's raw logprob and the num_top best, by rank."""
         decode = self._prompts.token_text
-        ranked = sorted(candidates.items(), key=lambda item: item[1].rank)
-        top = tuple((decode(i), float(lp.logprob)) for i, lp in ranked if 1 <= lp.rank <= num_top)
+        ranked = sorted(candidates.items(), key=lambda item: item[1].rank or 0)
+        best = [(i, float(lp.logprob)) for i, lp in ranked if 1 <= (lp.rank or 0) <= num_top]
         chosen = candidates[token_id]
-        return TokenLogprob(token=decode(token_id), logprob=float(chosen.logprob), top=top)
+        return TokenLogprob(
+            token=decode(token_id),
+            logprob=float(chosen.logprob),
+            top=tuple((decode(i), lp) for i, lp in best),
+            token_id=int(token_id),
+            rank=int(chosen.rank or 0),
+            top_ids=tuple(int(i) for i, _ in best),
+        )
+
+    def _prompt_logprobs(self, result: Any, num_top: int) -> list[TokenLogprob]:
+        """vLLM's prompt logprobs (None for the first token, then each token's and the num_top best) as
+        the transformers engine gives them."""
+        entries = list(result.prompt_logprobs or [])
+        token_ids = list(result.prompt_token_ids or [])
+        return [
+            TokenLogprob(self._prompts.token_text(token_id), None, token_id=int(token_id))
+            if entry is None
+            else self._logprob(token_id, entry, num_top)
+            for token_id, entry in zip(token_ids, entries, strict=True)
+        ]
 
 
 def _check_prompt_length(prompt: Prompt, result: Any, request_id: str) -> None:
