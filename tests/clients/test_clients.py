@@ -102,6 +102,32 @@ def test_clients_openai_n_penalties_developer_role_and_model_card(base_url: str)
     assert forced.choices[0].message.content == expected["prompt"]
 
 
+def test_clients_openai_echo_logprobs_score_a_continuation(base_url: str) -> None:
+    """lm-eval's loglikelihood request through the openai SDK (token ids, echo, logprobs 1, max_tokens 1):
+    the prompt's logprobs first, the first null, none above its position's best, and the greedy token
+    generated after them is that position's best."""
+    import httpx
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key="unused")
+    root = base_url.removesuffix("/v1")
+    tokenized = httpx.post(
+        f"{root}/tokenize", json={"model": MODEL, "prompt": "Question: a bento? Answer: yes"}
+    )
+    ids = tokenized.json()["tokens"]
+    scored = client.completions.create(
+        model=MODEL, prompt=[ids], max_tokens=1, temperature=0, echo=True, logprobs=1
+    )
+    logprobs = scored.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(ids) + 1
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    for lp, top in zip(logprobs.token_logprobs[1:], logprobs.top_logprobs[1:], strict=True):
+        assert len(top) == 1 and lp <= max(top.values()) + 1e-4 and lp < 0
+    assert logprobs.token_logprobs[-1] == pytest.approx(max(logprobs.top_logprobs[-1].values()), abs=1e-4)
+    text = httpx.post(f"{root}/detokenize", json={"model": MODEL, "tokens": ids}).json()["prompt"]
+    assert scored.choices[0].text.startswith(text)
+
+
 def langchain_model(base_url: str):
     from langchain_openai import ChatOpenAI
 
