@@ -161,7 +161,7 @@ def markdown(rows: dict[str, dict]) -> str:
         "How the turns are served: the prompts a step admits are prefilled packed in one row, each from its",
         "own cached prefix with no padding, and in the same forward as the running conversations' next",
         "tokens (a mixed step, as vLLM's chunked prefill batches them), so a turn's arrival costs no",
-        "separate decode forward; a step's prompt tokens stay within `max_prefill_tokens`.",
+        "separate decode forward; a step's tokens stay within `max_num_batched_tokens`.",
     ]
     return "\n".join(lines) + "\n"
 
