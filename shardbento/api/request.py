@@ -42,6 +42,7 @@ class Sampling:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; N: the chosen token plus N alternatives
     constraint: Constraint | None = None  # response_format (a tool_choice that forces a call wins)
+    adapter: str | None = None  # a LoRA adapter's name (the /v1 `model`, the typed APIs' `adapter`)
 
 
 @dataclass(frozen=True, slots=True)

@@ -324,6 +324,27 @@ class ModelObject(BaseModel):
     max_model_len: int
     kind: Literal["text", "vision"]
     ready: bool
+    root: str | None = None  # vLLM's: the base model's source, or a LoRA adapter's
+    parent: str | None = None  # vLLM's: a LoRA adapter's base model
+
+
+class LoadLoraAdapterRequest(BaseModel):
+    """vLLM's POST /v1/load_lora_adapter."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: str
+    lora_path: str
+    load_inplace: Literal[False] = False
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    """vLLM's POST /v1/unload_lora_adapter."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: str
+    lora_int_id: int | None = None
 
 
 class ModelList(BaseModel):

@@ -61,7 +61,13 @@ def _chunk(seq: Sequence, start: int, budget: int, prefix: tuple[int, ...]) -> P
     take = context[start : start + budget]
     done = start + len(take) == len(context)
     return PrefillChunk(
-        seq.seq_id, tuple(take), start, 0 if done else None, prefix=prefix, length=len(context)
+        seq.seq_id,
+        tuple(take),
+        start,
+        0 if done else None,
+        prefix=prefix,
+        length=len(context),
+        lora_slot=seq.lora_slot,
     )
 
 
@@ -75,7 +81,7 @@ def _vision_head(
         if not room(1, len(context)):
             return []  # it waits for running sequences to finish (or be preempted)
         inputs = with_generated(seq.inputs, seq.generated)
-        return [(PrefillChunk(seq.seq_id, tuple(context), 0, 0, inputs), [seq])]
+        return [(PrefillChunk(seq.seq_id, tuple(context), 0, 0, inputs, lora_slot=seq.lora_slot), [seq])]
     start = len(hit) * PREFIX_BLOCK
     if not room(1, max(len(context), grown + _steps(len(context) - start, budget) - 1)):
         return []
@@ -104,7 +110,15 @@ def _first_chunk(
     keep.update(hit)
     seq.cached = start
     take = context[start : start + left]
-    chunk = PrefillChunk(seq.seq_id, tuple(take), start, None, prefix=tuple(hit), length=len(context))
+    chunk = PrefillChunk(
+        seq.seq_id,
+        tuple(take),
+        start,
+        None,
+        prefix=tuple(hit),
+        length=len(context),
+        lora_slot=seq.lora_slot,
+    )
     return [(chunk, [seq])]
 
 
@@ -115,6 +129,11 @@ def _steps(tokens: int, budget: int) -> int:
 def is_twin(seq: Sequence) -> bool:
     """Whether the sequence may share another's prefill: a fresh text prompt."""
     return seq.inputs is None and not seq.num_prefilled and not seq.generated
+
+
+def twin_key(seq: Sequence) -> tuple[int, tuple[int, ...]]:
+    """What equal prompts share to share a prefill: their tokens under the same salt (LoRA adapter)."""
+    return seq.prefix_salt, tuple(seq.context())
 
 
 def plan_together(
@@ -137,9 +156,9 @@ def plan_together(
     stopped = len(candidates)
     for index, seq in enumerate(candidates):
         context = seq.context()
-        if tuple(context) in prompts and is_twin(seq):
+        if twin_key(seq) in prompts and is_twin(seq):
             continue  # a twin: join_twins adds it
-        prompts.add(tuple(context))
+        prompts.add(twin_key(seq))
         if seq.inputs is not None or seq.num_prefilled:
             stopped = index  # a vision prompt goes alone, as the head
             break
@@ -161,7 +180,10 @@ def plan_together(
             start = min(start, max(0, len(context) - width))
         prefix = tuple(blocks[: -(-start // PREFIX_BLOCK)]) if start else ()
         seq.cached = start
-        planned.append((PrefillChunk(seq.seq_id, tuple(context[start:]), start, 0, prefix=prefix), [seq]))
+        chunk = PrefillChunk(
+            seq.seq_id, tuple(context[start:]), start, 0, prefix=prefix, lora_slot=seq.lora_slot
+        )
+        planned.append((chunk, [seq]))
     return planned, stopped
 
 
@@ -169,7 +191,7 @@ def join_twins(planned: Planned, candidates: list[Sequence], room: Room) -> None
     """Add each waiting fresh text prompt equal to a prompt completed by a planned chunk to its group,
     while the KV pool holds one more row."""
     completing = {
-        tuple(group[0].prompt_ids): group
+        twin_key(group[0]): group
         for chunk, group in planned
         if chunk.slot is not None and chunk.inputs is None and not group[0].generated
     }
@@ -179,7 +201,7 @@ def join_twins(planned: Planned, candidates: list[Sequence], room: Room) -> None
     for seq in candidates:
         if id(seq) in taken or not is_twin(seq):
             continue
-        group = completing.get(tuple(seq.prompt_ids))
+        group = completing.get(twin_key(seq))
         if group is not None and room(rows + 1, longest):
             group.append(seq)
             rows += 1

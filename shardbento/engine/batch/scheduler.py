@@ -69,6 +69,8 @@ class Scheduler:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()  # set when the loop has ended
+        self._tasks: list[Callable[[], None]] = []  # call_soon's, run between steps
+        self.adapters: Any = None  # LoRA: an AdapterSlots, which admits waiting requests by adapter
         if start:
             threading.Thread(target=self.run, name="shardbento-scheduler", daemon=True).start()
 
@@ -88,6 +90,12 @@ class Scheduler:
 
     def _free_slots(self) -> int:
         return self._runner.kv.num_slots - len(self._running)
+
+    def call_soon(self, task: Callable[[], None]) -> None:
+        """Run `task` on the engine thread between two steps (adapter loads: never during a forward)."""
+        with self._wake:
+            self._tasks.append(task)
+            self._wake.notify()
 
     def wake(self) -> None:
         with self._wake:
@@ -122,10 +130,13 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._closed and not self._waiting and not self._running:
+                while not self._closed and not self._waiting and not self._running and not self._tasks:
                     self._wake.wait()
                 if self._closed:
                     return
+                tasks, self._tasks = self._tasks, []
+            for task in tasks:
+                task()
             try:
                 with torch.inference_mode():
                     self._step()
@@ -166,7 +177,8 @@ class Scheduler:
             self._preempt()
             if self._running:
                 masks = prefetch_masks([seq.sampler for seq in self._running])  # made during the forward
-                logits = self._forward("decode", [seq.next_token for seq in self._running])
+                tokens = [seq.next_token for seq in self._running]
+                logits = self._forward("decode", tokens, [seq.lora_slot for seq in self._running])
                 self._advance(list(range(len(self._running))), logits, masks)
         self._metrics.running.set(len(self._running))
         self._metrics.waiting.set(len(self._waiting))
@@ -217,7 +229,8 @@ class Scheduler:
         prompts cost no separate decode forward (the plan left room for both)."""
         running = len(self._running)
         masks = prefetch_masks([seq.sampler for seq in self._running])  # the joining rows' come after
-        prompts, decoded = self._forward("mixed", chunks, [seq.next_token for seq in self._running])
+        tokens, slots = [seq.next_token for seq in self._running], [seq.lora_slot for seq in self._running]
+        prompts, decoded = self._forward("mixed", chunks, tokens, slots)
         rows, joined = self._join(chunks, groups)
         self._advance([*range(running), *rows], torch.cat([decoded, prompts[joined]]), masks)
 
@@ -280,6 +293,8 @@ class Scheduler:
         cached blocks are evicted for what joins."""
         with self._wake:
             candidates = list(self._waiting)[: self._free_slots()]
+            if self.adapters is not None:  # those whose adapters the device can hold beside the running
+                candidates = self.adapters.admit(candidates, self._running, self._chunking, self._waiting)
         if not candidates:
             return [], []
         kv = self._runner.kv

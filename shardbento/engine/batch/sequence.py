@@ -42,6 +42,8 @@ class Sequence:
     # images it may not cache); `image_end` is the token after its last image token.
     prefix_salt: int = 0
     image_end: int = 0
+    adapter: int = 0  # the LoRA adapter's id on rank 0 (0: the base model); its salt is in prefix_salt
+    lora_slot: int = -1  # the adapter's device slot while the sequence is admitted (-1: none)
 
     def context(self) -> list[int]:
         """The tokens a prefill computes: the prompt, and after a preemption what was generated."""
