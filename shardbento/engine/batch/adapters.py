@@ -26,6 +26,10 @@ class AdapterSlots:
         self._retired: set[int] = set()  # unloaded: forgotten once no request holds them
         self._reported: tuple[str, str] | None = None
 
+    def slots(self, running: list[Sequence]) -> tuple[list[int], ...]:
+        """The running rows' adapter slots, as the runner's forwards take them (their last argument)."""
+        return ([seq.lora_slot for seq in running],)
+
     def retire(self, adapter: int) -> None:
         """An unloaded adapter: requests that hold it finish; then its slot and host copy go."""
         self._retired.add(adapter)
@@ -87,3 +91,16 @@ class AdapterSlots:
         if names != self._reported:
             self._reported = names
             self._metrics.lora_info(*names)
+
+
+class NoAdapters:
+    """A scheduler without LoRA adapters: every candidate is admitted, forwards get no slots."""
+
+    def admit(self, candidates: list[Sequence], *_: Any) -> list[Sequence]:
+        return candidates
+
+    def slots(self, running: list[Sequence]) -> tuple[list[int], ...]:
+        return ()
+
+
+NO_ADAPTERS = NoAdapters()

@@ -14,6 +14,7 @@ import torch
 
 from shardbento.catalog import ServingLimits
 from shardbento.engine.base import Delta, DeltaChannel
+from shardbento.engine.batch.adapters import NO_ADAPTERS
 from shardbento.engine.batch.kvslots import PREFIX_BLOCK
 from shardbento.engine.batch.planner import MIN_CHUNK, choose_chunks, join_twins, mixable, place
 from shardbento.engine.batch.prefix import PrefixCache
@@ -70,7 +71,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()  # set when the loop has ended
         self._tasks: list[Callable[[], None]] = []  # call_soon's, run between steps
-        self.adapters: Any = None  # LoRA: an AdapterSlots, which admits waiting requests by adapter
+        self.adapters: Any = NO_ADAPTERS  # LoRA: an AdapterSlots admits waiting requests by adapter
         if start:
             threading.Thread(target=self.run, name="shardbento-scheduler", daemon=True).start()
 
@@ -178,7 +179,7 @@ class Scheduler:
             if self._running:
                 masks = prefetch_masks([seq.sampler for seq in self._running])  # made during the forward
                 tokens = [seq.next_token for seq in self._running]
-                logits = self._forward("decode", tokens, [seq.lora_slot for seq in self._running])
+                logits = self._forward("decode", tokens, *self.adapters.slots(self._running))
                 self._advance(list(range(len(self._running))), logits, masks)
         self._metrics.running.set(len(self._running))
         self._metrics.waiting.set(len(self._waiting))
@@ -229,8 +230,8 @@ class Scheduler:
         prompts cost no separate decode forward (the plan left room for both)."""
         running = len(self._running)
         masks = prefetch_masks([seq.sampler for seq in self._running])  # the joining rows' come after
-        tokens, slots = [seq.next_token for seq in self._running], [seq.lora_slot for seq in self._running]
-        prompts, decoded = self._forward("mixed", chunks, tokens, slots)
+        tokens = [seq.next_token for seq in self._running]
+        prompts, decoded = self._forward("mixed", chunks, tokens, *self.adapters.slots(self._running))
         rows, joined = self._join(chunks, groups)
         self._advance([*range(running), *rows], torch.cat([decoded, prompts[joined]]), masks)
 
@@ -292,9 +293,8 @@ class Scheduler:
         compute. Nothing joins that the KV pool cannot hold beside the running sequences' next tokens;
         cached blocks are evicted for what joins."""
         with self._wake:
-            candidates = list(self._waiting)[: self._free_slots()]
-            if self.adapters is not None:  # those whose adapters the device can hold beside the running
-                candidates = self.adapters.admit(candidates, self._running, self._chunking, self._waiting)
+            candidates = list(self._waiting)[: self._free_slots()]  # the adapters' slots may hold fewer
+            candidates = self.adapters.admit(candidates, self._running, self._chunking, self._waiting)
         if not candidates:
             return [], []
         kv = self._runner.kv
