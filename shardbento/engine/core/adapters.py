@@ -9,7 +9,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from shardbento.catalog import GENERATED_PREFIX, ModelSpec
+from pathlib import Path
+
+from shardbento.catalog import GENERATED_PREFIX, ModelSpec, catalog_dir
 from shardbento.engine.base import Delta
 from shardbento.engine.core.messages import LoadAdapter, UnloadAdapter
 from shardbento.errors import InvalidRequest, ModelNotFound, ShardbentoError
@@ -21,11 +23,15 @@ Deliver = Callable[[list[tuple[int, Any]]], Any]
 
 
 def adapter_dir(name: str, source: LoraSource) -> str:
-    """A catalog adapter's local directory: a path, a hub download, or a generated tiny adapter."""
+    """A catalog adapter's local directory: a path (a relative one is the catalog's, as a Bento carries
+    it), a hub download, or a generated tiny adapter."""
     if source.source.startswith(GENERATED_PREFIX):
         from shardbento.tiny.lora import ensure_adapter
 
         return str(ensure_adapter(source.source.removeprefix(GENERATED_PREFIX)))
+    relative = Path(source.source)
+    if not source.is_hub and not relative.is_absolute() and (catalog_dir() / relative).is_dir():
+        source = LoraSource(source=str(catalog_dir() / relative))
     return str(local_adapter_path(name, source))
 
 

@@ -115,13 +115,13 @@ def _runner(loaded: Loaded, config: RankConfig) -> tuple[Any, bool]:
     if spec.kind == "text" or model_type in BATCHED_VISION_TYPES:
         from shardbento.engine.batch.runner import ModelRunner
 
+        from shardbento.engine.core.adapters import register_catalog
+
         runner = ModelRunner(loaded.model, config.plan.max_num_seqs, config.plan.max_model_len)
+        register_catalog(runner, spec)  # their device slots are allocated before the KV pool is sized
         with torch.inference_mode():
             tokens = runner.allocate_pool(spec.limits)
         logger.info("model %s: KV pool of %d tokens (%s)", spec.name, tokens, runner.pool_source)
-        from shardbento.engine.core.adapters import register_catalog
-
-        register_catalog(runner, spec)  # after the load-time checks: they run on the base model
         return runner, True
     if spec.lora_adapters:
         raise RuntimeError(

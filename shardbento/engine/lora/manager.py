@@ -42,7 +42,10 @@ class LoraManager:
         return weights
 
     def register(self, uid: int, name: str, path: str) -> None:
+        """Keep the adapter on the host; the layers it targets get their device slots now."""
         self.host[uid] = self.read(name, path)
+        for module in self.host[uid].modules:
+            self._layer(module)
         logger.info("LoRA adapter %s (rank %d, %d layers) registered", name, self.host[uid].rank,
                     len(self.host[uid].modules))  # fmt: skip
 
