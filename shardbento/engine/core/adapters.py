@@ -7,9 +7,8 @@ import functools
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 from shardbento.catalog import GENERATED_PREFIX, ModelSpec, catalog_dir
 from shardbento.engine.base import Delta

@@ -114,7 +114,6 @@ def _runner(loaded: Loaded, config: RankConfig) -> tuple[Any, bool]:
     model_type = getattr(loaded.model.config, "model_type", None)
     if spec.kind == "text" or model_type in BATCHED_VISION_TYPES:
         from shardbento.engine.batch.runner import ModelRunner
-
         from shardbento.engine.core.adapters import register_catalog
 
         runner = ModelRunner(loaded.model, config.plan.max_num_seqs, config.plan.max_model_len)
