@@ -135,6 +135,9 @@ VLLM_MANAGED_ARGS: dict[str, str] = {
     "max_num_seqs": "limits.max_num_seqs",
     "enable_prefix_caching": "limits.prefix_caching",
     "max_num_batched_tokens": "limits.max_num_batched_tokens",
+    "enable_lora": "lora_adapters",
+    "max_loras": "max_loras",
+    "max_lora_rank": "max_lora_rank",
 }
 
 
