@@ -33,7 +33,7 @@ from shardbento.api.request import GenerationRequest
 from shardbento.api.serving import Serving, new_request_id
 from shardbento.api.ui import ui_app
 from shardbento.catalog import select_spec
-from shardbento.deploy.bento import bento_labels, hub_weights, image_for, service_envs
+from shardbento.deploy import bento as deploy
 from shardbento.engine.base import ChatMessage
 from shardbento.errors import InvalidRequest
 from shardbento.plan.weights import check_spec_weights
@@ -46,7 +46,7 @@ class ServiceArgs(BaseModel):
 
 
 SPEC = select_spec(bentoml.use_arguments(ServiceArgs).model)
-HUB_WEIGHTS = hub_weights(SPEC)
+HUB_WEIGHTS = deploy.hub_weights(SPEC)
 OPENAI_APP = create_openai_app()
 ROOT_APP = create_root_app()  # vLLM's root endpoints: /health, /version, /tokenize, /detokenize
 replace_bentoml_timeout()  # BentoML's own keeps every request's context alive for traffic.timeout
@@ -59,9 +59,9 @@ replace_bentoml_timeout()  # BentoML's own keeps every request's context alive f
     # (no Retry-After, not OpenAI's shape) counting even the requests InFlightLimit refuses cheaply.
     # traffic.concurrency is what BentoCloud autoscales on: the batch this replica runs at once.
     traffic={"timeout": 600, "concurrency": SPEC.limits.max_num_seqs},
-    envs=service_envs(SPEC),
-    labels=bento_labels(SPEC),
-    image=image_for(SPEC),
+    envs=deploy.service_envs(SPEC),
+    labels=deploy.bento_labels(SPEC),
+    image=deploy.image_for(SPEC),
 )
 @bentoml.asgi_app(OPENAI_APP, path="/v1")
 @bentoml.asgi_app(ui_app, path="/ui")
@@ -69,8 +69,9 @@ replace_bentoml_timeout()  # BentoML's own keeps every request's context alive f
 class ShardBento:
     """Serves one catalog model through typed APIs; see docs/structure.md for a request's path."""
 
-    # Hub weights, declared the BentoML way so a built Bento and its image carry them; None otherwise.
-    weights = HUB_WEIGHTS
+    # Hub weights and LoRA adapters (lora_0, ...), declared the BentoML way (class attributes) so a
+    weights = HUB_WEIGHTS  # built Bento and its image carry them
+    vars().update(deploy.hub_adapters(SPEC))
 
     def __init__(self) -> None:
         self.serving = Serving(SPEC)
@@ -95,10 +96,8 @@ class ShardBento:
             logger.exception("model %s failed to load", SPEC.name)
 
     def _local_spec(self) -> Any:
-        """The spec with hub weights replaced by BentoML's copy of them (downloaded on first read)."""
-        if HUB_WEIGHTS is None:
-            return SPEC
-        return SPEC.model_copy(update={"source": self.weights})
+        """The spec with hub weights and adapters replaced by BentoML's copies (downloaded on first read)."""
+        return deploy.local_spec(SPEC, self)
 
     @bentoml.on_shutdown
     def stop_engine(self) -> None:

@@ -17,6 +17,7 @@ from pydantic import (
     model_validator,
 )
 
+from shardbento.lora import LoraSource, check_adapter_name
 from shardbento.reasoning import REASONING_PARSERS, UNIMPLEMENTED_PARSERS
 
 CATALOG_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -134,6 +135,9 @@ VLLM_MANAGED_ARGS: dict[str, str] = {
     "max_num_seqs": "limits.max_num_seqs",
     "enable_prefix_caching": "limits.prefix_caching",
     "max_num_batched_tokens": "limits.max_num_batched_tokens",
+    "enable_lora": "lora_adapters",
+    "max_loras": "max_loras",
+    "max_lora_rank": "max_lora_rank",
 }
 
 
@@ -216,6 +220,15 @@ class ModelSpec(BaseModel):
         "deepseek_r1, qwen3, glm45); detected from the chat template when unset.",
     )
     trust_remote_code: bool = False
+    lora_adapters: dict[str, LoraSource] = Field(
+        default_factory=dict,
+        description="LoRA adapters of this base model a request picks by name (`model`): name -> hub id "
+        "or local PEFT directory (or {source, revision}).",
+    )
+    max_lora_rank: int = Field(16, ge=1, le=512, description="The largest adapter rank accepted.")
+    max_loras: int = Field(
+        4, ge=1, le=256, description="Adapters held on the device at once (least recently used evicted)."
+    )
 
     @field_validator("reasoning_parser")
     @classmethod
@@ -260,6 +273,8 @@ class ModelSpec(BaseModel):
             )
         if self.device == "cpu" and self.gpus > 1 and self.parallel != "tensor":
             raise ValueError("device: cpu with gpus > 1 is a CPU tensor-parallel world; set parallel: tensor")
+        for adapter in self.lora_adapters:
+            check_adapter_name(adapter, self.name)
         return self
 
     @property

@@ -49,6 +49,7 @@ class EngineMetrics:
     request_success: Any
     engine_step: Any
     engine_step_host: Any
+    lora_requests_info: Any
 
 
 @functools.cache
@@ -101,6 +102,13 @@ def engine_metrics() -> EngineMetrics:
             "(on GPUs also the wait for the forward's kernels, which the copy of the chosen ids makes).",
             _STEP_BUCKETS_S,
         ),
+        lora_requests_info=Gauge(
+            f"{PREFIX}:lora_requests_info",
+            "LoRA adapters of running and waiting requests (vLLM's metric): the labels say which, the "
+            "value is when they last changed (Unix seconds; the newest series is the current one).",
+            ["model_name", "max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+            multiprocess_mode="mostrecent",
+        ),
         request_success=Counter(
             f"{PREFIX}:request_success",
             "Finished requests by finish reason (stop, length, abort, error).",
@@ -130,12 +138,20 @@ class RequestMetrics:
         "step_host": "engine_step_host",
     }
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, max_loras: int = 0) -> None:
         families = engine_metrics()
         self._model = model_name
+        self._max_loras = str(max_loras)
+        self._lora_info = families.lora_requests_info
         for attribute, family in self.CHILDREN.items():
             setattr(self, attribute, getattr(families, family).labels(model_name))
         self._success = families.request_success
 
     def finished(self, reason: str) -> None:
         self._success.labels(self._model, reason).inc()
+
+    def lora_info(self, running: str, waiting: str) -> None:
+        """The adapters (comma-separated names) of the running and of the waiting requests now."""
+        import time
+
+        self._lora_info.labels(self._model, self._max_loras, running, waiting).set(time.time())

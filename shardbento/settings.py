@@ -37,6 +37,7 @@ class Settings:
     fault_injection: str | None = None  # test-only: see shardbento/api/middleware/faults.py
     engine_fault: str | None = None  # test-only: "METHOD@N", rank 0's N-th runner METHOD call fails
     collective_timeout_s: float = 600.0  # a tensor-parallel collective waiting for a peer fails after this
+    allow_runtime_lora_updating: bool = False  # POST /v1/load_lora_adapter and unload (vLLM's switch)
 
     def __repr__(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "api_key"}

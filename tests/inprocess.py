@@ -4,6 +4,7 @@ adds (messages, the router, a dying rank) is tested against the real engine proc
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,8 +12,10 @@ import torch
 
 from shardbento.catalog import ServingLimits
 from shardbento.engine.base import Delta, DeltaChannel, Prompt, SamplingParams, StartTogether, choice_ids
+from shardbento.engine.batch.adapters import AdapterSlots
 from shardbento.engine.batch.runner import ModelRunner
 from shardbento.engine.batch.scheduler import Scheduler
+from shardbento.engine.core.adapters import AdapterRegistry, register_catalog
 from shardbento.engine.core.lead import SequenceFactory
 from shardbento.engine.core.rank import PREFIX_CACHED_VISION_TYPES
 from shardbento.engine.hf.loading import LoadedModel
@@ -30,12 +33,21 @@ class InProcessEngine:
         with torch.inference_mode():
             self.kv_pool_tokens = self.runner.allocate_pool(limits)
         config = loaded.model.config
+        spec = loaded.prompts.spec
+        registry = AdapterRegistry(register_catalog(self.runner, spec)) if spec.lora_adapters else None
         self.make_sequence = SequenceFactory(
             loaded.prompts,
             image_token_id=getattr(config, "image_token_id", None),
             caches_image_prefixes=getattr(config, "model_type", None) in PREFIX_CACHED_VISION_TYPES,
+            adapters=registry,
         )
-        self.scheduler = Scheduler(self.runner, limits, RequestMetrics(loaded.prompts.spec.name))
+        self.metrics = RequestMetrics(spec.name)
+        self.scheduler = Scheduler(self.runner, limits, self.metrics, start=False)
+        if registry is not None:  # as rank 0 runs it (engine/core/rank.py)
+            self.scheduler.adapters = AdapterSlots(
+                self.runner, spec.max_loras, registry.name_of, self.metrics
+            )
+        threading.Thread(target=self.scheduler.run, name="inprocess-scheduler", daemon=True).start()
 
     @property
     def model(self) -> Any:

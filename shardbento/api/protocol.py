@@ -48,6 +48,9 @@ class SamplingFields(BaseModel):
     presence_penalty: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
     frequency_penalty: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
     min_p: Annotated[float | None, Field(ge=0.0, le=1.0)] = None
+    adapter: str | None = Field(
+        None, description="A LoRA adapter of the model to answer with (GET /v1/models)."
+    )
 
 
 def sampling_of(fields: dict[str, Any]) -> Sampling:

@@ -43,6 +43,7 @@ class Sampling:
     logprobs: int | None = None  # None: off; N: the chosen token plus N alternatives
     constraint: Constraint | None = None  # response_format (a tool_choice that forces a call wins)
     prompt_logprobs: int | None = None  # None: off; N: each prompt token's logprob plus N alternatives
+    adapter: str | None = None  # a LoRA adapter's name (the /v1 `model`, the typed APIs' `adapter`)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 
+from shardbento.api.adapters import check_adapter
 from shardbento.api.middleware.faults import raise_requested_fault
 from shardbento.api.request import SEED_MAX, Completion, Generation, GenerationRequest, Sampling, ToolUse
 from shardbento.api.thinking import (
@@ -22,6 +23,7 @@ from shardbento.api.thinking import (
 )
 from shardbento.catalog import ModelSpec
 from shardbento.engine.base import (
+    Adapters,
     ChatMessage,
     Constraint,
     Delta,
@@ -73,6 +75,15 @@ class Serving:
         if not self.engine.is_ready():
             raise NotReady(f"model {self.spec.name!r} is not serving (an engine process stopped)")
         return self.engine
+
+    def adapters(self) -> Adapters | None:
+        """The engine's LoRA adapters (None while it loads, or for an engine with none)."""
+        return getattr(self.engine, "adapters", None)
+
+    def adapter_names(self) -> list[str]:
+        """What a request may name besides the base model: the catalog's adapters and loaded ones."""
+        adapters = self.adapters()
+        return adapters.names() if adapters is not None else list(self.spec.lora_adapters)
 
     def check_messages(self, messages: Sequence[ChatMessage]) -> list[ChatMessage]:
         if not messages:
@@ -259,6 +270,7 @@ class Serving:
         (the engine prefills the prompt once for them) and return once each has its first delta (see
         Generation); every failure is a typed error, and one choice's failure stops them all."""
         engine = self.ready_engine()
+        check_adapter(request.sampling.adapter, self.adapter_names())
         check_reasoning_effort(engine, request, self.spec.name)
         tool_use = self._tool_use(engine, request)
         prompt = await self._prompt(engine, request)

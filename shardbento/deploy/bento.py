@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shardbento.catalog import ModelSpec, catalog_dir
+from shardbento.lora import LoraSource
 
 if TYPE_CHECKING:
     from bentoml import Bento
@@ -83,6 +84,51 @@ def hub_weights(spec: ModelSpec) -> HuggingFaceModel | None:
     return HuggingFaceModel(spec.source, revision=spec.revision, exclude=HUB_EXCLUDE)
 
 
+def hub_adapters(spec: ModelSpec) -> dict[str, HuggingFaceModel]:
+    """The entry's hub LoRA adapters declared the BentoML way (class attributes `lora_<i>`, in name
+    order), so a Bento and its image carry them as they carry the base weights."""
+    from bentoml.models import HuggingFaceModel
+
+    return {
+        f"lora_{i}": HuggingFaceModel(source.source, revision=source.revision)
+        for i, (_, source) in enumerate(sorted(spec.lora_adapters.items()))
+        if source.is_hub
+    }
+
+
+def local_spec(spec: ModelSpec, service: object) -> ModelSpec:
+    """The spec with hub weights and hub adapters replaced by BentoML's copies of them (downloaded on
+    first read), as `service` (the ShardBento instance) resolves its declared models."""
+    update: dict[str, object] = {}
+    if is_hub_source(spec):
+        update["source"] = str(service.weights)  # type: ignore[attr-defined]
+    adapters = dict(spec.lora_adapters)
+    for i, (name, source) in enumerate(sorted(spec.lora_adapters.items())):
+        if source.is_hub:
+            adapters[name] = LoraSource(source=str(getattr(service, f"lora_{i}")))
+    return spec.model_copy(update={**update, "lora_adapters": adapters}) if update or adapters else spec
+
+
+def stage_local_adapters(spec: ModelSpec, context: Path) -> None:
+    """Copy an entry's local adapter directories into the staged catalog (models/adapters/NAME) and
+    point its staged YAML at them, so the Bento carries them."""
+    import yaml
+
+    local = {
+        n: s for n, s in spec.lora_adapters.items() if not s.is_hub and not s.source.startswith("generated:")
+    }
+    if not local:
+        return
+    entry = context / "models" / f"{spec.name}.yaml"
+    data = yaml.safe_load(entry.read_text())
+    for name, source in local.items():
+        target = Path("adapters") / name.replace("/", "--")
+        path = Path(source.source).expanduser()
+        shutil.copytree(path if path.is_absolute() else catalog_dir() / path, context / "models" / target)
+        data["lora_adapters"][name] = str(target)
+    entry.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
 class ImageError(ValueError):
     """A catalog entry whose image cannot carry the engine it names."""
 
@@ -154,6 +200,7 @@ def build_bento(name: str, version: str | None = None) -> Bento:
     requirements_file(spec)  # an entry no image can carry is refused here, by name
     with tempfile.TemporaryDirectory(prefix="shardbento-build-") as context:
         _stage(Path(context))
+        stage_local_adapters(spec, Path(context))
         bento = bentoml.bentos.build_bentofile(
             str(Path(context) / BENTOFILE.name),
             name=bento_name(spec),

@@ -45,6 +45,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: off; N: the chosen token plus N alternatives
     constraint: Constraint | None = None  # a grammar the output must match (engine/grammar.py)
     prompt_logprobs: int | None = None  # None: off; N: each prompt token's logprob plus N alternatives
+    adapter: str | None = None  # the LoRA adapter the request runs under (None: the base model)
 
     @property
     def shapes_logits(self) -> bool:
@@ -209,11 +210,27 @@ class EngineInfo:
     kv_pool_tokens: int | None = None  # the batch's KV pool; a request must fit it alone (None: no pool)
 
 
+class Adapters(Protocol):
+    """An engine's LoRA adapters by name: the catalog entry's, and those loaded at run time."""
+
+    def names(self) -> list[str]: ...
+
+    def source(self, name: str) -> str:
+        """Where the adapter came from (its catalog source, or the path it was loaded from)."""
+
+    async def load(self, name: str, path: str) -> None:
+        """Register the PEFT adapter at `path` as `name` (a bad one is an InvalidRequest)."""
+
+    async def unload(self, name: str) -> None:
+        """New requests may no longer name it (ModelNotFound when unknown); running ones finish."""
+
+
 class Engine(Protocol):
     """What the HTTP layer needs from any engine (transformers, tensor-parallel, vLLM); `info` names the
     model, its devices and its vocabulary size, so every engine refuses the same bad token ids."""
 
     info: EngineInfo
+    adapters: Adapters | None  # None: the engine serves no LoRA adapters
 
     def render_chat(
         self, messages: list[ChatMessage], template_kwargs: dict[str, Any] | None = None

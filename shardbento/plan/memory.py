@@ -235,10 +235,13 @@ class Budget:
     activation_bytes: int
     max_model_len: int
     num_seqs: int
+    lora_bytes: int = 0  # LoRA adapters held on the device: max_loras of them at max_lora_rank
+    max_loras: int = 0
+    lora_rank: int = 0
 
     @property
     def total_bytes(self) -> int:
-        return self.weight_bytes + self.kv_bytes + self.activation_bytes
+        return self.weight_bytes + self.kv_bytes + self.activation_bytes + self.lora_bytes
 
     def needed_bytes(self, num_gpus: int) -> int:
         return self.total_bytes + num_gpus * CUDA_CONTEXT_BYTES
@@ -258,6 +261,8 @@ def budget(
     max_model_len: int,
     num_seqs: int = MIN_POOL_SEQUENCES,
     max_images: int = 1,
+    max_loras: int = 0,
+    lora_rank: int = 0,
 ) -> Budget:
     layer_b, embed_b = weight_bytes_per_param(dtype, quantization)
     heads = 1 if shape.tied else 2
@@ -278,7 +283,23 @@ def budget(
         activation_bytes=int(ACTIVATION_FRACTION * weights),
         max_model_len=max_model_len,
         num_seqs=num_seqs,
+        lora_bytes=max_loras * lora_adapter_bytes(shape, lora_rank, dtype),
+        max_loras=max_loras,
+        lora_rank=lora_rank,
     )
+
+
+def lora_adapter_bytes(shape: ModelShape, rank: int, dtype: str) -> int:
+    """One adapter's device slot at `rank`: A and B of every decoder linear (q, k, v, o, gate, up, down;
+    any of them may be targeted), in the model's dtype, as the engines pad every adapter to the bound."""
+    h, q, kv, inter = (
+        shape.hidden_size,
+        shape.num_heads * shape.head_dim,
+        shape.num_kv_heads * shape.head_dim,
+        shape.intermediate_size,
+    )
+    sides = (h + q) + 2 * (h + kv) + (q + h) + 3 * (h + inter)
+    return int(shape.num_layers * rank * sides * DTYPE_BYTES[dtype])
 
 
 def usable_bytes(num_gpus: int, gpu: GpuKind, utilization: float) -> int:

@@ -142,6 +142,8 @@ def plan_spec(
         quantization=shape.checkpoint_quantization or engine_quantization(spec, engine),
         max_model_len=context,
         max_images=spec.max_images if spec.kind == "vision" else 0,
+        max_loras=spec.max_loras if spec.lora_adapters else 0,
+        lora_rank=spec.max_lora_rank,
     )
     count = num_gpus or max(spec.gpus, 1)
     utilization = limits.gpu_memory_utilization
@@ -311,6 +313,13 @@ def render(plan: Plan) -> str:
             else ")"
         ),
         f"headroom   {need.activation_bytes / GIB:8.1f} GiB activations + {plan.num_gpus} GiB CUDA context",
+        *(
+            [
+                f"LoRA       {need.lora_bytes / GIB:8.2f} GiB  ({need.max_loras} adapters on the device at rank {need.lora_rank})"
+            ]
+            if need.max_loras
+            else []
+        ),
         f"KV pool    {plan.kv_pool_tokens or 0:8d} tokens, {(plan.kv_pool_tokens or 0) * need.kv_bytes_per_token / GIB:.1f} "
         f"GiB in all ({plan.kv_pool_source}): {(plan.kv_pool_tokens or 0) // need.max_model_len} sequences "
         f"at the full {need.max_model_len} tokens",

@@ -113,3 +113,36 @@ def test_bento_serves_from_the_store_in_a_fresh_venv(built, tmp_path: Path) -> N
         assert workers and {os.path.realpath(p.cwd()) for p in workers} == {os.path.realpath(path / "src")}
     finally:
         stop(process)
+
+
+def test_bento_of_an_entry_with_adapters_carries_them(tmp_path: Path) -> None:
+    """A local LoRA adapter is copied into the Bento's catalog and its entry points there; a hub adapter
+    is declared to BentoML as the hub weights are (a model of the service, baked into the Bento)."""
+    from shardbento.tiny.lora import ensure_adapter
+
+    catalog = tmp_path / "catalog"
+    shutil.copytree(REPO / "models", catalog)
+    adapter = ensure_adapter("tiny-llama-lora-a")
+    entry = {"source": "generated:tiny-llama", "kind": "text", "lora_adapters": {"mine": str(adapter)}}
+    (catalog / "tiny-llama-mine.yaml").write_text(yaml.safe_dump(entry))
+    env = {**_env(tmp_path / "bentoml-home"), "SHARDBENTO_CATALOG": str(catalog)}
+    _, path = _build("tiny-llama-mine", env)
+    staged = path / "src" / "models"
+    carried = yaml.safe_load((staged / "tiny-llama-mine.yaml").read_text())["lora_adapters"]["mine"]
+    assert carried == "adapters/mine"
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (staged / carried / name).read_bytes() == (adapter / name).read_bytes()
+
+    entry["lora_adapters"]["hub"] = {"source": "acme/tiny-adapter", "revision": "abc123"}
+    (catalog / "tiny-llama-mine.yaml").write_text(yaml.safe_dump(entry))
+    code = "import service; print([(m.model_id, m.revision) for m in service.ShardBento.models])"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env={**env, "SHARDBENTO_MODEL": "tiny-llama-mine"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "('acme/tiny-adapter', 'abc123')" in done.stdout

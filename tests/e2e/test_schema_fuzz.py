@@ -31,11 +31,11 @@ def v1_openapi() -> dict[str, Any]:
     """/v1 is a mounted Starlette app with no schema of its own: built from its wire models."""
     from pydantic.json_schema import models_json_schema
 
+    from shardbento.api.openai.endpoints_protocol import ModelList
     from shardbento.api.openai.protocol import (
         ChatCompletion,
         ChatCompletionRequest,
         CompletionRequest,
-        ModelList,
         TextCompletion,
     )
 

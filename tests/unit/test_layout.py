@@ -11,7 +11,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "shardbento"
 HEAVY = ("torch", "transformers", "accelerate", "vllm")
-LEAVES = ("catalog", "errors", "settings", "logs", "metrics", "toolcalls", "textmatch", "reasoning")
+LEAVES = ("catalog", "errors", "settings", "logs", "metrics", "toolcalls", "textmatch", "reasoning", "lora")
 # package -> the shardbento packages it must not import (anywhere in its modules, lazily included)
 FORBIDDEN = {
     "plan": ("api", "engine", "deploy", "bench"),

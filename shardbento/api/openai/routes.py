@@ -9,7 +9,7 @@ from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from shardbento import __version__
@@ -71,6 +71,14 @@ async def model(request: Request) -> Response:
     return _respond(_openai(request).model(request.path_params["model_id"]))
 
 
+async def load_lora_adapter(request: Request) -> Response:
+    return PlainTextResponse(await _openai(request).load_lora_adapter(await _body(request)))
+
+
+async def unload_lora_adapter(request: Request) -> Response:
+    return PlainTextResponse(await _openai(request).unload_lora_adapter(await _body(request)))
+
+
 async def _error(request: Request, exc: Exception) -> Response:
     return error_response(exc, f"{request.method} {request.url.path}")
 
@@ -120,6 +128,8 @@ def create_openai_app() -> Starlette:
             Route("/responses", responses, methods=["POST"]),
             Route("/models", models, methods=["GET"]),
             Route("/models/{model_id:path}", model, methods=["GET"]),
+            Route("/load_lora_adapter", load_lora_adapter, methods=["POST"]),
+            Route("/unload_lora_adapter", unload_lora_adapter, methods=["POST"]),
         ],
         exception_handlers=EXCEPTION_HANDLERS,
     )

@@ -10,7 +10,19 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from shardbento.api.adapters import load_adapter, unload_adapter
 from shardbento.api.image_urls import ImageFetchConfig, load_image
+from shardbento.api.openai.endpoints_protocol import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    LoadLoraAdapterRequest,
+    ModelList,
+    ModelObject,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+    UnloadLoraAdapterRequest,
+)
 from shardbento.api.openai.formatting import (
     chat_logprobs,
     completion_logprobs,
@@ -28,15 +40,8 @@ from shardbento.api.openai.protocol import (
     ChatCompletionRequest,
     CompletionChoice,
     CompletionRequest,
-    DetokenizeRequest,
-    DetokenizeResponse,
-    ModelList,
-    ModelObject,
     SamplingRequest,
     TextCompletion,
-    TokenizeChatRequest,
-    TokenizeCompletionRequest,
-    TokenizeResponse,
 )
 from shardbento.api.openai.streaming import (
     ChatChoiceStream,
@@ -65,16 +70,20 @@ class OpenAIServing:
         self.images = images
 
     def model(self, model_id: str) -> ModelObject:
-        """`GET /v1/models/{id}` (the SDK's models.retrieve): the served model, else a 404."""
+        """`GET /v1/models/{id}` (the SDK's models.retrieve): the served model or adapter, else a 404."""
         self._check_model(model_id)
-        return self.models().data[0]
+        return next(card for card in self.models().data if card.id == model_id)
 
-    def _check_model(self, model_id: str) -> None:
-        if model_id != self.serving.spec.name:
-            raise ModelNotFound(
-                f"The model {model_id!r} does not exist; this server serves {self.serving.spec.name!r}",
-                param="model",
-            )
+    def _check_model(self, model_id: str) -> str | None:
+        """The LoRA adapter a `model` names (None: the base model); any other name is a 404."""
+        if model_id == self.serving.spec.name:
+            return None
+        if model_id in self.serving.adapter_names():
+            return model_id
+        served = ", ".join(repr(name) for name in [self.serving.spec.name, *self.serving.adapter_names()])
+        raise ModelNotFound(
+            f"The model {model_id!r} does not exist; this server serves {served}", param="model"
+        )
 
     async def tokenize(self, body: Any) -> TokenizeResponse:
         """vLLM's POST /tokenize: chat messages (through the chat template) or a raw prompt."""
@@ -106,20 +115,33 @@ class OpenAIServing:
         return DetokenizeResponse(prompt=await self.serving.detokenize(tuple(request.tokens)))
 
     def models(self) -> ModelList:
+        """The base model, then each LoRA adapter with `parent` set to it (vLLM's shape)."""
         spec = self.serving.spec
-        card = ModelObject(
-            id=spec.name,
-            created=int(time.time()),
-            owned_by=OWNED_BY,
-            max_model_len=spec.max_model_len,
-            kind=spec.kind,
-            ready=self.serving.is_ready(),
-        )
-        return ModelList(data=[card])
+        common = {
+            "created": int(time.time()),
+            "owned_by": OWNED_BY,
+            "max_model_len": spec.max_model_len,
+            "kind": spec.kind,
+            "ready": self.serving.is_ready(),
+        }
+        cards = [ModelObject(id=spec.name, root=spec.source, **common)]
+        adapters = self.serving.adapters()
+        for name in adapters.names() if adapters is not None else ():
+            cards.append(ModelObject(id=name, root=adapters.source(name), parent=spec.name, **common))
+        return ModelList(data=cards)
+
+    async def load_lora_adapter(self, body: Any) -> str:
+        """vLLM's POST /v1/load_lora_adapter (with SHARDBENTO_ALLOW_RUNTIME_LORA_UPDATING=1)."""
+        allowed = self.serving.settings.allow_runtime_lora_updating
+        return await load_adapter(self.serving.adapters(), allowed, parse(LoadLoraAdapterRequest, body))
+
+    async def unload_lora_adapter(self, body: Any) -> str:
+        allowed = self.serving.settings.allow_runtime_lora_updating
+        return await unload_adapter(self.serving.adapters(), allowed, parse(UnloadLoraAdapterRequest, body))
 
     async def chat(self, body: Any) -> Result:
         request = parse(ChatCompletionRequest, body)
-        self._check_common(request)
+        adapter = self._check_common(request)
         if request.top_logprobs is not None and not request.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
         _refuse_streamed_prompt_logprobs(request)
@@ -132,7 +154,7 @@ class OpenAIServing:
         max_tokens = request.max_completion_tokens or request.max_tokens
         generation = GenerationRequest(
             request_id=new_request_id("chatcmpl"),
-            sampling=self._sampling(request, max_tokens, logprobs),
+            sampling=self._sampling(request, max_tokens, logprobs, adapter),
             messages=messages,
             chat_template_kwargs=request.chat_template_kwargs,
             tools=tools,
@@ -161,7 +183,7 @@ class OpenAIServing:
         return ChatCompletion(
             id=generation.request_id,
             created=int(time.time()),
-            model=self.serving.spec.name,
+            model=request.model,
             choices=choices,
             usage=_usage(completions),
             prompt_logprobs=_prompt_logprobs(request, completions[0]),
@@ -169,7 +191,7 @@ class OpenAIServing:
 
     async def completion(self, body: Any) -> Result:
         request = parse(CompletionRequest, body)
-        self._check_common(request)
+        adapter = self._check_common(request)
         prompt = _single_prompt(request.prompt)
         if request.reasoning_effort is not None:
             raise InvalidRequest(
@@ -186,7 +208,9 @@ class OpenAIServing:
         # legacy API and vLLM do; max_tokens 0 with echo scores the prompt and generates nothing.
         scored = request.echo and request.logprobs is not None
         prompt_only = request.echo and request.max_tokens == 0
-        sampling = self._sampling(request, 1 if prompt_only else request.max_tokens, request.logprobs)
+        sampling = self._sampling(
+            request, 1 if prompt_only else request.max_tokens, request.logprobs, adapter
+        )
         if scored:
             top = max(request.logprobs, request.prompt_logprobs or 0)
             sampling = dataclasses.replace(sampling, prompt_logprobs=top)
@@ -220,7 +244,7 @@ class OpenAIServing:
         return TextCompletion(
             id=generation.request_id,
             created=int(time.time()),
-            model=self.serving.spec.name,
+            model=request.model,
             choices=choices,
             usage=_usage(completions),
         )
@@ -229,15 +253,16 @@ class OpenAIServing:
         self, request_id: str, started: list[Generation], choices: list[Any], request: SamplingRequest
     ) -> Any:
         kind = ChatCompletionChunk if isinstance(request, ChatCompletionRequest) else TextCompletion
-        base = kind(id=request_id, created=int(time.time()), model=self.serving.spec.name, choices=[])
+        base = kind(id=request_id, created=int(time.time()), model=request.model, choices=[])
         options = request.stream_options
         include_usage = bool(options and options.include_usage)
         continuous = bool(options and options.continuous_usage_stats)
         frame = base.model_dump(mode="json", exclude={"usage"} if not include_usage else set())
         return sse_stream(started, choices, frame, include_usage, continuous)
 
-    def _check_common(self, request: SamplingRequest) -> None:
-        self._check_model(request.model)
+    def _check_common(self, request: SamplingRequest) -> str | None:
+        """The request's LoRA adapter (None: the base model) once its common fields are checked."""
+        adapter = self._check_model(request.model)
         max_n = self.serving.settings.max_n
         if request.n > max_n:
             raise InvalidRequest(f"n is {request.n}; the limit is {max_n} (SHARDBENTO_MAX_N)", param="n")
@@ -249,6 +274,7 @@ class OpenAIServing:
                 )
         if request.stream_options is not None and not request.stream:
             raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
+        return adapter
 
     async def _message(self, index: int, message: Any) -> ChatMessage:
         role = "system" if message.role == "developer" else message.role  # OpenAI's newer name for it
@@ -278,7 +304,9 @@ class OpenAIServing:
                 images.append(image)
         return ChatMessage(role=role, text="\n".join(texts), images=tuple(images), **extra)
 
-    def _sampling(self, request: SamplingRequest, max_tokens: int | None, logprobs: int | None) -> Sampling:
+    def _sampling(
+        self, request: SamplingRequest, max_tokens: int | None, logprobs: int | None, adapter: str | None
+    ) -> Sampling:
         stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
         if "" in stop:
             raise InvalidRequest("stop strings must not be empty", param="stop")
@@ -305,6 +333,7 @@ class OpenAIServing:
                 self.serving.settings.max_schema_bytes,
                 guided_fields(request),
             ),
+            adapter=adapter,
         )
 
 

@@ -88,6 +88,7 @@ def _chunk(seq: Sequence, start: int, budget: int, prefix: tuple[int, ...]) -> P
         prefix=prefix,
         length=len(context),
         scored=seq.scoring,
+        lora_slot=seq.lora_slot,
     )
 
 
@@ -101,7 +102,10 @@ def _vision_head(
         if not room(1, len(context)):
             return []  # it waits for running sequences to finish (or be preempted)
         inputs = with_generated(seq.inputs, seq.generated)
-        return [(PrefillChunk(seq.seq_id, tuple(context), 0, 0, inputs, scored=seq.scoring), [seq])]
+        chunk = PrefillChunk(
+            seq.seq_id, tuple(context), 0, 0, inputs, scored=seq.scoring, lora_slot=seq.lora_slot
+        )
+        return [(chunk, [seq])]
     start = len(hit) * PREFIX_BLOCK
     if not room(1, max(len(context), grown + _steps(len(context) - start, budget) - 1)):
         return []
@@ -131,7 +135,14 @@ def _first_chunk(
     seq.cached = start
     take = context[start : start + left]
     chunk = PrefillChunk(
-        seq.seq_id, tuple(take), start, None, prefix=tuple(hit), length=len(context), scored=seq.scoring
+        seq.seq_id,
+        tuple(take),
+        start,
+        None,
+        prefix=tuple(hit),
+        length=len(context),
+        lora_slot=seq.lora_slot,
+        scored=seq.scoring,
     )
     return [(chunk, [seq])]
 
@@ -143,6 +154,11 @@ def _steps(tokens: int, budget: int) -> int:
 def is_twin(seq: Sequence) -> bool:
     """Whether the sequence may share another's prefill: a fresh text prompt."""
     return seq.inputs is None and not seq.num_prefilled and not seq.generated
+
+
+def twin_key(seq: Sequence) -> tuple[int, tuple[int, ...]]:
+    """What equal prompts share to share a prefill: their tokens under the same salt (LoRA adapter)."""
+    return seq.prefix_salt, tuple(seq.context())
 
 
 def plan_together(
@@ -169,9 +185,9 @@ def plan_together(
     stopped = len(candidates)
     for index, seq in enumerate(candidates):
         context = seq.context()
-        if tuple(context) in prompts and is_twin(seq):
+        if twin_key(seq) in prompts and is_twin(seq):
             continue  # a twin: join_twins adds it
-        prompts.add(tuple(context))
+        prompts.add(twin_key(seq))
         if seq.inputs is not None or seq.num_prefilled:
             stopped = index  # a vision prompt goes alone, as the head
             break
@@ -200,7 +216,15 @@ def plan_together(
             start = min(start, max(0, len(context) - width))
         prefix = tuple(blocks[: -(-start // PREFIX_BLOCK)]) if start else ()
         seq.cached = start
-        chunk = PrefillChunk(seq.seq_id, tuple(context[start:]), start, 0, prefix=prefix, scored=seq.scoring)
+        chunk = PrefillChunk(
+            seq.seq_id,
+            tuple(context[start:]),
+            start,
+            0,
+            prefix=prefix,
+            scored=seq.scoring,
+            lora_slot=seq.lora_slot,
+        )
         planned.append((chunk, [seq]))
     return planned, stopped
 
@@ -209,7 +233,7 @@ def join_twins(planned: Planned, candidates: list[Sequence], room: Room) -> None
     """Add each waiting fresh text prompt equal to a prompt completed by a planned chunk to its group,
     while the KV pool holds one more row."""
     completing = {
-        tuple(group[0].prompt_ids): group
+        twin_key(group[0]): group
         for chunk, group in planned
         if chunk.slot is not None and chunk.inputs is None and not group[0].generated
     }
@@ -219,7 +243,7 @@ def join_twins(planned: Planned, candidates: list[Sequence], room: Room) -> None
     for seq in candidates:
         if id(seq) in taken or not is_twin(seq):
             continue
-        group = completing.get(tuple(seq.prompt_ids))
+        group = completing.get(twin_key(seq))
         if group is not None and _scores_enough(group[0], seq) and room(rows + 1, longest):
             group.append(seq)
             rows += 1

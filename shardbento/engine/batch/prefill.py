@@ -36,6 +36,7 @@ class PrefillChunk:
     prefix: tuple[int, ...] = ()  # cached blocks that hold tokens 0..start-1 (prefix caching)
     length: int = 0  # a chunk of a prompt prefilled in its pool row: the whole prompt's tokens
     scored: int | None = None  # prompt logprobs asked (with this many alternatives): logits at every token
+    lora_slot: int = -1  # the device slot of the request's LoRA adapter (-1: the base model)
 
     @property
     def in_row(self) -> bool:
@@ -51,6 +52,7 @@ class PrefillPaths:
     _device: torch.device
     _hidden_device: torch.device
     _partial: tuple[int, int] | None
+    adapters_of: Any  # AdapterCalls: the context a forward's tokens' adapter slots are set in
 
     keeps_scores: bool  # False on a tensor-parallel follower: rank 0 delivers prompt logprobs
     _scores: dict[int, list[Score]]  # seq id -> its prompt's scores so far
@@ -73,7 +75,11 @@ class PrefillPaths:
         return self._scores.pop(seq_id, [])
 
     def _prefill_packed(
-        self, chunks: list[PrefillChunk], decode: DecodeRows | None = None, token_ids: list[int] = ()
+        self,
+        chunks: list[PrefillChunk],
+        decode: DecodeRows | None = None,
+        token_ids: list[int] = (),
+        lora_slots: list[int] = (),
     ) -> torch.Tensor:
         """Prompts as one packed row: each chunk's tokens after the other, each attending to its own
         cached prefix (gathered in front, in chunk order) and its own earlier tokens; a chunk of a prompt
@@ -114,7 +120,9 @@ class PrefillPaths:
             if scored
             else last
         )
-        with packed_rows(rows):
+        slots = [*(lora_slots or [-1] * len(token_ids))]
+        slots += [c.lora_slot for c in [*plain, *in_row] for _ in c.token_ids]
+        with packed_rows(rows), self.adapters_of(slots):
             out = self.model(
                 input_ids=step[0][None],
                 position_ids=step[1][None],
@@ -169,14 +177,15 @@ class PrefillPaths:
         )
         self.kv.begin_chunk(row, chunk.start, len(chunk.token_ids))
         try:
-            out = self.model(
-                input_ids=torch.tensor([chunk.token_ids], dtype=torch.long, device=self._device),
-                position_ids=torch.arange(chunk.start, end, device=self._device)[None],
-                attention_mask=self._attention_mask(keep)[None, None],
-                past_key_values=self.kv,
-                use_cache=True,
-                logits_to_keep=1 if chunk.scored is None else 0,
-            )
+            with self.adapters_of([chunk.lora_slot] * len(chunk.token_ids)):
+                out = self.model(
+                    input_ids=torch.tensor([chunk.token_ids], dtype=torch.long, device=self._device),
+                    position_ids=torch.arange(chunk.start, end, device=self._device)[None],
+                    attention_mask=self._attention_mask(keep)[None, None],
+                    past_key_values=self.kv,
+                    use_cache=True,
+                    logits_to_keep=1 if chunk.scored is None else 0,
+                )
         finally:
             self.kv.end_chunk()
         self._row_done(chunk)
@@ -200,14 +209,15 @@ class PrefillPaths:
             for layer_idx in self.kv.layer_indices():
                 cache.update(*self._cached_prefixes(layer_idx, chunks, cached), layer_idx)
             mask = torch.cat([torch.arange(cached)[None, :] >= (cached - starts)[:, None], mask], dim=1)
-        out = self.model(
-            input_ids=ids.to(self._device),
-            attention_mask=mask.long().to(self._device),
-            position_ids=(steps + starts[:, None]).clamp(min=0).to(self._device),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=0 if any(c.scored is not None for c in chunks) else 1,
-        )
+        with self.adapters_of([c.lora_slot for c in chunks for _ in range(width)]):
+            out = self.model(
+                input_ids=ids.to(self._device),
+                attention_mask=mask.long().to(self._device),
+                position_ids=(steps + starts[:, None]).clamp(min=0).to(self._device),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=0 if any(c.scored is not None for c in chunks) else 1,
+            )
         for row, chunk in enumerate(chunks):
             self.kv.load(chunk.slot, cache, row=row, offset=cached - chunk.start + int(pads[row]))
             self._copy(chunk)
@@ -240,7 +250,8 @@ class PrefillPaths:
             k: v.to(self._device) if isinstance(v, torch.Tensor) else v for k, v in chunk.inputs.items()
         }
         cache = DynamicCache(config=self.model.config)
-        out = self.model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        with self.adapters_of([chunk.lora_slot]):  # one request: its adapter in every layer, tower too
+            out = self.model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
         self.kv.load(chunk.slot, cache, position_offset=int(getattr(out, "position_delta", None) or 0))
         self._copy(chunk)
         return out.logits[0, -1]

@@ -144,3 +144,30 @@ class PrefixCache:
             self._runner.drop_prefix(moves, len(self.index))
         pairs = self.index.add(tokens, lambda blocks: blocks <= capacity, salt)
         self._pending += [(slot, j, b) for j, b in pairs]
+
+    def start_of(self, seq: Any) -> list[int]:
+        """The cached blocks a fresh prompt (or a preempted one's context) starts with: none for a
+        prompt scored for prompt logprobs (it computes every token); for a vision prompt only a hit
+        past its last image token (its remainder is then text, prefilled without the pixels), under
+        its images' digest."""
+        if seq.num_prefilled or seq.scoring is not None:
+            return []
+        if seq.inputs is not None and not seq.prefix_salt:
+            return []
+        blocks = self.hit(seq.context(), seq.prefix_salt)
+        if seq.inputs is not None and len(blocks) * PREFIX_BLOCK < seq.image_end:
+            return []
+        return blocks
+
+    def remember_rows(self, running: list[Any], rows: list[int]) -> None:
+        """Cache the full blocks these running rows' KV holds (text, and images this model caches)."""
+        if not rows:
+            return
+        kv = self._runner.kv
+        longest = max(kv.lengths[: len(running)]) + 1
+        for row in rows:
+            seq = running[row]
+            if seq.inputs is None or seq.prefix_salt:
+                tokens = seq.context()[: kv.lengths[row]]
+                self.remember(row, tokens, len(running), longest, seq.prefix_salt)
+        self.flush()

@@ -12,11 +12,12 @@ from shardbento.engine.batch.packed import DecodeRows
 from shardbento.engine.batch.prefill import PrefillChunk, PrefillPaths
 from shardbento.engine.batch.selfcheck import enable_packing, mixes_right
 from shardbento.engine.hf.placement import device_ints, hidden_states_device, input_device
+from shardbento.engine.lora.manager import AdapterCalls
 
 logger = logging.getLogger(__name__)
 
 
-class ModelRunner(PrefillPaths):
+class ModelRunner(PrefillPaths, AdapterCalls):
     """Owns the model's KV state; every method takes and returns plain data (picklable arguments).
 
     The scheduler decides, the runner computes: a tensor-parallel follower rank can replay the same
@@ -78,33 +79,38 @@ class ModelRunner(PrefillPaths):
             self.kv.fit(rows, longest)
         self.num_rows = max([self.num_rows, *(c.slot + 1 + len(c.copies) for c in completing)])
 
-    def mixed(self, chunks: list[PrefillChunk], token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def mixed(
+        self, chunks: list[PrefillChunk], token_ids: list[int], lora_slots: list[int] = ()
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward for a decode token of each of slots 0..n-1 (n = len(token_ids)) and the step's
         prompt chunks packed after them (completing prompts take slots from n on; a chunk of a long
         prompt grows in its row), as vLLM's mixed batches: a step's prompts cost no decode forward of
-        their own. Logits of the chunks [chunks, vocab] and of the decode tokens [n, vocab]."""
+        their own. Logits of the chunks [chunks, vocab] and of the decode tokens [n, vocab]; `lora_slots`:
+        the decode rows' adapter slots (none: the base model)."""
         self._lay_out([c for c in chunks if c.slot is not None])
         for chunk in chunks:
             if chunk.in_row:
                 self._row_chunk(chunk)  # its row laid out before the decode rows are readied
         n = len(token_ids)
         decode = DecodeRows(self.kv, n, self._begin_decode(n))
-        logits = self._prefill_packed(chunks, decode, token_ids)
+        logits = self._prefill_packed(chunks, decode, token_ids, lora_slots)
         return logits[n:], logits[:n]
 
-    def decode(self, token_ids: list[int]) -> torch.Tensor:
-        """One token for each of slots 0..n-1 (n = len(token_ids)); logits [n, vocab]."""
+    def decode(self, token_ids: list[int], lora_slots: list[int] = ()) -> torch.Tensor:
+        """One token for each of slots 0..n-1 (n = len(token_ids)), each row under its adapter slot in
+        `lora_slots` (none: the base model); logits [n, vocab]."""
         num_rows = len(token_ids)
         ids, positions = device_ints([token_ids, self.kv.positions(num_rows)], self._device)
         mask = self._begin_decode(num_rows)
-        out = self.model(
-            input_ids=ids[:, None],
-            position_ids=positions[:, None],
-            attention_mask=self._attention_mask(mask)[:, None, None, :],
-            past_key_values=self.kv,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        with self.adapters_of(list(lora_slots)):
+            out = self.model(
+                input_ids=ids[:, None],
+                position_ids=positions[:, None],
+                attention_mask=self._attention_mask(mask)[:, None, None, :],
+                past_key_values=self.kv,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         self.kv.advance(num_rows)
         return out.logits[:, -1]
 

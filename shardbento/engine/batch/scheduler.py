@@ -14,7 +14,7 @@ import torch
 
 from shardbento.catalog import ServingLimits
 from shardbento.engine.base import Delta, DeltaChannel
-from shardbento.engine.batch.kvslots import PREFIX_BLOCK
+from shardbento.engine.batch.adapters import NO_ADAPTERS
 from shardbento.engine.batch.planner import MIN_CHUNK, choose_chunks, join_twins, mixable, place
 from shardbento.engine.batch.prefix import PrefixCache
 from shardbento.engine.batch.runner import ModelRunner, PrefillChunk, release_moves
@@ -69,6 +69,8 @@ class Scheduler:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()  # set when the loop has ended
+        self._tasks: list[Callable[[], None]] = []  # call_soon's, run between steps
+        self.adapters: Any = NO_ADAPTERS  # LoRA: an AdapterSlots admits waiting requests by adapter
         if start:
             threading.Thread(target=self.run, name="shardbento-scheduler", daemon=True).start()
 
@@ -88,6 +90,12 @@ class Scheduler:
 
     def _free_slots(self) -> int:
         return self._runner.kv.num_slots - len(self._running)
+
+    def call_soon(self, task: Callable[[], None]) -> None:
+        """Run `task` on the engine thread between two steps (adapter loads: never during a forward)."""
+        with self._wake:
+            self._tasks.append(task)
+            self._wake.notify()
 
     def wake(self) -> None:
         with self._wake:
@@ -122,10 +130,13 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._closed and not self._waiting and not self._running:
+                while not self._closed and not self._waiting and not self._running and not self._tasks:
                     self._wake.wait()
                 if self._closed:
                     return
+                tasks, self._tasks = self._tasks, []
+            for task in tasks:
+                task()
             try:
                 with torch.inference_mode():
                     self._step()
@@ -166,7 +177,8 @@ class Scheduler:
             self._preempt()
             if self._running:
                 masks = prefetch_masks([seq.sampler for seq in self._running])  # made during the forward
-                logits = self._forward("decode", [seq.next_token for seq in self._running])
+                tokens = [seq.next_token for seq in self._running]
+                logits = self._forward("decode", tokens, *self.adapters.slots(self._running))
                 self._advance(list(range(len(self._running))), logits, masks)
         self._metrics.running.set(len(self._running))
         self._metrics.waiting.set(len(self._waiting))
@@ -217,7 +229,8 @@ class Scheduler:
         prompts cost no separate decode forward (the plan left room for both)."""
         running = len(self._running)
         masks = prefetch_masks([seq.sampler for seq in self._running])  # the joining rows' come after
-        prompts, decoded = self._forward("mixed", chunks, [seq.next_token for seq in self._running])
+        tokens = [seq.next_token for seq in self._running]
+        prompts, decoded = self._forward("mixed", chunks, tokens, *self.adapters.slots(self._running))
         rows, joined = self._join(chunks, groups)
         self._advance([*range(running), *rows], torch.cat([decoded, prompts[joined]]), masks)
 
@@ -269,18 +282,8 @@ class Scheduler:
 
     def _remember(self, rows: Iterable[int]) -> None:
         """Cache the full blocks these rows' KV holds (a prompt as it joins, a whole answer as it ends)."""
-        rows = list(rows)
-        if self._prefix is None or not rows:
-            return
-        kv = self._runner.kv
-        running = len(self._running)
-        longest = max(kv.lengths[:running]) + 1
-        for row in rows:
-            seq = self._running[row]
-            if seq.inputs is None or seq.prefix_salt:
-                tokens = seq.context()[: kv.lengths[row]]
-                self._prefix.remember(row, tokens, running, longest, seq.prefix_salt)
-        self._prefix.flush()
+        if self._prefix is not None:
+            self._prefix.remember_rows(self._running, list(rows))
 
     def _plan_prefill(self) -> tuple[list[PrefillChunk], list[list[Sequence]]]:
         """This step's prompt chunks, each with the sequences it serves (planner.choose_chunks): what
@@ -290,7 +293,8 @@ class Scheduler:
         compute. Nothing joins that the KV pool cannot hold beside the running sequences' next tokens;
         cached blocks are evicted for what joins."""
         with self._wake:
-            candidates = list(self._waiting)[: self._free_slots()]
+            candidates = list(self._waiting)[: self._free_slots()]  # the adapters' slots may hold fewer
+            candidates = self.adapters.admit(candidates, self._running, self._chunking, self._waiting)
         if not candidates:
             return [], []
         kv = self._runner.kv
@@ -328,17 +332,7 @@ class Scheduler:
         return budget
 
     def _hit(self, seq: Sequence) -> list[int]:
-        """The cached blocks a fresh prompt (or a preempted one's context) starts with; for a vision
-        prompt only a hit past its last image token (its remainder is then text, prefilled without the
-        pixels), under its images' digest."""
-        if self._prefix is None or seq.num_prefilled or seq.scoring is not None:
-            return []  # a prompt scored for logprobs computes every token
-        if seq.inputs is not None and not seq.prefix_salt:
-            return []
-        blocks = self._prefix.hit(seq.context(), seq.prefix_salt)
-        if seq.inputs is not None and len(blocks) * PREFIX_BLOCK < seq.image_end:
-            return []
-        return blocks
+        return [] if self._prefix is None else self._prefix.start_of(seq)
 
     def _advance(
         self, rows: list[int], logits: torch.Tensor, masks: Future[torch.Tensor] | None = None

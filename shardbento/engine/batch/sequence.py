@@ -44,6 +44,8 @@ class Sequence:
     # images it may not cache); `image_end` is the token after its last image token.
     prefix_salt: int = 0
     image_end: int = 0
+    adapter: int = 0  # the LoRA adapter's id on rank 0 (0: the base model); its salt is in prefix_salt
+    lora_slot: int = -1  # the adapter's device slot while the sequence is admitted (-1: none)
     # Prompt logprobs: asked with this many alternatives and not yet computed (the prompt then goes
     # without a cached prefix, logits kept at every token); once computed, held for the first Delta.
     scoring: int | None = None

@@ -77,6 +77,18 @@ class StreamRouter:
             if not finished and self._failure is None:
                 self._requests.put(Cancel(ticket))  # rank 0 ignores tickets it no longer holds
 
+    async def control(self, message_of: Callable[[int], Any]) -> None:
+        """Send rank 0 a control message (an adapter load or unload) under a fresh ticket and wait for
+        its answer: a finished Delta, or the failure raised here."""
+        ticket, channel = self._open(DeltaChannel())
+        try:
+            self._requests.put(message_of(ticket))
+            async for _ in channel.deltas():
+                return
+        finally:
+            with self._lock:
+                self._channels.pop(ticket, None)
+
     def _open(self, channel: DeltaChannel) -> tuple[int, DeltaChannel]:
         with self._lock:
             if self._failure is not None:

@@ -13,9 +13,18 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from shardbento.catalog import ModelSpec
+from shardbento.engine.adapters import AdapterSet
 from shardbento.engine.base import Constraint, Delta, EngineInfo, Prompt, SamplingParams
 from shardbento.engine.core.client import StreamRouter
-from shardbento.engine.core.messages import RankChannels, RankConfig, RankLoadFailed, RankReady, Stop
+from shardbento.engine.core.messages import (
+    LoadAdapter,
+    RankChannels,
+    RankConfig,
+    RankLoadFailed,
+    RankReady,
+    Stop,
+    UnloadAdapter,
+)
 from shardbento.engine.core.rank import run_rank
 from shardbento.engine.hf.preprocess import Preprocessor, PreprocessorPrompts, load_preprocessor
 from shardbento.errors import InvalidRequest, NotReady
@@ -58,7 +67,13 @@ class ProcessEngine(PreprocessorPrompts):
         self._ranks = ranks
         self._channels = channels
         self._router = StreamRouter(
-            channels.requests, channels.results, RequestMetrics(spec.name), self._why_down
+            channels.requests, channels.results, RequestMetrics(spec.name, spec.max_loras), self._why_down
+        )
+        router = self._router
+        self.adapters = AdapterSet(
+            spec,
+            lambda name, path: router.control(lambda ticket: LoadAdapter(ticket, name, path)),
+            lambda name: router.control(lambda ticket: UnloadAdapter(ticket, name)),
         )
         self._closing = False
         self.failure: str | None = None

@@ -18,12 +18,14 @@ from shardbento.engine.batch.scheduler import FatalEngineError, Sequence
 from shardbento.engine.core.messages import (
     MIRRORED_METHODS,
     Cancel,
+    LoadAdapter,
     RankFailure,
     RunnerCall,
     StepReport,
     Stop,
     Submit,
     SubmitChoices,
+    UnloadAdapter,
 )
 from shardbento.engine.core.relay import MetricsRelay
 from shardbento.engine.hf.preprocess import Preprocessor
@@ -119,6 +121,7 @@ class SequenceFactory:
     prompts: Preprocessor
     image_token_id: int | None = None
     caches_image_prefixes: bool = False  # rotary positions are the cache index (LLaVA family)
+    adapters: Any = None  # AdapterRegistry: a request's LoRA adapter name to its id
 
     def __call__(self, message: Submit) -> Sequence:
         return self.sequence(message.request_id, message.prompt, message.params, message.ticket)
@@ -135,6 +138,10 @@ class SequenceFactory:
             if self.caches_image_prefixes and self.image_token_id in prompt.token_ids:
                 seq.prefix_salt = prompt.images_digest
                 seq.image_end = len(prompt.token_ids) - prompt.token_ids[::-1].index(self.image_token_id)
+        if params.adapter is not None:
+            seq.adapter = self.adapters.id_of(params.adapter)  # ModelNotFound: unloaded meanwhile
+            if seq.inputs is None or seq.prefix_salt:  # its cached blocks are its adapter's alone
+                seq.prefix_salt = hash((seq.prefix_salt, self.adapters.salt(seq.adapter))) or 1
         return seq
 
 
@@ -144,10 +151,12 @@ def lead(
     make_sequence: SequenceFactory,
     channels: Any,
     fault: str | None = None,
+    adapters: Any = None,
 ) -> None:
     """Rank 0: run the serving loop (`loop_of(mirror, metrics, deliver)`, a Scheduler or a GenerateLoop)
     until the service sends Stop; then stop the followers. A fatal failure ends it early (the process
-    exits, the service answers 503 and stops the other ranks)."""
+    exits, the service answers 503 and stops the other ranks). `adapters` (an AdapterControl) answers
+    the service's adapter loads and unloads."""
     relay = MetricsRelay()
     live: dict[int, Sequence] = {}
     sender = ReportSender(channels.results, relay, live)
@@ -155,7 +164,7 @@ def lead(
     loop = loop_of(mirror, relay, sender.deliver)
     intake = threading.Thread(
         target=_intake,
-        args=(loop, channels.requests, make_sequence, live, sender),
+        args=(loop, channels.requests, make_sequence, live, sender, adapters),
         name="shardbento-intake",
         daemon=True,
     )
@@ -170,7 +179,12 @@ def lead(
 
 
 def _intake(
-    loop: Any, requests: Any, make_sequence: SequenceFactory, live: dict[int, Sequence], sender: ReportSender
+    loop: Any,
+    requests: Any,
+    make_sequence: SequenceFactory,
+    live: dict[int, Sequence],
+    sender: ReportSender,
+    adapters: Any = None,
 ) -> None:
     """Rank 0's request thread: Submit and Cancel into the loop until Stop, which closes it."""
     try:
@@ -188,6 +202,8 @@ def _intake(
                 if seq is not None:
                     seq.cancelled = True
                     loop.wake()
+            elif isinstance(message, LoadAdapter | UnloadAdapter) and adapters is not None:
+                adapters.handle(message)
             elif isinstance(message, Stop):
                 break
     finally:

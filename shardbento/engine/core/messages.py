@@ -12,13 +12,23 @@ from typing import Any, Literal, get_args
 
 from shardbento.catalog import ModelSpec
 from shardbento.engine.base import Delta, Prompt, SamplingParams
-from shardbento.errors import GenerationFailed, Overloaded, ShardbentoError
+from shardbento.errors import GenerationFailed, InvalidRequest, ModelNotFound, Overloaded, ShardbentoError
 from shardbento.plan.sharding import Plan
 
 MetricOp = tuple[str, str, Any]  # (RequestMetrics attribute, method, argument)
 # The runner methods rank 0 mirrors to every follower (the state-changing ones: forwards, row moves).
 MirroredMethod = Literal[
-    "prefill", "mixed", "decode", "release", "drop", "store_prefix", "drop_prefix", "generate"
+    "prefill",
+    "mixed",
+    "decode",
+    "release",
+    "drop",
+    "store_prefix",
+    "drop_prefix",
+    "generate",
+    "lora_register",
+    "lora_place",
+    "lora_forget",
 ]
 MIRRORED_METHODS = frozenset(get_args(MirroredMethod))
 
@@ -101,6 +111,24 @@ class Cancel:
 
 
 @dataclass(frozen=True, slots=True)
+class LoadAdapter:
+    """Service -> rank 0: register a LoRA adapter under `name` (every rank reads it from `path`);
+    the answer comes back under `ticket` (a finished Delta, or the failure)."""
+
+    ticket: int
+    name: str
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class UnloadAdapter:
+    """Service -> rank 0: new requests may no longer name it; those holding it finish first."""
+
+    ticket: int
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
 class RunnerCall:
     """Rank 0 -> a follower: replay this method of its runner with these (plain-data) arguments."""
 
@@ -112,14 +140,18 @@ class RunnerCall:
 class RankFailure:
     """An exception of rank 0 as plain data: exceptions with keyword fields do not survive pickling."""
 
-    kind: Literal["overloaded", "failed"]
+    kind: Literal["overloaded", "failed", "invalid", "not_found"]
     message: str
     retry_after_s: int = 1
+    param: str | None = None
 
     @classmethod
     def of(cls, exc: BaseException) -> RankFailure:
         if isinstance(exc, Overloaded):
             return cls("overloaded", exc.message, exc.retry_after_s)
+        if isinstance(exc, InvalidRequest | ModelNotFound):
+            kind = "invalid" if isinstance(exc, InvalidRequest) else "not_found"
+            return cls(kind, exc.message, param=exc.param)
         if isinstance(exc, ShardbentoError):
             return cls("failed", exc.message)
         return cls("failed", f"generation failed: {type(exc).__name__}: {exc}")
@@ -127,6 +159,9 @@ class RankFailure:
     def to_exception(self) -> ShardbentoError:
         if self.kind == "overloaded":
             return Overloaded(self.message, retry_after_s=self.retry_after_s)
+        if self.kind in ("invalid", "not_found"):
+            error = InvalidRequest if self.kind == "invalid" else ModelNotFound
+            return error(self.message, param=self.param)
         return GenerationFailed(self.message)
 
 

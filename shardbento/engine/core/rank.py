@@ -73,7 +73,9 @@ def run_rank(config: RankConfig, channels: RankChannels) -> None:
 
 
 def _lead(loaded: Loaded, runner: Any, batches: bool, config: RankConfig, channels: RankChannels) -> None:
+    from shardbento.engine.batch.adapters import AdapterSlots
     from shardbento.engine.batch.scheduler import Scheduler
+    from shardbento.engine.core.adapters import AdapterControl, AdapterRegistry, catalog_adapters
     from shardbento.engine.core.generate import GenerateLoop
     from shardbento.engine.core.lead import SequenceFactory, lead
 
@@ -83,17 +85,24 @@ def _lead(loaded: Loaded, runner: Any, batches: bool, config: RankConfig, channe
         loaded.prompts,
         image_token_id=getattr(loaded.model.config, "image_token_id", None),
         caches_image_prefixes=model_type in PREFIX_CACHED_VISION_TYPES,
+        adapters=AdapterRegistry(catalog_adapters(config.spec) if batches else []),
     )
+    adapters = AdapterControl(make_sequence.adapters, runner)
     if batches:
 
         def loop_of(mirror: Any, metrics: Any, deliver: Any) -> Any:
-            return Scheduler(mirror, limits, metrics, deliver=deliver, start=False)
+            scheduler = Scheduler(mirror, limits, metrics, deliver=deliver, start=False)
+            name_of = make_sequence.adapters.name_of
+            scheduler.adapters = AdapterSlots(mirror, config.spec.max_loras, name_of, metrics)
+            adapters.bind(scheduler, mirror, deliver)
+            return scheduler
     else:
 
         def loop_of(mirror: Any, metrics: Any, deliver: Any) -> Any:
+            adapters.bind(None, mirror, deliver)
             return GenerateLoop(mirror, runner, limits, metrics, deliver)
 
-    lead(loop_of, runner, make_sequence, channels, config.fault)
+    lead(loop_of, runner, make_sequence, channels, config.fault, adapters)
 
 
 def _runner(loaded: Loaded, config: RankConfig) -> tuple[Any, bool]:
@@ -105,12 +114,19 @@ def _runner(loaded: Loaded, config: RankConfig) -> tuple[Any, bool]:
     model_type = getattr(loaded.model.config, "model_type", None)
     if spec.kind == "text" or model_type in BATCHED_VISION_TYPES:
         from shardbento.engine.batch.runner import ModelRunner
+        from shardbento.engine.core.adapters import register_catalog
 
         runner = ModelRunner(loaded.model, config.plan.max_num_seqs, config.plan.max_model_len)
+        register_catalog(runner, spec)  # their device slots are allocated before the KV pool is sized
         with torch.inference_mode():
             tokens = runner.allocate_pool(spec.limits)
         logger.info("model %s: KV pool of %d tokens (%s)", spec.name, tokens, runner.pool_source)
         return runner, True
+    if spec.lora_adapters:
+        raise RuntimeError(
+            f"model {spec.name} ({model_type}) runs one request at a time through generate(), which "
+            "serves no LoRA adapters: remove lora_adapters from its catalog entry"
+        )
     from shardbento.engine.core.generate import GenerateRunner
 
     prompts = loaded.prompts

@@ -46,6 +46,9 @@ class MetricsRelay:
     def finished(self, reason: str) -> None:
         self._record(("finished", "finished", reason))
 
+    def lora_info(self, running: str, waiting: str) -> None:
+        self._record(("lora_info", "lora_info", (running, waiting)))
+
     def take(self) -> list[MetricOp]:
         with self._lock:
             ops, self._ops = self._ops, []
@@ -57,5 +60,7 @@ def apply_metrics(metrics: Any, ops: list[MetricOp]) -> None:
     for name, method, value in ops:
         if name == "finished":
             metrics.finished(value)
+        elif name == "lora_info":
+            metrics.lora_info(*value)
         else:
             getattr(getattr(metrics, name), method)(value)

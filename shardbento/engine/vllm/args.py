@@ -49,7 +49,16 @@ def engine_kwargs(
         kwargs["distributed_executor_backend"] = backend
     if spec.kind == "vision":
         kwargs.update(_vision_kwargs(spec))
+    kwargs.update(lora_kwargs(spec))
     return {**kwargs, **options.extra_args}
+
+
+def lora_kwargs(spec: ModelSpec, runtime: bool = False) -> dict[str, Any]:
+    """vLLM's LoRA arguments from the catalog's: on when the entry lists adapters (or runtime loading
+    is allowed), max_loras held on the device at once, the largest rank."""
+    if not spec.lora_adapters and not runtime:
+        return {}
+    return {"enable_lora": True, "max_loras": spec.max_loras, "max_lora_rank": spec.max_lora_rank}
 
 
 def limits_kwargs(spec: ModelSpec) -> dict[str, Any]:

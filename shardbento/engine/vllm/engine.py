@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from shardbento.catalog import ModelSpec
+from shardbento.engine.adapters import AdapterSet
 from shardbento.engine.base import (
     ChatMessage,
     Constraint,
@@ -21,10 +22,11 @@ from shardbento.engine.base import (
 )
 from shardbento.engine.hf.preprocess import Preprocessor, PreprocessorPrompts, load_preprocessor
 from shardbento.engine.output import OutputStream
-from shardbento.engine.vllm.args import engine_kwargs
+from shardbento.engine.vllm.args import engine_kwargs, lora_kwargs
 from shardbento.engine.vllm.stats import RequestTimer, SchedulerRecorder
 from shardbento.metrics import RequestMetrics
 from shardbento.plan.source import resolve_source, tokenizer_path
+from shardbento.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +100,11 @@ class VLLMEngine(PreprocessorPrompts):
         self._prompts = prompts
         self._metrics = metrics
         self._closed = False
+        self._loras: dict[str, Any] = {}  # adapter name -> LoRARequest
+        self._retired: list[Any] = []  # unloaded: their ids are not reused
+        self.adapters = (
+            AdapterSet(spec, self._add_lora, self._remove_lora) if kwargs.get("enable_lora") else None
+        )
         parallel = f"tp={kwargs['tensor_parallel_size']},pp={kwargs['pipeline_parallel_size']}"
         backend = kwargs.get("distributed_executor_backend")
         self.info = EngineInfo(
@@ -121,13 +128,45 @@ class VLLMEngine(PreprocessorPrompts):
 
         path, tokenizer = resolve_source(spec), tokenizer_path(spec)
         kwargs = engine_kwargs(spec, path, known_engine_args(), tokenizer=tokenizer)
+        kwargs.update(lora_kwargs(spec, Settings.from_env().allow_runtime_lora_updating))
         prompts = load_preprocessor(spec, tokenizer)
         metrics = RequestMetrics(spec.name)
         logger.info("starting vLLM for %s: %s", spec.name, kwargs)
         llm = AsyncLLM.from_engine_args(
             AsyncEngineArgs(**kwargs), stat_loggers=[stat_logger_factory(SchedulerRecorder(metrics))]
         )
-        return cls(spec, llm, prompts, kwargs, metrics)
+        engine = cls(spec, llm, prompts, kwargs, metrics)
+        engine._register_catalog_adapters()
+        return engine
+
+    def _register_catalog_adapters(self) -> None:
+        """The entry's adapters as vLLM LoRARequests (ids from 1 in name order, as the other engine's);
+        vLLM loads each on its first request and checks it against the model then."""
+        from vllm.lora.request import LoRARequest
+
+        from shardbento.engine.core.adapters import catalog_adapters
+
+        for uid, name, path in catalog_adapters(self.spec):
+            self._loras[name] = LoRARequest(name, uid, path)
+
+    async def _add_lora(self, name: str, path: str) -> None:
+        """Load the adapter into vLLM now, so a bad one is refused here (a 400 naming it)."""
+        from vllm.lora.request import LoRARequest
+
+        from shardbento.errors import InvalidRequest
+
+        uid = max((r.lora_int_id for r in self._loras.values()), default=0) + 1 + len(self._retired)
+        request = LoRARequest(name, uid, path)
+        try:
+            await self._llm.add_lora(request)
+        except Exception as exc:  # noqa: BLE001 - vLLM's own refusal, shown to the client
+            raise InvalidRequest(f"LoRA adapter {name!r}: vLLM refused it: {exc}", param="lora_path") from exc
+        self._loras[name] = request
+
+    async def _remove_lora(self, name: str) -> None:
+        """New requests may no longer name it; vLLM evicts it (least recently used) once unused, so the
+        requests running with it finish."""
+        self._retired.append(self._loras.pop(name))
 
     def render_chat(
         self, messages: list[ChatMessage], template_kwargs: dict[str, Any] | None = None
@@ -175,7 +214,8 @@ class VLLMEngine(PreprocessorPrompts):
         output = OutputStream(self.tokenizer, prompt.token_ids, params, eos_ids)
         timer = RequestTimer(self._metrics)
         request = prompt.inputs if prompt.num_images else {"prompt_token_ids": list(prompt.token_ids)}
-        results = self._llm.generate(request, to_vllm_params(params, eos_ids), request_id)
+        lora = self._lora_request(params.adapter)
+        results = self._llm.generate(request, to_vllm_params(params, eos_ids), request_id, lora_request=lora)
         try:
             async for result in results:
                 if prompt.num_images and output.num_tokens == 0:
@@ -202,6 +242,16 @@ class VLLMEngine(PreprocessorPrompts):
             await results.aclose()  # stops vLLM's request too when we finished first or the client left
             if not output.finished:
                 await self._llm.abort(request_id)
+
+    def _lora_request(self, adapter: str | None) -> Any:
+        if adapter is None:
+            return None
+        request = self._loras.get(adapter)
+        if request is None:
+            from shardbento.errors import ModelNotFound
+
+            raise ModelNotFound(f"The model {adapter!r} does not exist (no such LoRA adapter)", param="model")
+        return request
 
     def _deltas(self, output: OutputStream, completion: Any, num_top: int) -> list[Delta]:
         """vLLM's new tokens through the same OutputStream the transformers engine uses."""
