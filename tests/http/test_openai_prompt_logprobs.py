@@ -144,6 +144,8 @@ def test_streamed_echo_carries_the_prompt_logprobs_first(app, text_engine) -> No
     tokens = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
     values = [v for c in chunks if c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs]
     assert tokens == whole.choices[0].logprobs.tokens and len(tokens) == len(ids) + 4
+    offsets = [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert offsets == whole.choices[0].logprobs.text_offset  # counted the same way streamed or not
     assert values == pytest.approx(whole.choices[0].logprobs.token_logprobs, abs=1e-4)
     assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
 

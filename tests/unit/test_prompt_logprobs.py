@@ -173,3 +173,62 @@ def test_one_at_a_time_models_refuse_prompt_logprobs_by_name() -> None:
     with pytest.raises(InvalidRequest) as caught:
         loop.submit(seq(5, 1))
     assert caught.value.param == "prompt_logprobs"
+
+
+def test_planner_counts_a_left_padded_batchs_kept_rows_and_a_scored_prompts_short_chunks(monkeypatch) -> None:
+    """Left-padded, a scored row keeps the whole batch's logits: what is left of the bound for the next
+    prompt's first chunk counts them all. A scored prompt's chunks are at most the bound, so the room it
+    asks for covers the running rows' growth over that many steps."""
+    monkeypatch.setattr(planner, "SCORED_STEP_TOKENS", 1024)
+    monkeypatch.setattr(scoring, "SCORED_STEP_TOKENS", 1024)
+    chosen = planner.choose_chunks(
+        [seq(500), seq(10, 1), seq(3000, 1)], lambda i: [], 8192, lambda r, n: True, set(), False, 0
+    )
+    kept = max(len(c.token_ids) for c, _ in chosen[:2]) * 2 + len(chosen[2][0].token_ids)
+    assert [c.scored for c, _ in chosen] == [None, 1, 1] and kept <= 1024
+
+    asked = []
+    planner.choose_chunks(
+        [seq(8000, 0)], lambda i: [], 2048, lambda r, n: asked.append(n) or True, set(), True, 9000
+    )
+    assert asked[-1] == 9000 + 7  # eight chunks of 1024 (not four of 2048): the rows grow 7 more
+
+
+def test_a_retried_prompt_is_scored_once_and_a_scoring_failure_fails_only_its_request(
+    text_model, monkeypatch
+) -> None:
+    """A prompt planned again from its start (its step failed) gets its scores once, its first token's
+    null; when computing scores raises, that request ends with the error and the others are served."""
+    engine = InProcessEngine(text_model, ServingLimits(max_num_seqs=4))
+    try:
+        runner = engine.runner
+        ids = (1, 5, 9, 13)
+        chunk = planner.PrefillChunk(7, ids, 0, 0, scored=0)
+        logits = torch.randn(4, 50)
+        runner._keep_scores(chunk, logits)
+        runner._keep_scores(chunk, logits)  # the same chunk again: a retried step
+        scores = runner.take_scores(7)
+        assert [s[0] for s in scores] == list(ids) and scores[0][1] is None
+
+        def fail(*args):
+            raise RuntimeError("scores out of memory")
+
+        monkeypatch.setattr("shardbento.engine.batch.prefill.score_chunk", fail)
+        prompt = engine.render_chat([ChatMessage(role="user", text="Hi.")])
+
+        async def run(params):
+            return [d async for d in engine.stream(prompt, params, "r")]
+
+        async def both():
+            return await asyncio.gather(
+                run(SamplingParams(max_tokens=3, ignore_eos=True, prompt_logprobs=0)),
+                run(SamplingParams(max_tokens=3, ignore_eos=True)),
+                return_exceptions=True,
+            )
+
+        failed, served = asyncio.run(both())
+        assert isinstance(failed, RuntimeError) and "out of memory" in str(failed)
+        assert len([t for d in served for t in d.token_ids]) == 3
+        assert not runner._scores and not runner._score_tails
+    finally:
+        engine.close()

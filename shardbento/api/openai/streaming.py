@@ -117,7 +117,7 @@ class CompletionChoiceStream:
     def __init__(self, generation: Generation, index: int, echoed: EchoedPrompt = EchoedPrompt()) -> None:
         self.index = index
         self.want_logprobs = generation.params.logprobs is not None
-        self.offset = 0
+        self.offset = 0  # the next token's text_offset
         self.echoed = echoed
         self.echo = echoed.text
         self.held: list[TokenLogprob] = []
@@ -138,7 +138,7 @@ class CompletionChoiceStream:
         logprobs = (
             completion_logprobs(items, self.offset).model_dump() if self.want_logprobs and items else None
         )
-        self.offset += len(text)
+        self.offset += sum(len(item.token) for item in items)  # as a whole answer's offsets count
         return [{"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": finish}]
 
 

@@ -56,7 +56,7 @@ def choose_chunks(
     )
     planned += together
     left -= sum(len(chunk.token_ids) for chunk, _ in together)
-    scored_left -= sum(_scored_tokens(chunk) for chunk, _ in together)
+    scored_left -= _kept_positions(together, packs)
     index = first + stopped
     if first == 0 and index < len(candidates) and left >= MIN_CHUNK:
         if candidates[index].scoring is not None:
@@ -70,6 +70,16 @@ def choose_chunks(
 
 def _scored_tokens(chunk: PrefillChunk) -> int:
     return len(chunk.token_ids) if chunk.scored is not None else 0
+
+
+def _kept_positions(together: Planned, packs: bool) -> int:
+    """Logits rows complete prompts prefilled together keep for prompt logprobs: packed, the scored
+    prompts' tokens; left-padded, a scored row keeps every row's (the batch's width times its rows)."""
+    if packs:
+        return sum(_scored_tokens(chunk) for chunk, _ in together)
+    if all(chunk.scored is None for chunk, _ in together):
+        return 0
+    return max(len(chunk.token_ids) for chunk, _ in together) * len(together)
 
 
 def _chunk(seq: Sequence, start: int, budget: int, prefix: tuple[int, ...]) -> PrefillChunk:
@@ -128,7 +138,8 @@ def _first_chunk(
         return []  # it fits whole: only the pool's room kept it out
     # A prompt prefilled in chunks holds its row for as many steps as it has chunks, while the running
     # sequences grow a token a step: it starts only if it can finish beside them.
-    steps = 1 + _steps(remainder - left, budget)
+    per_chunk = budget if seq.scoring is None else min(budget, SCORED_STEP_TOKENS)  # as _chunk takes them
+    steps = 1 + _steps(remainder - left, per_chunk)
     if not room(rows + 1, max(len(context), grown + steps - 1)):
         return []
     keep.update(hit)

@@ -55,7 +55,7 @@ class PrefillPaths:
     adapters_of: Any  # AdapterCalls: the context a forward's tokens' adapter slots are set in
 
     keeps_scores: bool  # False on a tensor-parallel follower: rank 0 delivers prompt logprobs
-    _scores: dict[int, list[Score]]  # seq id -> its prompt's scores so far
+    _scores: dict[int, list[Score] | Exception]  # seq id -> its prompt's scores so far, or their failure
     _score_tails: dict[int, torch.Tensor]  # seq id -> the logits row after its last chunk
 
     def _keep_scores(self, chunk: PrefillChunk, logits: torch.Tensor) -> None:
@@ -64,13 +64,23 @@ class PrefillPaths:
         if chunk.scored is None or not self.keeps_scores:
             return
         previous = self._score_tails.pop(chunk.seq_id, None)
-        scores = score_chunk(logits, chunk.token_ids, previous, chunk.scored)
-        self._scores.setdefault(chunk.seq_id, []).extend(scores)
+        if chunk.start == 0:  # a prompt's first chunk (again, after a failed or abandoned step)
+            previous = None
+            self._scores.pop(chunk.seq_id, None)
+        so_far = self._scores.setdefault(chunk.seq_id, [])
+        if isinstance(so_far, Exception):
+            return
+        try:
+            so_far.extend(score_chunk(logits, chunk.token_ids, previous, chunk.scored))
+        except Exception as exc:  # noqa: BLE001 - that request fails; the ranks stay in step
+            self._scores[chunk.seq_id] = exc
+            return
         if chunk.slot is None:
             self._score_tails[chunk.seq_id] = logits[-1].clone()
 
-    def take_scores(self, seq_id: int) -> list[Score]:
-        """The prompt logprobs computed for a sequence (empty when none), forgotten here."""
+    def take_scores(self, seq_id: int) -> list[Score] | Exception:
+        """The prompt logprobs computed for a sequence (empty when none; the exception when computing
+        them failed), forgotten here."""
         self._score_tails.pop(seq_id, None)
         return self._scores.pop(seq_id, [])
 
@@ -120,8 +130,10 @@ class PrefillPaths:
             if scored
             else last
         )
-        slots = [*(lora_slots or [-1] * len(token_ids))]
-        slots += [c.lora_slot for c in [*plain, *in_row] for _ in c.token_ids]
+        slots = []
+        if self.lora is not None:  # each token's adapter slot, the decode rows' first
+            slots = [*(lora_slots or [-1] * len(token_ids))]
+            slots += [c.lora_slot for c in [*plain, *in_row] for _ in c.token_ids]
         with packed_rows(rows), self.adapters_of(slots):
             out = self.model(
                 input_ids=step[0][None],
@@ -209,7 +221,8 @@ class PrefillPaths:
             for layer_idx in self.kv.layer_indices():
                 cache.update(*self._cached_prefixes(layer_idx, chunks, cached), layer_idx)
             mask = torch.cat([torch.arange(cached)[None, :] >= (cached - starts)[:, None], mask], dim=1)
-        with self.adapters_of([c.lora_slot for c in chunks for _ in range(width)]):
+        slots = [c.lora_slot for c in chunks for _ in range(width)] if self.lora is not None else []
+        with self.adapters_of(slots):
             out = self.model(
                 input_ids=ids.to(self._device),
                 attention_mask=mask.long().to(self._device),

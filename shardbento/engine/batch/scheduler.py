@@ -262,7 +262,8 @@ class Scheduler:
             for seq in group:  # the twins' prompts were not computed: they copy the first one's KV
                 if not seq.generated:  # a preempted sequence's prompt was counted when it first came
                     self._metrics.prompt_tokens.inc(len(seq.prompt_ids))
-                    self._metrics.prefix_queries.inc(len(seq.prompt_ids))
+                    if chunk.scored is None or seq is not group[0]:  # a scored prompt looks nothing up
+                        self._metrics.prefix_queries.inc(len(seq.prompt_ids))
                 self._running.append(seq)
                 joined.append(row)
             self._metrics.prefix_hits.inc(len(group[0].prompt_ids) * (len(group) - 1))
@@ -273,12 +274,15 @@ class Scheduler:
 
     def _attach_scores(self, group: list[Sequence]) -> None:
         """The prompt logprobs the runner computed for the group's prefill, for each sequence that asked
-        (its first Delta carries them)."""
+        (its first Delta carries them); if computing them failed, those requests fail."""
         scores = self._runner.take_scores(group[0].seq_id)
-        for seq in group:
-            if seq.scoring is not None:
+        for seq in (seq for seq in group if seq.scoring is not None):
+            if isinstance(scores, Exception):
+                self._outbox.append((seq, scores))
+                seq.cancelled = True  # it leaves the batch at the next step
+            else:
                 seq.prompt_logprobs = prompt_logprobs(scores, seq.scoring, seq.sampler.token_text)
-                seq.scoring = None
+            seq.scoring = None
 
     def _remember(self, rows: Iterable[int]) -> None:
         """Cache the full blocks these rows' KV holds (a prompt as it joins, a whole answer as it ends)."""
