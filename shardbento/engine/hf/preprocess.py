@@ -189,6 +189,7 @@ def load_preprocessor(
 
     import shardbento.engine.hf.glm4v as glm4v  # registers GLM-4V's converted model type
     from shardbento.engine.hf.chatglm3_tokenizer import load_converted
+    from shardbento.engine.hf.processors import QWEN_VL_TYPES, qwen_vl_processor
 
     common = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
     if config is None:
@@ -201,6 +202,8 @@ def load_preprocessor(
         from transformers import AutoTokenizer
 
         preprocessor = glm4v.Glm4vProcessor(AutoTokenizer.from_pretrained(path), config.vision_config)
+    elif getattr(config, "model_type", None) in QWEN_VL_TYPES and spec.kind == "vision":
+        preprocessor = qwen_vl_processor(path, config.model_type, **common)
     elif (converted := load_converted(path)) is not None:  # ChatGLM3's, with SentencePiece's decoding
         preprocessor = converted
     else:
