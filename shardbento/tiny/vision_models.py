@@ -15,7 +15,6 @@ from shardbento.tiny.tokenizer import corpus_lines, make_tokenizer_config_portab
 from shardbento.tiny.vision_templates import LLAMA32_VISION_CHAT_TEMPLATE, QWEN2_VL_CHAT_TEMPLATE
 
 FORMAT_VERSION = 1
-_INIT_STD = 0.02
 _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 # Llama 3's specials follow its BPE vocabulary (128000..); the image token comes after all of them, so its
@@ -68,6 +67,10 @@ class VisionCheckpointRecipe:
     vision_hidden: int = 64
     vision_layers: int = 2
     seed: int = 0
+    # Weights N(0, init_std): at 0.02 (the other tiny models') a prompt's last tokens (every chat ends with
+    # the same assistant header) decide the answer alone; at 0.1 the answers depend on the prompt and the
+    # image, which the batching tests need to tell rows apart.
+    init_std: float = 0.1
 
 
 VISION_RECIPES: dict[str, VisionCheckpointRecipe] = {
@@ -189,7 +192,7 @@ def _mllama(recipe: VisionCheckpointRecipe, ids: dict[str, int]) -> Any:
         },
         image_token_index=ids[LLAMA_IMAGE],
     )
-    return _seeded(MllamaForConditionalGeneration, config, recipe.seed)
+    return _seeded(MllamaForConditionalGeneration, config, recipe)
 
 
 def _qwen(recipe: VisionCheckpointRecipe, ids: dict[str, int], num_tokens: int) -> Any:
@@ -231,7 +234,7 @@ def _qwen(recipe: VisionCheckpointRecipe, ids: dict[str, int], num_tokens: int) 
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
-    return _seeded(Qwen2_5_VLForConditionalGeneration, config, recipe.seed)
+    return _seeded(Qwen2_5_VLForConditionalGeneration, config, recipe)
 
 
 def _qwen_hub_config(config: Any) -> dict[str, Any]:
@@ -287,15 +290,15 @@ def _qwen_hub_config(config: Any) -> dict[str, Any]:
     }
 
 
-def _seeded(model_class: Any, config: Any, seed: int) -> Any:
+def _seeded(model_class: Any, config: Any, recipe: VisionCheckpointRecipe) -> Any:
     """The model in float32 with weights from a local generator: norms 1, biases 0, gates 1 (Mllama's
     cross-attention and tile gates start at 0 in training, which would make the image invisible), the
-    rest N(0, 0.02)."""
+    rest N(0, init_std)."""
     import torch
 
     with torch.random.fork_rng(devices=[]):
         model = model_class(config).to(torch.float32)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(recipe.seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.ndim == 1 and name.endswith(".weight"):
@@ -305,7 +308,7 @@ def _seeded(model_class: Any, config: Any, seed: int) -> Any:
             elif "gate" in name.rsplit(".", 1)[-1] and param.numel() == 1:
                 param.fill_(1.0)
             else:
-                param.normal_(0.0, _INIT_STD, generator=generator)
+                param.normal_(0.0, recipe.init_std, generator=generator)
     return model.eval()
 
 

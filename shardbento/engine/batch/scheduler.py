@@ -158,7 +158,7 @@ class Scheduler:
     def _compute(self) -> None:
         self._drop_cancelled()
         chunks, groups = self._plan_prefill()
-        if chunks and self._running and self._runner.mixes and all(map(mixable, chunks)):
+        if chunks and self._running and self._runner.can_mix() and all(map(mixable, chunks)):
             self._mixed(chunks, groups)
         else:
             self._prefill(chunks, groups)
@@ -296,7 +296,14 @@ class Scheduler:
 
         hit_of = lambda i: hit if i == 0 else self._hit(candidates[i])  # noqa: E731 - looked up lazily
         planned = choose_chunks(
-            candidates, hit_of, self._prompt_budget(), room, keep, self._runner.packs, grown
+            candidates,
+            hit_of,
+            self._prompt_budget(),
+            room,
+            keep,
+            self._runner.packs,
+            grown,
+            self._runner.image_rows_free(),
         )
         join_twins(planned, candidates, room)
         if self._prefix is not None:
@@ -312,7 +319,7 @@ class Scheduler:
         """Prompt tokens this step may compute: the step budget less the running sequences' decode
         tokens when they share its forward (at least MIN_CHUNK, so a newcomer always progresses)."""
         budget = self._step_tokens
-        if self._running and self._runner.mixes:
+        if self._running and self._runner.can_mix():
             return max(budget - len(self._running), MIN_CHUNK)
         return budget
 

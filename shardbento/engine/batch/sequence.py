@@ -7,8 +7,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from shardbento.engine.base import Delta
 from shardbento.engine.batch.sampler import RequestSampler
 from shardbento.engine.output import OutputStream
@@ -65,14 +63,3 @@ def stream_token(seq: Sequence, token: int, metrics: Any) -> Delta:
         metrics.e2e.observe(now - seq.arrival_s)
         metrics.finished(delta.finish_reason)
     return delta
-
-
-def with_generated(inputs: dict[str, Any], generated: list[int]) -> dict[str, Any]:
-    """A vision prompt's processor outputs with a preempted sequence's generated tokens appended."""
-    if not generated:
-        return inputs
-    extra = torch.tensor([generated], dtype=inputs["input_ids"].dtype)
-    resumed = dict(inputs, input_ids=torch.cat([inputs["input_ids"], extra], dim=-1))
-    if "attention_mask" in inputs:
-        resumed["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(extra)], dim=-1)
-    return resumed
