@@ -188,3 +188,33 @@ def test_vision_batch_text_rows_skip_cross_attention_when_no_image_runs(mllama_m
         engine.close()
     assert seen and not any(seen)
     assert tokens == [generate_tokens(mllama_model, p, 5) for p in prompts]
+
+
+def test_vision_batch_load_check_passes_here_and_catches_a_wrong_path(family, monkeypatch) -> None:
+    """The load-time check (an image row beside a text row against each alone through the model's own
+    cache) passes on these models, and fails when the path is wrong: Mllama's rows without their image
+    mask rows (every row then attends to nothing), Qwen2-VL's slot without its rope delta."""
+    from shardbento.engine.batch import prefill
+    from shardbento.engine.batch.runner import ModelRunner
+
+    def check() -> bool:
+        runner = ModelRunner(family.model, 4, 256, max_images=family.prompts.spec.max_images)
+        with torch.inference_mode():
+            runner.allocate_pool(ServingLimits(kv_cache_tokens=1024))
+            return runner.batches_images()
+
+    assert check()
+    if family.model.config.model_type == "mllama":
+        step = CrossAttentionSlots.begin_step
+        monkeypatch.setattr(
+            CrossAttentionSlots,
+            "begin_step",
+            lambda self, n, device: (
+                None
+                if step(self, n, device) is None
+                else torch.zeros((n, 1, *self.shape.mask_shape), dtype=torch.long, device=device)
+            ),
+        )
+    else:
+        monkeypatch.setattr(prefill, "rope_positions", lambda model, inputs: ({}, 0))
+    assert not check()

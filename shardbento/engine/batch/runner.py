@@ -188,6 +188,12 @@ class ModelRunner(PrefillPaths):
         self.mixes = self.packs and _smallest_of_ranks(int(mixes_right(self)), self._device) == 1
         return tokens
 
+    def batches_images(self) -> bool:
+        """The load-time check of the image paths on this model (visioncheck.py), agreed by every rank."""
+        from shardbento.engine.batch.visioncheck import batches_vision_right
+
+        return _smallest_of_ranks(int(batches_vision_right(self)), self._device) == 1
+
     def _kv_bytes_per_token(self, num_tokens: int) -> dict[str, int]:
         """KV bytes one token takes on each device, read off a scratch forward's cache."""
         from transformers import DynamicCache

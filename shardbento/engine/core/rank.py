@@ -105,22 +105,27 @@ def _runner(loaded: Loaded, config: RankConfig) -> tuple[Any, bool]:
 
     spec = config.spec
     model_type = getattr(loaded.model.config, "model_type", None)
+    why = "SHARDBENTO_FORCE_GENERATE" if config.force_generate else f"{model_type} does not batch"
     if not config.force_generate and (spec.kind == "text" or model_type in BATCHED_VISION_TYPES):
         from shardbento.engine.batch.runner import ModelRunner
+        from shardbento.engine.batch.visioncheck import CHECKED_VISION_TYPES
 
         runner = ModelRunner(
             loaded.model, config.plan.max_num_seqs, config.plan.max_model_len, max_images=spec.max_images
         )
         with torch.inference_mode():
             tokens = runner.allocate_pool(spec.limits)
-        logger.info("model %s: KV pool of %d tokens (%s)", spec.name, tokens, runner.pool_source)
-        return runner, True
+            checked = spec.kind == "text" or model_type not in CHECKED_VISION_TYPES or runner.batches_images()
+        if checked:
+            logger.info("model %s: KV pool of %d tokens (%s)", spec.name, tokens, runner.pool_source)
+            return runner, True
+        del runner  # its pool goes back before generate() runs
+        why = "the load-time check of image rows in the batch failed on this model"
     from shardbento.engine.core.generate import GenerateRunner
 
     prompts = loaded.prompts
     eos_ids = set(prompts.eos_token_ids) if prompts is not None else set()
     pad = prompts.pad_token_id if prompts is not None else 0
-    why = "SHARDBENTO_FORCE_GENERATE" if config.force_generate else f"{model_type} does not batch"
     logger.info("model %s: one request at a time through generate() (%s)", spec.name, why)
     return GenerateRunner(loaded.model, loaded.input_device, eos_ids, pad), False
 
