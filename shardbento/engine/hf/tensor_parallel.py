@@ -21,6 +21,7 @@ def load_shard(spec: ModelSpec, path: str, world_size: int, dtype: Any) -> Any:
     model split by the plan."""
     from transformers import AutoConfig, DistributedConfig
 
+    import shardbento.engine.hf.glm4v  # noqa: F401 - registers GLM-4V's converted model type
     from shardbento.engine.hf.loading import model_class
 
     common = {"trust_remote_code": spec.trust_remote_code}
