@@ -19,8 +19,9 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from side_by_side import free_port, replace_section, stop, wait_ready  # noqa: E402
+from peers import free_port, replace_section, stop, wait_ready  # noqa: E402
 
 from shardbento.bench.loadgen import Target, make_prompt, request_body, send  # noqa: E402
 from shardbento.bench.report import summarize  # noqa: E402

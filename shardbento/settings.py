@@ -38,6 +38,7 @@ class Settings:
     engine_fault: str | None = None  # test-only: "METHOD@N", rank 0's N-th runner METHOD call fails
     collective_timeout_s: float = 600.0  # a tensor-parallel collective waiting for a peer fails after this
     allow_runtime_lora_updating: bool = False  # POST /v1/load_lora_adapter and unload (vLLM's switch)
+    force_generate: bool = False  # benchmark knob: every request alone through generate(), no batch
 
     def __repr__(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "api_key"}

@@ -72,6 +72,16 @@ def vision_model() -> Any:
 
 
 @pytest.fixture(scope="session")
+def mllama_model() -> Any:
+    return loaded_model("tiny-mllama")
+
+
+@pytest.fixture(scope="session")
+def qwen_vl_model() -> Any:
+    return loaded_model("tiny-qwen2.5-vl")
+
+
+@pytest.fixture(scope="session")
 def text_inprocess(text_model) -> Iterator[Any]:
     """tiny-llama's scheduler loop in this process (tests that look inside the scheduler)."""
     from inprocess import InProcessEngine

@@ -29,7 +29,10 @@ class InProcessEngine:
         limits = limits or loaded.prompts.spec.limits
         self.loaded = loaded
         self.prompts = loaded.prompts
-        self.runner = ModelRunner(loaded.model, limits.max_num_seqs, loaded.plan.max_model_len)
+        spec = loaded.prompts.spec
+        self.runner = ModelRunner(
+            loaded.model, limits.max_num_seqs, loaded.plan.max_model_len, max_images=spec.max_images
+        )
         with torch.inference_mode():
             self.kv_pool_tokens = self.runner.allocate_pool(limits)
         config = loaded.model.config

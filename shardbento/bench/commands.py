@@ -44,6 +44,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="conversations of this many turns, each carrying the earlier ones",
     )
     parser.add_argument(
+        "--image-every",
+        type=int,
+        default=0,
+        help="every Nth conversation opens with a picture (a vision model's mixed image and text load)",
+    )
+    parser.add_argument(
         "--extra-body",
         type=json.loads,
         default={},
@@ -70,8 +76,8 @@ def handle(args: argparse.Namespace) -> int:
     if not isinstance(args.extra_body, dict):
         print("--extra-body must be a JSON object", file=sys.stderr)
         return 2
-    if args.shared_prefix_tokens < 0:
-        print("--shared-prefix-tokens must not be negative", file=sys.stderr)
+    if args.shared_prefix_tokens < 0 or args.image_every < 0:
+        print("--shared-prefix-tokens and --image-every must not be negative", file=sys.stderr)
         return 2
     import aiohttp
 
@@ -130,6 +136,7 @@ async def run_bench(args: argparse.Namespace, levels: list[int]) -> dict[str, An
                 seed,
                 system_words=system_words,
                 turns=args.turns,
+                image_every=args.image_every,
             )
             results.append(summarize(records, wall_s, concurrency))
             logger.info(
@@ -143,6 +150,7 @@ async def run_bench(args: argparse.Namespace, levels: list[int]) -> dict[str, An
         "output_tokens": args.output_tokens,
         "shared_prefix_tokens": args.shared_prefix_tokens,
         "turns": args.turns,
+        "image_every": args.image_every,
         "fixed_length": target.fixed_length,
         "levels": results,
     }

@@ -8,6 +8,8 @@ CPU with the server it measures, and aiohttp's streaming costs about half of htt
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 import random
 import time
@@ -111,16 +113,32 @@ def make_prompt(num_words: int, rng: random.Random) -> str:
     return " ".join(rng.choice(PROMPT_WORDS) for _ in range(num_words))
 
 
+def picture_uri(seed: int, width: int = 64, height: int = 48) -> str:
+    """A PNG of seeded random pixels as a data URI (a vision model's mixed load)."""
+    from PIL import Image
+
+    rng = random.Random(seed)
+    pixels = bytes(rng.randrange(256) for _ in range(width * height * 3))
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (width, height), pixels).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
 def request_body(
     target: Target,
     prompt: str,
     output_tokens: int,
     system: str = "",
-    history: list[dict[str, str]] | None = None,
+    history: list[dict[str, Any]] | None = None,
+    image: str | None = None,
 ) -> dict[str, Any]:
-    """One streamed chat request: an optional shared system prompt, earlier turns, then `prompt`."""
-    messages = [{"role": "system", "content": system}] if system else []
-    messages += [*(history or []), {"role": "user", "content": prompt}]
+    """One streamed chat request: an optional shared system prompt, earlier turns, then `prompt` (after
+    `image`, a data URI, when one is given)."""
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    content: Any = prompt
+    if image is not None:
+        content = [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": prompt}]
+    messages += [*(history or []), {"role": "user", "content": content}]
     body: dict[str, Any] = {
         "model": target.model,
         "messages": messages,
@@ -199,33 +217,35 @@ async def run_level(
     seed: int,
     system_words: int = 0,
     turns: int = 1,
+    image_every: int = 0,
 ) -> tuple[list[RequestResult], float]:
     """`concurrency` clients share `num_requests` requests; each level gets its own prompts (no reuse
     across levels). `system_words`: every request of the level starts with the same system prompt of
     that many words (a shared prefix). `turns`: requests come as conversations of that many turns, each
-    turn's prompt carrying the earlier turns and their answers; a client runs one conversation at a time."""
+    turn's prompt carrying the earlier turns and their answers; a client runs one conversation at a time.
+    `image_every`: every that-many-th conversation opens with a picture of its own (a vision load)."""
     rng = random.Random(seed)
     system = make_prompt(system_words, random.Random(seed + 7919)) if system_words else ""
     conversations = [
         [make_prompt(words, rng) for _ in range(turns)] for _ in range(max(1, -(-num_requests // turns)))
     ]
-    queue: asyncio.Queue[list[str]] = asyncio.Queue()
-    for conversation in conversations:
-        queue.put_nowait(conversation)
+    queue: asyncio.Queue[tuple[int, list[str]]] = asyncio.Queue()
+    for index, conversation in enumerate(conversations):
+        queue.put_nowait((index, conversation))
     results: list[RequestResult] = []
 
     async def worker() -> None:
         while not queue.empty():
-            history: list[dict[str, str]] = []
-            for prompt in queue.get_nowait():
-                result = await send(
-                    client, target, request_body(target, prompt, output_tokens, system, history)
-                )
+            index, prompts = queue.get_nowait()
+            image = picture_uri(seed * 100003 + index) if image_every and index % image_every == 0 else None
+            history: list[dict[str, Any]] = []
+            for prompt in prompts:
+                body = request_body(target, prompt, output_tokens, system, history, image)
+                result = await send(client, target, body)
                 results.append(result)
-                history += [
-                    {"role": "user", "content": prompt},
-                    {"role": "assistant", "content": result.text},
-                ]
+                first = body["messages"][-1]
+                history += [first, {"role": "assistant", "content": result.text}]
+                image = None  # the picture stays in the first turn
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))

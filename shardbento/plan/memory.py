@@ -238,13 +238,19 @@ class Budget:
     lora_bytes: int = 0  # LoRA adapters held on the device: max_loras of them at max_lora_rank
     max_loras: int = 0
     lora_rank: int = 0
+    vision_weight_bytes: int = 0  # the vision tower: whole on every tensor-parallel rank
+    max_images: int = 0  # images one sequence attends to (its cross-attention keys: x kv_bytes_per_image)
 
     @property
     def total_bytes(self) -> int:
         return self.weight_bytes + self.kv_bytes + self.activation_bytes + self.lora_bytes
 
-    def needed_bytes(self, num_gpus: int) -> int:
-        return self.total_bytes + num_gpus * CUDA_CONTEXT_BYTES
+    def replicated_bytes(self, num_gpus: int, mode: str) -> int:
+        """What tensor parallelism holds more than once: the vision tower on every rank but the first."""
+        return (num_gpus - 1) * self.vision_weight_bytes if mode == "tensor" else 0
+
+    def needed_bytes(self, num_gpus: int, mode: str = "layers") -> int:
+        return self.total_bytes + num_gpus * CUDA_CONTEXT_BYTES + self.replicated_bytes(num_gpus, mode)
 
 
 def weight_bytes_per_param(dtype: str, quantization: str) -> tuple[float, float]:
@@ -286,6 +292,8 @@ def budget(
         lora_bytes=max_loras * lora_adapter_bytes(shape, lora_rank, dtype),
         max_loras=max_loras,
         lora_rank=lora_rank,
+        vision_weight_bytes=int(shape.vision_params * layer_b),
+        max_images=max_images,
     )
 
 
@@ -307,10 +315,11 @@ def usable_bytes(num_gpus: int, gpu: GpuKind, utilization: float) -> int:
     return int(num_gpus * gpu.memory_bytes * utilization)
 
 
-def fits(need: Budget, num_gpus: int, gpu: GpuKind, utilization: float = 0.9) -> bool:
-    """The pool rule on an even split: what is usable less weights, activations and CUDA contexts
-    leaves KV for `need.num_seqs` sequences at full context (kv_pool_tokens >= that)."""
-    return need.needed_bytes(num_gpus) <= usable_bytes(num_gpus, gpu, utilization)
+def fits(need: Budget, num_gpus: int, gpu: GpuKind, utilization: float = 0.9, mode: str = "layers") -> bool:
+    """The pool rule on an even split: what is usable less weights (the vision tower on every rank in
+    tensor mode), activations and CUDA contexts leaves KV for `need.num_seqs` sequences at full context
+    (kv_pool_tokens >= that)."""
+    return need.needed_bytes(num_gpus, mode) <= usable_bytes(num_gpus, gpu, utilization)
 
 
 def tp_divides(shape: ModelShape, size: int) -> str | None:
@@ -328,34 +337,6 @@ def min_gpus(
 ) -> int | None:
     """The fewest GPUs of this kind that hold the budget in `mode`, or None above `limit`."""
     for n in range(1, limit + 1):
-        if fits(need, n, gpu, utilization) and (mode == "layers" or tp_divides(shape, n) is None):
+        if fits(need, n, gpu, utilization, mode) and (mode == "layers" or tp_divides(shape, n) is None):
             return n
     return None
-
-
-def kv_pool_tokens(
-    limits: Any,
-    bytes_per_token: dict[Any, int],
-    *,
-    max_num_seqs: int,
-    max_model_len: int,
-    free_bytes: dict[Any, int] | None = None,
-) -> tuple[int, str]:
-    """The KV pool in tokens and where the number comes from: the one rule the engine allocates by and
-    the planner prints.
-
-    `bytes_per_token` is the KV one token takes on each device (a layer split: each GPU's layers; tensor
-    parallel: one rank's share). `limits.kv_cache_tokens` wins; else, on GPUs, `free_bytes` (what each
-    device has left after the weights and a warm-up forward, within gpu_memory_utilization) divided by
-    that device's bytes per token, the smallest; else (CPU) `limits.kv_cache_gib` over all layers' bytes.
-    Never more than max_num_seqs sequences of max_model_len could use.
-    """
-    if limits.kv_cache_tokens is not None:
-        tokens, source = limits.kv_cache_tokens, "limits.kv_cache_tokens"
-    elif free_bytes is not None:
-        tokens = min(max(free_bytes[d], 0) // max(b, 1) for d, b in bytes_per_token.items())
-        source = f"GPU memory left x gpu_memory_utilization {limits.gpu_memory_utilization:g}"
-    else:
-        tokens = int(limits.kv_cache_gib * GIB) // max(sum(bytes_per_token.values()), 1)
-        source = f"limits.kv_cache_gib {limits.kv_cache_gib:g}"
-    return min(tokens, max_num_seqs * max_model_len), source

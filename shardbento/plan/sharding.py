@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from shardbento.catalog import ModelSpec, ServingEngine, ServingLimits
+from shardbento.plan.kvpool import KVPool, kv_pool
 from shardbento.plan.memory import (
     ACTIVATION_FRACTION,
     CUDA_CONTEXT_BYTES,
@@ -25,7 +26,6 @@ from shardbento.plan.memory import (
     PlanError,
     budget,
     fits,
-    kv_pool_tokens,
     min_gpus,
     tp_divides,
     usable_bytes,
@@ -55,6 +55,7 @@ class Plan:
     notes: tuple[str, ...] = ()
     kv_pool_tokens: int | None = None  # the pool the transformers engine allocates, by the same rule
     kv_pool_source: str = ""
+    image_rows: int = 0  # image sequences the cross-attention state holds at once (Mllama), by the same rule
     gpu_memory_utilization: float = 0.9  # the spec's limit: what fits and the pool are measured against
     engine: ServingEngine = "transformers"
 
@@ -63,12 +64,15 @@ class Plan:
         return self.world_size if self.device == "cuda" else 0
 
     def per_gpu_bytes(self) -> list[int]:
-        """Weights, KV cache and headroom each GPU holds (tensor: an even share; layers: its layers)."""
+        """Weights, KV cache and headroom each GPU holds (tensor: an even share of the language model and
+        the whole vision tower; layers: its layers)."""
         if self.budget is None:
             return []
         extra = self.budget.kv_bytes + self.budget.activation_bytes
         if self.mode != "layers":
-            return [self.budget.total_bytes // self.num_gpus + CUDA_CONTEXT_BYTES] * self.num_gpus
+            vision = self.budget.vision_weight_bytes if self.mode == "tensor" else 0
+            share = (self.budget.total_bytes - vision) // self.num_gpus + vision
+            return [share + CUDA_CONTEXT_BYTES] * self.num_gpus
         total_w = sum(s.weight_bytes for s in self.shares) or 1
         return [s.weight_bytes + extra * s.weight_bytes // total_w + CUDA_CONTEXT_BYTES for s in self.shares]
 
@@ -77,7 +81,7 @@ class Plan:
         if self.gpu is not None:
             data["gpu"] = {"name": self.gpu.name, "memory_gib": round(self.gpu.memory_bytes / GIB, 1)}
         data["num_gpus"] = self.num_gpus
-        data["needed_bytes"] = self.budget.needed_bytes(self.num_gpus) if self.budget else None
+        data["needed_bytes"] = self.budget.needed_bytes(self.num_gpus, self.mode) if self.budget else None
         data["per_gpu_bytes"] = self.per_gpu_bytes()
         return data
 
@@ -100,14 +104,14 @@ def choose_mode(parallel: str, num_gpus: int, shape: ModelShape, tp_capable: boo
     """(mode, why) for `num_gpus`; `parallel: tensor` that cannot work raises with the sizes that would."""
     if num_gpus <= 1:
         return "single", "one device"
-    why_not = tp_divides(shape, num_gpus) or (None if tp_capable else "transformers has no TP plan for it")
+    why_not = tp_divides(shape, num_gpus) or (None if tp_capable else "no tensor-parallel plan for it")
     if parallel == "tensor":
         if why_not:
             fix = _tp_fix(shape) if tp_capable else "set parallel: layers"  # no size helps without a TP plan
             raise PlanError(f"parallel: tensor with gpus: {num_gpus} cannot work: {why_not}; {fix}")
         return "tensor", f"parallel: tensor over {num_gpus} ranks"
     if parallel == "auto" and why_not is None:
-        return "tensor", f"auto: {num_gpus} divides the heads and transformers has a TP plan"
+        return "tensor", f"auto: {num_gpus} divides the heads and a tensor-parallel plan exists"
     return "layers", "parallel: layers" if parallel == "layers" else f"auto: layer split ({why_not})"
 
 
@@ -150,14 +154,14 @@ def plan_spec(
     lowest_layers = min_gpus(need, gpu, shape, "layers", utilization) if engine == "transformers" else None
     lowest_tensor = min_gpus(need, gpu, shape, "tensor", utilization) if tp_capable else None
     mode, reason = choose_mode(engine_parallel(spec, engine), count, shape, tp_capable)
-    if check and not fits(need, count, gpu, utilization):
+    if check and not fits(need, count, gpu, utilization, mode):
         raise PlanError(
             _memory_message(
                 spec.name, need, count, gpu, utilization, (lowest_layers, lowest_tensor), shape, engine
             )
         )
     shares = tuple(balanced_split(need, shape, gpu, count, utilization)) if mode == "layers" else ()
-    pool, source = _pool(limits, need, shape, gpu, count, shares, context)
+    pool = _pool(limits, need, shape, gpu, count, shares, context, mode)
     return Plan(
         engine=engine,
         model=spec.name,
@@ -173,8 +177,9 @@ def plan_spec(
         min_gpus_tensor=lowest_tensor,
         shares=shares,
         notes=notes,
-        kv_pool_tokens=pool,
-        kv_pool_source=source,
+        kv_pool_tokens=pool.tokens,
+        kv_pool_source=pool.source,
+        image_rows=pool.image_rows,
         gpu_memory_utilization=utilization,
     )
 
@@ -208,10 +213,13 @@ def _pool(
     count: int,
     shares: tuple[GpuShare, ...],
     context: int,
-) -> tuple[int, str]:
-    """The KV pool the engine will allocate (plan/memory.kv_pool_tokens), from estimates of what each
-    GPU has left: its memory x gpu_memory_utilization less its weights, their activations and the CUDA
-    context (the engine measures these after its warm-up forward)."""
+    mode: PlanMode,
+) -> KVPool:
+    """The KV pool the engine will allocate (plan/kvpool.kv_pool) and the image sequences its
+    cross-attention state holds, from estimates of what each GPU has left: its memory x
+    gpu_memory_utilization less its weights, their activations and the CUDA context (the engine
+    measures these after its warm-up forward)."""
+    per_image = need.kv_bytes_per_image * need.max_images
     if shares:
         layers = {
             s.gpu: (s.last_layer - s.first_layer + 1 if s.first_layer is not None else 0) for s in shares
@@ -219,19 +227,27 @@ def _pool(
         per_token = {
             s.gpu: need.kv_bytes_per_token * layers[s.gpu] // max(shape.num_layers, 1) for s in shares
         }
+        image = {s.gpu: per_image * layers[s.gpu] // max(shape.num_layers, 1) for s in shares}
         weights = {s.gpu: s.weight_bytes for s in shares}
         per_token = {g: b for g, b in per_token.items() if b}
     else:
         per_token = {g: need.kv_bytes_per_token // count for g in range(count)}
-        weights = {g: need.weight_bytes // count for g in range(count)}
+        image = {g: per_image // count for g in range(count)}
+        vision = need.vision_weight_bytes if mode == "tensor" else 0
+        weights = {g: (need.weight_bytes - vision) // count + vision for g in range(count)}
     free = {
         g: int(gpu.memory_bytes * limits.gpu_memory_utilization)
         - int(weights[g] * (1 + ACTIVATION_FRACTION))
         - CUDA_CONTEXT_BYTES
-        for g in per_token
+        for g in set(per_token) | set(image)
     }
-    return kv_pool_tokens(
-        limits, per_token, max_num_seqs=limits.max_num_seqs, max_model_len=context, free_bytes=free
+    return kv_pool(
+        limits,
+        per_token,
+        max_num_seqs=limits.max_num_seqs,
+        max_model_len=context,
+        free_bytes=free,
+        bytes_per_image_seq=image,
     )
 
 
@@ -323,7 +339,8 @@ def render(plan: Plan) -> str:
         f"KV pool    {plan.kv_pool_tokens or 0:8d} tokens, {(plan.kv_pool_tokens or 0) * need.kv_bytes_per_token / GIB:.1f} "
         f"GiB in all ({plan.kv_pool_source}): {(plan.kv_pool_tokens or 0) // need.max_model_len} sequences "
         f"at the full {need.max_model_len} tokens",
-        f"total      {need.needed_bytes(plan.num_gpus) / GIB:8.1f} GiB on {plan.num_gpus} x {plan.gpu.name} "
+        *_cross_attention(plan, need),
+        f"total      {need.needed_bytes(plan.num_gpus, plan.mode) / GIB:8.1f} GiB on {plan.num_gpus} x {plan.gpu.name} "
         f"({usable_bytes(plan.num_gpus, plan.gpu, plan.gpu_memory_utilization) / GIB:.0f} GiB usable)",
         f"min GPUs   layers: {plan.min_gpus_layers or '-'}, tensor: {plan.min_gpus_tensor or '-'}",
         f"engine     {plan.engine}",
@@ -336,10 +353,24 @@ def render(plan: Plan) -> str:
     return "\n".join(lines + [f"note       {note}" for note in plan.notes])
 
 
+def _cross_attention(plan: Plan, need: Budget) -> list[str]:
+    """The cross-attention state's line (Mllama): image sequences at once, what each takes, all of it."""
+    if not plan.image_rows:
+        return []
+    per_seq = need.kv_bytes_per_image * need.max_images
+    limit = "every slot" if plan.image_rows >= plan.max_num_seqs else "at most half the KV memory"
+    return [
+        f"cross-attn {plan.image_rows:8d} image sequences at once ({limit}) x {per_seq / GIB:.2f} GiB "
+        f"= {plan.image_rows * per_seq / GIB:.1f} GiB in all, beside the KV pool"
+    ]
+
+
 def _holds(plan: Plan, gpu: int) -> str:
-    if plan.mode != "layers":
-        what = "all weights" if plan.mode == "single" else f"1/{plan.num_gpus} of every layer"
-        return f"{what} and its KV cache"
+    if plan.mode == "single":
+        return "all weights and its KV cache"
+    if plan.mode == "tensor":
+        vision = ", the whole vision tower" if plan.budget and plan.budget.vision_weight_bytes else ""
+        return f"1/{plan.num_gpus} of every layer{vision} and its KV cache"
     share = plan.shares[gpu]
     layers = (
         f"layers {share.first_layer}-{share.last_layer}" if share.first_layer is not None else "no layers"

@@ -21,6 +21,7 @@ from shardbento.tiny.tokenizer import (
     make_tokenizer_config_portable,
     train_tokenizer,
 )
+from shardbento.tiny.vision_models import VISION_RECIPES, build_vision_checkpoint, vision_digest
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -89,8 +90,13 @@ def ensure_generated(recipe: str, cache_dir: Path | None = None) -> Path:
         thudm = THUDM_RECIPES[recipe]
         final_dir = root / f"{recipe}-{thudm_digest(thudm)}"
         return build_once(final_dir, lambda out_dir: build_thudm(thudm, out_dir), f"tiny model {recipe!r}")
+    if recipe in VISION_RECIPES:
+        vision = VISION_RECIPES[recipe]
+        final_dir = root / f"{recipe}-{vision_digest(vision)}"
+        build = lambda out_dir: build_vision_checkpoint(vision, out_dir)  # noqa: E731
+        return build_once(final_dir, build, f"tiny model {recipe!r}")
     if recipe not in RECIPES:
-        known = sorted([*RECIPES, *THUDM_RECIPES])
+        known = sorted([*RECIPES, *THUDM_RECIPES, *VISION_RECIPES])
         raise ValueError(f"Unknown tiny-model recipe {recipe!r}; known recipes: {', '.join(known)}.")
     final_dir = root / f"{recipe}-{recipe_digest(RECIPES[recipe])}"
     return build_once(final_dir, lambda out_dir: _build(RECIPES[recipe], out_dir), f"tiny model {recipe!r}")

@@ -98,3 +98,47 @@ def test_bench_loadgen_probe_drops_fixed_lengths_a_strict_server_refuses() -> No
     target, prompt_tokens = asyncio.run(main())
     assert target.fixed_length is False and prompt_tokens == 17
     assert ["ignore_eos" in body for body in seen] == [True, False]
+
+
+def test_bench_loadgen_image_every_opens_every_nth_conversation_with_its_own_picture() -> None:
+    """--image-every 2: conversations 0, 2, 4 open with a picture (each its own PNG), later turns carry
+    it in their history, and the others are text only."""
+    from aiohttp import ClientSession, web
+
+    from shardbento.bench.loadgen import Target, run_level
+
+    seen: list[dict] = []
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        seen.append(await request.json())
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices": [{"delta": {"content": "x"}}]}\n\ndata: [DONE]\n\n')
+        return response
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", chat)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        target = Target(chat_url(f"http://127.0.0.1:{port}"), "m", True, {})
+        try:
+            async with ClientSession() as session:
+                await run_level(session, target, 1, 10, 5, 2, seed=3, turns=2, image_every=2)
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())
+
+    def pictures(body: dict) -> list[str]:
+        parts = [p for m in body["messages"] if isinstance(m["content"], list) for p in m["content"]]
+        return [p["image_url"]["url"] for p in parts if p["type"] == "image_url"]
+
+    firsts, seconds = seen[0::2], seen[1::2]
+    assert [len(pictures(b)) for b in firsts] == [1, 0, 1, 0, 1]
+    assert [pictures(b) for b in seconds] == [pictures(b) for b in firsts]  # in the history
+    opening = [pictures(b)[0] for b in firsts if pictures(b)]
+    assert len(set(opening)) == 3 and all(u.startswith("data:image/png;base64,") for u in opening)

@@ -180,23 +180,35 @@ def test_planner_every_catalog_model_plans_offline() -> None:
 
 
 @pytest.mark.slow  # a subprocess
-def test_plan_cli_90b_on_four_h100() -> None:
-    command = [
-        sys.executable,
-        "-m",
-        "shardbento",
-        "plan",
-        "llama-3.2-90b-vision-instruct",
-        "--gpus",
-        "4xH100-80GB",
-    ]
-    text = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    assert "4 x H100-80GB" in text and "mode       layers" in text
-    result = subprocess.run([*command, "--json"], capture_output=True, text=True, check=True)
-    data = json.loads(result.stdout)
-    layers = [(s["first_layer"], s["last_layer"]) for s in data["shares"]]
-    assert layers[0][0] == 0 and layers[-1][1] == 99 and len(layers) == 4
-    assert all(b < 80e9 for b in data["per_gpu_bytes"])
+def test_plan_cli_90b_on_four_a100_is_tensor_parallel_with_cross_attention_counted() -> None:
+    """auto picks tensor parallelism for Mllama (shardbento's plan: transformers has none), each rank
+    holding a quarter of the language model and the whole vision tower, and the cross-attention keys of
+    every slot's image counted beside the pool (0.49 GiB each, all 32 slots: under half the KV memory)."""
+    command = [sys.executable, "-m", "shardbento", "plan", "llama-3.2-90b-vision-instruct", "--gpus"]
+    text = subprocess.run([*command, "4xA100-80GB"], capture_output=True, text=True, check=True).stdout
+    assert "4 x A100-80GB" in text and "mode       tensor (auto: 4 divides the heads" in text
+    assert "cross-attn       32 image sequences at once (every slot) x 0.49 GiB" in text
+    assert "1/4 of every layer, the whole vision tower" in text
+    data = json.loads(
+        subprocess.run([*command, "4xA100-80GB", "--json"], capture_output=True, text=True, check=True).stdout
+    )
+    need = data["budget"]
+    assert data["mode"] == "tensor" and data["image_rows"] == 32 and not data["shares"]
+    vision = need["vision_weight_bytes"]
+    assert 1.5 * GIB < vision < 2 * GIB  # the tower (40 layers of 1280) and its 7680 -> 8192 projector
+    rank = (need["weight_bytes"] + need["kv_bytes"] + need["activation_bytes"] - vision) // 4 + vision
+    assert data["per_gpu_bytes"] == [rank + CUDA_CONTEXT_BYTES] * 4
+    assert abs(data["needed_bytes"] - sum(data["per_gpu_bytes"])) < 4  # the even split rounds down
+
+
+def test_planner_90b_layer_split_on_four_h100() -> None:
+    spec = load_spec("llama-3.2-90b-vision-instruct").model_copy(update={"parallel": "layers"})
+    shape = model_shape(_config("llama-3.2-90b-vision-instruct"))
+    plan = plan_spec(spec, shape, parse_gpus("H100-80GB")[1], num_gpus=4)
+    layers = [(s.first_layer, s.last_layer) for s in plan.shares]
+    assert plan.mode == "layers" and layers[0][0] == 0 and layers[-1][1] == 99 and len(layers) == 4
+    assert all(b < 80e9 for b in plan.per_gpu_bytes())
+    assert plan.image_rows == 32  # each GPU's cross-attention layers keep every slot's image
 
 
 @pytest.mark.slow  # a subprocess

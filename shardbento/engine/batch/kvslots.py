@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from shardbento.engine.batch.crossattn import CrossAttentionSlots
 from shardbento.engine.hf.placement import device_ints
 
 BLOCK = 64  # row widths are multiples of this: a growing batch re-lays its rows out once per BLOCK steps
@@ -26,11 +27,15 @@ class SlotKVCache:
     the device of that layer's keys, which makes an accelerate layer split work unchanged.
 
     The model calls `update()` the way it calls a transformers Cache; `begin_step()` says which
-    rows and positions the next forward writes.
+    rows and positions the next forward writes. A model with cross-attention layers (Mllama) keeps its
+    image keys beside the pool, per row (`cross`, crossattn.py), and reads them through `layers`.
     """
 
-    def __init__(self, num_slots: int, max_len: int, pool_tokens: int) -> None:
+    def __init__(
+        self, num_slots: int, max_len: int, pool_tokens: int, cross: CrossAttentionSlots | None = None
+    ) -> None:
         self.num_slots = num_slots
+        self.cross = cross
         self.max_len = max_len
         self.pool_tokens = pool_tokens
         self.width = max(self.width_for(1), self._roomy_width())
@@ -54,6 +59,13 @@ class SlotKVCache:
     @property
     def is_compileable(self) -> bool:
         return False
+
+    @property
+    def layers(self) -> list[Any]:
+        """Mllama's view of its cross-attention layers (`past_key_values.layers[idx]`)."""
+        if self.cross is None:
+            raise AttributeError("layers")  # the self-attention pool is not a transformers layer list
+        return self.cross.layers
 
     def width_for(self, length: int) -> int:
         """The row width that holds `length` tokens."""
@@ -120,6 +132,8 @@ class SlotKVCache:
         """The next forward computes `num_tokens` tokens of one prompt from position `start`: each layer
         writes their keys into `row` and attends to the row up to them (no copy of the earlier chunks)."""
         self._chunk = (row, start, num_tokens)
+        if self.cross is not None:
+            self.cross.deactivate()  # a text prompt's chunk: no cross-attention
 
     def end_chunk(self) -> None:
         row, start, num_tokens = self._chunk
@@ -169,16 +183,22 @@ class SlotKVCache:
         offset: int = 0,
         position_offset: int = 0,
         spans: list[tuple[int, int]] | None = None,
+        image_mask: torch.Tensor | None = None,
     ) -> None:
         """Copy row `row` of a finished prefill (a transformers cache) into `slot`, skipping `offset`
         left-padding positions, or only its `spans` ((offset, length) pieces, in order: a packed
-        prefill's prompt); `position_offset` is the model's own (GLM-4V's image positions)."""
+        prefill's prompt); `position_offset` is the model's own (GLM-4V's image positions, Qwen2-VL's
+        rope delta). With cross-attention, `image_mask` (the prompt's last mask row) says the prompt's
+        cross-attention keys go to the slot's image state; without it the slot holds no image."""
         if spans is None:
             spans = [(offset, prefill_cache.get_seq_length() - offset)]
         length = sum(n for _, n in spans)
         if length > self.width:
             self.fit(max(slot + 1, self._live_rows()), length)
+        cross = self.cross.shape.layers if self.cross is not None else {}
         for layer_idx, layer in enumerate(prefill_cache.layers):
+            if layer_idx in cross or not _holds_keys(layer):
+                continue  # cross-attention (below), or a layer this prefill skipped
             keys, values = self._layer(layer_idx, layer.keys)
             at = 0
             for start, n in spans:
@@ -187,9 +207,19 @@ class SlotKVCache:
                 at += n
         self.lengths[slot] = length
         self.position_offsets[slot] = position_offset
+        if self.cross is not None:
+            if image_mask is not None:
+                self.cross.load(slot, prefill_cache, image_mask)
+            else:
+                self.cross.clear(slot)
 
     def copy(self, source: int, target: int) -> None:
         """Give `target` the sequence held in `source` (both keep it)."""
+        self._copy_row(source, target)
+        if self.cross is not None:
+            self.cross.copy(source, target)
+
+    def _copy_row(self, source: int, target: int) -> None:
         length = self.lengths[source]
         for layer_idx in self._keys:
             self._keys[layer_idx][target, :, :length] = self._keys[layer_idx][source, :, :length]
@@ -199,12 +229,16 @@ class SlotKVCache:
 
     def move(self, source: int, target: int) -> None:
         """Put the sequence in `source` into `target` (freeing `source`)."""
-        self.copy(source, target)
-        self.free(source)
+        self._copy_row(source, target)
+        self.lengths[source] = self.position_offsets[source] = 0
+        if self.cross is not None:
+            self.cross.move(source, target)
 
     def free(self, slot: int) -> None:
         self.lengths[slot] = 0
         self.position_offsets[slot] = 0
+        if self.cross is not None:
+            self.cross.clear(slot)
 
     def positions(self, num_rows: int) -> list[int]:
         """Each of the first `num_rows` slots' next rotary position."""
@@ -277,7 +311,8 @@ class SlotKVCache:
         return (self._live_rows() * self.width + self.prefix_blocks * PREFIX_BLOCK) / self.pool_tokens
 
     def allocated_bytes(self) -> int:
-        return sum(k.numel() * k.element_size() * 2 for k, _ in self._storage.values())
+        pool = sum(k.numel() * k.element_size() * 2 for k, _ in self._storage.values())
+        return pool + (self.cross.allocated_bytes() if self.cross is not None else 0)
 
     def _live_rows(self) -> int:
         return sum(1 for length in self.lengths if length)
@@ -325,6 +360,11 @@ class SlotKVCache:
                 new_v[slot, :, :length] = row_v
             self._keys[layer_idx], self._values[layer_idx] = new_k, new_v
         self.width = width
+
+
+def _holds_keys(layer: Any) -> bool:
+    keys = getattr(layer, "keys", None)
+    return keys is not None and keys.numel() > 0
 
 
 def _tail(block: int, cache: torch.Tensor) -> int:

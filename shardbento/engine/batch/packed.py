@@ -255,5 +255,14 @@ def windowed(config: Any) -> bool:
     return bool(getattr(text, "sliding_window", None)) or any(t != "full_attention" for t in types)
 
 
+# Vision models whose text prompts may be packed: their prompts with images are prefilled alone, outside
+# packing, and the check below runs their text path (Mllama's skips its cross-attention layers, as a text
+# prompt's generate() does; Qwen2-VL's text positions are plain rotary positions).
+PACKED_VISION_TYPES = frozenset({"mllama", "qwen2_vl", "qwen2_5_vl"})
+
+
 def vision(config: Any) -> bool:
+    """A vision model whose text prompts are never packed."""
+    if getattr(config, "model_type", None) in PACKED_VISION_TYPES:
+        return False
     return getattr(config, "vision_config", None) is not None

@@ -7,10 +7,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
+from shardbento.engine.batch.images import with_generated
 from shardbento.engine.batch.kvslots import PREFIX_BLOCK
 from shardbento.engine.batch.prefill import PrefillChunk
 from shardbento.engine.batch.scoring import SCORED_STEP_TOKENS
-from shardbento.engine.batch.sequence import Sequence, with_generated
+from shardbento.engine.batch.sequence import Sequence
 
 Planned = list[tuple[PrefillChunk, list[Sequence]]]
 Room = Callable[[int, int], bool]  # (rows joining, the longest of them) -> whether the pool holds them
@@ -25,13 +26,16 @@ def choose_chunks(
     keep: set[int],
     packs: bool,
     grown: int,
+    images_free: int | None = None,
 ) -> Planned:
     """This step's chunks, each with the sequences it serves (`hit_of(i)`: candidate i's cached blocks;
-    `keep` collects the blocks read; `grown`: the running rows' longest after this step). In order:
-    the head's next chunk when it is being prefilled in chunks (alone unless it completes); a vision
-    head alone (whole with its pixels, or its text past a cached prefix); else complete prompts packed
-    together, then the next prompt's first chunk with what the budget has left. Prompts that ask for
-    prompt logprobs keep logits at every token: at most SCORED_STEP_TOKENS of those a step."""
+    `keep` collects the blocks read; `grown`: the running rows' longest after this step;
+    `images_free`: image sequences the cross-attention state can still take, None without one). In
+    order: the head's next chunk when it is being prefilled in chunks (alone unless it completes); a
+    vision head alone (whole with its pixels, or its text past a cached prefix; it waits while the
+    cross-attention state is full); else complete prompts packed together, then the next prompt's first
+    chunk with what the budget has left. Prompts that ask for prompt
+    logprobs keep logits at every token: at most SCORED_STEP_TOKENS of those a step."""
     head = candidates[0]
     if head.num_prefilled:
         chunk = _chunk(head, head.num_prefilled, budget, ())
@@ -39,6 +43,8 @@ def choose_chunks(
             return [(chunk, [head])]
         planned, first = [(chunk, [head])], 1
     elif head.inputs is not None:
+        if images_free == 0:
+            return []  # every cross-attention slot holds a running image sequence: it waits for one
         return _vision_head(head, hit_of(0), budget, room, keep, grown)
     else:
         planned, first = [], 0

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from shardbento.engine.batch.images import image_mask_row, rope_positions
 from shardbento.engine.batch.kvslots import SlotKVCache
 from shardbento.engine.batch.packed import DecodeRows, PackedRows, RowChunk, packed_rows
 from shardbento.engine.batch.scoring import Score, score_chunk
@@ -255,17 +256,21 @@ class PrefillPaths:
         return keys, values
 
     def _prefill_pixels(self, chunk: PrefillChunk) -> torch.Tensor:
-        """A vision prompt whole, its pixel values in the same forward, then into its slot (with the
-        model's own position offset: GLM-4V's image positions)."""
+        """A vision prompt whole, its pixel values in the same forward, then into its slot with the
+        model's own position offset (GLM-4V's image positions, Qwen2-VL's rope delta) and, for a
+        cross-attention model, its image keys and last mask row."""
         from transformers import DynamicCache
 
         inputs = {
             k: v.to(self._device) if isinstance(v, torch.Tensor) else v for k, v in chunk.inputs.items()
         }
+        positions, offset = rope_positions(self.model, inputs)
         cache = DynamicCache(config=self.model.config)
         with self.adapters_of([chunk.lora_slot]):  # one request: its adapter in every layer, tower too
-            out = self.model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        self.kv.load(chunk.slot, cache, position_offset=int(getattr(out, "position_delta", None) or 0))
+            out = self.model(**inputs, **positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        if offset is None:
+            offset = int(getattr(out, "position_delta", None) or 0)
+        self.kv.load(chunk.slot, cache, position_offset=offset, image_mask=image_mask_row(chunk.inputs))
         self._copy(chunk)
         return out.logits[0, -1]
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from shardbento.engine.batch.crossattn import CrossAttentionSlots, cross_attention_shape
 from shardbento.engine.batch.kvslots import SlotKVCache
 from shardbento.engine.batch.packed import DecodeRows
 from shardbento.engine.batch.prefill import PrefillChunk, PrefillPaths
@@ -27,10 +28,21 @@ class ModelRunner(PrefillPaths, AdapterCalls):
     """
 
     def __init__(
-        self, model: Any, num_slots: int, max_model_len: int, pool_tokens: int | None = None
+        self,
+        model: Any,
+        num_slots: int,
+        max_model_len: int,
+        pool_tokens: int | None = None,
+        max_images: int = 1,
     ) -> None:
         self.model = model
-        self.kv = SlotKVCache(num_slots, max_model_len, pool_tokens or num_slots * max_model_len)
+        self._cross_shape = cross_attention_shape(model, max_images)  # Mllama's image keys, per row
+        self.kv = SlotKVCache(
+            num_slots,
+            max_model_len,
+            pool_tokens or num_slots * max_model_len,
+            self._cross(num_slots, num_slots),
+        )
         self.pool_source = "max_num_seqs x max_model_len"
         self._device = input_device(model)  # input ids, positions and masks go here
         self._hidden_device = hidden_states_device(model)  # logits_to_keep's indices go here
@@ -47,6 +59,21 @@ class ModelRunner(PrefillPaths, AdapterCalls):
     @property
     def on_gpu(self) -> bool:
         return self._device.type == "cuda"
+
+    def _cross(self, num_slots: int, image_rows: int) -> CrossAttentionSlots | None:
+        if self._cross_shape is None:
+            return None
+        return CrossAttentionSlots(self._cross_shape, num_slots, image_rows)
+
+    def can_mix(self) -> bool:
+        """Whether this step's prompts may share the running rows' forward (runner.mixes): not while a
+        running row attends to an image through cross-attention (a mixed forward has no cross keys)."""
+        cross = self.kv.cross
+        return self.mixes and (cross is None or all(s is None for s in cross.slot_of_row[: self.num_rows]))
+
+    def image_rows_free(self) -> int | None:
+        """Image sequences that may still join (the cross-attention state's free slots); None: no limit."""
+        return None if self.kv.cross is None else self.kv.cross.free_image_rows
 
     def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
         """Logits of each chunk's last token, one row per chunk, in order. The pool is first laid out
@@ -110,9 +137,18 @@ class ModelRunner(PrefillPaths, AdapterCalls):
                 past_key_values=self.kv,
                 use_cache=True,
                 logits_to_keep=1,
+                **self._cross_inputs(num_rows),
             )
         self.kv.advance(num_rows)
         return out.logits[:, -1]
+
+    def _cross_inputs(self, num_rows: int) -> dict[str, torch.Tensor]:
+        """The decode rows' image mask rows, when some row attends to an image (Mllama); else nothing
+        (the model then skips its cross-attention layers)."""
+        if self.kv.cross is None:
+            return {}
+        mask = self.kv.cross.begin_step(num_rows, self._device)
+        return {} if mask is None else {"cross_attention_mask": mask}
 
     def _begin_decode(self, num_rows: int) -> torch.Tensor:
         """Ready the KV pool for one new token in each of rows 0..num_rows-1: the rows' keys mask
@@ -125,28 +161,47 @@ class ModelRunner(PrefillPaths, AdapterCalls):
         """Size the KV pool by the one rule (plan.memory.kv_pool_tokens) after a warm-up forward of a
         full prefill chunk, and allocate it now, at load; tensor-parallel ranks (every rank calls this,
         in step) agree on the smallest. Returns the pool's tokens."""
-        from shardbento.plan.memory import kv_pool_tokens
+        from shardbento.plan.kvpool import kv_pool
 
         per_token = self._kv_bytes_per_token(min(limits.step_tokens(self.on_gpu), self.kv.max_len))
+        image = self._cross_shape.bytes_per_sequence() if self._cross_shape is not None else {}
         free = None
         if any(device.startswith("cuda") for device in per_token):
-            free = {d: _usable_cuda_bytes(d, limits.gpu_memory_utilization) for d in per_token}
-        tokens, source = kv_pool_tokens(
-            limits, per_token, max_num_seqs=self.kv.num_slots, max_model_len=self.kv.max_len, free_bytes=free
+            devices = set(per_token) | set(image)
+            free = {d: _usable_cuda_bytes(d, limits.gpu_memory_utilization) for d in devices}
+        pool = kv_pool(
+            limits,
+            per_token,
+            max_num_seqs=self.kv.num_slots,
+            max_model_len=self.kv.max_len,
+            free_bytes=free,
+            bytes_per_image_seq=image,
         )
-        tokens = _smallest_of_ranks(tokens, self._device)
+        tokens, source = _smallest_of_ranks(pool.tokens, self._device), pool.source
+        image_rows = _smallest_of_ranks(pool.image_rows, self._device)
         if tokens < min(16, self.kv.max_len):
             raise RuntimeError(
                 f"no memory left for the KV cache: a pool of {tokens} tokens ({source}); "
                 "lower max_model_len, use more or larger GPUs, or set limits.kv_cache_tokens"
             )
-        self.kv = SlotKVCache(self.kv.num_slots, self.kv.max_len, tokens)
+        self.kv = SlotKVCache(
+            self.kv.num_slots, self.kv.max_len, tokens, self._cross(self.kv.num_slots, image_rows)
+        )
+        if self.kv.cross is not None:
+            self.kv.cross.allocate()
+            source += f"; cross-attention keys for {image_rows} image sequences at once"
         self.pool_source = source
         self.prefill([PrefillChunk(-1, (0,), 0, 0)])  # every layer's pool is allocated by this forward
         self.release([0])
         self.packs = _smallest_of_ranks(int(enable_packing(self.model)), self._device) == 1
         self.mixes = self.packs and _smallest_of_ranks(int(mixes_right(self)), self._device) == 1
         return tokens
+
+    def batches_images(self) -> bool:
+        """The load-time check of the image paths on this model (visioncheck.py), agreed by every rank."""
+        from shardbento.engine.batch.visioncheck import batches_vision_right
+
+        return _smallest_of_ranks(int(batches_vision_right(self)), self._device) == 1
 
     def _kv_bytes_per_token(self, num_tokens: int) -> dict[str, int]:
         """KV bytes one token takes on each device, read off a scratch forward's cache."""

@@ -158,11 +158,14 @@ class BatchSampling:
             add_biases(self.logits, rows, ids, torch.cat([st.biases for _, st in biased]))
 
     def _block_eos(self) -> None:
-        blocked = [(i, s.eos_ids) for i, s in enumerate(self.samplers) if s.blocks_eos_now]
+        """-inf for each row's EOS ids until min_tokens (an id past the logits' width: nothing to block)."""
+        rows = [i for i, s in enumerate(self.samplers) if s.blocks_eos_now]
+        blocked = [(i, [e for e in self.samplers[i].eos_ids if e < self.width]) for i in rows]
+        blocked = [(i, ids) for i, ids in blocked if ids]
         if blocked:
             width = max(len(ids) for _, ids in blocked)
             padded = [ids + ids[:1] * (width - len(ids)) for _, ids in blocked]
-            ids = torch.tensor(padded, dtype=torch.long, device=self.device).clamp_(max=self.width - 1)
+            ids = torch.tensor(padded, dtype=torch.long, device=self.device)
             block_tokens(self.logits, self._rows([i for i, _ in blocked]), ids)
 
     def constrain(self, masks: torch.Tensor | None) -> None:

@@ -19,7 +19,7 @@ from shardbento.engine.batch.planner import MIN_CHUNK, choose_chunks, join_twins
 from shardbento.engine.batch.prefix import PrefixCache
 from shardbento.engine.batch.runner import ModelRunner, PrefillChunk, release_moves
 from shardbento.engine.batch.sampler import prefetch_masks, select_tokens
-from shardbento.engine.batch.sequence import Sequence, prompt_logprobs, stream_token
+from shardbento.engine.batch.sequence import Sequence, attach_scores, stream_token
 from shardbento.errors import Overloaded
 from shardbento.metrics import RequestMetrics
 
@@ -169,7 +169,7 @@ class Scheduler:
     def _compute(self) -> None:
         self._drop_cancelled()
         chunks, groups = self._plan_prefill()
-        if chunks and self._running and self._runner.mixes and all(map(mixable, chunks)):
+        if chunks and self._running and self._runner.can_mix() and all(map(mixable, chunks)):
             self._mixed(chunks, groups)
         else:
             self._prefill(chunks, groups)
@@ -254,8 +254,9 @@ class Scheduler:
                 continue  # the rest of this prompt goes in the next step
             if group[0] is self._chunking:
                 self._chunking = None
-            if chunk.scored is not None:
-                self._attach_scores(group)
+            if chunk.scored is not None:  # its first Delta carries them; a failure to compute them fails it
+                scores = self._runner.take_scores(group[0].seq_id)
+                self._outbox += [(seq, scores) for seq in attach_scores(group, scores)]
             with self._wake:
                 for seq in group:
                     self._waiting.remove(seq)
@@ -271,18 +272,6 @@ class Scheduler:
                 self._metrics.prefix_hits.inc(group[0].cached)
         self._remember(range(first_row, len(self._running)))
         return list(range(first_row, len(self._running))), joined
-
-    def _attach_scores(self, group: list[Sequence]) -> None:
-        """The prompt logprobs the runner computed for the group's prefill, for each sequence that asked
-        (its first Delta carries them); if computing them failed, those requests fail."""
-        scores = self._runner.take_scores(group[0].seq_id)
-        for seq in (seq for seq in group if seq.scoring is not None):
-            if isinstance(scores, Exception):
-                self._outbox.append((seq, scores))
-                seq.cancelled = True  # it leaves the batch at the next step
-            else:
-                seq.prompt_logprobs = prompt_logprobs(scores, seq.scoring, seq.sampler.token_text)
-            seq.scoring = None
 
     def _remember(self, rows: Iterable[int]) -> None:
         """Cache the full blocks these rows' KV holds (a prompt as it joins, a whole answer as it ends)."""
@@ -315,7 +304,14 @@ class Scheduler:
 
         hit_of = lambda i: hit if i == 0 else self._hit(candidates[i])  # noqa: E731 - looked up lazily
         planned = choose_chunks(
-            candidates, hit_of, self._prompt_budget(), room, keep, self._runner.packs, grown
+            candidates,
+            hit_of,
+            self._prompt_budget(),
+            room,
+            keep,
+            self._runner.packs,
+            grown,
+            self._runner.image_rows_free(),
         )
         join_twins(planned, candidates, room)
         if self._prefix is not None:
@@ -331,7 +327,7 @@ class Scheduler:
         """Prompt tokens this step may compute: the step budget less the running sequences' decode
         tokens when they share its forward (at least MIN_CHUNK, so a newcomer always progresses)."""
         budget = self._step_tokens
-        if self._running and self._runner.mixes:
+        if self._running and self._runner.can_mix():
             return max(budget - len(self._running), MIN_CHUNK)
         return budget
 

@@ -79,8 +79,8 @@ def agreement(fast: torch.Tensor, plain: torch.Tensor, top_k: int = TOP_K) -> Ag
 def enable_packing(model: Any) -> bool:
     """Switch a text model's SDPA attention to the packed-capable one and check, on the model, that two
     prompts packed (one continuing from a cached prefix) give each prompt's own logits and keys; on any
-    difference the model keeps its attention and is never packed. Sliding-window and vision models
-    are left alone."""
+    difference the model keeps its attention and is never packed. Sliding-window models and vision
+    models other than packed.PACKED_VISION_TYPES are left alone."""
     config = model.config
     if (
         getattr(config, "_attn_implementation", None) not in ("sdpa", packed.ATTENTION)
@@ -125,7 +125,8 @@ def _packs_right(model: Any) -> Agreement | None:
     rows = packed.PackedRows.of([0, cached], [len(prompts[0]), len(prompts[1]) - cached])
     cache = DynamicCache(config=model.config)
     for layer_idx, layer in enumerate(alone[1][1].layers):
-        cache.update(layer.keys[:, :, :cached], layer.values[:, :, :cached], layer_idx)
+        if _holds_keys(layer):  # a cross-attention layer a text prompt skipped holds none
+            cache.update(layer.keys[:, :, :cached], layer.values[:, :, :cached], layer_idx)
     ids = prompts[0] + prompts[1][cached:]
     packed._local.calls = 0
     with packed.packed_rows(rows):
@@ -136,13 +137,18 @@ def _packs_right(model: Any) -> Agreement | None:
             use_cache=True,
             logits_to_keep=rows.last_tokens().to(hidden),
         )
-    if packed._local.calls != len(cache.layers):
-        return None
+    if packed._local.calls != sum(1 for layer in cache.layers if _holds_keys(layer)):
+        return None  # some layer's attention bypassed the registry (a cross-attention layer holds none)
     checks = []
     for row, (logits, own) in enumerate(alone):
         keys = torch.cat([cache.layers[0].keys[:, :, at : at + n] for at, n in rows.spans(row)], dim=2)
         checks += [agreement(out.logits[0, row], logits), agreement(keys, own.layers[0].keys, top_k=0)]
     return functools.reduce(Agreement.worst, checks)
+
+
+def _holds_keys(layer: Any) -> bool:
+    keys = getattr(layer, "keys", None)
+    return keys is not None and keys.numel() > 0
 
 
 def mixes_right(runner: Any) -> bool:

@@ -8,8 +8,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from shardbento.engine.base import Delta, TokenLogprob
 from shardbento.engine.batch.sampler import RequestSampler
 from shardbento.engine.batch.scoring import Score
@@ -92,12 +90,16 @@ def prompt_logprobs(scores: list[Score], top: int, text: Callable[[int], str]) -
     ]
 
 
-def with_generated(inputs: dict[str, Any], generated: list[int]) -> dict[str, Any]:
-    """A vision prompt's processor outputs with a preempted sequence's generated tokens appended."""
-    if not generated:
-        return inputs
-    extra = torch.tensor([generated], dtype=inputs["input_ids"].dtype)
-    resumed = dict(inputs, input_ids=torch.cat([inputs["input_ids"], extra], dim=-1))
-    if "attention_mask" in inputs:
-        resumed["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(extra)], dim=-1)
-    return resumed
+def attach_scores(group: list[Sequence], scores: list[Score] | Exception) -> list[Sequence]:
+    """Give the prompt logprobs the runner computed for a group's prefill to each sequence that asked
+    (their first Delta carries them). If computing them failed (`scores` is the exception), those
+    sequences are cancelled (they leave the batch at the next step) and returned, to fail with it."""
+    failed = []
+    for seq in (seq for seq in group if seq.scoring is not None):
+        if isinstance(scores, Exception):
+            seq.cancelled = True
+            failed.append(seq)
+        else:
+            seq.prompt_logprobs = prompt_logprobs(scores, seq.scoring, seq.sampler.token_text)
+        seq.scoring = None
+    return failed

@@ -114,7 +114,15 @@ class ProcessEngine(PreprocessorPrompts):
         ranks = []
         for rank in range(world):
             config = RankConfig(
-                rank, world, port, spec, plan, path, settings.collective_timeout_s, settings.engine_fault
+                rank,
+                world,
+                port,
+                spec,
+                plan,
+                path,
+                settings.collective_timeout_s,
+                settings.engine_fault,
+                settings.force_generate,
             )
             process = context.Process(
                 target=run_rank, args=(config, channels), name=f"shardbento-rank{rank}", daemon=True

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -168,6 +169,8 @@ class GenerateLoop:
         if not seq.sampler.params.greedy and seq.sampler.params.seed is None:
             seq.sampler = seq.sampler.reseeded(secrets.randbits(63))  # every rank samples the same tokens
         params = seq.sampler.params
+        self._metrics.queue.observe(time.monotonic() - seq.arrival_s)
+        self._metrics.prompt_tokens.inc(len(seq.prompt_ids))
         self._metrics.running.set(1)
         self._local.current = seq
         try:

@@ -49,6 +49,7 @@ class RankConfig:
     model_path: str
     collective_timeout_s: float = 600.0  # what a collective waits for a peer before it fails
     fault: str | None = None  # test-only: "METHOD@N" makes rank 0's N-th call of METHOD raise
+    force_generate: bool = False  # benchmark knob: the one-at-a-time generate() path for every model
 
 
 @dataclass(frozen=True, slots=True)

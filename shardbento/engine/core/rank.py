@@ -15,11 +15,13 @@ from shardbento.engine.core.messages import RankChannels, RankConfig, RankLoadFa
 
 logger = logging.getLogger(__name__)
 
-# Vision architectures whose decode after an image prefill is plain text decoding (one position per
-# token, no cross-attention state), so image requests join the continuous batch; others keep the
-# one-at-a-time generate() path. GLM-4V's image positions share one rotary position: its prefill
-# reports the offset and the KV slot keeps it (kvslots.position_offsets), so its decode batches too.
-BATCHED_VISION_TYPES = frozenset({"llava", "shardbento_glm4v"})
+# Vision architectures whose image requests join the continuous batch (prefilled alone with their
+# pixels, then decoded with every other row); others keep the one-at-a-time generate() path. GLM-4V's
+# image positions share one rotary position and Qwen2-VL's multimodal positions leave text positions
+# shifted by a per-sequence delta: the prefill gives the offset and the KV slot keeps it
+# (kvslots.position_offsets). Mllama's cross-attention layers read each row's image keys from the slot's
+# cross-attention state (crossattn.py).
+BATCHED_VISION_TYPES = frozenset({"llava", "shardbento_glm4v", "mllama", "qwen2_vl", "qwen2_5_vl"})
 # Vision models whose rotary positions are the cache index: a cached prefix with their images is valid
 # for any later prompt with the same images (GLM-4V's image positions are not).
 PREFIX_CACHED_VISION_TYPES = frozenset({"llava"})
@@ -112,27 +114,35 @@ def _runner(loaded: Loaded, config: RankConfig) -> tuple[Any, bool]:
 
     spec = config.spec
     model_type = getattr(loaded.model.config, "model_type", None)
-    if spec.kind == "text" or model_type in BATCHED_VISION_TYPES:
+    why = "SHARDBENTO_FORCE_GENERATE" if config.force_generate else f"{model_type} does not batch"
+    if not config.force_generate and (spec.kind == "text" or model_type in BATCHED_VISION_TYPES):
         from shardbento.engine.batch.runner import ModelRunner
+        from shardbento.engine.batch.visioncheck import CHECKED_VISION_TYPES
         from shardbento.engine.core.adapters import register_catalog
 
-        runner = ModelRunner(loaded.model, config.plan.max_num_seqs, config.plan.max_model_len)
+        runner = ModelRunner(
+            loaded.model, config.plan.max_num_seqs, config.plan.max_model_len, max_images=spec.max_images
+        )
         register_catalog(runner, spec)  # their device slots are allocated before the KV pool is sized
         with torch.inference_mode():
             tokens = runner.allocate_pool(spec.limits)
-        logger.info("model %s: KV pool of %d tokens (%s)", spec.name, tokens, runner.pool_source)
-        return runner, True
+            checked = spec.kind == "text" or model_type not in CHECKED_VISION_TYPES or runner.batches_images()
+        if checked:
+            logger.info("model %s: KV pool of %d tokens (%s)", spec.name, tokens, runner.pool_source)
+            return runner, True
+        del runner  # its pool goes back before generate() runs
+        why = "the load-time check of image rows in the batch failed on this model"
     if spec.lora_adapters:
         raise RuntimeError(
-            f"model {spec.name} ({model_type}) runs one request at a time through generate(), which "
-            "serves no LoRA adapters: remove lora_adapters from its catalog entry"
+            f"model {spec.name} ({model_type}) runs one request at a time through generate() ({why}), "
+            "which serves no LoRA adapters: remove lora_adapters from its catalog entry"
         )
     from shardbento.engine.core.generate import GenerateRunner
 
     prompts = loaded.prompts
     eos_ids = set(prompts.eos_token_ids) if prompts is not None else set()
     pad = prompts.pad_token_id if prompts is not None else 0
-    logger.info("model %s (%s): one request at a time through generate()", spec.name, model_type)
+    logger.info("model %s: one request at a time through generate() (%s)", spec.name, why)
     return GenerateRunner(loaded.model, loaded.input_device, eos_ids, pad), False
 
 
@@ -180,14 +190,7 @@ def _join_and_load(config: RankConfig) -> Any:
         world_size=config.world_size,
         timeout=datetime.timedelta(seconds=config.collective_timeout_s),
     )
-    from transformers import DistributedConfig
+    from shardbento.engine.hf.loading import resolve_dtype
+    from shardbento.engine.hf.tensor_parallel import load_shard
 
-    from shardbento.engine.hf.loading import model_class, resolve_dtype
-
-    model = model_class(spec.kind).from_pretrained(
-        config.model_path,
-        dtype=resolve_dtype(spec),
-        distributed_config=DistributedConfig(tp_size=config.world_size),
-        trust_remote_code=spec.trust_remote_code,
-    )
-    return model.eval()
+    return load_shard(spec, config.model_path, config.world_size, resolve_dtype(spec))

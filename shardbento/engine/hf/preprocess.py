@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,15 @@ def image_digest(inputs: dict[str, Any]) -> int:
             hasher.update(name.encode())
             hasher.update(inputs[name].contiguous().view(torch.uint8).numpy().tobytes())
     return int.from_bytes(hasher.digest(), "little") or 1
+
+
+_STRING_TEST = re.compile(r"content(?:'\]|\"\]|)\s+is\s+string")
+
+
+def takes_string_content(template: str | None) -> bool:
+    """Whether a chat template renders a message whose content is a plain string (it tests for one, as
+    Llama 3.2 Vision's, Qwen2-VL's and LLaVA's do); else every message goes as content parts."""
+    return template is None or _STRING_TEST.search(template) is not None
 
 
 def collect_eos_ids(generation_config: Any, config: Any, tokenizer: Any, spec: ModelSpec) -> set[int]:
@@ -102,6 +112,9 @@ class Preprocessor:
 
     def chat_text(self, messages: list[ChatMessage], template_kwargs: dict[str, Any] | None = None) -> str:
         """The chat template's text; with a processor each image is one image token (not yet expanded).
+        A message with images is a list of content parts; a text-only one a plain string wherever the
+        template takes strings (it tests `content is string`): a template may read a system message as
+        text (Meta's Llama 3.2 Vision template trims `messages[0]['content']`).
 
         A template that refuses the conversation (its `raise_exception`, e.g. roles that must alternate)
         is the request's fault: a 400 with the template's own words.
@@ -114,8 +127,11 @@ class Preprocessor:
         if self.processor is None:
             render = self.tokenizer.apply_chat_template
         else:
+            strings = takes_string_content(self.chat_template)
             for message, m in zip(conversation, messages, strict=True):
-                message["content"] = [{"type": "image"}] * len(m.images) + [{"type": "text", "text": m.text}]
+                if m.images or not strings:
+                    parts = [{"type": "image"}] * len(m.images) + [{"type": "text", "text": m.text}]
+                    message["content"] = parts
             render = self.processor.apply_chat_template
         try:
             return render(conversation, add_generation_prompt=True, tokenize=False, **extra)
@@ -189,6 +205,7 @@ def load_preprocessor(
 
     import shardbento.engine.hf.glm4v as glm4v  # registers GLM-4V's converted model type
     from shardbento.engine.hf.chatglm3_tokenizer import load_converted
+    from shardbento.engine.hf.processors import QWEN_VL_TYPES, qwen_vl_processor
 
     common = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
     if config is None:
@@ -201,6 +218,8 @@ def load_preprocessor(
         from transformers import AutoTokenizer
 
         preprocessor = glm4v.Glm4vProcessor(AutoTokenizer.from_pretrained(path), config.vision_config)
+    elif getattr(config, "model_type", None) in QWEN_VL_TYPES and spec.kind == "vision":
+        preprocessor = qwen_vl_processor(path, config.model_type, **common)
     elif (converted := load_converted(path)) is not None:  # ChatGLM3's, with SentencePiece's decoding
         preprocessor = converted
     else:
