@@ -10,7 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 from lora_reference import ADAPTER_RECIPES, peft_greedy
-from servers import Server, serve
+from prometheus_client.parser import text_string_to_metric_families
+from servers import Server, serve, wait_for
 
 pytest.importorskip("peft")
 
@@ -54,6 +55,17 @@ def test_lora_answers_equal_peft_and_unknown_names_are_404(lora_server: Server) 
         assert responses[texts.index(text)].json()["model"] == model
     missing = complete(lora_server, "tiny-e")
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
+
+    def adapters_reported() -> set[str]:  # vLLM's gauge: the adapters of running requests, on change
+        text = httpx.get(f"{lora_server.url}/metrics", timeout=10).text
+        families = text_string_to_metric_families(text)
+        info = [f for f in families if f.name == "shardbento:lora_requests_info"]
+        return {n for f in info for s in f.samples for n in s.labels["running_lora_adapters"].split(",") if n}
+
+    reported = wait_for(
+        lambda: adapters_reported() & set(ADAPTER_RECIPES), "lora_requests_info names adapters"
+    )
+    assert reported <= set(ADAPTER_RECIPES)
     typed = httpx.post(
         f"{lora_server.url}/generate",
         json={"prompt": "Hello", "max_tokens": 4, "adapter": "nope"},
@@ -96,6 +108,7 @@ def test_lora_runtime_loading_is_off_by_default(text_server: Server) -> None:
     )
     assert response.status_code == 404
     assert "SHARDBENTO_ALLOW_RUNTIME_LORA_UPDATING" in response.json()["error"]["message"]
+    assert "shardbento:lora_requests_info" not in httpx.get(f"{text_server.url}/metrics", timeout=10).text
 
 
 def test_lora_on_two_tensor_parallel_ranks_equals_peft() -> None:

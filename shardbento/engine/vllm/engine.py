@@ -22,7 +22,7 @@ from shardbento.engine.base import (
 )
 from shardbento.engine.hf.preprocess import Preprocessor, PreprocessorPrompts, load_preprocessor
 from shardbento.engine.output import OutputStream
-from shardbento.engine.vllm.args import engine_kwargs, lora_kwargs
+from shardbento.engine.vllm.args import cpu_lora_hazard, engine_kwargs, lora_kwargs
 from shardbento.engine.vllm.stats import RequestTimer, SchedulerRecorder
 from shardbento.metrics import RequestMetrics
 from shardbento.plan.source import resolve_source, tokenizer_path
@@ -128,9 +128,13 @@ class VLLMEngine(PreprocessorPrompts):
 
         path, tokenizer = resolve_source(spec), tokenizer_path(spec)
         kwargs = engine_kwargs(spec, path, known_engine_args(), tokenizer=tokenizer)
-        kwargs.update(lora_kwargs(spec, Settings.from_env().allow_runtime_lora_updating))
+        runtime_loras = Settings.from_env().allow_runtime_lora_updating
+        kwargs.update(lora_kwargs(spec, runtime_loras))
+        hazard = cpu_lora_hazard(spec, runtime_loras)
+        if hazard is not None:
+            logger.warning("model %s: %s", spec.name, hazard)
         prompts = load_preprocessor(spec, tokenizer)
-        metrics = RequestMetrics(spec.name)
+        metrics = RequestMetrics(spec.name, spec.max_loras)
         logger.info("starting vLLM for %s: %s", spec.name, kwargs)
         llm = AsyncLLM.from_engine_args(
             AsyncEngineArgs(**kwargs), stat_loggers=[stat_logger_factory(SchedulerRecorder(metrics))]

@@ -95,6 +95,7 @@ class SchedulerRecorder:
     def __init__(self, metrics: RequestMetrics) -> None:
         self._metrics = metrics
         self._per_engine: dict[int, tuple[int, int, float]] = {}
+        self._lora_reported = ("", "")  # lora_requests_info once a request names an adapter, on change
 
     def record(self, engine_index: int, scheduler_stats: Any, iteration_stats: Any) -> None:
         metrics = self._metrics
@@ -109,6 +110,13 @@ class SchedulerRecorder:
             metrics.running.set(sum(s[0] for s in states))
             metrics.waiting.set(sum(s[1] for s in states))
             metrics.kv_usage.set(sum(s[2] for s in states) / len(states))
+            adapters = tuple(
+                ",".join(sorted(getattr(scheduler_stats, f"{state}_lora_adapters", None) or {}))
+                for state in ("running", "waiting")
+            )
+            if adapters != self._lora_reported:
+                self._lora_reported = adapters
+                metrics.lora_info(*adapters)
             prefix = scheduler_stats.prefix_cache_stats
             if prefix is not None:
                 metrics.prefix_queries.inc(prefix.queries)
