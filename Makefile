@@ -1,4 +1,4 @@
-# shardbento: `make serve` serves the default model, `make test` runs lint and the tests.
+# shardbento: `make serve` serves the default model, `make test` runs lint, the docs' strict build and the tests.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -12,7 +12,7 @@ CLIENTS_VENV ?= .venv-clients
 CLIENTS_BIN := $(CLIENTS_VENV)/bin
 CLIENTS_STAMP := $(CLIENTS_VENV)/.installed-$(shell cat env/cpu.txt env/clients.txt | cksum | cut -d' ' -f1)
 
-.PHONY: setup serve test lint format unit clean browser vllm-setup test-vllm vllm-architectures reliability clients-setup test-clients
+.PHONY: setup serve test lint docs format unit clean browser vllm-setup test-vllm vllm-architectures reliability clients-setup test-clients
 .PHONY: bento bentos cuda-lock k8s-validate bentocloud container openllm gpu-wheels
 
 $(STAMP): env/cpu.txt env/dev.txt
@@ -30,6 +30,12 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The documentation site (mkdocs.yml: docs/ into artifacts/site/), strict: a broken link or anchor fails the
+# build. No --quiet: it hides the warnings that --strict counts. NO_MKDOCS_2_WARNING=1 silences the banner
+# mkdocs-material prints about its own end of life.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
@@ -37,7 +43,7 @@ format: setup
 unit: setup
 	$(BIN)/python -m pytest tests/unit tests/http -q -m "not slow"
 
-# Load-and-fault run against real servers; prints the figures quoted in README "Reliability and security".
+# Load-and-fault run against real servers; prints the figures quoted in docs/operations.md ("The load-and-fault run").
 reliability: setup
 	$(BIN)/python tests/reliability/run.py
 
@@ -49,7 +55,7 @@ browser:
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
 	} || echo "warning: could not install chromium; the playground browser tests will be skipped"
 
-test: lint browser
+test: lint docs browser
 	$(BIN)/python -m pytest -q
 	$(MAKE) test-clients
 	$(MAKE) test-vllm
@@ -89,7 +95,7 @@ clients-setup: $(CLIENTS_STAMP)
 test-clients: clients-setup vllm-setup
 	SHARDBENTO_TEST_VLLM_BENTOML=$(abspath $(VLLM_BIN))/bentoml $(CLIENTS_BIN)/python -m pytest tests/clients -q
 
-# Packaging and deployment (README: "Packaging and deployment"). Hub models download their weights at
+# Packaging and deployment (docs/deployment.md). Hub models download their weights at
 # build time (they are baked into the Bento); the tiny generated models build offline.
 MODELS ?= $(shell ls models/*.yaml | xargs -n1 basename | sed 's/\.yaml$$//')
 DEPLOY_DIR ?= artifacts/deploy

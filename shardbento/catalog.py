@@ -61,7 +61,7 @@ class GenerationDefaults(BaseModel):
 
 
 # The default step token budget (ServingLimits.max_num_batched_tokens). CPU: chosen by measuring the
-# side-by-side benchmark's inter-token latency against throughput (README, "Step token budget"); GPUs:
+# side-by-side benchmark's inter-token latency against throughput (docs/performance.md, "How batching works"); GPUs:
 # vLLM's default for online serving (not measured here: no GPU).
 CPU_STEP_TOKENS = 256
 GPU_STEP_TOKENS = 2048
@@ -88,7 +88,7 @@ class ServingLimits(BaseModel):
         description="Tokens one step computes: the running sequences' next tokens, then waiting prompts' "
         "(a long one in chunks) up to this, so a newcomer's prefill never stalls the streams for long "
         "(vLLM's max_num_batched_tokens; max_prefill_tokens is its older name here). Unset: "
-        f"{CPU_STEP_TOKENS} on CPU (measured, README), {GPU_STEP_TOKENS} on GPUs (vLLM's default).",
+        f"{CPU_STEP_TOKENS} on CPU (measured, docs/performance.md), {GPU_STEP_TOKENS} on GPUs (vLLM's default).",
     )
     kv_cache_tokens: int | None = Field(
         None,

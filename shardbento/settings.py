@@ -15,7 +15,7 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Every limit has a documented default (README, "Reliability and security"); 0 never means unlimited.
+    """Every limit has a documented default (docs/operations.md, "Limits"); 0 never means unlimited.
 
     The environment variable of a field is SHARDBENTO_ + the field name in capitals, e.g.
     SHARDBENTO_MAX_BODY_BYTES. The API key is never part of repr() so it cannot reach a log line.

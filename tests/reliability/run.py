@@ -1,4 +1,4 @@
-"""`make reliability`: the load-and-fault run against real servers, printing the figures the README quotes."""
+"""`make reliability`: the load-and-fault run against real servers, printing the figures docs/operations.md quotes."""
 
 from __future__ import annotations
 
