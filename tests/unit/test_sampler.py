@@ -196,3 +196,38 @@ def test_sampler_seeded_rows_never_draw_what_their_filters_removed(monkeypatch) 
         wide = RequestSampler(SamplingParams(max_tokens=1, temperature=1.0, top_p=0.99), set(), str)
         picked = select_tokens([narrow, wide], logits)
         assert picked[0] in (0, 1, 2), (seed, picked)
+
+
+def test_select_tokens_touches_no_matcher_before_the_grammar_threads_masks_are_done(text_model) -> None:
+    """The grammar thread fills masks from the matchers during the forward; llguidance refuses a matcher
+    used from two threads at once ("Already borrowed"), so selection waits for those masks before it
+    asks a matcher anything (here: whether the grammar is complete, for the min_tokens EOS block)."""
+    import json
+    import threading
+    from concurrent.futures import Future
+
+    from shardbento.engine.base import Constraint
+
+    schema = json.dumps({"type": "object", "properties": {"a": {"enum": ["x", "y"]}}, "required": ["a"]})
+    params = SamplingParams(max_tokens=8, min_tokens=4, constraint=Constraint("json_schema", schema))
+    sampler = text_model.prompts.sampler(params, [1, 2, 3])
+    seen: list[bool] = []
+    prefetched: Future[torch.Tensor] = Future()
+
+    class Watched:  # the real matcher, noting whether the masks were done when it was asked
+        def __init__(self, matcher) -> None:
+            self._matcher = matcher
+
+        def is_accepting(self) -> bool:
+            seen.append(prefetched.done())
+            return self._matcher.is_accepting()
+
+        def __getattr__(self, name: str):
+            return getattr(self._matcher, name)
+
+    masks = sampler.grammars.allowed([sampler.matcher])
+    sampler.matcher = Watched(sampler.matcher)
+    threading.Timer(0.2, prefetched.set_result, (masks,)).start()  # the grammar thread, finishing late
+    logits = torch.randn(1, text_model.model.config.vocab_size)
+    select_tokens([sampler], logits, prefetched)
+    assert seen and all(seen)

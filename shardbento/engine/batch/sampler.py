@@ -152,9 +152,12 @@ def select_tokens(
     the grammar masks, the penalties, then greedy rows' argmax and sampled rows' draws (temperature,
     min_p, top-k, top-p), every stage one op over the rows it concerns. The chosen ids reach the host
     in one copy (logprobs in a second, only when a row asks). `prefetched` is prefetch_masks() of these
-    samplers or of the first ones (a mixed step's running rows; the joining rows' are made here)."""
+    samplers or of the first ones (a mixed step's running rows; the joining rows' are made here). The
+    masks come first: until the grammar thread is done no matcher may be touched (llguidance refuses a
+    matcher used from two threads at once)."""
+    masks = _masks(samplers, prefetched)
     selection = BatchSampling(samplers, logits)
-    selection.constrain(_masks(samplers, prefetched))
+    selection.constrain(masks)
     chosen = selection.choose()
     tokens = chosen.tolist()
     selection.record(chosen, tokens)
