@@ -34,7 +34,16 @@ def vllm_cpu_env() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    """One event loop per module: AsyncLLM binds its output handler to the first loop it runs on."""
+    """One event loop per module: AsyncLLM binds its output handler to the first loop it runs on.
+
+    An engine closed while its loop is idle schedules the closing of its ZMQ sockets on that loop; the
+    loop runs once more before it closes (as asyncio.run ends), else the sockets stay open and the
+    garbage-collected ZMQ context waits for them forever when pytest exits."""
     loop = asyncio.new_event_loop()
     yield loop
+    pending = asyncio.all_tasks(loop)
+    for task in pending:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.run_until_complete(loop.shutdown_asyncgens())
     loop.close()
