@@ -228,8 +228,8 @@ def goals(reports: dict[str, dict | str], base: dict | None, levels: list[int]) 
     if base is not None:
         out.insert(
             0,
-            f"In-process model.generate: prefill {base['prefill_ms']} ms, batch-1 TPOT {base['tpot_ms']} ms.",
-        )
+            f"In-process model.generate: prefill {base['prefill_ms']} ms, batch-1 TPOT {base['tpot_ms']} ms.\n",
+        )  # the blank line lets Markdown read the goals below as a list
         ceiling = base["levels"][str(top)]
         out.append(
             f"- c={top}: {mine / ceiling:.2f} x the padded-batch model.generate ceiling {ceiling} tok/s (goal 1.0 x)"
