@@ -1,7 +1,7 @@
 """The Responses API (POST /v1/responses) with the client libraries unchanged against a real `bentoml
 serve` of tiny-llama: the openai SDK (streamed and not, function tools, text.format), the OpenAI Agents
-SDK's default model class (OpenAIResponsesModel) running a tool-calling agent, and LangChain's
-ChatOpenAI(use_responses_api=True)."""
+SDK's default model class (OpenAIResponsesModel) running a tool-calling agent (streamed and not), and
+LangChain's ChatOpenAI(use_responses_api=True)."""
 
 from __future__ import annotations
 
@@ -62,7 +62,8 @@ def test_responses_openai_sdk_text_format_parse(base_url: str) -> None:
     assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.incomplete"
 
 
-def test_responses_agents_sdk_default_model_calls_a_tool(base_url: str) -> None:
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_agents_sdk_default_model_calls_a_tool(base_url: str, stream: bool) -> None:
     from agents import (
         Agent,
         ModelSettings,
@@ -93,7 +94,16 @@ def test_responses_agents_sdk_default_model_calls_a_tool(base_url: str) -> None:
         # free text runs to max_tokens, an `incomplete` response the SDK raises on, as it should)
         model_settings=ModelSettings(tool_choice="required", parallel_tool_calls=False, max_tokens=80),
     )
-    result = asyncio.run(Runner.run(agent, "Weather in Oslo?", max_turns=4))
+
+    async def run():  # Runner.run, or Runner.run_streamed read to its end (the model's stream events)
+        if not stream:
+            return await Runner.run(agent, "Weather in Oslo?", max_turns=4)
+        streamed = Runner.run_streamed(agent, "Weather in Oslo?", max_turns=4)
+        kinds = {event.type async for event in streamed.stream_events()}
+        assert {"raw_response_event", "run_item_stream_event"} <= kinds
+        return streamed
+
+    result = asyncio.run(run())
     assert calls and calls[0] in ("Paris", "Oslo", "Rome")
     outputs = [item.output for item in result.new_items if isinstance(item, ToolCallOutputItem)]
     assert outputs[0] == f"sunny in {calls[0]}"
