@@ -5,16 +5,10 @@ checked against an in-process forward's log-softmax."""
 
 from __future__ import annotations
 
-import asyncio
-
-import httpx
-import openai
 import pytest
 import torch
+from asgi_app import openai_app, with_openai_client
 
-from shardbento.api.image_urls import ImageFetchConfig
-from shardbento.api.openai.routes import attach_serving, create_openai_app
-from shardbento.api.serving import Serving
 from shardbento.engine.base import ChatMessage
 
 MODEL = "tiny-llama"
@@ -24,23 +18,11 @@ CONTINUATION = " the sharded one"
 
 @pytest.fixture(scope="module")
 def app(text_engine):
-    serving = Serving(text_engine.spec)
-    serving.attach(text_engine)
-    app = create_openai_app()
-    attach_serving(app, serving, ImageFetchConfig())
-    return app
+    return openai_app(text_engine)
 
 
 def run(app, scenario):
-    async def main():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as http:
-            client = openai.AsyncOpenAI(
-                api_key="unused", base_url="http://test", http_client=http, max_retries=0
-            )
-            return await scenario(client, http)
-
-    return asyncio.run(main())
+    return with_openai_client(app, scenario, with_http=True)
 
 
 def reference(text_model, ids: list[int]) -> torch.Tensor:

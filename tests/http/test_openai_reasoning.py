@@ -9,16 +9,12 @@ The random model writes the tags only when pushed: logit_bias favours `<think>`,
 
 from __future__ import annotations
 
-import asyncio
 import json
 
-import httpx
 import openai
 import pytest
+from asgi_app import openai_app, with_openai_client
 
-from shardbento.api.image_urls import ImageFetchConfig
-from shardbento.api.openai.routes import attach_serving, create_openai_app
-from shardbento.api.serving import Serving
 from shardbento.reasoning import Reasoning, split_reasoning
 from shardbento.tiny.templates import QWEN3_CHAT_TEMPLATE
 
@@ -40,11 +36,7 @@ def load(spec):
     from shardbento.engine import create_engine
 
     engine = create_engine(spec)
-    serving = Serving(engine.spec)
-    serving.attach(engine)
-    app = create_openai_app()
-    attach_serving(app, serving, ImageFetchConfig())
-    return engine, app
+    return engine, openai_app(engine)
 
 
 @pytest.fixture(scope="module")
@@ -76,16 +68,7 @@ def bias(engine, opens: bool = True) -> dict[str, float]:
     return {**({str(think): 100} if opens else {}), str(he): 30, str(end): 21}
 
 
-def run(app, scenario):
-    async def main():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
-            client = openai.AsyncOpenAI(
-                api_key="unused", base_url="http://test", http_client=http, max_retries=0
-            )
-            return await scenario(client)
-
-    return asyncio.run(main())
+run = with_openai_client
 
 
 def chat(app, **fields):
@@ -193,11 +176,7 @@ def test_reasoning_effort_is_a_template_variable_of_thinking_models(qwen3, app_w
 
 @pytest.fixture(scope="module")
 def app_without_reasoning(text_engine):
-    serving = Serving(text_engine.spec)
-    serving.attach(text_engine)
-    app = create_openai_app()
-    attach_serving(app, serving, ImageFetchConfig())
-    return app
+    return openai_app(text_engine)
 
 
 def test_reasoning_item_in_responses_whole_and_streamed(opening) -> None:

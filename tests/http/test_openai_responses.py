@@ -3,17 +3,12 @@ answers, function tools, text.format, multi-turn input items, and the refusals o
 
 from __future__ import annotations
 
-import asyncio
 import json
 
-import httpx
 import jsonschema
 import openai
 import pytest
-
-from shardbento.api.image_urls import ImageFetchConfig
-from shardbento.api.openai.routes import attach_serving, create_openai_app
-from shardbento.api.serving import Serving
+from asgi_app import openai_app, with_openai_client
 
 MODEL = "tiny-llama"
 CITY = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]}}, "required": ["city"]}
@@ -27,23 +22,10 @@ PET = {
 
 @pytest.fixture(scope="module")
 def app(text_engine):
-    serving = Serving(text_engine.spec)
-    serving.attach(text_engine)
-    application = create_openai_app()
-    attach_serving(application, serving, ImageFetchConfig())
-    return application
+    return openai_app(text_engine)
 
 
-def run(app, scenario):
-    async def main():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
-            client = openai.AsyncOpenAI(
-                api_key="unused", base_url="http://test", http_client=http, max_retries=0
-            )
-            return await scenario(client)
-
-    return asyncio.run(main())
+run = with_openai_client
 
 
 def create(app, **fields):
@@ -193,7 +175,7 @@ def test_responses_input_items_carry_earlier_calls_and_their_outputs(app) -> Non
         ({"unknown_field": 1}, "unknown_field"),
         (
             {"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
-            "input[0].content",
+            "input[0].content[0]",
         ),
         (
             {"input": [{"type": "function_call_output", "call_id": "nope", "output": "x"}]},

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Literal
 
-import httpx
 import jsonschema
 import openai
 import pytest
+from asgi_app import openai_app, with_openai_client
 from pydantic import BaseModel, Field
-
-from shardbento.api.image_urls import ImageFetchConfig
-from shardbento.api.openai.routes import attach_serving, create_openai_app
-from shardbento.api.serving import Serving
 
 MESSAGES = [{"role": "user", "content": "Tell me about a pet."}]
 CITY = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]}}, "required": ["city"]}
@@ -45,23 +40,10 @@ class Pet(BaseModel):
 
 @pytest.fixture(scope="module")
 def app(text_engine):
-    serving = Serving(text_engine.spec)
-    serving.attach(text_engine)
-    application = create_openai_app()
-    attach_serving(application, serving, ImageFetchConfig())
-    return application
+    return openai_app(text_engine)
 
 
-def with_client(app, scenario):
-    async def run():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
-            client = openai.AsyncOpenAI(
-                api_key="unused", base_url="http://test", http_client=http, max_retries=0
-            )
-            return await scenario(client)
-
-    return asyncio.run(run())
+with_client = with_openai_client
 
 
 def create(app, **fields):

@@ -8,10 +8,9 @@ import json
 
 import httpx
 import pytest
+from asgi_app import openai_app, post
 from structured_cases import ALIASES, CHOICES, KINDS, REGEX, SCHEMA, check_output, structured
 
-from shardbento.api.image_urls import ImageFetchConfig
-from shardbento.api.openai.routes import attach_serving, create_openai_app
 from shardbento.api.protocol import ChatInput, chat_request
 from shardbento.api.serving import Serving
 from shardbento.errors import InvalidRequest
@@ -22,20 +21,7 @@ MESSAGES = [{"role": "user", "content": "Say something structured."}]
 
 @pytest.fixture(scope="module")
 def app(text_engine):
-    serving = Serving(text_engine.spec)
-    serving.attach(text_engine)
-    application = create_openai_app()
-    attach_serving(application, serving, ImageFetchConfig())
-    return application
-
-
-def post(app, path: str, body: dict) -> httpx.Response:
-    async def run() -> httpx.Response:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            return await client.post(path, json=body, timeout=120)
-
-    return asyncio.run(run())
+    return openai_app(text_engine)
 
 
 def chat(app, **fields) -> httpx.Response:

@@ -11,11 +11,9 @@ from typing import Any
 
 import httpx
 import pytest
+from asgi_app import openai_app, post_async
 from structured_cases import ALIASES, KINDS, check_output, structured
 
-from shardbento.api.image_urls import ImageFetchConfig
-from shardbento.api.openai.routes import attach_serving, create_openai_app
-from shardbento.api.serving import Serving
 from shardbento.catalog import load_spec
 from shardbento.engine import create_engine
 from shardbento.engine.vllm.engine import VLLMEngine
@@ -24,33 +22,20 @@ MODEL = "tiny-llama"
 MESSAGES = [{"role": "user", "content": "Say something structured."}]
 
 
-def _app(engine: Any) -> Any:
-    serving = Serving(engine.spec)
-    serving.attach(engine)
-    application = create_openai_app()
-    attach_serving(application, serving, ImageFetchConfig())
-    return application
-
-
 @pytest.fixture(scope="module")
 def apps(loop: asyncio.AbstractEventLoop) -> Iterator[dict[str, Any]]:
     """One vLLM engine for the whole module (it takes about a minute to start) beside transformers."""
     hf = create_engine(load_spec(MODEL))
     vllm = VLLMEngine.load(load_spec(MODEL).model_copy(update={"engine": "vllm"}))
     try:
-        yield {"transformers": _app(hf), "vllm": _app(vllm)}
+        yield {"transformers": openai_app(hf), "vllm": openai_app(vllm)}
     finally:
         vllm.close()
         hf.close()
 
 
 def post(loop: asyncio.AbstractEventLoop, app: Any, path: str, body: dict) -> httpx.Response:
-    async def run() -> httpx.Response:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            return await client.post(path, json=body, timeout=120)
-
-    return loop.run_until_complete(run())
+    return loop.run_until_complete(post_async(app, path, body))
 
 
 def answers(loop: asyncio.AbstractEventLoop, apps: dict[str, Any], path: str, fields: dict) -> dict[str, str]:
