@@ -21,7 +21,7 @@ from shardbento.engine.base import TokenLogprob
 from shardbento.errors import InvalidRequest
 
 Request = TypeVar("Request", bound=BaseModel)
-UNION_MEMBERS = ("str", "list[...]", "dict[str,any]")  # pydantic's names for members of `str | list`
+SCALAR_MEMBERS = ("str", "int", "float", "bool", "none")  # pydantic's names of a union's scalar members
 
 
 def parse(model: type[Request], body: Any) -> Request:
@@ -29,9 +29,9 @@ def parse(model: type[Request], body: Any) -> Request:
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        param = _param(exc.errors()[0]["loc"])
-        problems = "; ".join(_problem(e) for e in exc.errors()[:5])
-        raise InvalidRequest(f"invalid request: {problems}", param=param) from None
+        errors = _located(body, exc.errors())
+        problems = "; ".join(_problem(e) for e in errors[:5])
+        raise InvalidRequest(f"invalid request: {problems}", param=_param(errors[0]["loc"])) from None
 
 
 def parse_at(model: type[Request] | TypeAdapter[Any], body: Any, where: str) -> Any:
@@ -42,21 +42,71 @@ def parse_at(model: type[Request] | TypeAdapter[Any], body: Any, where: str) -> 
             return model.validate_python(body)
         return model.model_validate(body)
     except ValidationError as exc:
-        tag = body.get("type") if isinstance(body, dict) else None
-        errors = [{**e, "loc": e["loc"][1:] if e["loc"][:1] == (tag,) else e["loc"]} for e in exc.errors()]
+        errors = _located(body, exc.errors())
         problems = "; ".join(
             f"{_joined(where, e['loc'])}: {_problem(e).split(': ', 1)[1]}" for e in errors[:5]
         )
         raise InvalidRequest(f"invalid request: {problems}", param=_joined(where, errors[0]["loc"])) from None
 
 
+def _located(body: Any, errors: list[Any]) -> list[Any]:
+    """pydantic's errors with locations in the body's own terms, the most telling first: union members'
+    names (`str`, `list[tagged-union[...]]`, a model's class name) and tagged unions' tags (a part's
+    `type` value) are not fields of the body and go; where a `str | list` field got a list, the string
+    member's complaint goes (`messages[0].content[1]: Input tag 'bogus'...`, not `content.str`)."""
+    located = [{**e, "loc": _body_loc(body, e["loc"])} for e in errors]
+    telling = [
+        e
+        for e, raw in zip(located, errors, strict=True)
+        if not (raw["loc"][-1:] == ("str",) and isinstance(_at(body, e["loc"]), list))
+    ]
+    return telling or located
+
+
+def _at(body: Any, loc: tuple[Any, ...]) -> Any:
+    node = body
+    for part in loc:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return node
+
+
+def _body_loc(body: Any, loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A tagged union's tag stands in pydantic's location before the member's fields, the field of the
+    same name after it (`0, "image_url", "image_url", "url"`): a part's `type` value is read as its tag
+    once, where no field has that name or the same name follows."""
+    node, out, tagged = body, [], False
+    for i, part in enumerate(loc):
+        following = loc[i + 1] if i + 1 < len(loc) else None
+        fields = node if isinstance(node, dict) else {}
+        if _member_name(part, fields, following):
+            continue
+        if not tagged and fields.get("type") == part and (part not in fields or following == part):
+            tagged = True
+            continue
+        out.append(part)
+        tagged = False
+        node = _at(node, (part,))
+    return tuple(out)
+
+
+def _member_name(part: Any, fields: dict, following: Any) -> bool:
+    """A union member's name in a location: not a field of the body where it stands, but `str`,
+    `list[...]`, or a model's class name with the body's field after it."""
+    if part in fields or not isinstance(part, str):
+        return False
+    return part in SCALAR_MEMBERS or "[" in part or (following is not None and following in fields)
+
+
 def _joined(where: str, loc: tuple[Any, ...]) -> str:
-    inner = _param(tuple(p for p in loc if p not in UNION_MEMBERS)) or ""
+    inner = _param(loc) or ""
     return where + inner if not inner or inner.startswith("[") else f"{where}.{inner}"
 
 
 def _param(loc: tuple[Any, ...]) -> str | None:
-    """`messages[0].content` from pydantic's ("messages", 0, "content"), without union member tags."""
+    """`messages[0].content` from pydantic's ("messages", 0, "content")."""
     path = ""
     for part in loc:
         if isinstance(part, int):
