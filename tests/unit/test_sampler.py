@@ -231,3 +231,36 @@ def test_select_tokens_touches_no_matcher_before_the_grammar_threads_masks_are_d
     logits = torch.randn(1, text_model.model.config.vocab_size)
     select_tokens([sampler], logits, prefetched)
     assert seen and all(seen)
+
+
+def test_sampler_a_constraint_with_no_producible_token_fails_its_row_alone() -> None:
+    """A grammar whose next token lies past the model's output width (a tokenizer with more tokens than
+    the model has logits) leaves its row nothing to choose: that request gets a 400 naming its field;
+    the other rows of the batch get their tokens."""
+    from transformers import AutoTokenizer
+
+    from shardbento.engine.base import Constraint
+    from shardbento.engine.grammar import Grammars
+    from shardbento.errors import InvalidRequest
+    from shardbento.tiny.models import ensure_generated
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_generated("tiny-llama"))
+    width = len(tokenizer) - 8
+    grammars = Grammars(tokenizer, {tokenizer.eos_token_id}, logits_width=width)
+    beyond = Constraint("lark", f"start: <[{len(tokenizer) - 1}]>", param="structured_outputs")
+    within = Constraint("lark", f"start: <[{width - 1}]>", param="structured_outputs")
+
+    def sampler(constraint: Constraint | None) -> RequestSampler:
+        params = SamplingParams(max_tokens=4, constraint=constraint)
+        return RequestSampler(params, eos_ids=set(), decode=str, grammars=grammars)
+
+    rows = [sampler(None), sampler(beyond), sampler(within)]
+    logits = torch.randn(3, width, generator=torch.Generator().manual_seed(0))
+    tokens = select_tokens(rows, logits)
+    assert tokens[0] == int(logits[0].argmax()) and tokens[2] == width - 1
+    assert rows[0].failure is None and rows[2].failure is None
+    failure = rows[1].failure
+    assert isinstance(failure, InvalidRequest) and failure.param == "structured_outputs"
+    assert failure.code == "constraint_unsatisfiable" and "past the model's output width" in failure.message
+    with pytest.raises(InvalidRequest):  # one request at a time (generate()): the same refusal
+        sampler(beyond).select(logits[1])

@@ -353,3 +353,39 @@ def test_scheduler_steps_stay_within_the_token_budget_and_long_prompts_mix_in_ch
     assert max(per_forward) <= budget
     assert len(row_chunks_mixed) >= long.num_tokens // budget  # its chunks went beside the decodes
     assert got == expected
+
+
+def test_scheduler_a_constraint_with_no_producible_token_ends_alone(text_model) -> None:
+    """A request whose grammar allows only ids past the model's output width (its tokenizer longer than
+    the logits, emulated by narrowing the width the grammars see) ends with a 400 naming its field;
+    requests decoding in the same batch go on to the tokens they give alone."""
+    import dataclasses
+
+    from shardbento.engine.grammar import Grammars
+    from shardbento.errors import InvalidRequest
+
+    loaded = text_model.prompts
+    width = len(loaded.tokenizer) - 8
+    narrowed = Grammars(loaded.tokenizer, loaded.eos_token_ids, logits_width=width)
+    engine = InProcessEngine(
+        dataclasses.replace(text_model, prompts=dataclasses.replace(loaded, grammars=narrowed))
+    )
+    beyond = Constraint("lark", f'start: "a" <[{len(loaded.tokenizer) - 1}]>', param="structured_outputs")
+    ps = prompts(engine)
+    plain = [(ps[i], SamplingParams(max_tokens=10 + i, ignore_eos=True)) for i in (0, 1)]
+    try:
+        expected = alone(engine, plain)
+        errors = metric("request_success_total", finished_reason="error")
+
+        async def run():
+            calls = [collect(engine, p, params) for p, params in plain]
+            stuck = collect(engine, ps[2], SamplingParams(max_tokens=10, constraint=beyond))
+            return await asyncio.gather(*calls, stuck, return_exceptions=True)
+
+        *answers, failure = asyncio.run(run())
+    finally:
+        engine.close()
+    assert answers == expected
+    assert isinstance(failure, InvalidRequest) and failure.param == "structured_outputs"
+    assert "after 1 generated tokens" in failure.message
+    assert metric("request_success_total", finished_reason="error") == errors + 1

@@ -14,6 +14,7 @@ import torch
 from shardbento.engine.base import SamplingParams, TokenLogprob
 from shardbento.engine.batch.sampling import BatchSampling, request_generator
 from shardbento.engine.grammar import Grammars
+from shardbento.errors import InvalidRequest
 
 
 @dataclasses.dataclass(slots=True)
@@ -50,6 +51,7 @@ class RequestSampler:
         self._logprobs: deque[TokenLogprob] = deque()
         self.grammars = grammars
         self.matcher: Any = None  # the constraint's state: advanced with every chosen token
+        self.failure: InvalidRequest | None = None  # the constraint left no token the model can produce
         if params.constraint is not None:
             if grammars is None:
                 raise ValueError("a constrained request needs the engine's Grammars")
@@ -108,10 +110,19 @@ class RequestSampler:
         return self.blocks_eos and not (self.matcher is not None and self.matcher.is_accepting())
 
     def accept(self, token_id: int) -> None:
-        """Record the token chosen for this request: counts, grammar state."""
-        self._num_generated += 1
+        """Record the token chosen for this request: counts, grammar state. A token the grammar refuses
+        was chosen among none it allows (every id it allows lies past the model's output width, as
+        when a tokenizer has more tokens than the model has logits): `failure` says so, for this
+        request alone (the other rows of its batch go on)."""
         if self.matcher is not None and not self.matcher.consume_token(token_id):
-            raise RuntimeError(f"the grammar refused its own token: {self.matcher.get_error()}")
+            constraint = self._params.constraint
+            self.failure = InvalidRequest(
+                f"{constraint.param}: after {self._num_generated} generated tokens the constraint allows "
+                "no token this model can produce (the ids it allows lie past the model's output width)",
+                param=constraint.param,
+                code="constraint_unsatisfiable",
+            )
+        self._num_generated += 1
 
     def push_logprob(self, logprob: TokenLogprob) -> None:
         self._logprobs.append(logprob)
@@ -125,7 +136,10 @@ class RequestSampler:
     def select(self, scores: torch.Tensor, allowed: torch.Tensor | None = None) -> int:
         """The next token from one row of logits ([vocab] or [1, vocab])."""
         masks = _done(allowed[None]) if allowed is not None else None
-        return select_tokens([self], scores.reshape(1, -1), masks)[0]
+        token = select_tokens([self], scores.reshape(1, -1), masks)[0]
+        if self.failure is not None:
+            raise self.failure
+        return token
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """generate()'s logits processor: only this request's choice stays finite."""

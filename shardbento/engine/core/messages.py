@@ -145,6 +145,7 @@ class RankFailure:
     message: str
     retry_after_s: int = 1
     param: str | None = None
+    code: str | None = None
 
     @classmethod
     def of(cls, exc: BaseException) -> RankFailure:
@@ -152,7 +153,7 @@ class RankFailure:
             return cls("overloaded", exc.message, exc.retry_after_s)
         if isinstance(exc, InvalidRequest | ModelNotFound):
             kind = "invalid" if isinstance(exc, InvalidRequest) else "not_found"
-            return cls(kind, exc.message, param=exc.param)
+            return cls(kind, exc.message, param=exc.param, code=exc.code)
         if isinstance(exc, ShardbentoError):
             return cls("failed", exc.message)
         return cls("failed", f"generation failed: {type(exc).__name__}: {exc}")
@@ -162,7 +163,7 @@ class RankFailure:
             return Overloaded(self.message, retry_after_s=self.retry_after_s)
         if self.kind in ("invalid", "not_found"):
             error = InvalidRequest if self.kind == "invalid" else ModelNotFound
-            return error(self.message, param=self.param)
+            return error(self.message, param=self.param, code=self.code)
         return GenerationFailed(self.message)
 
 
