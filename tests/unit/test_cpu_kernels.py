@@ -34,15 +34,42 @@ def test_cpu_kernels_packed_linears_keep_logits() -> None:
     assert pack_linear_weights(plain, available_bytes=1) == 0  # copies would not fit: left alone
     assert pack_linear_weights(plain) == linears > 0
     assert close(plain(input_ids=ids).logits, reference)
-    shared = [
-        getattr(m.forward.func, "__self__", None)
-        for m in plain.modules()
-        if isinstance(m.forward, functools.partial)
-    ]
+    packed = [m.forward.args[2] for m in plain.modules() if isinstance(m.forward, functools.partial)]
+    shared = [getattr(p.func, "__self__", None) for p in packed]
     groups = {id(s) for s in shared if isinstance(s, cpu_kernels._Siblings)}
     layers = plain.config.num_hidden_layers
     assert len(groups) == 2 * layers  # each layer's q/k/v and gate/up share one packed weight
     assert len([s for s in shared if s is not None]) == 5 * layers
+
+
+@torch.inference_mode()
+def test_cpu_kernels_a_few_rows_take_the_default_call_more_the_packed_kernel() -> None:
+    """Up to PLAIN_MAX_ROWS rows a packed linear is the default call on its own weight (the same
+    numbers to the bit); past it the packed kernel serves (siblings computed as one product)."""
+    from shardbento.catalog import load_spec
+    from shardbento.engine.hf.loading import load_model
+    from shardbento.plan.preflight import run_preflight
+
+    spec = load_spec("tiny-llama").model_copy(update={"cpu_kernels": "default"})
+    model = load_model(spec, run_preflight(spec)).model
+    attention = model.model.layers[0].self_attn
+    weights = {name: getattr(attention, name).weight for name in ("q_proj", "k_proj", "v_proj")}
+    pack_linear_weights(model)
+    siblings = attention.q_proj.forward.args[2].func.__self__
+    hidden = model.config.hidden_size
+    for rows in (1, cpu_kernels.PLAIN_MAX_ROWS):
+        x = torch.randn(1, rows, hidden, generator=torch.Generator().manual_seed(rows))
+        assert torch.equal(attention.q_proj(x), torch.nn.functional.linear(x, weights["q_proj"]))
+        assert getattr(siblings._pending, "input", None) is None  # no fused product made
+    x = torch.randn(1, cpu_kernels.PLAIN_MAX_ROWS + 1, hidden, generator=torch.Generator().manual_seed(0))
+    q = attention.q_proj(x)
+    assert siblings._pending.input is x  # the fused product, waiting for k and v
+    for name, out in (("q_proj", q), ("k_proj", attention.k_proj(x)), ("v_proj", attention.v_proj(x))):
+        assert torch.allclose(out, torch.nn.functional.linear(x, weights[name]), atol=1e-4)
+    assert siblings._pending.input is None
+    one = torch.tensor([[PROMPTS[0][0]]])
+    reference = load_model(spec, run_preflight(spec)).model(input_ids=one).logits
+    assert torch.equal(model(input_ids=one).logits, reference)  # a one-token forward: every linear plain
 
 
 PREFILL_PAGE_FAULTS = """

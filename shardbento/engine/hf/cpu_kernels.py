@@ -7,6 +7,7 @@ import ctypes
 import logging
 import sys
 import threading
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -17,6 +18,11 @@ logger = logging.getLogger(__name__)
 # Memory the packed copies may take, as a share of the memory available when the model is loaded.
 MAX_SHARE_OF_AVAILABLE = 0.25
 _BATCH_SIZE_HINT = 16  # oneDNN picks its blocking for about this many rows; any row count works
+# Inputs of at most this many rows (decode steps of a few sequences) go to the default BLAS call on the
+# original weight, which beats the packed kernel there. bench-llama's decode step on 2 cores (medians of
+# 3 rounds, benchmarks/linear_rows.py): 1 row 6.4 ms default against 10.2 packed, 4 rows 9.5 against
+# 10.8, 8 rows 12.3 against 13.0, 16 rows 18.9 against 16.8.
+PLAIN_MAX_ROWS = 4
 
 # glibc mallopt() parameters and the values keep_freed_memory() sets (see its docstring).
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -60,11 +66,12 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 def pack_linear_weights(model: Any, available_bytes: int | None = None) -> int:
     """Run every float32 nn.Linear that lives on the CPU through oneDNN with a pre-packed weight.
 
-    Decode steps multiply a few rows by every weight, where packed weights are ~1.6x faster than
-    the default BLAS call on this kind of CPU (prefill ~1.2x); sibling projections (SIBLINGS) share
-    one packed weight. The packed copy sits beside the original weight (tied and shared weights stay
-    intact), so packing is skipped when the copies would take more than a quarter of the available
-    memory. Returns the number of layers packed.
+    From a few rows up (decode steps of many sequences, prefills) packed weights are faster than the
+    default BLAS call on this kind of CPU; sibling projections (SIBLINGS) share one packed weight. Up to
+    PLAIN_MAX_ROWS rows the default call on the original weight is faster and serves. The packed copy
+    sits beside the original weight (tied and shared weights stay intact), so packing is skipped when
+    the copies would take more than a quarter of the available memory. Returns the number of layers
+    packed.
     """
     if not _available():
         logger.info("oneDNN linear kernels are unavailable in this torch build; using the default ones")
@@ -83,7 +90,9 @@ def pack_linear_weights(model: Any, available_bytes: int | None = None) -> int:
         fused = {id(m) for group in _sibling_groups(model) for m in _fuse(group)}
         for module in (m for m in linears if id(m) not in fused):
             weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), _BATCH_SIZE_HINT)
-            module.forward = partial(_packed_linear, weight, module.bias)
+            module.forward = partial(
+                _by_rows, module.weight, module.bias, partial(_packed_linear, weight, module.bias)
+            )
     logger.info(
         "packed %d CPU linear layers for oneDNN (%d of them fused with their siblings, %.0f MiB)",
         len(linears), len(fused), packed_bytes / 2**20,
@@ -93,6 +102,18 @@ def pack_linear_weights(model: Any, available_bytes: int | None = None) -> int:
 
 def _packed_linear(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _by_rows(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    packed: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+) -> torch.Tensor:
+    """A few rows: the default call on the original weight; more: the packed kernel."""
+    if x.numel() <= PLAIN_MAX_ROWS * x.shape[-1]:
+        return torch.nn.functional.linear(x, weight, bias)
+    return packed(x)
 
 
 class _Siblings:
@@ -139,8 +160,8 @@ def _sibling_groups(model: Any) -> list[list[torch.nn.Linear]]:
 
 def _fuse(linears: list[torch.nn.Linear]) -> list[torch.nn.Linear]:
     siblings = _Siblings(linears)
-    for index, module in enumerate(linears):
-        module.forward = partial(siblings.output, index)
+    for index, module in enumerate(linears):  # a few rows: each its own default call, no product kept
+        module.forward = partial(_by_rows, module.weight, module.bias, partial(siblings.output, index))
     return linears
 
 
