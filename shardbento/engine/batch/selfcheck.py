@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +75,23 @@ def agreement(fast: torch.Tensor, plain: torch.Tensor, top_k: int = TOP_K) -> Ag
         top_a, top_b = rows_a.topk(k, dim=-1).indices, rows_b.topk(k, dim=-1).indices
         agree = bool(((top_b == best_a[:, None]).any(-1) & (top_a == best_b[:, None]).any(-1)).all())
     return Agreement(diff, spread, tolerance_for(fast.dtype), agree)
+
+
+def checked_on(
+    runner: Any, compare: Callable[[], list[Agreement]], what: str, verdicts: tuple[str, str]
+) -> bool:
+    """A load-time check that drives `runner`: the agreements `compare` measures (a check that raises
+    fails: the plain path serves), the runner's rows released after, and one INFO line `what` with the
+    verdict (`verdicts`: yes, no) and the measure."""
+    try:
+        check = functools.reduce(Agreement.worst, compare())
+        ok, why = check.ok, check.describe()
+    except Exception as exc:  # noqa: BLE001 - a model the fast path does not fit: the plain path serves
+        ok, why = False, f"the check failed: {type(exc).__name__}: {exc}"
+    finally:
+        runner.release(list(range(runner.num_rows)))
+    logger.info(what, verdicts[0] if ok else verdicts[1], why)
+    return ok
 
 
 def enable_packing(model: Any) -> bool:
@@ -158,7 +176,8 @@ def mixes_right(runner: Any) -> bool:
     from shardbento.engine.batch.prefill import PrefillChunk
 
     first, second, long = tuple(range(3, 12)), tuple(range(20, 26)), tuple(range(30, 50))
-    try:
+
+    def compare() -> list[Agreement]:
         runner.prefill([PrefillChunk(-1, first, 0, 0)])
         apart = [runner.decode([token]) for token in (5, 7, 9)]
         runner.release([0])
@@ -171,23 +190,18 @@ def mixes_right(runner: Any) -> bool:
         runner.release([1])
         _, chunk_decoded = runner.mixed([PrefillChunk(-3, long[:8], 0, None, length=len(long))], [7])
         rest, last_decoded = runner.mixed([PrefillChunk(-3, long[8:], 8, 1, length=len(long))], [9])
-        checks = [
+        return [
             agreement(decoded, apart[0]),
             agreement(prompt, alone),
             agreement(chunk_decoded, apart[1]),
             agreement(last_decoded, apart[2]),
             agreement(rest, whole),
         ]
-        check = functools.reduce(Agreement.worst, checks)
-        ok, why = check.ok, check.describe()
-    except Exception as exc:  # noqa: BLE001 - e.g. attention modules without layer_idx: no mixed steps
-        ok, why = False, f"the check failed: {type(exc).__name__}: {exc}"
-    finally:
-        runner.release(list(range(runner.num_rows)))
-    logger.info(
+
+    return checked_on(  # e.g. attention modules without layer_idx fail it: no mixed steps
+        runner,
+        compare,
         "running sequences decode in the prompts' forward (mixed steps, chunks included): %s (mixed "
         "against decode and prefill apart on this model: %s)",
-        "yes" if ok else "no",
-        why,
+        ("yes", "no"),
     )
-    return ok

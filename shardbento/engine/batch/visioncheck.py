@@ -5,14 +5,13 @@ one request at a time instead of answering wrong."""
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Any
 
 import torch
 
 from shardbento.engine.batch.prefill import PrefillChunk
-from shardbento.engine.batch.selfcheck import Agreement, agreement
+from shardbento.engine.batch.selfcheck import Agreement, agreement, checked_on
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +55,9 @@ def batches_vision_right(runner: Any) -> bool:
     """Whether an image row and a text row decoded together by `runner` give the logits the model's own
     cache path gives each alone (prefill, then one decode step). Logged at INFO with the measure."""
     model = runner.model
-    config = model.config
-    try:
-        image = synthetic_image_prompt(config)
+
+    def compare() -> list[Agreement]:
+        image = synthetic_image_prompt(model.config)
         image = {k: v.to(model.dtype) if v.is_floating_point() else v for k, v in image.items()}
         alone = [_own_cache(model, {"input_ids": torch.tensor([_TEXT])}), _own_cache(model, image)]
         firsts = [int(logits[0].argmax()) for logits, _ in alone]
@@ -66,26 +65,19 @@ def batches_vision_right(runner: Any) -> bool:
         prompt = tuple(int(i) for i in image["input_ids"][0])
         prefilled = runner.prefill([PrefillChunk(-2, prompt, 0, 1, image)])
         decoded = runner.decode(firsts)
-        check = functools.reduce(
-            Agreement.worst,
-            [
-                agreement(prefilled[0], alone[1][0][0]),
-                agreement(decoded[0], alone[0][1][0]),
-                agreement(decoded[1], alone[1][1][0]),
-            ],
-        )
-        ok, why = check.ok, check.describe()
-    except Exception as exc:  # noqa: BLE001 - an unexpected model: one request at a time
-        ok, why = False, f"the check failed: {type(exc).__name__}: {exc}"
-    finally:
-        runner.release(list(range(runner.num_rows)))
-    logger.info(
+        return [
+            agreement(prefilled[0], alone[1][0][0]),
+            agreement(decoded[0], alone[0][1][0]),
+            agreement(decoded[1], alone[1][1][0]),
+        ]
+
+    return checked_on(  # an unexpected model fails it: one request at a time
+        runner,
+        compare,
         "image requests in the batch: %s (an image row beside a text row against each alone through the "
         "model's own cache on this model: %s)",
-        "yes" if ok else "no, one request at a time through generate()",
-        why,
+        ("yes", "no, one request at a time through generate()"),
     )
-    return ok
 
 
 def _own_cache(model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
