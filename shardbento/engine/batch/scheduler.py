@@ -340,15 +340,14 @@ class Scheduler:
         """Pick, stream and account one token for each of `rows` (logits and `masks` in the same order)."""
         seqs = [self._running[row] for row in rows]
         tokens = select_tokens([seq.sampler for seq in seqs], logits, masks)
-        failed = [row for row, seq in zip(rows, seqs, strict=True) if seq.sampler.failure is not None]
-        for row in failed:  # its constraint left no token: it alone ends, with the reason
-            self._metrics.finished("error")
-            self._outbox.append((self._running[row], self._running[row].sampler.failure))
-        done = [
-            row
-            for row, seq, token in zip(rows, seqs, tokens, strict=True)
-            if seq.sampler.failure is None and self._accept(seq, token)
-        ]
+        done, failed = [], []
+        for row, seq, token in zip(rows, seqs, tokens, strict=True):
+            if seq.sampler.failure is not None:  # its constraint left no token: it alone ends, saying why
+                failed.append(row)
+                self._metrics.finished("error")
+                self._outbox.append((seq, seq.sampler.failure))
+            elif self._accept(seq, token):
+                done.append(row)
         self._remember(done)
         self._release([*done, *failed])
 
