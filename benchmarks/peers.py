@@ -113,9 +113,12 @@ def bench_level(
     work: Path,
     extra: list[str] | None = None,
     tag: str = "",
+    seed: int | None = None,
 ) -> dict | str:
     """One concurrency level of `python -m shardbento bench` against a running server (`extra`: more
-    bench arguments, e.g. a response format)."""
+    bench arguments, e.g. a response format). `seed` picks the prompts (default: the level); a script
+    that measures one server more than once gives each measurement a seed of its own, or the later
+    ones find the earlier prompts in the server's prefix cache and skip their prefill."""
     name = f"{running.log_path.stem}-c{level}-{tag}".replace(" ", "_").replace(",", "")
     report_path = work / f"{name}.json"
     command = [
@@ -128,7 +131,14 @@ def bench_level(
         "--model",
         running.peer.model,
     ]
-    command += ["--concurrency", str(level), "--input-tokens", str(args.input_tokens), "--seed", str(level)]
+    command += [
+        "--concurrency",
+        str(level),
+        "--input-tokens",
+        str(args.input_tokens),
+        "--seed",
+        str(level if seed is None else seed),
+    ]
     command += ["--output-tokens", str(args.output_tokens), "--label", running.peer.label]
     command += ["--requests-per-client", str(args.requests_per_client)]
     command += ["--min-requests", str(args.min_requests), "--json", str(report_path), *(extra or [])]

@@ -159,7 +159,8 @@ def markdown(
         f"Closed loop, ~{args.input_tokens} prompt tokens, {args.output_tokens} output tokens, "
         f"max({args.min_requests}, {args.requests_per_client} x c) requests per level "
         "(fixed with ignore_eos/min_tokens where the server accepts them; `tokens/req` shows what arrived), "
-        f"every figure the median of {args.rounds} rounds. "
+        f"every figure the median of {args.rounds} rounds, each round with prompts of its own "
+        "(none a prefix cache holds from an earlier one). "
         "In-process model.generate is measured first, each level in a fresh process.",
         "",
         "| server | c | out tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | ITL p99 ms | tokens/req | errors |",
@@ -247,10 +248,14 @@ def _measure(
     rounds: dict[str, dict[int, list[dict]]],
     reports: dict[str, dict | str],
     extra: list[str] | None = None,
+    seed: int | None = None,
 ) -> None:
-    """One level of one round against one server, kept under `label` (a failure is the label's report)."""
+    """One level of one round against one server, kept under `label` (a failure is the label's report).
+    Each round sends prompts of its own (`seed`, else the level and the round): a round that repeated
+    the last one's would find them in the servers' prefix caches."""
     print(f"== round {number + 1}: {label}: c={level}", flush=True)
-    result = bench_level(server, level, args, work, extra, tag=f"r{number}-{label}")
+    seed = level + 100 * number if seed is None else seed
+    result = bench_level(server, level, args, work, extra, tag=f"r{number}-{label}", seed=seed)
     if isinstance(result, str):
         reports[label] = result
         return
@@ -308,7 +313,8 @@ def main() -> int:
                     _measure(server, server.peer.label, level, number, args, work, rounds, reports)
                     if server.peer.label == "shardbento" and level == max(levels):
                         extra = ["--extra-body", json.dumps(SAMPLING)]
-                        _measure(server, SAMPLED, level, number, args, work, rounds, reports, extra)
+                        seed = level + 100 * number + 50  # not the greedy level's prompts, already cached
+                        _measure(server, SAMPLED, level, number, args, work, rounds, reports, extra, seed)
     finally:
         for server in running:
             stop(server.process)
