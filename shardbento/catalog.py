@@ -60,9 +60,9 @@ class GenerationDefaults(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0.0)
 
 
-# The default step token budget (ServingLimits.max_num_batched_tokens). CPU: chosen by measuring the
-# side-by-side benchmark's inter-token latency against throughput (docs/performance.md, "How batching works"); GPUs:
-# vLLM's default for online serving (not measured here: no GPU).
+# The default step token budget (ServingLimits.max_num_batched_tokens). CPU: chosen by measuring inter-token
+# latency, TTFT and throughput at 256 and 2048 with short and long prompts (benchmarks/step_budget.py;
+# docs/performance.md, "How batching works"); GPUs: vLLM's default for online serving (not measured here: no GPU).
 CPU_STEP_TOKENS = 256
 GPU_STEP_TOKENS = 2048
 
