@@ -77,7 +77,8 @@ def main() -> int:
         for round_ in range(args.rounds):
             runs["base model alone"].append(asyncio.run(level(url, [MODEL], args, seed=round_ + 1)))
             runs["base + 4 adapters"].append(
-                asyncio.run(level(url, [MODEL, *ADAPTERS], args, seed=round_ + 1))
+                # prompts of its own: the base rows would find the first arm's in the prefix cache
+                asyncio.run(level(url, [MODEL, *ADAPTERS], args, seed=round_ + 1001))
             )
     finally:
         stop(process)
