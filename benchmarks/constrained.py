@@ -124,8 +124,8 @@ def main() -> int:
                     min_requests=args.concurrency * args.requests_per_client,
                 )
                 extra = ["--response-format", str(response_format)] if label == "constrained" else []
-                seed = 2 * round_index + (label == "constrained")  # never the prompts cached earlier
-                report = bench_level(running, args.concurrency, bench, work, extra, seed=seed + 1)
+                seed = 2 * round_index + 1 + (label == "constrained")  # never prompts cached earlier
+                report = bench_level(running, args.concurrency, bench, work, extra, seed=seed)
                 if isinstance(report, str):
                     print(f"{label} round {round_index}: {report}", file=sys.stderr)
                     return 1
