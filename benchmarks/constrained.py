@@ -151,7 +151,7 @@ def main() -> int:
 served by `bentoml serve`, {args.input_tokens}-token prompts, concurrency {args.concurrency}; unconstrained requests
 run {3 * ITEMS} tokens (EOS ignored), constrained ones answer a {ITEMS}-item enum array under a JSON schema (about as
 many tokens; output tok/s counts the tokens actually generated). {args.rounds} rounds, the order alternating
-round by round.
+round by round, each load in each round with prompts of its own.
 
 | load | output tok/s (median of rounds) |
 |---|---|

@@ -101,8 +101,9 @@ def main() -> int:
             "",
             f"tiny-llama-lora on this machine's CPU, {CONCURRENCY} concurrent streams, {args.requests} chat "
             f"requests of {args.words} words and {args.output_tokens} output tokens (greedy, fixed length) "
-            f"per load; medians of {args.rounds} rounds, the two loads alternating on one server. In the "
-            "mixed load, client i asks the base model or one of four adapters (i mod 5).",
+            f"per load; medians of {args.rounds} rounds, the two loads alternating on one server, each with "
+            "prompts of its own. In the mixed load, client i asks the base model or one of four adapters "
+            "(i mod 5).",
             "",
             *rows,
             "",
