@@ -207,3 +207,41 @@ def test_prompt_logprobs_refusals_are_400_naming_the_field(app, path, extra, par
     response = run(app, lambda _, http: http.post(path, json=body))
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+
+
+@pytest.fixture(scope="module")
+def generate_app():
+    """tiny-llama served one request at a time through generate() (no prompt logits to score with)."""
+    from shardbento.catalog import load_spec
+    from shardbento.engine.core.engine import ProcessEngine
+    from shardbento.settings import Settings
+
+    engine = ProcessEngine.load(load_spec(MODEL), settings=Settings(force_generate=True))
+    try:
+        yield openai_app(engine)
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"echo": True, "logprobs": 1}, "echo"),
+        ({"echo": True, "logprobs": 1, "stream": True}, "echo"),
+        ({"prompt_logprobs": 1}, "prompt_logprobs"),
+        ({"echo": True, "logprobs": 1, "prompt_logprobs": 2}, "prompt_logprobs"),
+    ],
+)
+def test_a_model_without_prompt_scores_refuses_naming_the_field_that_asked(
+    generate_app, extra, param
+) -> None:
+    """A model served through generate() cannot score a prompt: the 400 names the field the client sent
+    (echo with logprobs asks as much as prompt_logprobs does), and a plain request still answers."""
+    body = {"model": MODEL, "prompt": CONTEXT, "max_tokens": 2, **extra}
+    response = run(generate_app, lambda _, http: http.post("/completions", json=body))
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and "generate()" in error["message"]
+    plain = {"model": MODEL, "prompt": CONTEXT, "max_tokens": 2, "echo": True}  # echo alone scores nothing
+    answered = run(generate_app, lambda _, http: http.post("/completions", json=plain))
+    assert answered.status_code == 200 and answered.json()["choices"][0]["text"].startswith(CONTEXT)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from pydantic import BaseModel
@@ -219,11 +220,12 @@ class OpenAIServing:
         if request.echo:
             echo = prompt if isinstance(prompt, str) else await self.serving.detokenize(prompt)
         echoed = EchoedPrompt(echo, request.logprobs if scored else None, prompt_only)
-        if request.stream:
-            started = await self.serving.stream_choices(generation, request.n)
-            choices = [CompletionChoiceStream(g, i, echoed) for i, g in enumerate(started)]
-            return self._sse(generation.request_id, started, choices, request)
-        completions = await self.serving.complete_choices(generation, request.n)
+        with _named_echo(scored and request.prompt_logprobs is None):
+            if request.stream:
+                started = await self.serving.stream_choices(generation, request.n)
+                choices = [CompletionChoiceStream(g, i, echoed) for i, g in enumerate(started)]
+                return self._sse(generation.request_id, started, choices, request)
+            completions = await self.serving.complete_choices(generation, request.n)
         if prompt_only:
             for c in completions:  # the one token generated to run the prompt is not returned
                 c.text, c.logprobs, c.completion_tokens, c.finish_reason = "", [], 0, "length"
@@ -335,6 +337,20 @@ class OpenAIServing:
             ),
             adapter=adapter,
         )
+
+
+@contextlib.contextmanager
+def _named_echo(echo_asked: bool) -> Iterator[None]:
+    """A refusal of prompt logprobs names `echo` when echo with logprobs asked for them (the request has
+    no prompt_logprobs field for the client to look for)."""
+    try:
+        yield
+    except InvalidRequest as exc:
+        if not echo_asked or exc.param != "prompt_logprobs":
+            raise
+        raise InvalidRequest(
+            f"echo with logprobs scores the prompt, and {exc.message}", param="echo", code=exc.code
+        ) from exc
 
 
 def _refuse_streamed_prompt_logprobs(request: SamplingRequest) -> None:
