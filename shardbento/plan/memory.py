@@ -111,12 +111,20 @@ class ModelShape:
     vision_heads: int
     image_kv_tokens: int  # tokens each image adds to the cross-attention KV cache (0: none)
     checkpoint_quantization: str | None = None  # a pre-quantized checkpoint's own format (AWQ, GPTQ, FP8)
+    moe: Experts | None = None  # a mixture of experts in the MLPs of the layers it names
+
+    def layer_params_at(self, layer: int) -> int:
+        """One decoder layer's parameters: attention, norms, and its MLP (dense, or its experts)."""
+        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        attn = h * q + 2 * h * kv + q * h + ((q + 2 * kv) if self.qkv_bias else 0)
+        if self.moe is not None and self.moe.sparse(layer):
+            return attn + self.moe.params(h) + 2 * h
+        return attn + 3 * h * self.intermediate_size + 2 * h
 
     @property
     def layer_params(self) -> int:
-        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        attn = h * q + 2 * h * kv + q * h + ((q + 2 * kv) if self.qkv_bias else 0)
-        return attn + 3 * h * self.intermediate_size + 2 * h
+        """The largest layer's parameters (every layer's, for a model without experts)."""
+        return max(self.layer_params_at(i) for i in range(self.num_layers))
 
     @property
     def embed_params(self) -> int:
@@ -125,8 +133,49 @@ class ModelShape:
     @property
     def num_params(self) -> int:
         heads = 1 if self.tied else 2
-        layers = (self.num_layers) * self.layer_params
+        layers = sum(self.layer_params_at(i) for i in range(self.num_layers))
         return layers + heads * self.embed_params + self.hidden_size + self.vision_params
+
+
+@dataclass(frozen=True, slots=True)
+class Experts:
+    """A mixture-of-experts MLP: routed experts (gate, up, down each), shared experts beside them, a
+    router (with a per-expert score bias where the config routes by sigmoid with one), on every layer
+    from `first_sparse` on, `every` layers apart, except `dense_layers`."""
+
+    num_experts: int
+    expert_size: int
+    shared_size: int  # the shared experts' intermediate size together (0: none)
+    router_bias: bool
+    first_sparse: int = 0
+    every: int = 1
+    dense_layers: tuple[int, ...] = ()
+
+    def sparse(self, layer: int) -> bool:
+        return layer >= self.first_sparse and (layer + 1) % self.every == 0 and layer not in self.dense_layers
+
+    def params(self, hidden: int) -> int:
+        experts = self.num_experts * 3 * hidden * self.expert_size + 3 * hidden * self.shared_size
+        return experts + self.num_experts * hidden + (self.num_experts if self.router_bias else 0)
+
+
+def _experts(text: dict[str, Any]) -> Experts | None:
+    """The config's experts, in the field names GLM-4.5 and DeepSeek (n_routed_experts), Qwen-MoE
+    (num_experts) and Mixtral (num_local_experts) use; None for a dense model."""
+    count = text.get("n_routed_experts") or text.get("num_experts") or text.get("num_local_experts")
+    if not count:
+        return None
+    size = text.get("moe_intermediate_size") or text["intermediate_size"]
+    shared = (text.get("n_shared_experts") or 0) * size or text.get("shared_expert_intermediate_size") or 0
+    return Experts(
+        num_experts=count,
+        expert_size=size,
+        shared_size=shared,
+        router_bias=text.get("model_type") in ("glm4_moe", "deepseek_v3") or "topk_method" in text,
+        first_sparse=text.get("first_k_dense_replace") or 0,
+        every=text.get("decoder_sparse_step") or 1,
+        dense_layers=tuple(text.get("mlp_only_layers") or ()),
+    )
 
 
 def _vision(vision: dict[str, Any], text_hidden: int) -> tuple[int, int, int, int]:
@@ -193,6 +242,7 @@ def model_shape(config: dict[str, Any]) -> ModelShape:
         vision_heads=vision_heads,
         image_kv_tokens=image_tokens if cross else 0,
         checkpoint_quantization=checkpoint_quantization(config),
+        moe=_experts(text),
     )
 
 

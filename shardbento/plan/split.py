@@ -38,7 +38,7 @@ def layer_blocks(shape: ModelShape, dtype: str, quantization: str) -> list[tuple
     if shape.vision_params:
         blocks.append(("vision", int(shape.vision_params * layer_b)))
     blocks.append(("embed", int(shape.embed_params * embed_b)))
-    blocks += [(f"layer.{i}", int(shape.layer_params * layer_b)) for i in range(shape.num_layers)]
+    blocks += [(f"layer.{i}", int(shape.layer_params_at(i) * layer_b)) for i in range(shape.num_layers)]
     blocks.append(("norm", int(shape.hidden_size * embed_b)))
     if not shape.tied:
         blocks.append(("lm_head", int(shape.embed_params * embed_b)))
