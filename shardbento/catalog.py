@@ -209,10 +209,10 @@ class ModelSpec(BaseModel):
     stop: list[str] = Field(default_factory=list, description="Extra stop strings, trimmed from output.")
     eos_token_ids: list[int] = Field(default_factory=list, description="Extra EOS ids besides the model's.")
     chat_template: str | None = None
-    tool_parser: Literal["hermes", "llama3_json", "glm4"] | None = Field(
+    tool_parser: Literal["hermes", "llama3_json", "glm4", "glm45"] | None = Field(
         None,
         description="How the model writes tool calls; detected from the chat template when unset "
-        "(<tool_call>: hermes, <|python_tag|>: llama3_json, <|observation|>: glm4).",
+        "(<arg_key>: glm45, <tool_call>: hermes, <|python_tag|>: llama3_json, <|observation|>: glm4).",
     )
     reasoning_parser: str | None = Field(
         None,

@@ -76,6 +76,12 @@ class ToolParser:
     start: ClassVar[str] = "<tool_call>"
     end: ClassVar[str] = "</tool_call>"
     arguments_key: ClassVar[str] = "arguments"
+    open_ended: ClassVar[bool] = True  # a call whose end tag never came still counts when it parses
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        """The markup the grammar writes, which a tokenizer may hold as single tokens."""
+        return (self.start, self.end)
 
     def content_end(self, text: str, tools: tuple[FunctionTool, ...]) -> int:
         """How much of the output so far is surely content: up to a call's start, less any tail that
@@ -88,7 +94,7 @@ class ToolParser:
         pattern = re.compile(re.escape(self.start) + r"\s*(.*?)\s*(" + re.escape(self.end) + r"|$)", re.S)
         calls = []
         for match in pattern.finditer(text):
-            call = self._call(match.group(1), tools)
+            call = self._call(match.group(1), tools) if match.group(2) or self.open_ended else None
             if call is None and not match.group(2) and calls:
                 break  # a last call cut off by max_tokens: the complete ones before it stand
             if call is None:
@@ -120,12 +126,12 @@ class ToolParser:
         return variants[0] if len(variants) == 1 else {"anyOf": variants}
 
     def grammar(
-        self, tools: tuple[FunctionTool, ...], parallel: bool, tag_ids: tuple[int, int] | None = None
+        self, tools: tuple[FunctionTool, ...], parallel: bool, tag_ids: dict[str, int] | None = None
     ) -> str:
         """A Lark grammar whose every sentence is one call (or several, with `parallel`) to `tools`.
-        `tag_ids`: the start and end tags' ids where each is one token (Qwen's `<tool_call>`): llguidance
+        `tag_ids`: the ids of the `tags` that are one token each (Qwen's `<tool_call>`): llguidance
         keeps added tokens of the form <...> out of text, so the grammar names the tokens."""
-        start, end = (f"<[{i}]>" for i in tag_ids) if tag_ids else (_literal(self.start), _literal(self.end))
+        start, end = (_tag(tag, tag_ids) for tag in (self.start, self.end))
         call = f'{start} "\\n" {_schema(self._call_schema(tools))} "\\n" {end}'
         repeat = f" ({_literal(chr(10))} call)*" if parallel else ""
         return f"start: call{repeat}\ncall: {call}\n"
@@ -167,7 +173,7 @@ class Llama3JsonParser(ToolParser):
         return "", calls
 
     def grammar(
-        self, tools: tuple[FunctionTool, ...], parallel: bool, tag_ids: tuple[int, int] | None = None
+        self, tools: tuple[FunctionTool, ...], parallel: bool, tag_ids: dict[str, int] | None = None
     ) -> str:
         repeat = f" ({_literal('; ')} call)*" if parallel else ""
         return f"start: call{repeat}\ncall: {_schema(self._call_schema(tools))}\n"
@@ -197,20 +203,109 @@ class Glm4Parser(ToolParser):
         return ("", [ParsedCall(first.strip(), arguments)]) if arguments is not None else (text, [])
 
     def grammar(
-        self, tools: tuple[FunctionTool, ...], parallel: bool, tag_ids: tuple[int, int] | None = None
+        self, tools: tuple[FunctionTool, ...], parallel: bool, tag_ids: dict[str, int] | None = None
     ) -> str:
         # GLM-4 makes one call per turn (its template answers each with an observation turn).
         options = " | ".join(f"{_literal(t.name + chr(10))} {_schema(t.parameters)}" for t in tools)
         return f"start: {options}\n"
 
 
-PARSERS: dict[str, type[ToolParser]] = {p.name: p for p in (ToolParser, Llama3JsonParser, Glm4Parser)}
+class Glm45Parser(ToolParser):
+    """GLM-4.5's calls: `<tool_call>` and the name, then one `<arg_key>`/`<arg_value>` pair per argument,
+    then `</tool_call>`; string values are written raw, other values as JSON (as its template writes
+    earlier calls); several calls follow one another."""
+
+    name = "glm45"
+    open_ended = False  # its arguments have no closing brace: only the end tag says they are all there
+    key, key_end, value, value_end = "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        return (self.start, self.end, self.key, self.key_end, self.value, self.value_end)
+
+    def _call(self, body: str, tools: tuple[FunctionTool, ...]) -> ParsedCall | None:
+        name, _, rest = body.partition(self.key)
+        tool = next((t for t in tools if t.name == name.strip()), None)
+        if tool is None:
+            return None
+        pairs = _GLM45_PAIR.findall(self.key + rest if rest else "")
+        properties = tool.parameters.get("properties") or {}
+        arguments = {key.strip(): _argument(value, properties.get(key.strip())) for key, value in pairs}
+        return ParsedCall(tool.name, json.dumps(arguments, ensure_ascii=False))
+
+    def grammar(
+        self, tools: tuple[FunctionTool, ...], parallel: bool, tag_ids: dict[str, int] | None = None
+    ) -> str:
+        tag = {t: _tag(t, tag_ids) for t in self.tags}
+        rules = []
+        for i, tool in enumerate(tools):
+            properties = tool.parameters.get("properties") or {}
+            required = set(tool.parameters.get("required") or ())
+            pairs = []
+            for key, schema in properties.items():
+                pair = (
+                    f'{tag[self.key]} {_literal(key)} {tag[self.key_end]} "\\n" '
+                    f'{tag[self.value]} {_value_rule(schema)} {tag[self.value_end]} "\\n"'
+                )
+                pairs.append(pair if key in required else f"({pair})?")
+            body = " ".join(pairs)
+            rules.append(f'call{i}: {tag[self.start]} {_literal(tool.name)} "\\n" {body} {tag[self.end]}')
+        options = " | ".join(f"call{i}" for i in range(len(tools)))
+        repeat = ' ("\\n" call)*' if parallel else ""
+        return f"start: call{repeat}\ncall: {options}\n" + "\n".join(rules) + "\n"
+
+
+_GLM45_PAIR = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.S)
+
+
+def _is_string(schema: Any) -> bool:
+    """Whether a parameter takes text: its type says string, or (untyped) every enum value is text."""
+    if not isinstance(schema, dict):
+        return False
+    kind = schema.get("type")
+    if kind is None:
+        options = schema.get("enum")
+        return isinstance(options, list) and bool(options) and all(isinstance(v, str) for v in options)
+    return kind == "string" or (isinstance(kind, list) and "string" in kind)
+
+
+def _argument(value: str, schema: Any) -> Any:
+    """An argument's value as GLM-4.5 writes it: raw text for a string parameter, JSON otherwise (text
+    that is not JSON stays text, as a model may write an unquoted word for an undeclared parameter)."""
+    if _is_string(schema):
+        return value
+    try:
+        return json.loads(value.strip())
+    except json.JSONDecodeError:
+        return value
+
+
+def _value_rule(schema: Any) -> str:
+    """A GLM-4.5 argument value: a string parameter's raw text (one of its enum's values where it has
+    one), any other parameter's JSON."""
+    if _is_string(schema):
+        if isinstance(schema.get("enum"), list) and all(isinstance(v, str) for v in schema["enum"]):
+            return "(" + " | ".join(_literal(v) for v in schema["enum"]) + ")"
+        return r"/[^<]*/"
+    return _schema(schema if isinstance(schema, dict) else {})
+
+
+def _tag(tag: str, tag_ids: dict[str, int] | None) -> str:
+    """A tag in a grammar: its token where the tokenizer has it as one, else its text."""
+    return f"<[{tag_ids[tag]}]>" if tag_ids and tag in tag_ids else _literal(tag)
+
+
+PARSERS: dict[str, type[ToolParser]] = {
+    p.name: p for p in (ToolParser, Llama3JsonParser, Glm4Parser, Glm45Parser)
+}
 
 
 def detect_tool_parser(chat_template: str | None) -> str | None:
     """The family a chat template writes tool calls in, from the markers it renders; None: no tools."""
     if not chat_template or "tools" not in chat_template:
         return None
+    if "<arg_key>" in chat_template:  # GLM-4.5 and later: the name after <tool_call>, then key/value tags
+        return "glm45"
     if "<tool_call>" in chat_template:
         return "hermes"
     if "<|python_tag|>" in chat_template or "ipython" in chat_template:

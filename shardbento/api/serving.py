@@ -278,7 +278,7 @@ class Serving:
         params = self.params(prompt, request.sampling, engine.info.vocab_size, engine.info.kv_pool_tokens)
         if tool_use is not None and tool_use.tools.forced:  # the call is made by grammar, so it parses
             parser = tool_use.parser
-            tags = await anyio.to_thread.run_sync(tag_ids, engine, parser.start, parser.end)
+            tags = await anyio.to_thread.run_sync(tag_ids, engine, parser.tags)
             grammar = parser.grammar(tool_use.tools.forced, tool_use.tools.parallel, tags)
             params = dataclasses.replace(params, constraint=Constraint("lark", grammar, param="tool_choice"))
         params = constrain_answer(params, reasoning)  # a thinking model reasons first, unconstrained

@@ -36,18 +36,19 @@ async def prompt_reasoning(
 
 def _reasoning(engine: Engine, parser: str, token_ids: tuple[int, ...]) -> Reasoning:
     tail = engine.decode(list(token_ids[-PROMPT_TAIL_TOKENS:]))
-    return Reasoning(parser, opens_in_prompt(tail), tag_ids(engine, THINK_START, THINK_END))
+    ids = tag_ids(engine, (THINK_START, THINK_END))
+    pair = (ids[THINK_START], ids[THINK_END]) if len(ids) == 2 else None
+    return Reasoning(parser, opens_in_prompt(tail), pair)
 
 
-def tag_ids(engine: Engine, start: str, end: str) -> tuple[int, int] | None:
-    """The ids of two tags (`<think>`, `</think>`) where the tokenizer has each as one token, else None."""
-    ids = []
-    for tag in (start, end):
+def tag_ids(engine: Engine, tags: tuple[str, ...]) -> dict[str, int]:
+    """The ids of the tags (`<think>`, `<tool_call>`) that the tokenizer has as one token each."""
+    ids = {}
+    for tag in tags:
         found = [i for i in engine.encode(tag).token_ids if engine.decode([i]) == tag]
-        if not found:
-            return None
-        ids.append(found[0])
-    return ids[0], ids[1]
+        if found:
+            ids[tag] = found[0]
+    return ids
 
 
 def constrain_answer(params: SamplingParams, reasoning: Reasoning | None) -> SamplingParams:

@@ -8,10 +8,12 @@ import json
 import pytest
 
 from shardbento.engine.base import ChatMessage, Constraint, SamplingParams
+from shardbento.tiny.templates import GLM45_CHAT_TEMPLATE
 from shardbento.toolcalls import (
     PARSERS,
     FunctionTool,
     Glm4Parser,
+    Glm45Parser,
     Llama3JsonParser,
     ToolParser,
     closed,
@@ -94,6 +96,53 @@ def test_toolcalls_glm4_name_line_then_arguments() -> None:
     assert parser.content_end("Sure, here", TOOLS) == len("Sure, here")
 
 
+NOTE = FunctionTool(
+    "save_note",
+    None,
+    {"type": "object", "properties": {"text": {"type": "string"}, "tags": {"type": "array"}}},
+)
+
+
+def test_toolcalls_glm45_key_value_pairs_typed_by_the_schema() -> None:
+    parser = Glm45Parser()
+    text = (
+        "Checking both.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n"
+        "<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>\n"
+        "<tool_call>save_note\n<arg_key>text</arg_key>\n<arg_value>42</arg_value>\n"
+        '<arg_key>tags</arg_key>\n<arg_value>["a", "b"]</arg_value>\n</tool_call>'
+    )
+    content, calls = parser.parse(text, (*TOOLS, NOTE))
+    assert content == "Checking both."
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris", "days": 3}),
+        ("save_note", {"text": "42", "tags": ["a", "b"]}),  # a string parameter keeps "42" as text
+    ]
+    assert parser.parse("<tool_call>launch\n</tool_call>", TOOLS) == ("<tool_call>launch\n</tool_call>", [])
+    cut = text.rsplit("<arg_key>tags", 1)[0]  # the second call cut off by max_tokens
+    assert [c.name for c in parser.parse(cut, (*TOOLS, NOTE))[1]] == ["get_weather"]
+    assert parser.content_end("Sure <tool_", TOOLS) == len("Sure ")
+
+
+def test_toolcalls_glm45_reads_the_calls_its_template_writes() -> None:
+    """A call rendered by GLM-4.5's own template into an earlier turn parses back to the same call."""
+    from transformers import AutoTokenizer
+
+    from shardbento.tiny.models import ensure_generated
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_generated("tiny-glm45"))
+    arguments = {"city": "Oslo", "days": 2}
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+    ]
+    tools = [t.template_dict() for t in TOOLS]
+    rendered = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+    turn = rendered.rsplit("<|assistant|>", 1)[1]
+    _, calls = Glm45Parser().parse(turn.split("</think>", 1)[1], TOOLS)
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", arguments)]
+
+
 def test_toolcalls_closed_adds_additional_properties_false_where_unsaid() -> None:
     schema = {
         "type": "object",
@@ -135,6 +184,7 @@ def test_toolcalls_detected_from_the_chat_template() -> None:
     assert detect_tool_parser("{% if tools %}<tool_call>{% endif %}") == "hermes"
     assert detect_tool_parser("{% if tools %}<|python_tag|>{% endif %}") == "llama3_json"
     assert detect_tool_parser("{% if tools %}<|observation|>{% endif %}") == "glm4"
+    assert detect_tool_parser(GLM45_CHAT_TEMPLATE) == "glm45"  # <tool_call> too, but key/value tags
     assert detect_tool_parser("{{ messages }}") is None and detect_tool_parser(None) is None
     assert text_template_family() == "hermes"
 
