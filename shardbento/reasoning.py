@@ -191,7 +191,8 @@ def after_reasoning(kind: str, source: str, reasoning: Reasoning) -> str:
     """A Lark grammar that lets the model think freely first and constrains only the answer.
 
     When the prompt opened the block the model must close it before answering; when not, the block is
-    optional (Qwen3 with `enable_thinking: false` answers at once). At most two newlines may follow it.
+    optional (Qwen3 with `enable_thinking: false` answers at once) and one newline may come before it
+    (GLM-4.5's turns begin `\n<think>`). At most two newlines may follow it.
     Where the tags are single tokens (Qwen3, DeepSeek-R1, GLM), the grammar names those tokens:
     llguidance keeps added tokens of the form <...> out of text, so a text "</think>" would force the
     model to spell the tag in pieces it was never trained to write.
@@ -206,5 +207,6 @@ def after_reasoning(kind: str, source: str, reasoning: Reasoning) -> str:
         block = "think_text think_gap?" if reasoning.opened else "(think_text think_gap?)?"
         tag = "" if reasoning.opened else "<think>"
         body = f"think_text[lazy]: /(?s:{tag}.*<\\/think>)/\n"
-    start = f"start: {block} answer\n{body}"
-    return start + "think_gap: /\\n\\n?/\n" + answer_rule(kind, source)
+    lead = "" if reasoning.opened else "think_lead? "
+    start = f"start: {lead}{block} answer\n{body}"
+    return start + "think_lead: /\\n/\nthink_gap: /\\n\\n?/\n" + answer_rule(kind, source)

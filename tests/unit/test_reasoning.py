@@ -14,7 +14,7 @@ from shardbento.reasoning import (
     opens_in_prompt,
     split_reasoning,
 )
-from shardbento.tiny.templates import QWEN3_CHAT_TEMPLATE
+from shardbento.tiny.templates import GLM45_CHAT_TEMPLATE, QWEN3_CHAT_TEMPLATE
 
 CASES = [
     ("<think>\nI think.\n</think>\n\nAnswer.", False, ("I think.", "Answer.")),
@@ -60,6 +60,7 @@ def test_reasoning_detected_from_templates() -> None:
     assert detect_reasoning_parser(QWEN3_CHAT_TEMPLATE) == "qwen3"
     assert detect_reasoning_parser("{{'<｜Assistant｜><think>\\n'}}{# </think> #}") == "deepseek_r1"
     assert detect_reasoning_parser("[gMASK]<sop>{{'<|assistant|>'}}{# </think> #}") == "glm45"
+    assert detect_reasoning_parser(GLM45_CHAT_TEMPLATE) == "glm45"
     assert detect_reasoning_parser("<|im_start|>{{ m }}<tool_call>") is None
     assert detect_reasoning_parser(None) is None
 
@@ -117,13 +118,16 @@ SCHEMA = json.dumps(
 )
 
 
-@pytest.mark.parametrize("recipe", ["tiny-qwen3", "tiny-llama"])  # tags as tokens / spelled as text
+# tags as tokens (Qwen3's, GLM-4.5's) / spelled as text
+@pytest.mark.parametrize("recipe", ["tiny-qwen3", "tiny-glm45", "tiny-llama"])
 def test_reasoning_grammar_frees_the_reasoning_and_constrains_the_answer(recipe: str) -> None:
     tags = vocab(recipe)[2]
-    assert (tags is not None) == (recipe == "tiny-qwen3")
+    assert (tags is not None) == (recipe != "tiny-llama")
     think, end = tags or ("<think>", "</think>")
     optional = after_reasoning("json_schema", SCHEMA, Reasoning("qwen3", False, tags))
     assert accepts(recipe, optional, (think, "\nfree { text\n", end, "\n\n", '{"kind":"cat"}'))
+    assert accepts(recipe, optional, ("\n", think, "x", end, "\n", '{"kind":"cat"}'))  # GLM's turn start
+    assert not accepts(recipe, optional, ("\n\n", think, "x", end, '{"kind":"cat"}'))
     assert accepts(recipe, optional, ('{"kind":"dog"}',))
     assert not accepts(recipe, optional, (think, "x", end, "not json"))
     opened = after_reasoning("json_schema", SCHEMA, Reasoning("qwen3", True, tags))
