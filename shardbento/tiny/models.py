@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from shardbento.cachedir import build_once, cache_root
-from shardbento.tiny.templates import QWEN3_CHAT_TEMPLATE, QWEN3_TEXT_TOKENS
+from shardbento.tiny.templates import (
+    GLM45_ADDED_TOKENS,
+    GLM45_CHAT_TEMPLATE,
+    GLM45_EOS_TOKENS,
+    GLM45_TEXT_TOKENS,
+    QWEN3_CHAT_TEMPLATE,
+    QWEN3_TEXT_TOKENS,
+)
 from shardbento.tiny.thudm import THUDM_RECIPES, build_thudm, thudm_digest
 from shardbento.tiny.tokenizer import (
     ENDOFTEXT,
@@ -46,10 +53,22 @@ class VisionRecipe:
 
 
 @dataclass(frozen=True, slots=True)
+class MoeRecipe:
+    """GLM-4.5's mixture of experts, tiny: the first layers dense, then routed experts beside a shared
+    one, and the multi-token-prediction layer the hub checkpoint carries after the last layer."""
+
+    moe_intermediate_size: int = 128
+    n_routed_experts: int = 8
+    num_experts_per_tok: int = 2
+    first_k_dense_replace: int = 1
+    num_nextn_predict_layers: int = 1
+
+
+@dataclass(frozen=True, slots=True)
 class Recipe:
     """Everything that determines a generated model's bytes."""
 
-    architecture: Literal["llama", "qwen2", "qwen3", "llava"]
+    architecture: Literal["llama", "qwen2", "qwen3", "llava", "glm4_moe"]
     vocab_size: int = 1024
     hidden_size: int = 256
     num_hidden_layers: int = 2
@@ -62,6 +81,7 @@ class Recipe:
     seed: int = 0
     quiet_lm_head: bool = False
     vision: VisionRecipe | None = None
+    moe: MoeRecipe | None = None
 
 
 RECIPES: dict[str, Recipe] = {
@@ -69,6 +89,8 @@ RECIPES: dict[str, Recipe] = {
     "tiny-qwen": Recipe(architecture="qwen2"),
     "tiny-qwen3": Recipe(architecture="qwen3"),  # Qwen3-8B's chat template, <think> and tool tokens
     "tiny-llava": Recipe(architecture="llava", vision=VisionRecipe()),
+    # GLM-4.5-Air's layout (config fields, per-expert tensor names, the MTP layer), chat template and tokens
+    "tiny-glm45": Recipe(architecture="glm4_moe", moe=MoeRecipe()),
     "bench-llama": Recipe(
         architecture="llama",
         vocab_size=3072,
@@ -114,21 +136,28 @@ def recipe_digest(recipe: Recipe) -> str:
 
 def _template(recipe: Recipe) -> str:
     """The chat template the recipe's tokenizer carries: the real model's where it imitates one."""
-    return QWEN3_CHAT_TEMPLATE if recipe.architecture == "qwen3" else chat_template(recipe.vision is not None)
+    real = {"qwen3": QWEN3_CHAT_TEMPLATE, "glm4_moe": GLM45_CHAT_TEMPLATE}.get(recipe.architecture)
+    return real or chat_template(recipe.vision is not None)
+
+
+def _tokenizer(recipe: Recipe) -> PreTrainedTokenizerFast:
+    """The trained tokenizer with the added tokens of the model the recipe imitates."""
+    common = (recipe.vocab_size, recipe.vision is not None, recipe.max_position_embeddings)
+    if recipe.architecture == "glm4_moe":
+        added = {"text_tokens": GLM45_TEXT_TOKENS, "added_tokens": GLM45_ADDED_TOKENS}
+        return train_tokenizer(*common, template=_template(recipe), eos_token=ENDOFTEXT, **added)
+    text_tokens = QWEN3_TEXT_TOKENS if recipe.architecture == "qwen3" else ()
+    return train_tokenizer(*common, template=_template(recipe), text_tokens=text_tokens)
 
 
 def _build(recipe: Recipe, out_dir: Path) -> None:
     """Write tokenizer (or processor), config, generation config and sharded weights into `out_dir`."""
-    tokenizer = train_tokenizer(
-        recipe.vocab_size,
-        recipe.vision is not None,
-        recipe.max_position_embeddings,
-        template=_template(recipe),
-        text_tokens=QWEN3_TEXT_TOKENS if recipe.architecture == "qwen3" else (),
-    )
+    tokenizer = _tokenizer(recipe)
     model = _build_model(recipe, tokenizer)
     state_dict = _canonical_state_dict(model) if recipe.vision else None
     model.save_pretrained(out_dir, state_dict=state_dict, max_shard_size=recipe.max_shard_size)
+    if recipe.moe is not None:
+        _hub_moe_layout(recipe, model, out_dir)
     if recipe.vision is None:
         tokenizer.save_pretrained(out_dir)
     else:
@@ -152,6 +181,8 @@ def _canonical_state_dict(model: PreTrainedModel) -> dict[str, Any]:
 def _text_config(recipe: Recipe, tokenizer: PreTrainedTokenizerFast) -> Any:
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
+    if recipe.moe is not None:
+        return _glm45_config(recipe, recipe.moe, tokenizer)
     config_class = {"qwen2": Qwen2Config, "qwen3": Qwen3Config}.get(recipe.architecture, LlamaConfig)
     endoftext_id, im_end_id = tokenizer.convert_tokens_to_ids([ENDOFTEXT, IM_END])
     return config_class(
@@ -169,6 +200,90 @@ def _text_config(recipe: Recipe, tokenizer: PreTrainedTokenizerFast) -> Any:
         pad_token_id=endoftext_id,
         dtype="float32",
     )
+
+
+def _glm45_config(recipe: Recipe, moe: MoeRecipe, tokenizer: PreTrainedTokenizerFast) -> Any:
+    """GLM-4.5-Air's config at a tiny size: q/k/v biases, half the head rotary, one shared expert,
+    sigmoid routing without groups (n_group 1), no q/k norm, the three EOS ids."""
+    from transformers import Glm4MoeConfig
+
+    eos_ids = tokenizer.convert_tokens_to_ids(list(GLM45_EOS_TOKENS))
+    return Glm4MoeConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=recipe.hidden_size,
+        intermediate_size=recipe.intermediate_size,
+        num_hidden_layers=recipe.num_hidden_layers,
+        num_attention_heads=recipe.num_attention_heads,
+        num_key_value_heads=recipe.num_key_value_heads,
+        head_dim=recipe.head_dim,
+        max_position_embeddings=recipe.max_position_embeddings,
+        attention_bias=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "partial_rotary_factor": 0.5},
+        moe_intermediate_size=moe.moe_intermediate_size,
+        n_routed_experts=moe.n_routed_experts,
+        n_shared_experts=1,
+        num_experts_per_tok=moe.num_experts_per_tok,
+        first_k_dense_replace=moe.first_k_dense_replace,
+        num_nextn_predict_layers=moe.num_nextn_predict_layers,
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=1.0,
+        use_qk_norm=False,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=eos_ids,
+        pad_token_id=eos_ids[0],
+        dtype="float32",
+    )
+
+
+def _hub_moe_layout(recipe: Recipe, model: PreTrainedModel, out_dir: Path) -> None:
+    """What the hub's GLM-4.5 checkpoints hold beyond what transformers saves: the multi-token-prediction
+    layer after the last decoder layer (transformers and vLLM's main model skip it) and config.json in
+    the release's field names (rope_theta and partial_rotary_factor at the top, torch_dtype)."""
+    import torch
+    from safetensors.torch import save_file
+
+    assert recipe.moe is not None
+    last, extra = recipe.num_hidden_layers - 1, {}
+    generator = torch.Generator().manual_seed(recipe.seed + 1)
+    hidden, vocab = recipe.hidden_size, model.config.vocab_size
+    for layer in range(
+        recipe.num_hidden_layers, recipe.num_hidden_layers + recipe.moe.num_nextn_predict_layers
+    ):
+        shapes = {
+            name.replace(f"model.layers.{last}.", f"model.layers.{layer}."): tuple(tensor.shape)
+            for name, tensor in model.state_dict().items()
+            if name.startswith(f"model.layers.{last}.")
+        }
+        prefix = f"model.layers.{layer}."
+        shapes |= {
+            prefix + "eh_proj.weight": (hidden, 2 * hidden),
+            prefix + "enorm.weight": (hidden,),
+            prefix + "hnorm.weight": (hidden,),
+            prefix + "embed_tokens.weight": (vocab, hidden),
+            prefix + "shared_head.head.weight": (vocab, hidden),
+            prefix + "shared_head.norm.weight": (hidden,),
+        }
+        for name, shape in sorted(shapes.items()):
+            extra[name] = (
+                torch.ones(shape)
+                if len(shape) == 1
+                else torch.empty(shape).normal_(0.0, _INIT_STD, generator=generator)
+            )
+    shard = f"model-mtp-{recipe.num_hidden_layers:05d}.safetensors"
+    save_file(extra, out_dir / shard, metadata={"format": "pt"})
+    index_path = out_dir / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"] |= dict.fromkeys(extra, shard)
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    config_path = out_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    rope = config.pop("rope_parameters")
+    config |= {"rope_theta": rope["rope_theta"], "partial_rotary_factor": rope["partial_rotary_factor"]}
+    config["torch_dtype"] = config.pop("dtype")
+    config_path.write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
 
 
 def _model_config(recipe: Recipe, tokenizer: PreTrainedTokenizerFast) -> Any:
@@ -196,6 +311,7 @@ def _build_model(recipe: Recipe, tokenizer: PreTrainedTokenizerFast) -> PreTrain
     import torch
     from transformers import (
         GenerationConfig,
+        Glm4MoeForCausalLM,
         LlamaForCausalLM,
         LlavaForConditionalGeneration,
         Qwen2ForCausalLM,
@@ -207,6 +323,7 @@ def _build_model(recipe: Recipe, tokenizer: PreTrainedTokenizerFast) -> PreTrain
         "qwen2": Qwen2ForCausalLM,
         "qwen3": Qwen3ForCausalLM,
         "llava": LlavaForConditionalGeneration,
+        "glm4_moe": Glm4MoeForCausalLM,
     }
     config = _model_config(recipe, tokenizer)
     # Construction draws from the global RNG; fork it so callers' random state is left untouched.

@@ -140,10 +140,13 @@ def train_tokenizer(
     model_max_length: int,
     template: str | None = None,
     text_tokens: tuple[str, ...] = (),
+    added_tokens: tuple[str, ...] = (),
+    eos_token: str = IM_END,
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on the built-in corpus; the special tokens take the first ids. `template`
     replaces the ChatML one; `text_tokens` are added as single tokens that decoded text keeps (a real
-    model's `<think>`, `<tool_call>`)."""
+    model's `<think>`, `<tool_call>`). `added_tokens` replaces ChatML's specials with a real model's
+    added tokens, in its order after the learned vocabulary (those in `text_tokens` stay text)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -152,16 +155,19 @@ def train_tokenizer(
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[ENDOFTEXT, IM_START, IM_END] + ([IMAGE] if vision else []),
+        special_tokens=[] if added_tokens else [ENDOFTEXT, IM_START, IM_END] + ([IMAGE] if vision else []),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     backend.train_from_iterator(corpus_lines(), trainer)
-    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in text_tokens])
+    for token in added_tokens or text_tokens:  # one at a time: each takes the next id
+        text = token in text_tokens
+        add = backend.add_tokens if text else backend.add_special_tokens
+        add([AddedToken(token, special=not text, normalized=False)])
     extra = {"extra_special_tokens": {"image_token": IMAGE}} if vision else {}
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        eos_token=IM_END,
+        eos_token=eos_token,
         pad_token=ENDOFTEXT,
         model_max_length=model_max_length,
         model_input_names=["input_ids", "attention_mask"],

@@ -34,6 +34,7 @@ NATIVE = [
     ("glm-4-9b-chat", [10 * GIB] * 2),  # THUDM layout: the native GLM the loader converts it to
     ("chatglm3-6b", [5 * GIB] * 3),
     ("qwen2.5-vl-7b-instruct", [6 * GIB] * 3),
+    ("glm-4.5-air", [60 * GIB] * 4),  # a dense first layer, then 128 experts per layer
 ]
 
 
@@ -98,6 +99,24 @@ def test_planner_matches_meta_model_and_accelerate(name: str, max_memory: list[i
     assert [(s.first_layer, s.last_layer) for s in ours] == [(s.first_layer, s.last_layer) for s in theirs]
     for mine, acc in zip(ours, theirs, strict=True):
         assert abs(mine.weight_bytes - acc.weight_bytes) <= 0.02 * max(acc.weight_bytes, GIB)
+
+
+@pytest.mark.parametrize(
+    "config_class", ["Glm4MoeConfig", "Qwen3MoeConfig", "Qwen2MoeConfig", "MixtralConfig"]
+)
+def test_planner_counts_each_mixture_of_experts_layout(config_class: str) -> None:
+    """transformers' default config of each MoE family (their released models' shapes): experts, shared
+    experts, routers and dense layers counted as the meta-device model holds them."""
+    import transformers
+
+    config = getattr(transformers, config_class)().to_dict()
+    config["architectures"] = [config_class.removesuffix("Config") + "ForCausalLM"]
+    exact = sum(p.numel() for p in meta_model(config).parameters())
+    shape = model_shape(config)
+    assert shape.moe is not None
+    assert abs(shape.num_params - exact) / exact < 0.001
+    dense_only = model_shape({k: v for k, v in config.items() if "expert" not in k})
+    assert dense_only.moe is None and dense_only.num_params < exact / 2  # what counting no experts gave
 
 
 @pytest.mark.parametrize(

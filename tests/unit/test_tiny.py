@@ -268,3 +268,43 @@ def test_tiny_qwen3_has_qwen3s_template_and_thinking_tokens(cache_dir: Path) -> 
     )
     assert off.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert type(AutoModelForCausalLM.from_pretrained(model_dir)).__name__ == "Qwen3ForCausalLM"
+
+
+def test_tiny_glm45_has_glm45_airs_layout_template_and_tokens(cache_dir: Path) -> None:
+    """GLM-4.5-Air's hub layout at a tiny size: config.json in the release's field names, one tensor per
+    expert, the multi-token-prediction layer after the last decoder layer, the added tokens after the
+    vocabulary in the release's order, and its chat template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shardbento.tiny.templates import GLM45_ADDED_TOKENS, GLM45_CHAT_TEMPLATE, GLM45_TEXT_TOKENS
+
+    model_dir = tiny.ensure_generated("tiny-glm45", cache_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["model_type"] == "glm4_moe" and "rope_parameters" not in config
+    assert (config["rope_theta"], config["partial_rotary_factor"]) == (1_000_000.0, 0.5)
+    layers, experts = config["num_hidden_layers"], config["n_routed_experts"]
+    names = set(json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"])
+    for expert in range(experts):
+        assert f"model.layers.{layers - 1}.mlp.experts.{expert}.gate_proj.weight" in names
+    assert "model.layers.0.mlp.gate_proj.weight" in names  # first_k_dense_replace: a dense first layer
+    mtp = f"model.layers.{layers}."
+    assert {
+        mtp + n for n in ("eh_proj.weight", "enorm.weight", "hnorm.weight", "shared_head.head.weight")
+    } <= names
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert tokenizer.chat_template == GLM45_CHAT_TEMPLATE
+    first = len(tokenizer) - len(GLM45_ADDED_TOKENS)
+    assert tokenizer.convert_ids_to_tokens(list(range(first, len(tokenizer)))) == list(GLM45_ADDED_TOKENS)
+    for tag in GLM45_TEXT_TOKENS:
+        (token,) = tokenizer.encode(tag, add_special_tokens=False)
+        assert tokenizer.decode([token], skip_special_tokens=True) == tag  # kept in decoded text
+    eos = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|user|>", "<|observation|>"])
+    assert config["eos_token_id"] == eos
+    messages = [{"role": "user", "content": "Hi"}]
+    off = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
+    assert off == "[gMASK]<sop><|user|>\nHi/nothink<|assistant|>\n<think></think>"
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert type(model).__name__ == "Glm4MoeForCausalLM"
+    assert model.config.get_text_config().rope_parameters["partial_rotary_factor"] == 0.5
