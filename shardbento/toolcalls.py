@@ -283,11 +283,12 @@ def _argument(value: str, schema: Any) -> Any:
 def _value_rule(schema: Any) -> str:
     """A GLM-4.5 argument value: a string parameter's raw text (one of its enum's values where it has
     one), any other parameter's JSON."""
-    if _is_string(schema):
-        if isinstance(schema.get("enum"), list) and all(isinstance(v, str) for v in schema["enum"]):
-            return "(" + " | ".join(_literal(v) for v in schema["enum"]) + ")"
+    options = schema.get("enum") if isinstance(schema, dict) else None
+    if _is_string(schema) and options is None:
         return r"/[^<]*/"
-    return _schema(schema if isinstance(schema, dict) else {})
+    if _is_string(schema) and options and all(isinstance(v, str) for v in options):
+        return "(" + " | ".join(_literal(v) for v in options) + ")"
+    return _schema(schema if isinstance(schema, dict) else {})  # an empty enum: the compiler refuses it
 
 
 def _tag(tag: str, tag_ids: dict[str, int] | None) -> str:

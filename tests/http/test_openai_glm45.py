@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+import openai
 import pytest
 from asgi_app import openai_app, with_openai_client
 
@@ -111,6 +112,15 @@ def test_glm45_forced_tool_call_in_its_key_value_format(glm45) -> None:
     _, _, chunks = chat_streamed(app, logit_bias=bias(engine), **forced)
     calls = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
     assert calls[0][0].function.name == "get_weather"
+
+
+def test_glm45_forced_call_no_value_satisfies_is_a_400(glm45) -> None:
+    _, app = glm45
+    never = {"type": "object", "properties": {"city": {"type": "string", "enum": []}}, "required": ["city"]}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": never}}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        chat(app, tools=tools, tool_choice="required")
+    assert caught.value.body["param"] == "tool_choice"
 
 
 def test_glm45_earlier_call_and_result_render_into_the_prompt(glm45) -> None:

@@ -199,6 +199,11 @@ def test_openai_structured_echo_prepends_the_prompt(app) -> None:
     assert echoed.choices[0].text == "Hello there" + plain.choices[0].text
 
 
+def tool_with(parameters: dict) -> dict:
+    """A tool whose parameters no call format can read (every parser takes them as an object schema)."""
+    return {"type": "function", "function": {"name": "f", "parameters": {"type": "object", **parameters}}}
+
+
 @pytest.mark.parametrize(
     "fields, param",
     [
@@ -248,6 +253,9 @@ def test_openai_structured_echo_prepends_the_prompt(app) -> None:
             "messages[0].tool_calls[0].function.arguments",
         ),
         ({"tools": [TOOLS[0], TOOLS[0]]}, "tools[1]"),
+        ({"tools": [tool_with({"properties": [1]})]}, "tools[0].function.parameters.properties"),
+        ({"tools": [tool_with({"properties": {"a": 5}})]}, "tools[0].function.parameters.properties"),
+        ({"tools": [tool_with({"required": "a"})]}, "tools[0].function.parameters.required"),
         (
             {
                 "messages": [

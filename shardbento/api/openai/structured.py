@@ -70,6 +70,7 @@ def request_tools(
         seen.add(function.name)
         parameters = function.parameters or {"type": "object", "properties": {}}
         schema_text(parameters, f"tools[{i}].function.parameters", max_bytes)
+        _check_object_schema(parameters, f"tools[{i}].function.parameters")
         tools.append(FunctionTool(function.name, function.description, parameters))
     choice = tool_choice or "auto"
     if isinstance(choice, NamedToolChoice):
@@ -81,6 +82,19 @@ def request_tools(
             )
     parallel = True if parallel_tool_calls is None else parallel_tool_calls
     return Tools(tuple(tools), choice, parallel)
+
+
+def _check_object_schema(schema: dict[str, Any], param: str) -> None:
+    """A tool's parameters as every call format reads them: `properties` an object of schemas (objects
+    or booleans), `required` a list of names; what is wrong is a 400 naming the field."""
+    properties = schema.get("properties", {})
+    if not isinstance(properties, dict) or not all(isinstance(v, dict | bool) for v in properties.values()):
+        raise InvalidRequest(
+            f"{param}.properties must be an object of JSON schemas", param=f"{param}.properties"
+        )
+    required = schema.get("required", [])
+    if not isinstance(required, list) or not all(isinstance(name, str) for name in required):
+        raise InvalidRequest(f"{param}.required must be a list of property names", param=f"{param}.required")
 
 
 def message_calls(
