@@ -186,20 +186,25 @@ def _text_config(recipe: Recipe, tokenizer: PreTrainedTokenizerFast) -> Any:
     config_class = {"qwen2": Qwen2Config, "qwen3": Qwen3Config}.get(recipe.architecture, LlamaConfig)
     endoftext_id, im_end_id = tokenizer.convert_tokens_to_ids([ENDOFTEXT, IM_END])
     return config_class(
-        vocab_size=len(tokenizer),
-        hidden_size=recipe.hidden_size,
-        intermediate_size=recipe.intermediate_size,
-        num_hidden_layers=recipe.num_hidden_layers,
-        num_attention_heads=recipe.num_attention_heads,
-        num_key_value_heads=recipe.num_key_value_heads,
-        head_dim=recipe.head_dim,
-        max_position_embeddings=recipe.max_position_embeddings,
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=[im_end_id, endoftext_id],
-        pad_token_id=endoftext_id,
-        dtype="float32",
+        **_shape(recipe, tokenizer), eos_token_id=[im_end_id, endoftext_id], pad_token_id=endoftext_id
     )
+
+
+def _shape(recipe: Recipe, tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
+    """The config fields every text recipe sets alike: sizes, untied head, no BOS, float32."""
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": recipe.hidden_size,
+        "intermediate_size": recipe.intermediate_size,
+        "num_hidden_layers": recipe.num_hidden_layers,
+        "num_attention_heads": recipe.num_attention_heads,
+        "num_key_value_heads": recipe.num_key_value_heads,
+        "head_dim": recipe.head_dim,
+        "max_position_embeddings": recipe.max_position_embeddings,
+        "tie_word_embeddings": False,
+        "bos_token_id": None,
+        "dtype": "float32",
+    }
 
 
 def _glm45_config(recipe: Recipe, moe: MoeRecipe, tokenizer: PreTrainedTokenizerFast) -> Any:
@@ -209,14 +214,7 @@ def _glm45_config(recipe: Recipe, moe: MoeRecipe, tokenizer: PreTrainedTokenizer
 
     eos_ids = tokenizer.convert_tokens_to_ids(list(GLM45_EOS_TOKENS))
     return Glm4MoeConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=recipe.hidden_size,
-        intermediate_size=recipe.intermediate_size,
-        num_hidden_layers=recipe.num_hidden_layers,
-        num_attention_heads=recipe.num_attention_heads,
-        num_key_value_heads=recipe.num_key_value_heads,
-        head_dim=recipe.head_dim,
-        max_position_embeddings=recipe.max_position_embeddings,
+        **_shape(recipe, tokenizer),
         attention_bias=True,
         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "partial_rotary_factor": 0.5},
         moe_intermediate_size=moe.moe_intermediate_size,
@@ -230,11 +228,8 @@ def _glm45_config(recipe: Recipe, moe: MoeRecipe, tokenizer: PreTrainedTokenizer
         norm_topk_prob=True,
         routed_scaling_factor=1.0,
         use_qk_norm=False,
-        tie_word_embeddings=False,
-        bos_token_id=None,
         eos_token_id=eos_ids,
         pad_token_id=eos_ids[0],
-        dtype="float32",
     )
 
 
