@@ -15,20 +15,13 @@ import json
 import openai
 import pytest
 from asgi_app import openai_app, with_openai_client
+from thinking_cases import WEATHER, WEATHER_TOOLS, streamed_split, think_bias
 
 from shardbento.engine.base import ChatMessage, ToolCall
 
 MODEL = "tiny-glm45"
 MESSAGES = [{"role": "user", "content": "Weather in Oslo?"}]
-WEATHER = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "enum": ["Paris", "Oslo"]},
-        "days": {"type": "integer", "minimum": 1, "maximum": 3},
-    },
-    "required": ["city", "days"],
-}
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}]
+TOOLS = WEATHER_TOOLS
 FORMAT = {"type": "json_schema", "json_schema": {"name": "weather", "schema": WEATHER}}
 run = with_openai_client
 
@@ -49,10 +42,7 @@ def glm45():
 
 
 def bias(engine) -> dict[str, float]:
-    tokenizer = engine.tokenizer
-    think, end = tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
-    (he,) = tokenizer.encode(" he", add_special_tokens=False)
-    return {str(think): 100, str(he): 30, str(end): 21}
+    return think_bias(engine.tokenizer)
 
 
 def chat(app, model: str = MODEL, **fields):
@@ -61,15 +51,8 @@ def chat(app, model: str = MODEL, **fields):
 
 
 def chat_streamed(app, **fields) -> tuple[str, str, list]:
-    async def scenario(client):
-        body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 40, "frequency_penalty": 2.0, **fields}
-        stream = await client.chat.completions.create(stream=True, **body)
-        return [chunk async for chunk in stream]
-
-    chunks = run(app, scenario)
-    deltas = [c.choices[0].delta for c in chunks if c.choices]
-    thought = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
-    return thought, "".join(d.content or "" for d in deltas), chunks
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 40, "frequency_penalty": 2.0, **fields}
+    return streamed_split(app, body)
 
 
 def test_glm45_reasoning_split_whole_and_streamed(glm45) -> None:

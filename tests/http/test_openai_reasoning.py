@@ -14,6 +14,7 @@ import json
 import openai
 import pytest
 from asgi_app import openai_app, with_openai_client
+from thinking_cases import streamed_split, think_bias
 
 from shardbento.reasoning import Reasoning, split_reasoning
 from shardbento.tiny.templates import QWEN3_CHAT_TEMPLATE
@@ -60,12 +61,7 @@ def opening():
 
 
 def bias(engine, opens: bool = True) -> dict[str, float]:
-    """`<think>` first (unless the prompt opened the block), then " he" until its penalties reach
-    `</think>`'s bias."""
-    tokenizer = engine.tokenizer
-    think, end = tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
-    (he,) = tokenizer.encode(" he", add_special_tokens=False)
-    return {**({str(think): 100} if opens else {}), str(he): 30, str(end): 21}
+    return think_bias(engine.tokenizer, opens)
 
 
 run = with_openai_client
@@ -77,16 +73,8 @@ def chat(app, **fields):
 
 
 def chat_streamed(app, **fields) -> tuple[str, str, list]:
-    async def scenario(client):
-        body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 40, "frequency_penalty": 2.0, **fields}
-        stream = await client.chat.completions.create(stream=True, **body)
-        return [chunk async for chunk in stream]
-
-    chunks = run(app, scenario)
-    deltas = [c.choices[0].delta for c in chunks if c.choices]
-    thought = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
-    assert thought == "".join(getattr(d, "reasoning", None) or "" for d in deltas)
-    return thought, "".join(d.content or "" for d in deltas), chunks
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 40, "frequency_penalty": 2.0, **fields}
+    return streamed_split(app, body)
 
 
 def test_reasoning_split_whole_and_streamed_with_a_constrained_answer(qwen3) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from asgi_app import openai_app, post_async
+from thinking_cases import WEATHER, WEATHER_TOOLS, think_bias
 
 from shardbento.catalog import load_spec
 from shardbento.engine import create_engine
@@ -21,15 +22,6 @@ from shardbento.engine.vllm.engine import VLLMEngine
 
 MODEL = "tiny-glm45"
 MESSAGES = [{"role": "user", "content": "Weather in Oslo?"}]
-WEATHER = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "enum": ["Paris", "Oslo"]},
-        "days": {"type": "integer", "minimum": 1, "maximum": 3},
-    },
-    "required": ["city", "days"],
-}
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}]
 
 
 @pytest.fixture(scope="module")
@@ -58,17 +50,15 @@ def test_vllm_glm45_experts_greedy_tokens_equal_transformers(
     assert (info.reasoning_parser, info.tool_parser) == ("glm45", "glm45")
 
 
-def bias(engine: Any) -> dict[str, float]:
-    tokenizer = engine.tokenizer
-    think, end = tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
-    (he,) = tokenizer.encode(" he", add_special_tokens=False)
-    return {str(think): 100, str(he): 30, str(end): 21}
-
-
 def messages_of(loop: asyncio.AbstractEventLoop, engines: dict[str, Any], fields: dict) -> dict[str, dict]:
     result = {}
     for name, (engine, app) in engines.items():
-        body = {"model": MODEL, "messages": MESSAGES, "frequency_penalty": 2.0, "logit_bias": bias(engine)}
+        body = {
+            "model": MODEL,
+            "messages": MESSAGES,
+            "frequency_penalty": 2.0,
+            "logit_bias": think_bias(engine.tokenizer),
+        }
         response = loop.run_until_complete(post_async(app, "/chat/completions", body | fields))
         assert response.status_code == 200, (name, response.text)
         result[name] = response.json()["choices"][0]
@@ -89,7 +79,12 @@ def test_vllm_glm45_reasoning_and_constrained_answer_equal_transformers(
 def test_vllm_glm45_forced_tool_call_equals_transformers(
     loop: asyncio.AbstractEventLoop, engines: dict[str, Any]
 ) -> None:
-    fields = {"max_tokens": 100, "tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False}
+    fields = {
+        "max_tokens": 100,
+        "tools": WEATHER_TOOLS,
+        "tool_choice": "required",
+        "parallel_tool_calls": False,
+    }
     choices = messages_of(loop, engines, fields)
     calls = {}
     for name, choice in choices.items():
