@@ -122,11 +122,6 @@ class ModelShape:
         return attn + 3 * h * self.intermediate_size + 2 * h
 
     @property
-    def layer_params(self) -> int:
-        """The largest layer's parameters (every layer's, for a model without experts)."""
-        return max(self.layer_params_at(i) for i in range(self.num_layers))
-
-    @property
     def embed_params(self) -> int:
         return self.vocab_size * self.hidden_size
 

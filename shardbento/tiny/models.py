@@ -156,8 +156,8 @@ def _build(recipe: Recipe, out_dir: Path) -> None:
     model = _build_model(recipe, tokenizer)
     state_dict = _canonical_state_dict(model) if recipe.vision else None
     model.save_pretrained(out_dir, state_dict=state_dict, max_shard_size=recipe.max_shard_size)
-    if recipe.moe is not None:
-        _hub_moe_layout(recipe, model, out_dir)
+    if recipe.architecture == "glm4_moe":
+        _glm45_hub_layout(recipe, recipe.moe or MoeRecipe(), model, out_dir)
     if recipe.vision is None:
         tokenizer.save_pretrained(out_dir)
     else:
@@ -181,8 +181,8 @@ def _canonical_state_dict(model: PreTrainedModel) -> dict[str, Any]:
 def _text_config(recipe: Recipe, tokenizer: PreTrainedTokenizerFast) -> Any:
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
-    if recipe.moe is not None:
-        return _glm45_config(recipe, recipe.moe, tokenizer)
+    if recipe.architecture == "glm4_moe":
+        return _glm45_config(recipe, recipe.moe or MoeRecipe(), tokenizer)
     config_class = {"qwen2": Qwen2Config, "qwen3": Qwen3Config}.get(recipe.architecture, LlamaConfig)
     endoftext_id, im_end_id = tokenizer.convert_tokens_to_ids([ENDOFTEXT, IM_END])
     return config_class(
@@ -233,20 +233,17 @@ def _glm45_config(recipe: Recipe, moe: MoeRecipe, tokenizer: PreTrainedTokenizer
     )
 
 
-def _hub_moe_layout(recipe: Recipe, model: PreTrainedModel, out_dir: Path) -> None:
+def _glm45_hub_layout(recipe: Recipe, moe: MoeRecipe, model: PreTrainedModel, out_dir: Path) -> None:
     """What the hub's GLM-4.5 checkpoints hold beyond what transformers saves: the multi-token-prediction
     layer after the last decoder layer (transformers and vLLM's main model skip it) and config.json in
     the release's field names (rope_theta and partial_rotary_factor at the top, torch_dtype)."""
     import torch
     from safetensors.torch import save_file
 
-    assert recipe.moe is not None
     last, extra = recipe.num_hidden_layers - 1, {}
     generator = torch.Generator().manual_seed(recipe.seed + 1)
     hidden, vocab = recipe.hidden_size, model.config.vocab_size
-    for layer in range(
-        recipe.num_hidden_layers, recipe.num_hidden_layers + recipe.moe.num_nextn_predict_layers
-    ):
+    for layer in range(recipe.num_hidden_layers, recipe.num_hidden_layers + moe.num_nextn_predict_layers):
         shapes = {
             name.replace(f"model.layers.{last}.", f"model.layers.{layer}."): tuple(tensor.shape)
             for name, tensor in model.state_dict().items()
