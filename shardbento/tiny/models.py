@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Bump when the generator's output changes for an unchanged recipe (it is part of the directory hash).
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: GLM-4.5's MTP layer with zero biases, counted in the index's total_size
 _INIT_STD = 0.02
 
 
@@ -258,17 +258,21 @@ def _glm45_hub_layout(recipe: Recipe, moe: MoeRecipe, model: PreTrainedModel, ou
             prefix + "shared_head.head.weight": (vocab, hidden),
             prefix + "shared_head.norm.weight": (hidden,),
         }
-        for name, shape in sorted(shapes.items()):
-            extra[name] = (
-                torch.ones(shape)
-                if len(shape) == 1
-                else torch.empty(shape).normal_(0.0, _INIT_STD, generator=generator)
-            )
+        for name, shape in sorted(shapes.items()):  # as _fill_weights: norms 1, biases 0, the rest N(0, std)
+            if name.endswith("bias"):
+                extra[name] = torch.zeros(shape)
+            elif len(shape) == 1:
+                extra[name] = torch.ones(shape)
+            else:
+                extra[name] = torch.empty(shape).normal_(0.0, _INIT_STD, generator=generator)
     shard = f"model-mtp-{recipe.num_hidden_layers:05d}.safetensors"
     save_file(extra, out_dir / shard, metadata={"format": "pt"})
     index_path = out_dir / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
     index["weight_map"] |= dict.fromkeys(extra, shard)
+    index["metadata"]["total_size"] += sum(t.numel() * t.element_size() for t in extra.values())
+    if "total_parameters" in index["metadata"]:
+        index["metadata"]["total_parameters"] += sum(t.numel() for t in extra.values())
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     config_path = out_dir / "config.json"
     config = json.loads(config_path.read_text())
