@@ -147,10 +147,26 @@ class VLLMOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
-    quantization: str | None = None
+    quantization: str | None = Field(
+        None, description="A quantization method of the pinned vLLM (fp8, awq, ...)."
+    )
     pipeline_parallel_size: int = Field(1, ge=1, le=64, description="Pipeline stages, one per node.")
     distributed_executor_backend: Literal["auto", "mp", "ray"] = "auto"
     extra_args: dict[str, Any] = Field(default_factory=dict, description="More vLLM engine arguments.")
+
+    @field_validator("quantization")
+    @classmethod
+    def _known_method(cls, value: str | None) -> str | None:
+        from shardbento.plan.memory import VLLM_QUANTIZATION_METHODS
+
+        if value is None or value in VLLM_QUANTIZATION_METHODS:
+            return value
+        hint = " (for bitsandbytes use the top-level quantization: int4 or int8, the transformers engine's)"
+        raise ValueError(
+            f"vllm.quantization {value!r} is not a method of the pinned vLLM; known: "
+            + ", ".join(VLLM_QUANTIZATION_METHODS)
+            + (hint if value == "bitsandbytes" else "")
+        )
 
     @field_validator("extra_args")
     @classmethod
@@ -269,7 +285,7 @@ class ModelSpec(BaseModel):
         if self.engine == "vllm" and self.quantization != "none":
             raise ValueError(
                 f"quantization: {self.quantization} is the transformers engine's (bitsandbytes); "
-                "for engine: vllm set vllm.quantization (fp8, bitsandbytes, awq, ...)"
+                "for engine: vllm set vllm.quantization (fp8, awq, gptq, ...)"
             )
         if self.device == "cpu" and self.gpus > 1 and self.parallel != "tensor":
             raise ValueError("device: cpu with gpus > 1 is a CPU tensor-parallel world; set parallel: tensor")

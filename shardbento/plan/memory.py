@@ -17,16 +17,52 @@ QUANT_BYTES = {"none": None, "int8": 1.0, "int4": 0.5, "fp8": 1.0}
 # config tells, AWQ and GPTQ, are counted from it first); a method not named here is counted at dtype.
 VLLM_QUANT = {
     "fp8": "fp8",
+    "fp8_per_tensor": "fp8",
+    "fp8_per_block": "fp8",
+    "fp8_per_channel": "fp8",
     "fbgemm_fp8": "fp8",
-    "ptpc_fp8": "fp8",
     "modelopt": "fp8",
-    "bitsandbytes": "int4",
+    "int8_per_channel_weight_only": "int8",
     "awq": "int4",
     "awq_marlin": "int4",
     "gptq": "int4",
     "gptq_marlin": "int4",
     "experts_int8": "int8",
 }
+# The `quantization` values the pinned vLLM (0.32) accepts; anything else fails its startup, so the catalog
+# refuses it (tests/vllm checks this list against the installed vLLM's). It has no bitsandbytes method.
+VLLM_QUANTIZATION_METHODS = (
+    "awq",
+    "auto_awq",
+    "fp8",
+    "fbgemm_fp8",
+    "fp_quant",
+    "modelopt",
+    "modelopt_fp4",
+    "modelopt_mxfp8",
+    "modelopt_mixed",
+    "auto_gptq",
+    "gptq",
+    "gptq_marlin",
+    "awq_marlin",
+    "humming",
+    "compressed-tensors",
+    "experts_int8",
+    "quark",
+    "moe_wna16",
+    "torchao",
+    "inc",
+    "mxfp4",
+    "gpt_oss_mxfp4",
+    "deepseek_v4_fp8",
+    "online",
+    "fp8_per_tensor",
+    "fp8_per_block",
+    "fp8_per_channel",
+    "int8_per_channel_weight_only",
+    "nvfp4_per_token",
+    "mxfp8",
+)
 # The headroom, defined here only: what planning, preflight and placement keep free beside weights + KV.
 ACTIVATION_FRACTION = 0.10  # activations and allocator slack, over the weights (as the engine's warm-up sees)
 CUDA_CONTEXT_BYTES = 1 * GIB  # per GPU: CUDA context, cuBLAS workspaces, NCCL buffers
@@ -113,6 +149,14 @@ class ModelShape:
     checkpoint_quantization: str | None = None  # a pre-quantized checkpoint's own format (AWQ, GPTQ, FP8)
     moe: Experts | None = None  # a mixture of experts in the MLPs of the layers it names
 
+    @property
+    def routed_expert_params(self) -> int:
+        """Every layer's routed experts together (0 for a dense model)."""
+        if self.moe is None:
+            return 0
+        sparse = sum(self.moe.sparse(i) for i in range(self.num_layers))
+        return sparse * self.moe.routed_params(self.hidden_size)
+
     def layer_params_at(self, layer: int) -> int:
         """One decoder layer's parameters: attention, norms, and its MLP (dense, or its experts)."""
         h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -150,8 +194,17 @@ class Experts:
         return layer >= self.first_sparse and (layer + 1) % self.every == 0 and layer not in self.dense_layers
 
     def params(self, hidden: int) -> int:
-        experts = self.num_experts * 3 * hidden * self.expert_size + 3 * hidden * self.shared_size
-        return experts + self.num_experts * hidden + (self.num_experts if self.router_bias else 0)
+        shared = 3 * hidden * self.shared_size
+        return (
+            self.routed_params(hidden)
+            + shared
+            + self.num_experts * hidden
+            + (self.num_experts if self.router_bias else 0)
+        )
+
+    def routed_params(self, hidden: int) -> int:
+        """The routed experts' projections of one layer (3-D tensors in transformers, not nn.Linear)."""
+        return self.num_experts * 3 * hidden * self.expert_size
 
 
 def _experts(text: dict[str, Any]) -> Experts | None:
@@ -314,11 +367,15 @@ def budget(
     max_images: int = 1,
     max_loras: int = 0,
     lora_rank: int = 0,
+    bitsandbytes: bool = False,
 ) -> Budget:
+    """`bitsandbytes`: the quantization happens at load through bitsandbytes (the transformers engine),
+    which replaces nn.Linear layers only: a mixture's routed experts stay in `dtype`."""
     layer_b, embed_b = weight_bytes_per_param(dtype, quantization)
     heads = 1 if shape.tied else 2
     embed_params = heads * shape.embed_params + shape.hidden_size
-    weights = (shape.num_params - embed_params) * layer_b + embed_params * embed_b
+    kept = shape.routed_expert_params if bitsandbytes else 0  # at dtype despite the quantization
+    weights = (shape.num_params - embed_params - kept) * layer_b + (embed_params + kept) * embed_b
     kv_size = shape.num_kv_heads * shape.head_dim * 2 * DTYPE_BYTES[dtype]
     per_token = int((shape.num_layers - shape.num_cross_layers) * kv_size)
     per_image = int(shape.num_cross_layers * kv_size * shape.image_kv_tokens)

@@ -43,7 +43,7 @@ def run_preflight(spec: ModelSpec, engine: ServingEngine = "transformers") -> Pl
             f"quantization: {spec.quantization} with parallel: tensor cannot work on the transformers "
             f"engine ({spec.world_size} {'GPUs' if spec.num_gpus else 'CPU ranks'}): bitsandbytes weights "
             "cannot be split by transformers' tensor-parallel plan; set parallel: layers (a layer split "
-            "quantizes on each GPU) or engine: vllm with vllm.quantization (fp8, bitsandbytes, ...)"
+            "quantizes on each GPU) or engine: vllm with vllm.quantization (fp8, awq, gptq, ...)"
         )
     if spec.num_gpus == 0:
         plan = unplanned(spec, mode, reason, (loader,))

@@ -148,6 +148,7 @@ def plan_spec(
         max_images=spec.max_images if spec.kind == "vision" else 0,
         max_loras=spec.max_loras if spec.lora_adapters else 0,
         lora_rank=spec.max_lora_rank,
+        bitsandbytes=engine == "transformers" and not shape.checkpoint_quantization,
     )
     count = num_gpus or max(spec.gpus, 1)
     utilization = limits.gpu_memory_utilization
@@ -157,7 +158,7 @@ def plan_spec(
     if check and not fits(need, count, gpu, utilization, mode):
         raise PlanError(
             _memory_message(
-                spec.name, need, count, gpu, utilization, (lowest_layers, lowest_tensor), shape, engine
+                spec, need, count, gpu, utilization, (lowest_layers, lowest_tensor), shape, engine
             )
         )
     shares = tuple(balanced_split(need, shape, gpu, count, utilization)) if mode == "layers" else ()
@@ -252,7 +253,7 @@ def _pool(
 
 
 def _memory_message(
-    name: str,
+    spec: ModelSpec,
     need: Budget,
     count: int,
     gpu: GpuKind,
@@ -271,10 +272,10 @@ def _memory_message(
         fixes.append(
             f"set gpus: {layers}" + (f" (tensor parallel: {tensor})" if tensor and tensor != layers else "")
         )
-    fixes += _quantization_fixes(need, shape, count, gpu, utilization, engine)
+    fixes += _quantization_fixes(spec, need, shape, count, gpu, utilization, engine)
     fixes.append("lower max_model_len" if need.kv_bytes > need.weight_bytes // 4 else "use larger GPUs")
     return (
-        f"model {name!r} needs {need.needed_bytes(count) / GIB:.0f} GiB in {need.dtype} "
+        f"model {spec.name!r} needs {need.needed_bytes(count) / GIB:.0f} GiB in {need.dtype} "
         f"({need.weight_bytes / GIB:.0f} GiB weights + {need.kv_bytes / GIB:.1f} GiB KV cache for "
         f"{need.num_seqs} x {need.max_model_len} tokens + {need.activation_bytes / GIB:.0f} GiB activations + "
         f"{count} GiB CUDA context); {count} x {gpu.name} declared "
@@ -284,15 +285,24 @@ def _memory_message(
 
 
 def _quantization_fixes(
-    need: Budget, shape: ModelShape, count: int, gpu: GpuKind, utilization: float, engine: ServingEngine
+    spec: ModelSpec,
+    need: Budget,
+    shape: ModelShape,
+    count: int,
+    gpu: GpuKind,
+    utilization: float,
+    engine: ServingEngine,
 ) -> list[str]:
-    """The smallest quantization of this engine that makes the budget fit, as the catalog setting."""
+    """The smallest quantization that makes the budget fit, as the catalog setting, each one an engine
+    really runs: vLLM's online fp8, else bitsandbytes' int4 on the transformers engine (the pinned vLLM
+    has no bitsandbytes method), which quantizes nn.Linear layers only (a mixture's routed experts stay
+    as they are) and cannot be split by tensor parallelism (a layer split quantizes on each GPU)."""
+    layers = " and parallel: layers" if count > 1 else ""
+    to_transformers = "engine: auto, " if spec.engine == "vllm" else ""
+    options = [("int4", f"set {to_transformers}quantization: int4{layers}", "transformers")]
     if engine == "vllm":
-        options = [("fp8", "set vllm.quantization: fp8"), ("int4", "set vllm.quantization: bitsandbytes")]
-    else:  # bitsandbytes weights cannot be split by tensor parallelism: a layer split quantizes
-        layers = " and parallel: layers" if count > 1 else ""
-        options = [("int4", f"set quantization: int4{layers}")]
-    for quantization, fix in options:
+        options.insert(0, ("fp8", "set vllm.quantization: fp8", "vllm"))
+    for quantization, fix, runs_on in options:
         if QUANT_BYTES[quantization] >= (QUANT_BYTES[need.quantization] or DTYPE_BYTES[need.dtype]):
             continue  # no smaller than what is counted already
         smaller = budget(
@@ -301,8 +311,10 @@ def _quantization_fixes(
             quantization=quantization,
             max_model_len=need.max_model_len,
             num_seqs=need.num_seqs,
+            bitsandbytes=runs_on == "transformers",
         )
-        if fits(smaller, count, gpu, utilization):
+        share = utilization if runs_on == engine else spec.limits.gpu_memory_utilization
+        if fits(smaller, count, gpu, share, "layers" if runs_on == "transformers" else "tensor"):
             return [fix]
     return []
 

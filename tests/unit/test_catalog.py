@@ -44,6 +44,17 @@ def test_catalog_bad_literal_names_file_field_and_allowed(tmp_path: Path) -> Non
     assert "'layers'" in message and "'tensor'" in message
 
 
+def test_catalog_vllm_quantization_is_a_method_of_the_pinned_vllm(tmp_path: Path) -> None:
+    """vLLM 0.32 has no bitsandbytes method (its startup would refuse it): the catalog says so and where
+    bitsandbytes is; its own methods pass."""
+    path = _write(tmp_path, "bnb", "source: x\nkind: text\nvllm:\n  quantization: bitsandbytes\n")
+    with pytest.raises(CatalogError, match="vllm.quantization 'bitsandbytes'.*quantization: int4 or int8"):
+        load_spec_file(path)
+    for method in ("fp8", "awq", "int8_per_channel_weight_only"):
+        path = _write(tmp_path, "ok", f"source: x\nkind: text\nvllm:\n  quantization: {method}\n")
+        assert load_spec_file(path).vllm.quantization == method
+
+
 def test_catalog_unknown_field_rejected(tmp_path: Path) -> None:
     path = _write(tmp_path, "typo", "source: x\nkind: text\ngpu: 2\n")
     with pytest.raises(CatalogError, match="field 'gpu'.*Extra inputs"):

@@ -168,6 +168,60 @@ def test_planner_not_enough_memory_names_numbers_and_fixes_that_work() -> None:
     assert plan_spec(quantized, shape, h100, tp_capable=False).mode == "layers"
 
 
+@pytest.mark.parametrize(
+    ("name", "gpus", "fix"),
+    [
+        ("llama-3.1-70b-instruct", "1xA100-80GB", "set quantization: int4"),
+        ("llama-3.1-70b-instruct", "2xA100-40GB", "set quantization: int4 and parallel: layers"),
+        ("glm-4.5-air", "2xH100-80GB", "set vllm.quantization: fp8"),
+        ("glm-4.5-air", "1xH100-80GB", None),  # bitsandbytes leaves its experts (95 % of it) unquantized
+    ],
+)
+def test_planner_vllm_entries_are_offered_quantizations_that_run(
+    name: str, gpus: str, fix: str | None
+) -> None:
+    """A vLLM entry that does not fit is offered vLLM's fp8, else bitsandbytes' int4 on the transformers
+    engine (the pinned vLLM has no bitsandbytes method), each planned as that engine stores it; applied,
+    the fix plans on the engine `auto` then picks."""
+    from shardbento.plan.engines import catalog_choice
+
+    count, kind = parse_gpus(gpus)
+    spec = load_spec(name).model_copy(update={"gpus": count})
+    shape = model_shape(_config(name))
+    with pytest.raises(PlanError) as caught:
+        plan_spec(spec, shape, kind, engine="vllm")
+    fixes = re.search(r"gpu_memory_utilization [0-9.]+\): (.*)$", str(caught.value)).group(1).split(" or ")
+    assert not any("bitsandbytes" in f for f in fixes)
+    quantizations = [f for f in fixes if "quantization" in f]
+    assert quantizations == ([fix] if fix else [])
+    if fix is None:
+        return
+    fixed = spec.model_copy(update={"quantization": "int4", "parallel": "layers" if count > 1 else "auto"})
+    if "vllm" in fix:
+        fixed = spec.model_copy(update={"vllm": spec.vllm.model_copy(update={"quantization": "fp8"})})
+    engine = catalog_choice(fixed).name
+    assert engine == ("vllm" if "vllm" in fix else "transformers")
+    assert plan_spec(fixed, shape, kind, engine=engine).budget.quantization == (
+        "fp8" if "vllm" in fix else "int4"
+    )
+
+
+def test_planner_bitsandbytes_leaves_routed_experts_at_dtype() -> None:
+    """bitsandbytes replaces nn.Linear layers; transformers keeps a mixture's routed experts in 3-D
+    tensors, so they stay bfloat16 (measured on tiny-glm45 in test_quantization.py)."""
+    shape = model_shape(_config("glm-4.5-air"))
+    full = budget(shape, dtype="bfloat16", max_model_len=4096)
+    int4 = budget(shape, dtype="bfloat16", quantization="int4", max_model_len=4096, bitsandbytes=True)
+    assert shape.routed_expert_params == 45 * 128 * 3 * 4096 * 1408  # 45 sparse layers of 128 experts
+    assert (
+        int4.weight_bytes
+        == full.weight_bytes
+        - (shape.num_params - shape.routed_expert_params - 2 * shape.embed_params - shape.hidden_size) * 1.5
+    )
+    vllm_int4 = budget(shape, dtype="bfloat16", quantization="int4", max_model_len=4096)  # AWQ: experts too
+    assert vllm_int4.weight_bytes < int4.weight_bytes / 3
+
+
 def test_planner_vllm_counts_its_own_quantization_and_memory_share() -> None:
     """A vLLM entry is planned with vllm.quantization and vllm.gpu_memory_utilization: 70B in bf16 does
     not fit one H200, in fp8 it does; the fix named for vLLM is vLLM's own setting."""
@@ -236,7 +290,7 @@ def test_plan_cli_wrong_gpus_fails_with_fix() -> None:
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 2
     # auto runs it on vLLM: tensor parallel only (3 does not divide its 64 heads), vLLM's own quantization
-    assert "set gpus: 4 or set vllm.quantization: bitsandbytes" in result.stderr
+    assert "set gpus: 4 or set quantization: int4 or" in result.stderr  # bitsandbytes on transformers
 
 
 def test_planner_kv_pool_is_the_engine_rule_on_each_gpus_leftover() -> None:

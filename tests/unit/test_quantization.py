@@ -68,6 +68,23 @@ def test_quantized_tiny_model_loads_serves_and_matches_the_plan(quantization: st
     assert measured < full.weight_bytes * 0.9  # it really shrank
 
 
+def test_quantized_mixture_of_experts_keeps_its_experts_and_the_plan_says_so() -> None:
+    """bitsandbytes quantizes GLM-4.5's attention, dense and shared-expert linears, not its routed
+    experts (3-D tensors in transformers): the plan counts them at dtype, and counting them quantized
+    would be off by more than the tolerance."""
+    spec = load_spec("tiny-glm45").model_copy(update={"quantization": "int4"})
+    loaded = load_model(spec, run_preflight(spec))
+    experts = loaded.model.model.layers[1].mlp.experts
+    assert {p.dtype for p in experts.parameters()} == {torch.float32}
+    assert type(loaded.model.model.layers[1].mlp.shared_experts.gate_proj).__name__ == "Linear4bit"
+    measured = loaded_weight_bytes(loaded.model)
+    shape = model_shape(load_config(Path(resolve_source(spec)) / "config.json"))
+    args = {"dtype": "float32", "quantization": "int4", "max_model_len": spec.max_model_len}
+    planned = budget(shape, **args, bitsandbytes=True).weight_bytes
+    assert abs(measured - planned) <= 0.10 * planned, (measured, planned)
+    assert abs(measured - budget(shape, **args).weight_bytes) > 0.10 * planned
+
+
 def test_quantized_tensor_parallel_fails_early_with_the_alternative() -> None:
     spec = load_spec("tiny-llama-tp2").model_copy(update={"quantization": "int4"})
     with pytest.raises(PlanError, match="parallel: layers .* or engine: vllm"):

@@ -108,3 +108,14 @@ def test_committed_architectures_are_the_installed_vllms() -> None:
     from vllm import ModelRegistry
 
     assert vllm_architectures() == set(ModelRegistry.get_supported_archs())
+
+
+def test_catalog_quantization_methods_are_the_installed_vllms() -> None:
+    """The catalog refuses a vllm.quantization the pinned vLLM would refuse at startup, from a list
+    committed in the package: it must be this vLLM's own (which has no bitsandbytes method)."""
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+
+    from shardbento.plan.memory import VLLM_QUANT, VLLM_QUANTIZATION_METHODS
+
+    assert list(VLLM_QUANTIZATION_METHODS) == QUANTIZATION_METHODS
+    assert set(VLLM_QUANT) <= set(QUANTIZATION_METHODS)  # every method the planner counts exists
