@@ -174,7 +174,7 @@ def test_planner_not_enough_memory_names_numbers_and_fixes_that_work() -> None:
         ("llama-3.1-70b-instruct", "1xA100-80GB", "set quantization: int4"),
         ("llama-3.1-70b-instruct", "2xA100-40GB", "set quantization: int4 and parallel: layers"),
         ("glm-4.5-air", "2xH100-80GB", "set vllm.quantization: fp8"),
-        ("glm-4.5-air", "1xH100-80GB", None),  # bitsandbytes leaves its experts (95 % of it) unquantized
+        ("glm-4.5-air", "1xH100-80GB", None),  # bitsandbytes leaves its routed experts (93 %) be
     ],
 )
 def test_planner_vllm_entries_are_offered_quantizations_that_run(
