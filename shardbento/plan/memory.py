@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from shardbento.plan.experts import Experts, experts_of
+
 GIB = 1024**3
 GB = 1000**3
 DTYPE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0}
@@ -29,40 +31,6 @@ VLLM_QUANT = {
     "gptq_marlin": "int4",
     "experts_int8": "int8",
 }
-# The `quantization` values the pinned vLLM (0.32) accepts; anything else fails its startup, so the catalog
-# refuses it (tests/vllm checks this list against the installed vLLM's). It has no bitsandbytes method.
-VLLM_QUANTIZATION_METHODS = (
-    "awq",
-    "auto_awq",
-    "fp8",
-    "fbgemm_fp8",
-    "fp_quant",
-    "modelopt",
-    "modelopt_fp4",
-    "modelopt_mxfp8",
-    "modelopt_mixed",
-    "auto_gptq",
-    "gptq",
-    "gptq_marlin",
-    "awq_marlin",
-    "humming",
-    "compressed-tensors",
-    "experts_int8",
-    "quark",
-    "moe_wna16",
-    "torchao",
-    "inc",
-    "mxfp4",
-    "gpt_oss_mxfp4",
-    "deepseek_v4_fp8",
-    "online",
-    "fp8_per_tensor",
-    "fp8_per_block",
-    "fp8_per_channel",
-    "int8_per_channel_weight_only",
-    "nvfp4_per_token",
-    "mxfp8",
-)
 # The headroom, defined here only: what planning, preflight and placement keep free beside weights + KV.
 ACTIVATION_FRACTION = 0.10  # activations and allocator slack, over the weights (as the engine's warm-up sees)
 CUDA_CONTEXT_BYTES = 1 * GIB  # per GPU: CUDA context, cuBLAS workspaces, NCCL buffers
@@ -176,56 +144,6 @@ class ModelShape:
         return layers + heads * self.embed_params + self.hidden_size + self.vision_params
 
 
-@dataclass(frozen=True, slots=True)
-class Experts:
-    """A mixture-of-experts MLP: routed experts (gate, up, down each), shared experts beside them, a
-    router (with a per-expert score bias where the config routes by sigmoid with one), on every layer
-    from `first_sparse` on, `every` layers apart, except `dense_layers`."""
-
-    num_experts: int
-    expert_size: int
-    shared_size: int  # the shared experts' intermediate size together (0: none)
-    router_bias: bool
-    first_sparse: int = 0
-    every: int = 1
-    dense_layers: tuple[int, ...] = ()
-
-    def sparse(self, layer: int) -> bool:
-        return layer >= self.first_sparse and (layer + 1) % self.every == 0 and layer not in self.dense_layers
-
-    def params(self, hidden: int) -> int:
-        shared = 3 * hidden * self.shared_size
-        return (
-            self.routed_params(hidden)
-            + shared
-            + self.num_experts * hidden
-            + (self.num_experts if self.router_bias else 0)
-        )
-
-    def routed_params(self, hidden: int) -> int:
-        """The routed experts' projections of one layer (3-D tensors in transformers, not nn.Linear)."""
-        return self.num_experts * 3 * hidden * self.expert_size
-
-
-def _experts(text: dict[str, Any]) -> Experts | None:
-    """The config's experts, in the field names GLM-4.5 and DeepSeek (n_routed_experts), Qwen-MoE
-    (num_experts) and Mixtral (num_local_experts) use; None for a dense model."""
-    count = text.get("n_routed_experts") or text.get("num_experts") or text.get("num_local_experts")
-    if not count:
-        return None
-    size = text.get("moe_intermediate_size") or text["intermediate_size"]
-    shared = (text.get("n_shared_experts") or 0) * size or text.get("shared_expert_intermediate_size") or 0
-    return Experts(
-        num_experts=count,
-        expert_size=size,
-        shared_size=shared,
-        router_bias=text.get("model_type") in ("glm4_moe", "deepseek_v3") or "topk_method" in text,
-        first_sparse=text.get("first_k_dense_replace") or 0,
-        every=text.get("decoder_sparse_step") or 1,
-        dense_layers=tuple(text.get("mlp_only_layers") or ()),
-    )
-
-
 def _vision(vision: dict[str, Any], text_hidden: int) -> tuple[int, int, int, int]:
     """(params, params per layer, heads, cross-attention tokens per image) of a vision tower."""
     if not vision:
@@ -290,7 +208,7 @@ def model_shape(config: dict[str, Any]) -> ModelShape:
         vision_heads=vision_heads,
         image_kv_tokens=image_tokens if cross else 0,
         checkpoint_quantization=checkpoint_quantization(config),
-        moe=_experts(text),
+        moe=experts_of(text),
     )
 
 

@@ -115,7 +115,8 @@ def test_catalog_quantization_methods_are_the_installed_vllms() -> None:
     committed in the package: it must be this vLLM's own (which has no bitsandbytes method)."""
     from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
 
-    from shardbento.plan.memory import VLLM_QUANT, VLLM_QUANTIZATION_METHODS
+    from shardbento.catalog import vllm_quantization_methods
+    from shardbento.plan.memory import VLLM_QUANT
 
-    assert list(VLLM_QUANTIZATION_METHODS) == QUANTIZATION_METHODS
+    assert list(vllm_quantization_methods()) == QUANTIZATION_METHODS
     assert set(VLLM_QUANT) <= set(QUANTIZATION_METHODS)  # every method the planner counts exists
