@@ -58,6 +58,12 @@ def opens_in_prompt(prompt_tail: str) -> bool:
     return prompt_tail.rfind(THINK_START) > prompt_tail.rfind(THINK_END)
 
 
+def closes_in_prompt(prompt_tail: str) -> bool:
+    """Whether the rendered prompt ends with a closed block: the template switched thinking off
+    (Qwen3's `<think>\n\n</think>\n\n`, GLM-4.5's `<think></think>`), so the output is all answer."""
+    return prompt_tail.rstrip().endswith(THINK_END)
+
+
 @dataclass(frozen=True, slots=True)
 class Reasoning:
     """How one started generation's output splits: its family, whether the prompt opened the block, and
@@ -66,6 +72,7 @@ class Reasoning:
     parser: str
     opened: bool
     tag_ids: tuple[int, int] | None = None
+    closed: bool = False  # the prompt ends with an empty block: thinking is off (constraints allow none)
 
     def splitter(self) -> ReasoningSplitter:
         return ReasoningSplitter(self.opened)
@@ -190,13 +197,16 @@ def answer_rule(kind: str, source: str) -> str:
 def after_reasoning(kind: str, source: str, reasoning: Reasoning) -> str:
     """A Lark grammar that lets the model think freely first and constrains only the answer.
 
-    When the prompt opened the block the model must close it before answering; when not, the block is
-    optional (Qwen3 with `enable_thinking: false` answers at once) and one newline may come before it
-    (GLM-4.5's turns begin `\n<think>`). At most two newlines may follow it.
+    When the prompt opened the block the model must close it before answering; when it closed an empty
+    one (thinking switched off: Qwen3's and GLM-4.5's `enable_thinking: false`) there is no block; else
+    the block is optional and one newline may come before it (GLM-4.5's turns begin `\n<think>`). At
+    most two newlines may follow it.
     Where the tags are single tokens (Qwen3, DeepSeek-R1, GLM), the grammar names those tokens:
     llguidance keeps added tokens of the form <...> out of text, so a text "</think>" would force the
     model to spell the tag in pieces it was never trained to write.
     """
+    if reasoning.closed:  # thinking switched off in the prompt: no block, the answer at once
+        return "start: think_lead? answer\nthink_lead: /\\n/\n" + answer_rule(kind, source)
     if reasoning.tag_ids is not None:
         open_tag, close_tag = (f"<[{i}]>" for i in reasoning.tag_ids)
         block = f"think_text? {close_tag} think_gap?"

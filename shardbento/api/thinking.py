@@ -10,7 +10,14 @@ import anyio
 from shardbento.api.request import Completion, Generation, GenerationRequest
 from shardbento.engine.base import Constraint, Engine, FinishReason, SamplingParams, TokenLogprob
 from shardbento.errors import InvalidRequest
-from shardbento.reasoning import THINK_END, THINK_START, Reasoning, after_reasoning, opens_in_prompt
+from shardbento.reasoning import (
+    THINK_END,
+    THINK_START,
+    Reasoning,
+    after_reasoning,
+    closes_in_prompt,
+    opens_in_prompt,
+)
 
 PROMPT_TAIL_TOKENS = 16  # enough for every template's `<think>\n` or `<think>\n\n</think>\n\n`
 
@@ -38,7 +45,7 @@ def _reasoning(engine: Engine, parser: str, token_ids: tuple[int, ...]) -> Reaso
     tail = engine.decode(list(token_ids[-PROMPT_TAIL_TOKENS:]))
     ids = tag_ids(engine, (THINK_START, THINK_END))
     pair = (ids[THINK_START], ids[THINK_END]) if len(ids) == 2 else None
-    return Reasoning(parser, opens_in_prompt(tail), pair)
+    return Reasoning(parser, opens_in_prompt(tail), pair, closed=closes_in_prompt(tail))
 
 
 def tag_ids(engine: Engine, tags: tuple[str, ...]) -> dict[str, int]:

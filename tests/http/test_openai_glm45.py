@@ -77,6 +77,13 @@ def test_glm45_thinking_off_closes_the_block_in_the_prompt(glm45) -> None:
     message = response.choices[0].message
     assert message.reasoning_content is None
     assert message.content == "".join(t.token for t in response.choices[0].logprobs.content)
+    forced = chat(app, extra_body=off, tools=TOOLS, tool_choice="required", max_tokens=60, logprobs=True)
+    raw = "".join(t.token for t in forced.choices[0].logprobs.content)
+    assert raw.lstrip("\n").startswith("<tool_call>get_weather")  # no block after the prompt's empty one
+    assert (
+        forced.choices[0].finish_reason == "tool_calls"
+        and forced.choices[0].message.reasoning_content is None
+    )
 
 
 def test_glm45_forced_tool_call_in_its_key_value_format(glm45) -> None:

@@ -10,6 +10,7 @@ import pytest
 from shardbento.reasoning import (
     Reasoning,
     after_reasoning,
+    closes_in_prompt,
     detect_reasoning_parser,
     opens_in_prompt,
     split_reasoning,
@@ -63,6 +64,21 @@ def test_reasoning_detected_from_templates() -> None:
     assert detect_reasoning_parser(GLM45_CHAT_TEMPLATE) == "glm45"
     assert detect_reasoning_parser("<|im_start|>{{ m }}<tool_call>") is None
     assert detect_reasoning_parser(None) is None
+
+
+def test_reasoning_prompt_closes_block_when_thinking_is_off() -> None:
+    assert closes_in_prompt("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # Qwen3
+    assert closes_in_prompt("/nothink<|assistant|>\n<think></think>")  # GLM-4.5
+    assert not closes_in_prompt("<|im_start|>assistant\n<think>\n")
+    assert not closes_in_prompt("</think>\nSure.<|im_end|>\n<|im_start|>assistant\n")  # an earlier turn's
+
+
+def test_reasoning_grammar_allows_no_block_when_the_prompt_closed_one() -> None:
+    think, end = vocab("tiny-glm45")[2]
+    closed = after_reasoning("json_schema", SCHEMA, Reasoning("glm45", False, (think, end), closed=True))
+    assert accepts("tiny-glm45", closed, ("\n", '{"kind":"cat"}'))
+    assert accepts("tiny-glm45", closed, ('{"kind":"dog"}',))
+    assert not accepts("tiny-glm45", closed, (think, "x", end, '{"kind":"cat"}'))
 
 
 def test_reasoning_prompt_opens_block() -> None:
