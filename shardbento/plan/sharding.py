@@ -272,7 +272,7 @@ def _memory_message(
         fixes.append(
             f"set gpus: {layers}" + (f" (tensor parallel: {tensor})" if tensor and tensor != layers else "")
         )
-    fixes += _quantization_fixes(spec, need, shape, count, gpu, utilization, engine)
+    fixes += _quantization_fixes(spec, need, shape, count, gpu, engine)
     fixes.append("lower max_model_len" if need.kv_bytes > need.weight_bytes // 4 else "use larger GPUs")
     return (
         f"model {spec.name!r} needs {need.needed_bytes(count) / GIB:.0f} GiB in {need.dtype} "
@@ -290,7 +290,6 @@ def _quantization_fixes(
     shape: ModelShape,
     count: int,
     gpu: GpuKind,
-    utilization: float,
     engine: ServingEngine,
 ) -> list[str]:
     """The smallest quantization that makes the budget fit, as the catalog setting, each one an engine
@@ -313,7 +312,7 @@ def _quantization_fixes(
             num_seqs=need.num_seqs,
             bitsandbytes=runs_on == "transformers",
         )
-        share = utilization if runs_on == engine else spec.limits.gpu_memory_utilization
+        share = engine_limits(spec, runs_on).gpu_memory_utilization
         if fits(smaller, count, gpu, share, "layers" if runs_on == "transformers" else "tensor"):
             return [fix]
     return []
