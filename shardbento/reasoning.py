@@ -205,8 +205,9 @@ def after_reasoning(kind: str, source: str, reasoning: Reasoning) -> str:
     llguidance keeps added tokens of the form <...> out of text, so a text "</think>" would force the
     model to spell the tag in pieces it was never trained to write.
     """
+    lead_rule = "think_lead: /\\n/\n"
     if reasoning.closed:  # thinking switched off in the prompt: no block, the answer at once
-        return "start: think_lead? answer\nthink_lead: /\\n/\n" + answer_rule(kind, source)
+        return "start: think_lead? answer\n" + lead_rule + answer_rule(kind, source)
     if reasoning.tag_ids is not None:
         open_tag, close_tag = (f"<[{i}]>" for i in reasoning.tag_ids)
         block = f"think_text? {close_tag} think_gap?"
@@ -219,4 +220,4 @@ def after_reasoning(kind: str, source: str, reasoning: Reasoning) -> str:
         body = f"think_text[lazy]: /(?s:{tag}.*<\\/think>)/\n"
     lead = "" if reasoning.opened else "think_lead? "
     start = f"start: {lead}{block} answer\n{body}"
-    return start + "think_lead: /\\n/\nthink_gap: /\\n\\n?/\n" + answer_rule(kind, source)
+    return start + lead_rule + "think_gap: /\\n\\n?/\n" + answer_rule(kind, source)
