@@ -218,6 +218,8 @@ class Glm45Parser(ToolParser):
     name = "glm45"
     open_ended = False  # its arguments have no closing brace: only the end tag says they are all there
     key, key_end, value, value_end = "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"
+    escaped = [re.escape(tag) for tag in (key, key_end, value, value_end)]
+    pair = re.compile(r"{}(.*?){}\s*{}(.*?){}".format(*escaped), re.S)  # one argument: its key and value
 
     @property
     def tags(self) -> tuple[str, ...]:
@@ -228,7 +230,7 @@ class Glm45Parser(ToolParser):
         tool = next((t for t in tools if t.name == name.strip()), None)
         if tool is None:
             return None
-        pairs = _GLM45_PAIR.findall(self.key + rest if rest else "")
+        pairs = self.pair.findall(self.key + rest if rest else "")
         properties = tool.parameters.get("properties") or {}
         arguments = {key.strip(): _argument(value, properties.get(key.strip())) for key, value in pairs}
         return ParsedCall(tool.name, json.dumps(arguments, ensure_ascii=False))
@@ -253,9 +255,6 @@ class Glm45Parser(ToolParser):
         options = " | ".join(f"call{i}" for i in range(len(tools)))
         repeat = ' ("\\n" call)*' if parallel else ""
         return f"start: call{repeat}\ncall: {options}\n" + "\n".join(rules) + "\n"
-
-
-_GLM45_PAIR = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.S)
 
 
 def _is_string(schema: Any) -> bool:
