@@ -112,55 +112,98 @@ def test_sampler_stop_token_ids_end_the_output_even_when_eos_is_ignored() -> Non
     assert sampler.blocks_eos and 3 in sampler.eos_ids  # masked until min_tokens like an EOS id
 
 
-def test_sampler_seeded_row_draws_the_same_alone_and_inside_any_batch() -> None:
+@pytest.mark.parametrize(
+    "seeded",
+    [{"top_p": 0.95}, {"top_k": 5}, {"top_k": 5, "top_p": 0.8}, {"min_p": 0.1}],
+    ids=["top-p", "top-k", "top-k-and-top-p", "min-p"],
+)
+def test_sampler_seeded_row_draws_the_same_alone_and_inside_any_batch(seeded: dict) -> None:
+    """Whatever way its batch's other rows take (their own top-k, top-p or neither), a seeded row's
+    draws are its own."""
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(4))
-    seeded = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.95, seed=11)
+    params = SamplingParams(max_tokens=8, temperature=0.9, seed=11, **seeded)
+    others = [{}, {"top_k": 3}, {"top_p": 0.5}, {"top_k": 40}, {"min_p": 0.2}]
 
     def run(rows: int) -> list[int]:
-        mine = RequestSampler(seeded, eos_ids=set(), decode=str)
-        others = [
-            RequestSampler(SamplingParams(max_tokens=8, temperature=1.0), set(), str) for _ in range(rows)
+        mine = RequestSampler(params, eos_ids=set(), decode=str)
+        batch = [
+            RequestSampler(SamplingParams(max_tokens=8, temperature=1.0, **others[i]), set(), str)
+            for i in range(rows)
         ]
-        return [select_tokens([mine, *others], logits[: rows + 1])[0] for _ in range(8)]
+        return [select_tokens([mine, *batch], logits[: rows + 1])[0] for _ in range(8)]
 
-    assert run(0) == run(2) == run(5)
+    alone = run(0)
+    assert alone == run(2) == run(5)
+    assert len(set(alone)) > 1  # it samples: the same token eight times would prove nothing
 
 
-def expected_distribution(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """The distribution a sampler must follow, computed directly: softmax at the temperature, the top_k
-    most likely, then the smallest set reaching top_p (the token that crosses it kept), renormalised."""
+def expected_distribution(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float = 0.0
+) -> torch.Tensor:
+    """The distribution a sampler must follow, computed directly: softmax at the temperature, what min_p
+    keeps, the top_k most likely of it, then the smallest set reaching top_p of what is left (the token
+    that crosses it kept), renormalised."""
     probs = (logits / temperature).softmax(-1)
+    probs = probs * (probs >= min_p * probs.max())
     order = probs.argsort(descending=True)
+    kept = probs * (probs.argsort(descending=True).argsort() < top_k) if top_k else probs
     keep = torch.zeros_like(probs, dtype=torch.bool)
     mass = 0.0
-    for rank, token in enumerate(order.tolist()):
-        if (top_k and rank >= top_k) or mass >= top_p:
+    for token in order.tolist():
+        if mass >= top_p * float(kept.sum()) or not kept[token]:
             break
         keep[token] = True
-        mass += float(probs[token])
+        mass += float(kept[token])
     kept = probs * keep
     return kept / kept.sum()
 
 
+WIDE, NARROW = 0, 10**9  # CANDIDATE_VOCAB: this 8-token vocabulary counts as wide or as narrow
+
+
 @pytest.mark.parametrize(
-    ("candidates", "top_k", "top_p"),
-    [(512, 6, 0.9), (7, 0, 0.9), (3, 6, 0.9), (10**9, 6, 0.9), (10**9, 0, 1.0)],
-    ids=["top-k-among-candidates", "top-p-among-candidates", "fallback", "sorted", "temperature-only"],
+    ("vocab", "candidates", "draws", "top_k", "top_p", "min_p"),
+    [
+        (WIDE, 7, 4, 6, 0.9, 0.0),
+        (WIDE, 7, 4, 0, 0.9, 0.0),
+        (WIDE, 3, 4, 6, 0.9, 0.0),
+        (NARROW, 512, 4, 6, 0.9, 0.0),
+        (NARROW, 5, 4, 6, 0.9, 0.0),
+        (NARROW, 512, 4, 0, 0.9, 0.0),
+        (NARROW, 512, 4, 0, 0.7, 0.05),
+        (NARROW, 512, 1, 0, 0.5, 0.0),
+        (NARROW, 512, 4, 0, 1.0, 0.0),
+    ],
+    ids=[
+        "top-k-among-candidates",
+        "top-p-among-candidates",
+        "fallback",
+        "top-k-among-its-own-k",
+        "sorted",
+        "drawn-in-nucleus",
+        "drawn-in-nucleus-after-min-p",
+        "drawn-then-sorted",
+        "temperature-only",
+    ],
 )
 def test_sampler_sampled_rows_follow_their_distribution(
-    monkeypatch, candidates: int, top_k: int, top_p: float
+    monkeypatch, vocab: int, candidates: int, draws: int, top_k: int, top_p: float, min_p: float
 ) -> None:
     """20,000 rows sampled in one batch (each its own seeded request) against the distribution computed
     directly: a chi-square test at a fixed seed, so the verdict is the same every run; tokens outside the
-    nucleus never appear. Three ways: among each row's best candidates (a CPU's path), with too few
-    candidates (those rows fall back to the sorted vocabulary), and sorting every row (a GPU's path)."""
+    nucleus never appear. Every way a CPU row can take: among its best candidates (wide vocabularies),
+    with too few candidates (those rows fall back to sorting), among its own k best (a narrow
+    vocabulary's top-k), drawn from the whole distribution and kept when the nucleus holds it (no top-k;
+    with one draw, the rows it misses sort), and sorting (a top-k wider than the candidates; every row on
+    a GPU)."""
     monkeypatch.setattr(sampling, "CANDIDATES", candidates)
-    monkeypatch.setattr(sampling, "CANDIDATE_VOCAB", 0)  # this small vocabulary takes the CPU's path
+    monkeypatch.setattr(sampling, "CANDIDATE_VOCAB", vocab)
+    monkeypatch.setattr(sampling, "NUCLEUS_DRAWS", draws)
     logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0, -8.0])
     temperature = 0.8
-    expected = expected_distribution(logits, temperature, top_k, top_p)
+    expected = expected_distribution(logits, temperature, top_k, top_p, min_p)
     params = [
-        SamplingParams(max_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p, seed=i)
+        SamplingParams(max_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=i)
         for i in range(20000)
     ]
     picks = select_tokens([RequestSampler(p, set(), str) for p in params], logits.expand(len(params), -1))
@@ -169,8 +212,8 @@ def test_sampler_sampled_rows_follow_their_distribution(
     support = expected > 0
     want = expected[support].double() * len(params)
     chi2 = float(((observed[support] - want) ** 2 / want).sum())
-    quantile = {3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32}[int(support.sum()) - 1]  # 99.9 % quantiles
-    assert chi2 < quantile, (chi2, observed.tolist(), want.tolist())
+    quantile = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32}[int(support.sum()) - 1]
+    assert chi2 < quantile, (chi2, observed.tolist(), want.tolist())  # 99.9 % quantiles
 
 
 def test_sampler_prompt_ids_past_the_logits_never_index_them() -> None:

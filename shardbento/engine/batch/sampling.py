@@ -68,6 +68,9 @@ def apply_penalties(
 # row's best CANDIDATES first (GPUs sort: it costs them little, and a branch would cost a sync).
 CANDIDATES = 512
 CANDIDATE_VOCAB = 8 * CANDIDATES
+# Rows without top-k that the candidates do not settle are drawn from the whole distribution and the
+# draw kept if the nucleus holds it (at least top_p of the time), at most this many times before sorting.
+NUCLEUS_DRAWS = 4
 
 
 def filter_sorted(
@@ -78,8 +81,7 @@ def filter_sorted(
     crosses it is kept), each only where some row uses it (`used`, known on the host). Sorted best first
     with their token ids when top-k or top-p applies; as they are (ids None) otherwise."""
     if used.min_p:
-        probs = scaled.softmax(dim=-1)
-        scaled = scaled.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, NEG_INF)
+        scaled, _ = min_p_filter(scaled, min_p)
     if not (used.top_k or used.top_p):
         return scaled, None
     ordered, order = scaled.sort(dim=-1, descending=True)
@@ -111,6 +113,22 @@ def filter_candidates(
     total = torch.where(limited, kept.sum(dim=-1), mass)  # the mass top-p is a share of
     keep &= (kept.cumsum(dim=-1) - kept) < top_p[:, None] * total[:, None]
     return values.masked_fill(~keep, NEG_INF), ids, limited | ~keep[:, -1]
+
+
+def min_p_filter(scaled: torch.Tensor, min_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the logits with what min_p removes at -inf, the probabilities of what it keeps, 0 elsewhere)."""
+    probs = scaled.softmax(dim=-1)
+    removed = probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+    return scaled.masked_fill(removed, NEG_INF), probs.masked_fill_(removed, 0.0)
+
+
+def in_nucleus(kept: torch.Tensor, picks: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """Whether each row's pick lies in top-p's nucleus of `kept` (probabilities, 0 where a filter
+    removed the token): the mass more likely than the pick is below `bound` (top_p x the kept mass), as
+    filter_sorted() keeps the token whose mass ahead is below top_p of what is left."""
+    chance = kept.gather(-1, picks[:, None])
+    ahead = (kept * (kept > chance)).sum(dim=-1)
+    return (ahead < bound) & (chance[:, 0] > 0)
 
 
 def race(filtered: torch.Tensor, ids: torch.Tensor | None, noise: torch.Tensor) -> torch.Tensor:
@@ -206,8 +224,12 @@ class BatchSampling:
         return chosen
 
     def _sample(self, rows: list[int]) -> torch.Tensor:
-        """The sampled rows' draws: temperature, then the filters (among the best candidates first on a
-        CPU, the whole sorted vocabulary for rows where that is not exact, and always on GPUs)."""
+        """The sampled rows' draws: temperature, then the filters. On GPUs every row sorts (it costs them
+        little, and a branch would cost a sync). On a CPU each row takes the first exact way of: among its
+        best candidates (wide vocabularies; narrow ones: rows with a small top-k, among their own k
+        best), drawn from the whole distribution and kept if the nucleus holds it (rows without top-k),
+        the sorted vocabulary. Which way a row takes depends on its own parameters alone, so a seeded
+        row draws the same alone and inside any batch."""
         params = [self.samplers[i].params for i in rows]
         values = torch.tensor(
             [[p.temperature, p.top_k, p.top_p, p.min_p] for p in params],
@@ -222,22 +244,69 @@ class BatchSampling:
             any(p.top_p < 1 for p in params),
         )
         scaled = self.logits[self._rows(rows)] / temperature[:, None]
-        candidates = (used.top_k or used.top_p) and self.width > max(CANDIDATE_VOCAB, CANDIDATES)
-        if self.device.type == "cpu" and candidates:
+        if self.device.type != "cpu" or not (used.top_k or used.top_p):
+            filtered, ids = filter_sorted(scaled, top_k, top_p, min_p, used)
+            return race(filtered, ids, self._noise(rows, self.width))
+        chosen = torch.zeros(len(rows), dtype=torch.long, device=self.device)
+        pending = list(range(len(rows)))
+        if self.width > max(CANDIDATE_VOCAB, CANDIDATES):
             filtered, ids, exact = filter_candidates(scaled, top_k, top_p, min_p, CANDIDATES)
             chosen = race(filtered, ids, self._noise(rows, CANDIDATES))
-            if bool(exact.all()):  # on a CPU: no device to wait for
-                return chosen
-            rest = [j for j, ok in enumerate(exact.tolist()) if not ok]
-            index = self._rows(rest)
+            pending = [j for j, ok in enumerate(exact.tolist()) if not ok]
+        else:  # a narrow vocabulary: rows with a small top-k look among their own k best (always exact)
+            limited = [j for j in pending if 0 < params[j].top_k <= min(CANDIDATES, self.width - 1)]
+            if limited:
+                index = self._rows(limited)
+                kept = [params[j].top_k for j in limited]
+                filtered, ids, _ = filter_candidates(
+                    scaled[index], top_k[index], top_p[index], min_p[index], max(kept)
+                )
+                chosen[index] = race(filtered, ids, self._noise([rows[j] for j in limited], max(kept), kept))
+                pending = [j for j in pending if j not in set(limited)]
+        drawn = [j for j in pending if params[j].top_k == 0]
+        if drawn:
+            index = self._rows(drawn)
+            accepted = self._draw_in_nucleus(
+                [rows[j] for j in drawn], scaled[index], top_p[index], min_p[index], chosen, drawn
+            )
+            pending = [j for j in pending if j not in accepted]
+        if pending:
+            index = self._rows(pending)
             ordered, order = filter_sorted(scaled[index], top_k[index], top_p[index], min_p[index], used)
             kept = torch.isfinite(ordered).sum(dim=-1).tolist()  # noise only for what the filters kept
             width = max(kept)
-            noise = self._noise([rows[j] for j in rest], width, kept)
+            noise = self._noise([rows[j] for j in pending], width, kept)
             chosen[index] = race(ordered[:, :width], order[:, :width], noise)
-            return chosen
-        filtered, ids = filter_sorted(scaled, top_k, top_p, min_p, used)
-        return race(filtered, ids, self._noise(rows, self.width))
+        return chosen
+
+    def _draw_in_nucleus(
+        self,
+        rows: list[int],
+        scaled: torch.Tensor,
+        top_p: torch.Tensor,
+        min_p: torch.Tensor,
+        chosen: torch.Tensor,
+        places: list[int],
+    ) -> set[int]:
+        """Rows without top-k drawn from what min_p keeps, each draw kept only if top-p's nucleus holds
+        it, up to NUCLEUS_DRAWS times (a CPU's way around sorting the vocabulary: a draw is kept with
+        probability at least top_p, and a kept draw follows the nucleus' distribution exactly). Writes
+        the kept draws into `chosen` at `places`; returns the places drawn (the others still need one)."""
+        filtered, kept = min_p_filter(scaled, min_p)
+        bound = top_p * kept.sum(dim=-1)
+        waiting = list(range(len(rows)))
+        for _ in range(NUCLEUS_DRAWS):
+            index = torch.tensor(waiting, dtype=torch.long, device=self.device)
+            picks = race(filtered[index], None, self._noise([rows[j] for j in waiting], self.width))
+            inside = in_nucleus(kept[index], picks, bound[index]) | (top_p[index] >= 1)
+            held = inside.tolist()  # on a CPU: no device to wait for
+            into = [places[j] for j, ok in zip(waiting, held, strict=True) if ok]
+            chosen[torch.tensor(into, dtype=torch.long, device=self.device)] = picks[inside]
+            waiting = [j for j, ok in zip(waiting, held, strict=True) if not ok]
+            if not waiting:
+                break
+        missing = set(waiting)
+        return {places[j] for j in range(len(rows)) if j not in missing}
 
     def _noise(self, rows: list[int], width: int, kept: list[int] | None = None) -> torch.Tensor:
         """Exp(1) noise for the race, [rows, width], as -log(uniform) (several times faster than
