@@ -1,4 +1,5 @@
-"""benchmarks/side_by_side.py's arithmetic: per-level model.generate runs merge into one ceiling."""
+"""The benchmark scripts' own logic: side_by_side.py's per-level model.generate runs merge into one ceiling,
+step_budget.py's table, sampling_rows.py's ways."""
 
 from __future__ import annotations
 
@@ -60,3 +61,30 @@ def test_step_budget_table_takes_medians_and_compares_equal_budgets(monkeypatch:
     ) in text
     assert "| shardbento, budget 2048 | failed to start: TimeoutError |" in text
     assert "- budget 2048" not in text  # no pair to compare
+
+
+def test_sampling_rows_ways_take_the_path_their_labels_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/sampling_rows.py's "sorted" ways sort every call and its shipped top-k way never
+    does; the engine's settings are back as shipped after each way."""
+    import torch
+
+    from shardbento.engine.batch import sampling
+
+    spec = importlib.util.spec_from_file_location("sampling_rows", SCRIPT.with_name("sampling_rows.py"))
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "CALLS", 12)
+    sorts = []
+    real = sampling.filter_sorted
+    monkeypatch.setattr(sampling, "filter_sorted", lambda *a: sorts.append(1) or real(*a))
+    shipped = (sampling.NUCLEUS_DRAWS, sampling.CANDIDATES)
+    logits = torch.randn(module.ROWS, 3072, generator=torch.Generator().manual_seed(0))
+    for label, (fields, settings) in module.WAYS.items():
+        sorts.clear()
+        assert module.time_way(logits, fields, settings) > 0
+        assert shipped == (sampling.NUCLEUS_DRAWS, sampling.CANDIDATES)
+        if label.endswith("(sorted)"):
+            assert len(sorts) == module.CALLS, label
+        if "top_k" in label and "shipped" in label:
+            assert sorts == [], label
