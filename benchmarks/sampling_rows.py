@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 ROWS = 16
 CALLS = 100  # select_tokens() calls per way and round; the first 10 are not counted
-SORTED = {"NUCLEUS_DRAWS": 0, "CANDIDATES": 0}  # every sampled row through the sorted vocabulary
+# every sampled row through the sorted vocabulary (no candidates, however wide, and no nucleus draws)
+SORTED = {"NUCLEUS_DRAWS": 0, "CANDIDATES": 0, "CANDIDATE_VOCAB": 10**9}
 WAYS = {  # label: (sampling parameters, settings of engine/batch/sampling.py for this way)
     "greedy": ({"temperature": 0.0}, {}),
     "temperature 0.6": ({"temperature": 0.6}, {}),

@@ -112,17 +112,19 @@ def test_sampler_stop_token_ids_end_the_output_even_when_eos_is_ignored() -> Non
     assert sampler.blocks_eos and 3 in sampler.eos_ids  # masked until min_tokens like an EOS id
 
 
+@pytest.mark.parametrize("vocab", [50, 3000, 5000], ids=["small", "narrow", "wide"])
 @pytest.mark.parametrize(
     "seeded",
-    [{"top_p": 0.95}, {"top_k": 5}, {"top_k": 5, "top_p": 0.8}, {"min_p": 0.1}],
-    ids=["top-p", "top-k", "top-k-and-top-p", "min-p"],
+    [{"top_p": 0.95}, {"top_k": 5}, {"top_k": 5, "top_p": 0.8}, {"min_p": 0.1}, {}, {"top_k": 700}],
+    ids=["top-p", "top-k", "top-k-and-top-p", "min-p", "temperature-only", "top-k-past-the-candidates"],
 )
-def test_sampler_seeded_row_draws_the_same_alone_and_inside_any_batch(seeded: dict) -> None:
-    """Whatever way its batch's other rows take (their own top-k, top-p or neither), a seeded row's
-    draws are its own."""
-    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(4))
+def test_sampler_seeded_row_draws_the_same_alone_and_inside_any_batch(seeded: dict, vocab: int) -> None:
+    """Whatever way its batch's other rows take (their own top-k, top-p, both or neither), a seeded
+    row's draws are its own, in narrow and wide vocabularies (wider than CANDIDATE_VOCAB), with logits
+    rounded to bfloat16 so that many of them tie."""
+    logits = (torch.randn(7, vocab, generator=torch.Generator().manual_seed(4)) * 1.5).bfloat16().float()
     params = SamplingParams(max_tokens=8, temperature=0.9, seed=11, **seeded)
-    others = [{}, {"top_k": 3}, {"top_p": 0.5}, {"top_k": 40}, {"min_p": 0.2}]
+    others = [{}, {"top_k": 3}, {"top_p": 0.5}, {"top_k": 200}, {"min_p": 0.2}, {"top_k": 40, "top_p": 0.9}]
 
     def run(rows: int) -> list[int]:
         mine = RequestSampler(params, eos_ids=set(), decode=str)
@@ -133,8 +135,22 @@ def test_sampler_seeded_row_draws_the_same_alone_and_inside_any_batch(seeded: di
         return [select_tokens([mine, *batch], logits[: rows + 1])[0] for _ in range(8)]
 
     alone = run(0)
-    assert alone == run(2) == run(5)
+    assert alone == run(2) == run(4) == run(6)
     assert len(set(alone)) > 1  # it samples: the same token eight times would prove nothing
+
+
+def test_sampler_ties_at_the_nucleus_edge_go_to_the_smaller_id_on_every_way(monkeypatch) -> None:
+    """Four equally likely tokens and top_p 0.5: the sorted order puts equal logits by token id, so the
+    nucleus is the first two ids, whichever way the row is drawn (candidates, drawn and checked, sorted)."""
+    inf = float("inf")
+    logits = torch.tensor([[-inf, 1.0, -inf, 1.0, 1.0, -inf, 1.0, -inf]])  # a quarter each
+    for vocab, candidates, draws in ((0, 6, 4), (10**9, 512, 4), (10**9, 512, 0)):
+        monkeypatch.setattr(sampling, "CANDIDATE_VOCAB", vocab)
+        monkeypatch.setattr(sampling, "CANDIDATES", candidates)
+        monkeypatch.setattr(sampling, "NUCLEUS_DRAWS", draws)
+        params = [SamplingParams(max_tokens=1, temperature=1.0, top_p=0.5, seed=i) for i in range(400)]
+        picks = select_tokens([RequestSampler(p, set(), str) for p in params], logits.expand(400, -1))
+        assert set(picks) == {1, 3}, (vocab, candidates, draws)
 
 
 def expected_distribution(
@@ -170,7 +186,9 @@ WIDE, NARROW = 0, 10**9  # CANDIDATE_VOCAB: this 8-token vocabulary counts as wi
         (NARROW, 512, 4, 6, 0.9, 0.0),
         (NARROW, 5, 4, 6, 0.9, 0.0),
         (NARROW, 512, 4, 0, 0.9, 0.0),
+        (WIDE, 2, 4, 0, 0.9, 0.0),
         (NARROW, 512, 4, 0, 0.7, 0.05),
+        (NARROW, 512, 4, 0, 0.8, 0.2),
         (NARROW, 512, 1, 0, 0.5, 0.0),
         (NARROW, 512, 4, 0, 1.0, 0.0),
     ],
@@ -181,7 +199,9 @@ WIDE, NARROW = 0, 10**9  # CANDIDATE_VOCAB: this 8-token vocabulary counts as wi
         "top-k-among-its-own-k",
         "sorted",
         "drawn-in-nucleus",
+        "candidates-then-drawn",
         "drawn-in-nucleus-after-min-p",
+        "drawn-in-nucleus-after-a-stronger-min-p",
         "drawn-then-sorted",
         "temperature-only",
     ],
@@ -276,10 +296,15 @@ def test_select_tokens_touches_no_matcher_before_the_grammar_threads_masks_are_d
     assert seen and all(seen)
 
 
-def test_sampler_a_constraint_with_no_producible_token_fails_its_row_alone() -> None:
+@pytest.mark.parametrize(
+    "sampling",
+    [{}, {"temperature": 0.7, "top_p": 0.9}, {"temperature": 0.7, "top_k": 2000}],
+    ids=["greedy", "top-p", "top-k-past-the-candidates"],
+)
+def test_sampler_a_constraint_with_no_producible_token_fails_its_row_alone(sampling: dict) -> None:
     """A grammar whose next token lies past the model's output width (a tokenizer with more tokens than
-    the model has logits) leaves its row nothing to choose: that request gets a 400 naming its field;
-    the other rows of the batch get their tokens."""
+    the model has logits) leaves its row nothing to choose (every logit -inf), greedy or sampled: that
+    request gets a 400 naming its field; the other rows of the batch get their tokens."""
     from transformers import AutoTokenizer
 
     from shardbento.engine.base import Constraint
@@ -294,16 +319,34 @@ def test_sampler_a_constraint_with_no_producible_token_fails_its_row_alone() -> 
     within = Constraint("lark", f"start: <[{width - 1}]>", param="structured_outputs")
 
     def sampler(constraint: Constraint | None) -> RequestSampler:
-        params = SamplingParams(max_tokens=4, constraint=constraint)
+        params = SamplingParams(max_tokens=4, constraint=constraint, **sampling)
         return RequestSampler(params, eos_ids=set(), decode=str, grammars=grammars)
 
     rows = [sampler(None), sampler(beyond), sampler(within)]
     logits = torch.randn(3, width, generator=torch.Generator().manual_seed(0))
     tokens = select_tokens(rows, logits)
-    assert tokens[0] == int(logits[0].argmax()) and tokens[2] == width - 1
+    assert tokens[2] == width - 1
+    assert tokens[0] == int(logits[0].argmax()) or sampling
     assert rows[0].failure is None and rows[2].failure is None
     failure = rows[1].failure
     assert isinstance(failure, InvalidRequest) and failure.param == "structured_outputs"
     assert failure.code == "constraint_unsatisfiable" and "past the model's output width" in failure.message
     with pytest.raises(InvalidRequest):  # one request at a time (generate()): the same refusal
         sampler(beyond).select(logits[1])
+
+
+def test_filter_sorted_orders_ties_by_id_and_leaves_rows_without_top_p_whole() -> None:
+    """The sorted way (every GPU row, a CPU's last resort): equal logits come by token id, the order
+    the other ways assume; a row with top_p 1 keeps every token beside a row with top_p 0.9 (float
+    rounding of the cumulative sum reaches 1 before a peaked row's tail, and cut tokens would change
+    how much noise a seeded row draws)."""
+    logits = (torch.randn(2, 3000, generator=torch.Generator().manual_seed(6)) * 6).bfloat16().float()
+    flat = torch.zeros(2)
+    used = sampling.Used(min_p=False, top_k=False, top_p=True)
+    ordered, order = sampling.filter_sorted(logits, flat.long(), torch.tensor([1.0, 0.9]), flat, used)
+    values = logits[0][order[0]]
+    tied = values[1:] == values[:-1]
+    assert tied.sum() > 100  # bfloat16 rounding: many equal logits
+    assert bool((order[0][1:][tied] > order[0][:-1][tied]).all())
+    assert bool(torch.isfinite(ordered[0]).all())
+    assert not bool(torch.isfinite(ordered[1]).all())  # the other row's top_p does cut

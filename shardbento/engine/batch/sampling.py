@@ -78,20 +78,21 @@ def filter_sorted(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Temperature-scaled logits with what vLLM's order removes at -inf: min_p (on the whole
     distribution), then top-k (per-row k, 0 = all), then top-p of what is left (per-row p; the token that
-    crosses it is kept), each only where some row uses it (`used`, known on the host). Sorted best first
-    with their token ids when top-k or top-p applies; as they are (ids None) otherwise."""
+    crosses it is kept), each only where some row uses it (`used`, known on the host) and only on the rows
+    that ask for it. Sorted best first (equal logits by token id) with their token ids when top-k or
+    top-p applies; as they are (ids None) otherwise."""
     if used.min_p:
         scaled, _ = min_p_filter(scaled, min_p)
     if not (used.top_k or used.top_p):
         return scaled, None
-    ordered, order = scaled.sort(dim=-1, descending=True)
+    ordered, order = scaled.sort(dim=-1, descending=True, stable=True)
     if used.top_k:
         positions = torch.arange(ordered.shape[-1], device=ordered.device)[None, :]
         ordered = ordered.masked_fill((top_k[:, None] > 0) & (positions >= top_k[:, None]), NEG_INF)
     if used.top_p:
         sorted_probs = ordered.softmax(dim=-1)
         before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability mass ahead of each token
-        ordered = ordered.masked_fill(before >= top_p[:, None], NEG_INF)
+        ordered = ordered.masked_fill((before >= top_p[:, None]) & (top_p[:, None] < 1), NEG_INF)
     return ordered, order
 
 
@@ -104,7 +105,7 @@ def filter_candidates(
     probs = scaled.softmax(dim=-1)
     floor = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
     mass = (probs * (probs >= floor)).sum(dim=-1)  # what min_p keeps, over the whole row
-    values, ids = scaled.topk(width, dim=-1)
+    values, ids = best(scaled, width)
     p = probs.gather(-1, ids)
     positions = torch.arange(width, device=scaled.device)[None, :]
     keep = (p >= floor) & ((top_k[:, None] == 0) | (positions < top_k[:, None]))
@@ -113,6 +114,15 @@ def filter_candidates(
     total = torch.where(limited, kept.sum(dim=-1), mass)  # the mass top-p is a share of
     keep &= (kept.cumsum(dim=-1) - kept) < top_p[:, None] * total[:, None]
     return values.masked_fill(~keep, NEG_INF), ids, limited | ~keep[:, -1]
+
+
+def best(scaled: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's `width` largest logits and their ids, best first and equal logits by token id (the
+    sorted vocabulary's order: topk leaves the order of ties to its implementation and to `width`)."""
+    values, ids = scaled.topk(width, dim=-1)
+    ids, by_id = ids.sort(dim=-1)
+    values, order = values.gather(-1, by_id).sort(dim=-1, descending=True, stable=True)
+    return values, ids.gather(-1, order)
 
 
 def min_p_filter(scaled: torch.Tensor, min_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,10 +134,11 @@ def min_p_filter(scaled: torch.Tensor, min_p: torch.Tensor) -> tuple[torch.Tenso
 
 def in_nucleus(kept: torch.Tensor, picks: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
     """Whether each row's pick lies in top-p's nucleus of `kept` (probabilities, 0 where a filter
-    removed the token): the mass more likely than the pick is below `bound` (top_p x the kept mass), as
-    filter_sorted() keeps the token whose mass ahead is below top_p of what is left."""
+    removed the token): the mass ahead of the pick in the sorted order (more likely, or as likely with a
+    smaller id) is below `bound` (top_p x the kept mass), as filter_sorted() keeps a token."""
     chance = kept.gather(-1, picks[:, None])
-    ahead = (kept * (kept > chance)).sum(dim=-1)
+    ids = torch.arange(kept.shape[-1], device=kept.device)[None, :]
+    ahead = (kept * ((kept > chance) | ((kept == chance) & (ids < picks[:, None])))).sum(dim=-1)
     return (ahead < bound) & (chance[:, 0] > 0)
 
 
@@ -226,10 +237,10 @@ class BatchSampling:
     def _sample(self, rows: list[int]) -> torch.Tensor:
         """The sampled rows' draws: temperature, then the filters. On GPUs every row sorts (it costs them
         little, and a branch would cost a sync). On a CPU each row takes the first exact way of: among its
-        best candidates (wide vocabularies; narrow ones: rows with a small top-k, among their own k
-        best), drawn from the whole distribution and kept if the nucleus holds it (rows without top-k),
-        the sorted vocabulary. Which way a row takes depends on its own parameters alone, so a seeded
-        row draws the same alone and inside any batch."""
+        best candidates (rows with top-k or top-p in a wide vocabulary; in a narrow one, rows with a small
+        top-k, among their own k best), drawn from the whole distribution and kept if the nucleus holds it (rows without top-k),
+        the sorted vocabulary. Which way a row takes, and how much noise it draws, depend on its own
+        parameters and logits alone, so a seeded row draws the same alone and inside any batch."""
         params = [self.samplers[i].params for i in rows]
         values = torch.tensor(
             [[p.temperature, p.top_k, p.top_p, p.min_p] for p in params],
@@ -249,20 +260,22 @@ class BatchSampling:
             return race(filtered, ids, self._noise(rows, self.width))
         chosen = torch.zeros(len(rows), dtype=torch.long, device=self.device)
         pending = list(range(len(rows)))
-        if self.width > max(CANDIDATE_VOCAB, CANDIDATES):
-            filtered, ids, exact = filter_candidates(scaled, top_k, top_p, min_p, CANDIDATES)
-            chosen = race(filtered, ids, self._noise(rows, CANDIDATES))
-            pending = [j for j, ok in enumerate(exact.tolist()) if not ok]
-        else:  # a narrow vocabulary: rows with a small top-k look among their own k best (always exact)
-            limited = [j for j in pending if 0 < params[j].top_k <= min(CANDIDATES, self.width - 1)]
-            if limited:
-                index = self._rows(limited)
-                kept = [params[j].top_k for j in limited]
-                filtered, ids, _ = filter_candidates(
-                    scaled[index], top_k[index], top_p[index], min_p[index], max(kept)
-                )
-                chosen[index] = race(filtered, ids, self._noise([rows[j] for j in limited], max(kept), kept))
-                pending = [j for j in pending if j not in set(limited)]
+        filtering = [j for j in pending if params[j].top_k > 0 or params[j].top_p < 1]
+        if self.width > max(CANDIDATE_VOCAB, CANDIDATES):  # a wide vocabulary: the best CANDIDATES first
+            groups = {CANDIDATES: filtering} if filtering else {}
+        else:  # a narrow one: rows with a small top-k among their own k best (exact), one call per k
+            groups = {}
+            for j in filtering:
+                if 0 < params[j].top_k <= min(CANDIDATES, self.width - 1):
+                    groups.setdefault(params[j].top_k, []).append(j)
+        for width, among in groups.items():
+            index = self._rows(among)
+            filtered, ids, exact = filter_candidates(
+                scaled[index], top_k[index], top_p[index], min_p[index], width
+            )
+            chosen[index] = race(filtered, ids, self._noise([rows[j] for j in among], width))
+            settled = {j for j, ok in zip(among, exact.tolist(), strict=True) if ok}
+            pending = [j for j in pending if j not in settled]
         drawn = [j for j in pending if params[j].top_k == 0]
         if drawn:
             index = self._rows(drawn)
@@ -274,7 +287,7 @@ class BatchSampling:
             index = self._rows(pending)
             ordered, order = filter_sorted(scaled[index], top_k[index], top_p[index], min_p[index], used)
             kept = torch.isfinite(ordered).sum(dim=-1).tolist()  # noise only for what the filters kept
-            width = max(kept)
+            width = max(1, *kept)  # a row with nothing left (every logit -inf) still gets a token
             noise = self._noise([rows[j] for j in pending], width, kept)
             chosen[index] = race(ordered[:, :width], order[:, :width], noise)
         return chosen
