@@ -4,6 +4,7 @@ stage one op over the rows it concerns, no host round trip but the one copy of t
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,6 +152,15 @@ def race(filtered: torch.Tensor, ids: torch.Tensor | None, noise: torch.Tensor) 
     return pick[:, 0] if ids is None else ids.gather(-1, pick)[:, 0]
 
 
+def _taker(picked: list[int], num_rows: int, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function that takes the rows `picked` of a tensor of `num_rows` rows (all of them: the tensor
+    itself, no copy)."""
+    if picked == list(range(num_rows)):
+        return lambda tensor: tensor
+    index = torch.tensor(picked, dtype=torch.long, device=device)
+    return lambda tensor: tensor[index]
+
+
 @dataclass(frozen=True, slots=True)
 class Used:
     """Which filters any of the sampled rows uses (their parameters are on the host: no device sync)."""
@@ -278,9 +288,9 @@ class BatchSampling:
             pending = [j for j in pending if j not in settled]
         drawn = [j for j in pending if params[j].top_k == 0]
         if drawn:
-            index = self._rows(drawn)
+            of = _taker(drawn, len(rows), self.device)
             accepted = self._draw_in_nucleus(
-                [rows[j] for j in drawn], scaled[index], top_p[index], min_p[index], chosen, drawn
+                [rows[j] for j in drawn], of(scaled), of(top_p), of(min_p), chosen, drawn
             )
             pending = [j for j in pending if j not in accepted]
         if pending:
@@ -305,13 +315,16 @@ class BatchSampling:
         it, up to NUCLEUS_DRAWS times (a CPU's way around sorting the vocabulary: a draw is kept with
         probability at least top_p, and a kept draw follows the nucleus' distribution exactly). Writes
         the kept draws into `chosen` at `places`; returns the places drawn (the others still need one)."""
-        filtered, kept = min_p_filter(scaled, min_p)
+        if bool(min_p.any()):  # on a CPU: no device to wait for
+            filtered, kept = min_p_filter(scaled, min_p)
+        else:
+            filtered, kept = scaled, scaled.softmax(dim=-1)
         bound = top_p * kept.sum(dim=-1)
         waiting = list(range(len(rows)))
         for _ in range(NUCLEUS_DRAWS):
-            index = torch.tensor(waiting, dtype=torch.long, device=self.device)
-            picks = race(filtered[index], None, self._noise([rows[j] for j in waiting], self.width))
-            inside = in_nucleus(kept[index], picks, bound[index]) | (top_p[index] >= 1)
+            of = _taker(waiting, len(rows), self.device)  # the first round takes every row: no copies
+            picks = race(of(filtered), None, self._noise([rows[j] for j in waiting], self.width))
+            inside = in_nucleus(of(kept), picks, of(bound)) | (of(top_p) >= 1)
             held = inside.tolist()  # on a CPU: no device to wait for
             into = [places[j] for j, ok in zip(waiting, held, strict=True) if ok]
             chosen[torch.tensor(into, dtype=torch.long, device=self.device)] = picks[inside]
