@@ -350,3 +350,24 @@ def test_filter_sorted_orders_ties_by_id_and_leaves_rows_without_top_p_whole() -
     assert bool((order[0][1:][tied] > order[0][:-1][tied]).all())
     assert bool(torch.isfinite(ordered[0]).all())
     assert not bool(torch.isfinite(ordered[1]).all())  # the other row's top_p does cut
+
+
+def test_sampler_a_top_k_past_the_candidates_measures_top_p_against_its_own_mass(monkeypatch) -> None:
+    """A wide vocabulary's row whose top-k reaches past the candidates: top-p is a share of the top-k's
+    mass, which the candidates cannot measure, so the row sorts. Top-4 {0, 4, 1, 5} hold 0.71; top_p
+    0.45 of that keeps token 0 alone (0.45 of everything would keep token 4 too)."""
+    monkeypatch.setattr(sampling, "CANDIDATE_VOCAB", 0)
+    monkeypatch.setattr(sampling, "CANDIDATES", 3)
+    logits = torch.tensor([0.35, 0.12, 0.08, 0.05, 0.14, 0.10, 0.09, 0.07]).log()
+    params = [SamplingParams(max_tokens=1, temperature=1.0, top_k=4, top_p=0.45, seed=i) for i in range(300)]
+    assert set(select_tokens([RequestSampler(p, set(), str) for p in params], logits.expand(300, -1))) == {0}
+
+
+def test_filter_candidates_leaves_rows_without_top_p_whole() -> None:
+    """Float rounding of the cumulative sum reaches 1 before a peaked row's last candidates: a row with
+    top_p 1 keeps every candidate (as filter_sorted() keeps every token)."""
+    logits = torch.randn(64, 5000, generator=torch.Generator().manual_seed(7)) * 10
+    none = torch.zeros(64)
+    filtered, _, exact = sampling.filter_candidates(logits, none.long(), torch.ones(64), none, 512)
+    assert bool(torch.isfinite(filtered).all())
+    assert not bool(exact.any())  # nothing cut: the tokens past the candidates may be kept too

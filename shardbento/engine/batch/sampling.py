@@ -101,8 +101,10 @@ def filter_candidates(
     scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, width: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """filter_sorted() over each row's `width` best tokens only: (filtered logits, ids, exact). A row is
-    exact when top-k keeps no more than `width` tokens or its last candidate is already cut: what the
-    filters keep is then among the candidates, with top-p measured against the whole kept mass."""
+    exact when top-k keeps no more than `width` tokens, or when it has no top-k below the vocabulary or
+    no top-p and its last candidate is already cut: what the filters keep is then among the candidates,
+    with top-p measured against the whole kept mass (a top-k past the candidates would need the mass of
+    tokens beyond them)."""
     probs = scaled.softmax(dim=-1)
     floor = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
     mass = (probs * (probs >= floor)).sum(dim=-1)  # what min_p keeps, over the whole row
@@ -113,8 +115,9 @@ def filter_candidates(
     limited = (top_k > 0) & (top_k <= width)
     kept = p * keep
     total = torch.where(limited, kept.sum(dim=-1), mass)  # the mass top-p is a share of
-    keep &= (kept.cumsum(dim=-1) - kept) < top_p[:, None] * total[:, None]
-    return values.masked_fill(~keep, NEG_INF), ids, limited | ~keep[:, -1]
+    keep &= ((kept.cumsum(dim=-1) - kept) < top_p[:, None] * total[:, None]) | (top_p[:, None] >= 1)
+    measured = (top_k == 0) | (top_k >= scaled.shape[-1]) | (top_p >= 1)  # top-p's total is `mass`
+    return values.masked_fill(~keep, NEG_INF), ids, limited | (measured & ~keep[:, -1])
 
 
 def best(scaled: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,9 +251,11 @@ class BatchSampling:
         """The sampled rows' draws: temperature, then the filters. On GPUs every row sorts (it costs them
         little, and a branch would cost a sync). On a CPU each row takes the first exact way of: among its
         best candidates (rows with top-k or top-p in a wide vocabulary; in a narrow one, rows with a small
-        top-k, among their own k best), drawn from the whole distribution and kept if the nucleus holds it (rows without top-k),
-        the sorted vocabulary. Which way a row takes, and how much noise it draws, depend on its own
-        parameters and logits alone, so a seeded row draws the same alone and inside any batch."""
+        top-k, among their own k best), drawn from the whole distribution and kept if the nucleus holds
+        it (rows without top-k), the sorted vocabulary. Which way a row takes, and how much noise it
+        draws, depend on its own parameters and logits alone, so a seeded row draws the same alone and
+        inside any batch. Equal logits go by token id, except which of them a candidates' cut keeps
+        (topk's choice: the same mass, reproducible)."""
         params = [self.samplers[i].params for i in rows]
         values = torch.tensor(
             [[p.temperature, p.top_k, p.top_p, p.min_p] for p in params],
@@ -287,7 +292,7 @@ class BatchSampling:
             settled = {j for j, ok in zip(among, exact.tolist(), strict=True) if ok}
             pending = [j for j in pending if j not in settled]
         drawn = [j for j in pending if params[j].top_k == 0]
-        if drawn:
+        if drawn and NUCLEUS_DRAWS:
             of = _taker(drawn, len(rows), self.device)
             accepted = self._draw_in_nucleus(
                 [rows[j] for j in drawn], of(scaled), of(top_p), of(min_p), chosen, drawn
