@@ -182,6 +182,7 @@ WIDE, NARROW = 0, 10**9  # CANDIDATE_VOCAB: this 8-token vocabulary counts as wi
     [
         (WIDE, 7, 4, 6, 0.9, 0.0),
         (WIDE, 7, 4, 0, 0.9, 0.0),
+        (WIDE, 7, 4, 0, 0.8, 0.2),
         (WIDE, 3, 4, 6, 0.9, 0.0),
         (NARROW, 512, 4, 6, 0.9, 0.0),
         (NARROW, 5, 4, 6, 0.9, 0.0),
@@ -195,6 +196,7 @@ WIDE, NARROW = 0, 10**9  # CANDIDATE_VOCAB: this 8-token vocabulary counts as wi
     ids=[
         "top-k-among-candidates",
         "top-p-among-candidates",
+        "top-p-after-min-p-among-candidates",
         "fallback",
         "top-k-among-its-own-k",
         "sorted",

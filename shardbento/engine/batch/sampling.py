@@ -105,13 +105,12 @@ def filter_candidates(
     no top-p and its last candidate is already cut: what the filters keep is then among the candidates,
     with top-p measured against the whole kept mass (a top-k past the candidates would need the mass of
     tokens beyond them)."""
-    probs = scaled.softmax(dim=-1)
-    floor = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
-    mass = (probs * (probs >= floor)).sum(dim=-1)  # what min_p keeps, over the whole row
+    _, probs = min_p_filter(scaled, min_p)  # 0 where min_p removes a token
+    mass = probs.sum(dim=-1)  # what min_p keeps, over the whole row
     values, ids = best(scaled, width)
     p = probs.gather(-1, ids)
     positions = torch.arange(width, device=scaled.device)[None, :]
-    keep = (p >= floor) & ((top_k[:, None] == 0) | (positions < top_k[:, None]))
+    keep = (p > 0) & ((top_k[:, None] == 0) | (positions < top_k[:, None]))
     limited = (top_k > 0) & (top_k <= width)
     kept = p * keep
     total = torch.where(limited, kept.sum(dim=-1), mass)  # the mass top-p is a share of
