@@ -162,7 +162,7 @@ def expected_distribution(
     probs = (logits / temperature).softmax(-1)
     probs = probs * (probs >= min_p * probs.max())
     order = probs.argsort(descending=True)
-    kept = probs * (probs.argsort(descending=True).argsort() < top_k) if top_k else probs
+    kept = probs * (order.argsort() < top_k) if top_k else probs  # rank below top_k
     keep = torch.zeros_like(probs, dtype=torch.bool)
     mass = 0.0
     for token in order.tolist():
@@ -180,32 +180,18 @@ WIDE, NARROW = 0, 10**9  # CANDIDATE_VOCAB: this 8-token vocabulary counts as wi
 @pytest.mark.parametrize(
     ("vocab", "candidates", "draws", "top_k", "top_p", "min_p"),
     [
-        (WIDE, 7, 4, 6, 0.9, 0.0),
-        (WIDE, 7, 4, 0, 0.9, 0.0),
-        (WIDE, 7, 4, 0, 0.8, 0.2),
-        (WIDE, 3, 4, 6, 0.9, 0.0),
-        (NARROW, 512, 4, 6, 0.9, 0.0),
-        (NARROW, 5, 4, 6, 0.9, 0.0),
-        (NARROW, 512, 4, 0, 0.9, 0.0),
-        (WIDE, 2, 4, 0, 0.9, 0.0),
-        (NARROW, 512, 4, 0, 0.7, 0.05),
-        (NARROW, 512, 4, 0, 0.8, 0.2),
-        (NARROW, 512, 1, 0, 0.5, 0.0),
-        (NARROW, 512, 4, 0, 1.0, 0.0),
-    ],
-    ids=[
-        "top-k-among-candidates",
-        "top-p-among-candidates",
-        "top-p-after-min-p-among-candidates",
-        "fallback",
-        "top-k-among-its-own-k",
-        "sorted",
-        "drawn-in-nucleus",
-        "candidates-then-drawn",
-        "drawn-in-nucleus-after-min-p",
-        "drawn-in-nucleus-after-a-stronger-min-p",
-        "drawn-then-sorted",
-        "temperature-only",
+        pytest.param(WIDE, 7, 4, 6, 0.9, 0.0, id="top-k-among-candidates"),
+        pytest.param(WIDE, 7, 4, 0, 0.9, 0.0, id="top-p-among-candidates"),
+        pytest.param(WIDE, 7, 4, 0, 0.8, 0.2, id="top-p-after-min-p-among-candidates"),
+        pytest.param(WIDE, 3, 4, 6, 0.9, 0.0, id="fallback"),
+        pytest.param(NARROW, 512, 4, 6, 0.9, 0.0, id="top-k-among-its-own-k"),
+        pytest.param(NARROW, 5, 4, 6, 0.9, 0.0, id="sorted"),
+        pytest.param(NARROW, 512, 4, 0, 0.9, 0.0, id="drawn-in-nucleus"),
+        pytest.param(WIDE, 2, 4, 0, 0.9, 0.0, id="candidates-then-drawn"),
+        pytest.param(NARROW, 512, 4, 0, 0.7, 0.05, id="drawn-in-nucleus-after-min-p"),
+        pytest.param(NARROW, 512, 4, 0, 0.8, 0.2, id="drawn-in-nucleus-after-a-stronger-min-p"),
+        pytest.param(NARROW, 512, 1, 0, 0.5, 0.0, id="drawn-then-sorted"),
+        pytest.param(NARROW, 512, 4, 0, 1.0, 0.0, id="temperature-only"),
     ],
 )
 def test_sampler_sampled_rows_follow_their_distribution(
