@@ -43,6 +43,26 @@ def test_prefix_index_evicts_least_recent_leaves_first_and_stays_contiguous() ->
     assert index.add(list(range(5000, 5000 + 4 * B)), lambda n: n <= 4) == [(0, 2), (1, 3)]
 
 
+def test_prefix_index_moves_a_kept_block_twice_and_follow_moves_finds_it() -> None:
+    """Eviction keeps the cache contiguous by moving the last block into each gap: a kept block can move
+    more than once, and a planned chunk's prefix follows it (applied in order)."""
+    from shardbento.engine.batch.prefill import PrefillChunk
+    from shardbento.engine.batch.prefix import follow_moves
+
+    index = PrefixIndex()
+    prompts = [list(range(n * 100, n * 100 + B)) for n in range(4)]
+    for tokens in prompts:
+        index.add(tokens, lambda n: True)  # blocks 0..3, in order
+    for n in (1, 0):
+        index.match([*prompts[n], 1])  # least recent first now: 2, 3 (kept), 1, 0
+    moves = index.evict(2, keep=frozenset({3}))
+    assert moves == [(3, 2), (2, 1)]  # the kept block fills the first gap, then the second
+    planned = [(PrefillChunk(1, (7,), B, 0, prefix=(3,)), ["group"])]
+    [(chunk, group)] = follow_moves(planned, moves)
+    assert list(chunk.prefix) == index.cached(prompts[3])[0] and group == ["group"]
+    assert follow_moves(planned, []) is planned
+
+
 def metric(name: str) -> float:
     return REGISTRY.get_sample_value(f"shardbento:{name}", {"model_name": "tiny-llama"}) or 0.0
 
@@ -151,3 +171,71 @@ def test_prefix_cache_hits_of_different_lengths_prefill_together(text_model) -> 
         plain.close()
     assert got == expected
     assert any(len(starts) > 1 and any(starts) for starts in calls), calls  # hits batched, not alone
+
+
+def test_prefix_cache_chunks_read_kept_blocks_where_eviction_moved_them(text_model, monkeypatch) -> None:
+    """Two prompts join in one step and need room: eviction keeps the blocks one of them hits (the
+    newest, at the cache's far end) but moves them into the evicted blocks' places. The step's chunk
+    reads its prefix where the blocks are now, and the answers equal an uncached engine's."""
+    from shardbento.engine.base import DeltaChannel
+    from shardbento.engine.batch.kvslots import BLOCK
+
+    moved_kept = []
+    evict = PrefixIndex.evict
+
+    def spy(self, count, keep=frozenset()):
+        moves = evict(self, count, keep)
+        moved_kept.extend(move for move in moves if move[0] in keep)
+        return moves
+
+    monkeypatch.setattr(PrefixIndex, "evict", spy)
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    first, second = list(range(100, 160)), list(range(300, 370))  # token ids: sizes exact
+
+    follow_up: list[int] = []  # the second prompt, its answer and more: it hits the second's blocks
+
+    def run(engine):
+        async def one(ids):
+            prompt = engine.encode(ids)
+            return [t async for d in engine.stream(prompt, params, "one") for t in d.token_ids]
+
+        async def together(*prompts):  # queued at once: they join in the same step
+            seqs = [
+                engine.make_sequence.sequence(f"t{i}", engine.encode(ids), params, DeltaChannel())
+                for i, ids in enumerate(prompts)
+            ]
+            engine.scheduler.submit(*seqs)
+            return [[t async for d in seq.channel.deltas() for t in d.token_ids] for seq in seqs]
+
+        async def conversation():
+            answers = [await one(first), await one(second)]
+            follow_up[:] = [*second, *answers[1], *range(500, 540)]
+            return [*answers, *(await together(follow_up, list(range(700, 790))))]
+
+        return asyncio.run(conversation())
+
+    cached = engine_with(text_model, kv_cache_tokens=5 * BLOCK, max_num_seqs=4)
+    reads: list[tuple[tuple[int, ...], list[int]]] = []
+    index = cached.scheduler._prefix.index
+    runner = cached.runner
+    for name in ("prefill", "mixed"):
+        method = getattr(runner, name)
+
+        def checked(chunks, *args, _method=method):
+            for chunk in chunks:  # only the follow-up hits: what it reads must hold its first tokens now
+                if chunk.prefix:
+                    reads.append((chunk.prefix, index.cached(follow_up[: len(chunk.prefix) * B])[0]))
+            return _method(chunks, *args)
+
+        setattr(runner, name, checked)
+    try:
+        got = run(cached)
+    finally:
+        cached.close()
+    plain = engine_with(text_model, kv_cache_tokens=5 * BLOCK, max_num_seqs=4, prefix_caching=False)
+    try:
+        assert got == run(plain)
+    finally:
+        plain.close()
+    assert moved_kept, "no kept block moved: the case this test is about did not happen"
+    assert reads and all(list(prefix) == held for prefix, held in reads), reads

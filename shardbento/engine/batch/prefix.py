@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from shardbento.engine.batch.kvslots import PREFIX_BLOCK
@@ -117,17 +118,20 @@ class PrefixCache:
     def hit(self, tokens: Sequence[int], salt: int = 0) -> list[int]:
         return self.index.match(tokens, salt)
 
-    def make_room(self, rows: int, longest: int, keep: frozenset[int] = frozenset()) -> None:
+    def make_room(self, rows: int, longest: int, keep: frozenset[int] = frozenset()) -> list[tuple[int, int]]:
         """Evict least recently used blocks (not `keep`) until `rows` rows of `longest` fit; nothing
-        when they fit already, or would not fit even with no block but `keep` (preemption's case)."""
+        when they fit already, or would not fit even with no block but `keep` (preemption's case).
+        Kept blocks stay cached but may move to keep the cache contiguous: the (from, to) moves, in
+        order, for follow_moves()."""
         kv = self._runner.kv
         if kv.holds(rows, longest) or not kv.holds(rows, longest, prefix_blocks=len(keep)):
-            return
+            return []
         width = kv.width_for(longest)
         allowed = (kv.pool_tokens - kv.rows_taken(rows) * width) // PREFIX_BLOCK
         self.flush()
         moves = self.index.evict(len(self.index) - allowed, keep)
         self._runner.drop_prefix(moves, len(self.index))
+        return moves
 
     def remember(self, slot: int, tokens: Sequence[int], rows: int, longest: int, salt: int = 0) -> None:
         """Index the full blocks of row `slot` (holding `tokens`) beside `rows` rows of `longest`,
@@ -171,3 +175,17 @@ class PrefixCache:
                 tokens = seq.context()[: kv.lengths[row]]
                 self.remember(row, tokens, len(running), longest, seq.prefix_salt)
         self.flush()
+
+
+def follow_moves(planned: list[tuple[Any, Any]], moves: list[tuple[int, int]]) -> list[tuple[Any, Any]]:
+    """The planned (chunk, group) pairs with each chunk's cached prefix where eviction's (from, to)
+    moves put it, applied in order (a block moved once may move again)."""
+    if not moves:
+        return planned
+    out = []
+    for chunk, group in planned:
+        where = list(chunk.prefix)
+        for source, target in moves:
+            where = [target if block == source else block for block in where]
+        out.append((replace(chunk, prefix=tuple(where)), group))
+    return out

@@ -16,7 +16,7 @@ from shardbento.catalog import ServingLimits
 from shardbento.engine.base import Delta, DeltaChannel
 from shardbento.engine.batch.adapters import NO_ADAPTERS
 from shardbento.engine.batch.planner import MIN_CHUNK, choose_chunks, join_twins, mixable, place
-from shardbento.engine.batch.prefix import PrefixCache
+from shardbento.engine.batch.prefix import PrefixCache, follow_moves
 from shardbento.engine.batch.runner import ModelRunner, PrefillChunk, release_moves
 from shardbento.engine.batch.sampler import prefetch_masks, select_tokens
 from shardbento.engine.batch.sequence import Sequence, attach_scores, stream_token
@@ -317,7 +317,8 @@ class Scheduler:
         if self._prefix is not None:
             rows = running + sum(len(group) for chunk, group in planned if chunk.slot is not None)
             longest = max([grown, *(len(group[0].context()) + 1 for _, group in planned)])
-            self._prefix.make_room(rows, longest, frozenset(keep))
+            moves = self._prefix.make_room(rows, longest, frozenset(keep))
+            planned = follow_moves(planned, moves)  # a kept block may have moved: read it where it is
         for seq in (seq for _, group in planned for seq in group if not seq.num_prefilled):
             if not seq.generated:
                 self._metrics.queue.observe(time.monotonic() - seq.arrival_s)
