@@ -43,9 +43,10 @@ def test_prefix_index_evicts_least_recent_leaves_first_and_stays_contiguous() ->
     assert index.add(list(range(5000, 5000 + 4 * B)), lambda n: n <= 4) == [(0, 2), (1, 3)]
 
 
-def test_prefix_index_moves_a_kept_block_twice_and_follow_moves_finds_it() -> None:
-    """Eviction keeps the cache contiguous by moving the last block into each gap: a kept block can move
-    more than once, and a planned chunk's prefix follows it (applied in order)."""
+def test_prefix_index_copies_a_block_that_fills_two_gaps_once_and_follow_moves_finds_it() -> None:
+    """Eviction keeps the cache contiguous, the last block filling each gap: a block that fills one gap
+    and then, the last again, another is copied once, to where it ends; a kept block can be that block,
+    and a planned chunk's prefix follows it."""
     from shardbento.engine.batch.prefill import PrefillChunk
     from shardbento.engine.batch.prefix import follow_moves
 
@@ -56,10 +57,11 @@ def test_prefix_index_moves_a_kept_block_twice_and_follow_moves_finds_it() -> No
     for n in (1, 0):
         index.match([*prompts[n], 1])  # least recent first now: 2, 3 (kept), 1, 0
     moves = index.evict(2, keep=frozenset({3}))
-    assert moves == [(3, 2), (2, 1)]  # the kept block fills the first gap, then the second
-    planned = [(PrefillChunk(1, (7,), B, 0, prefix=(3,)), ["group"])]
+    assert moves == [(3, 1)]  # block 3 filled gap 2, then (the last again) gap 1: one copy
+    assert index.cached(prompts[3])[0] == [1] and index.cached(prompts[0])[0] == [0]
+    planned = [(PrefillChunk(1, (7,), B, 0, prefix=(0, 3)), ["group"])]
     [(chunk, group)] = follow_moves(planned, moves)
-    assert list(chunk.prefix) == index.cached(prompts[3])[0] and group == ["group"]
+    assert chunk.prefix == (0, 1) and group == ["group"]
     assert follow_moves(planned, []) is planned
 
 

@@ -273,13 +273,13 @@ class SlotKVCache:
         self.prefix_blocks = max(self.prefix_blocks, *(b + 1 for _, _, b in blocks))
 
     def drop_prefix(self, moves: list[tuple[int, int]], count: int) -> None:
-        """Forget cached blocks: each (last, gap) move fills an evicted block with the last one; then
-        `count` blocks remain."""
+        """Forget cached blocks: (from, to) copies fill evicted blocks' places from beyond the `count`
+        blocks that remain (a slice copy each: on a CPU cheaper than one indexed gather per layer)."""
         for layer_idx in self._storage:
             for which in (0, 1):
                 cache = self._prefix_view(layer_idx, which)
-                for last, gap in moves:
-                    cache[_tail(gap, cache)] = cache[_tail(last, cache)]
+                for source, target in moves:
+                    cache[_tail(target, cache)] = cache[_tail(source, cache)]
         self.prefix_blocks = count
 
     def prefix(self, layer_idx: int, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

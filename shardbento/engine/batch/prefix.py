@@ -67,9 +67,10 @@ class PrefixIndex:
         return held, len(links) - len(held)
 
     def evict(self, count: int, keep: frozenset[int] = frozenset()) -> list[tuple[int, int]]:
-        """Forget up to `count` least recently used blocks (never those in `keep`): the (last, gap)
-        moves that keep the rest contiguous, in order."""
-        moves = []
+        """Forget up to `count` least recently used blocks (never those in `keep`); the last block fills
+        each gap, so the rest stay contiguous. Returns the copies that make it so, as (from, to) pairs
+        made at once (a block that fills a gap and then another is copied once, to where it ends)."""
+        source: dict[int, int] = {}  # gap -> the block (its place before eviction) that ends there
         victims = [key for key, block in self._lru.items() if block not in keep][:count]
         for key in victims:
             gap = self._lru.pop(key)
@@ -79,8 +80,8 @@ class PrefixIndex:
             if gap != last:
                 self._key_at[gap] = moved
                 self._lru[moved] = gap
-                moves.append((last, gap))
-        return moves
+                source[gap] = source.pop(last, last)
+        return sorted((block, gap) for gap, block in source.items() if gap < len(self._key_at))
 
     def _chain(
         self, tokens: Sequence[int], num_blocks: int, salt: int = 0
@@ -179,13 +180,11 @@ class PrefixCache:
 
 def follow_moves(planned: list[tuple[Any, Any]], moves: list[tuple[int, int]]) -> list[tuple[Any, Any]]:
     """The planned (chunk, group) pairs with each chunk's cached prefix where eviction's (from, to)
-    moves put it, applied in order (a block moved once may move again)."""
+    copies put it."""
     if not moves:
         return planned
-    out = []
-    for chunk, group in planned:
-        where = list(chunk.prefix)
-        for source, target in moves:
-            where = [target if block == source else block for block in where]
-        out.append((replace(chunk, prefix=tuple(where)), group))
-    return out
+    where = dict(moves)
+    return [
+        (replace(chunk, prefix=tuple(where.get(b, b) for b in chunk.prefix)), group)
+        for chunk, group in planned
+    ]
