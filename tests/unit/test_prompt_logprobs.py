@@ -140,7 +140,7 @@ def test_planner_keeps_a_steps_scored_positions_within_the_bound(monkeypatch) ->
     monkeypatch.setattr(scoring, "SCORED_STEP_TOKENS", 40)
 
     def plan(candidates, packs=True):
-        chosen = planner.choose_chunks(candidates, lambda i: [], 256, lambda r, n: True, set(), packs, 0)
+        chosen = planner.choose_chunks(candidates, lambda i: [], 256, lambda r, n, b: True, set(), packs, 0)
         return [(len(chunk.token_ids), chunk.scored, chunk.slot) for chunk, _ in chosen]
 
     assert plan([seq(30, 1), seq(30, 1), seq(30)]) == [
@@ -158,7 +158,7 @@ def test_planner_keeps_a_steps_scored_positions_within_the_bound(monkeypatch) ->
 def test_planner_twin_joins_only_a_prefill_that_scores_enough() -> None:
     first, asks_more, asks_none = seq(10, 1, first=7), seq(10, 3, first=7), seq(10, first=7)
     planned = [(planner.PrefillChunk(first.seq_id, tuple(first.prompt_ids), 0, 0, scored=1), [first])]
-    planner.join_twins(planned, [first, asks_more, asks_none], lambda r, n: True)
+    planner.join_twins(planned, [first, asks_more, asks_none], lambda r, n, b: True)
     assert planned[0][1] == [first, asks_none]
 
 
@@ -182,14 +182,14 @@ def test_planner_counts_a_left_padded_batchs_kept_rows_and_a_scored_prompts_shor
     monkeypatch.setattr(planner, "SCORED_STEP_TOKENS", 1024)
     monkeypatch.setattr(scoring, "SCORED_STEP_TOKENS", 1024)
     chosen = planner.choose_chunks(
-        [seq(500), seq(10, 1), seq(3000, 1)], lambda i: [], 8192, lambda r, n: True, set(), False, 0
+        [seq(500), seq(10, 1), seq(3000, 1)], lambda i: [], 8192, lambda r, n, b: True, set(), False, 0
     )
     kept = max(len(c.token_ids) for c, _ in chosen[:2]) * 2 + len(chosen[2][0].token_ids)
     assert [c.scored for c, _ in chosen] == [None, 1, 1] and kept <= 1024
 
     asked = []
     planner.choose_chunks(
-        [seq(8000, 0)], lambda i: [], 2048, lambda r, n: asked.append(n) or True, set(), True, 9000
+        [seq(8000, 0)], lambda i: [], 2048, lambda r, n, b: asked.append(n) or True, set(), True, 9000
     )
     assert asked[-1] == 9000 + 7  # eight chunks of 1024 (not four of 2048): the rows grow 7 more
 

@@ -15,7 +15,9 @@ def waiting(*lengths: int) -> list[Sequence]:
     ]
 
 
-def plan(candidates: list[Sequence], budget: int, room=lambda rows, longest: True, packs: bool = True):
+def plan(
+    candidates: list[Sequence], budget: int, room=lambda rows, longest, blocks: True, packs: bool = True
+):
     return choose_chunks(candidates, lambda i: [], budget, room, set(), packs, grown=1)
 
 
@@ -53,7 +55,7 @@ def test_planner_a_prompt_in_chunks_goes_on_alone_until_its_last_chunk() -> None
 
 def test_planner_long_head_starts_with_the_whole_budget_and_room_is_asked() -> None:
     assert summary(plan(waiting(500), budget=128)) == [(0, 0, 128, False)]
-    assert plan(waiting(500), budget=128, room=lambda rows, longest: longest < 500) == []
+    assert plan(waiting(500), budget=128, room=lambda rows, longest, blocks: longest < 500) == []
 
 
 def test_planner_vision_prompt_goes_alone_with_its_pixels() -> None:

@@ -14,7 +14,9 @@ from shardbento.engine.batch.scoring import SCORED_STEP_TOKENS
 from shardbento.engine.batch.sequence import Sequence
 
 Planned = list[tuple[PrefillChunk, list[Sequence]]]
-Room = Callable[[int, int], bool]  # (rows joining, the longest of them) -> whether the pool holds them
+# (rows joining, the longest of them, cached blocks they read) -> whether the pool holds them beside
+# the cached blocks the step reads already and these
+Room = Callable[[int, int, list[int]], bool]
 MIN_CHUNK = PREFIX_BLOCK  # a prompt starts in chunks only with at least this much of the budget left
 
 
@@ -115,7 +117,7 @@ def _vision_head(
     its last image, its text remainder (in chunks when longer than the budget)."""
     context = seq.context()
     if not hit:
-        if not room(1, len(context)):
+        if not room(1, len(context), []):
             return []  # it waits for running sequences to finish (or be preempted)
         inputs = with_generated(seq.inputs, seq.generated)
         chunk = PrefillChunk(
@@ -123,7 +125,7 @@ def _vision_head(
         )
         return [(chunk, [seq])]
     start = len(hit) * PREFIX_BLOCK
-    if not room(1, max(len(context), grown + _steps(len(context) - start, budget) - 1)):
+    if not room(1, max(len(context), grown + _steps(len(context) - start, budget) - 1), hit):
         return []
     keep.update(hit)
     seq.cached = start
@@ -146,7 +148,7 @@ def _first_chunk(
     # sequences grow a token a step: it starts only if it can finish beside them.
     per_chunk = budget if seq.scoring is None else min(budget, SCORED_STEP_TOKENS)  # as _chunk takes them
     steps = 1 + _steps(remainder - left, per_chunk)
-    if not room(rows + 1, max(len(context), grown + steps - 1)):
+    if not room(rows + 1, max(len(context), grown + steps - 1), hit):
         return []
     keep.update(hit)
     seq.cached = start
@@ -217,7 +219,7 @@ def plan_together(
         if (
             cost > budget
             or kept > scored_budget
-            or not room(rows_before + len(chosen) + 1, max(longest, len(context)))
+            or not room(rows_before + len(chosen) + 1, max(longest, len(context)), blocks)
         ):
             stopped = index
             break
@@ -255,15 +257,21 @@ def join_twins(planned: Planned, candidates: list[Sequence], room: Room) -> None
         if chunk.slot is not None and chunk.inputs is None and not group[0].generated
     }
     taken = {id(group[0]) for _, group in planned}
-    rows = sum(len(group) for chunk, group in planned if chunk.slot is not None)
+    rows = planned_rows(planned)
     longest = max((len(group[0].context()) for _, group in planned), default=0)
     for seq in candidates:
         if id(seq) in taken or not is_twin(seq):
             continue
         group = completing.get(twin_key(seq))
-        if group is not None and _scores_enough(group[0], seq) and room(rows + 1, longest):
+        if group is not None and _scores_enough(group[0], seq) and room(rows + 1, longest, []):
             group.append(seq)
             rows += 1
+
+
+def planned_rows(planned: Planned) -> int:
+    """Rows the planned chunks take: a completing chunk's group one each, a chunk of a prompt still
+    being prefilled its own row (after the running ones) while its chunks come."""
+    return sum(len(group) if chunk.slot is not None else 1 for chunk, group in planned)
 
 
 def _scores_enough(first: Sequence, twin: Sequence) -> bool:

@@ -119,13 +119,24 @@ class PrefixCache:
     def hit(self, tokens: Sequence[int], salt: int = 0) -> list[int]:
         return self.index.match(tokens, salt)
 
-    def make_room(self, rows: int, longest: int, keep: frozenset[int] = frozenset()) -> list[tuple[int, int]]:
+    def make_room(
+        self, rows: int, longest: int, keep: frozenset[int] = frozenset(), strict: bool = False
+    ) -> list[tuple[int, int]]:
         """Evict least recently used blocks (not `keep`) until `rows` rows of `longest` fit; nothing
-        when they fit already, or would not fit even with no block but `keep` (preemption's case).
-        Kept blocks stay cached but may move to keep the cache contiguous: the (from, to) moves, in
-        order, for follow_moves()."""
+        when they fit already, or would not fit even with no block but `keep` (preemption's case; with
+        `strict`, for a step that adds rows, it is a planning error: the rows would overwrite cached
+        blocks, and the step is refused).
+        Kept blocks stay cached but may move to keep the cache contiguous: the (from, to) copies made,
+        for follow_moves()."""
         kv = self._runner.kv
-        if kv.holds(rows, longest) or not kv.holds(rows, longest, prefix_blocks=len(keep)):
+        if kv.holds(rows, longest):
+            return []
+        if not kv.holds(rows, longest, prefix_blocks=len(keep)):
+            if strict:
+                raise RuntimeError(
+                    f"planned {rows} rows of up to {longest} tokens do not fit the KV pool beside the "
+                    f"{len(keep)} cached blocks they read"
+                )
             return []
         width = kv.width_for(longest)
         allowed = (kv.pool_tokens - kv.rows_taken(rows) * width) // PREFIX_BLOCK

@@ -235,6 +235,15 @@ class ModelRunner(PrefillPaths, AdapterCalls):
             self._partial = (self._partial[0], self.num_rows)
             self.kv.partial_row = self.num_rows
 
+    def clear_rows(self) -> None:
+        """Forget every row and any partly prefilled prompt's row, after a failed step (the scheduler
+        failed what it was computing): rows that step laid out or began are not left behind for the next
+        steps to build on. Cached prefix blocks stay."""
+        for slot in range(self.kv.num_slots):
+            self.kv.free(slot)
+        self.num_rows = 0
+        self._partial = self.kv.partial_row = None
+
     def store_prefix(self, blocks: list[tuple[int, int, int]]) -> None:
         """Cache full blocks of rows' KV (the scheduler's PrefixIndex chose which, and where)."""
         self.kv.store_prefix(blocks)

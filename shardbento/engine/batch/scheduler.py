@@ -15,7 +15,7 @@ import torch
 from shardbento.catalog import ServingLimits
 from shardbento.engine.base import Delta, DeltaChannel
 from shardbento.engine.batch.adapters import NO_ADAPTERS
-from shardbento.engine.batch.planner import MIN_CHUNK, choose_chunks, join_twins, mixable, place
+from shardbento.engine.batch.planner import MIN_CHUNK, choose_chunks, join_twins, mixable, place, planned_rows
 from shardbento.engine.batch.prefix import PrefixCache, follow_moves
 from shardbento.engine.batch.runner import ModelRunner, PrefillChunk, release_moves
 from shardbento.engine.batch.sampler import prefetch_masks, select_tokens
@@ -297,27 +297,26 @@ class Scheduler:
         if self._chunking is not None and self._chunking is not head:  # a preempted sequence went first
             self._abandon_chunking()
         hit = self._hit(head)
-        keep = set(hit)  # the cached blocks this step reads: never evicted for it
+        keep: set[int] = set()  # the cached blocks this step's prompts read: never evicted for them
 
-        def room(rows: int, longest: int) -> bool:  # cached blocks but `keep` may be evicted for it
-            return kv.holds(running + rows, max(grown, longest + 1), prefix_blocks=len(keep))
+        def room(rows: int, longest: int, blocks: list[int]) -> bool:  # other cached blocks may go
+            return kv.holds(running + rows, max(grown, longest + 1), prefix_blocks=len(keep.union(blocks)))
 
-        hit_of = lambda i: hit if i == 0 else self._hit(candidates[i])  # noqa: E731 - looked up lazily
-        planned = choose_chunks(
-            candidates,
-            hit_of,
-            self._prompt_budget(),
-            room,
-            keep,
-            self._runner.packs,
-            grown,
-            self._runner.image_rows_free(),
-        )
+        packs, images_free = self._runner.packs, self._runner.image_rows_free()
+        for head_hit in (hit, []) if hit else ([],):  # a head that fits only without its hit goes without
+            hit_of = lambda i: head_hit if i == 0 else self._hit(candidates[i])  # noqa: E731, B023 - lazily
+            planned = choose_chunks(
+                candidates, hit_of, self._prompt_budget(), room, keep, packs, grown, images_free
+            )
+            if planned:
+                break
         join_twins(planned, candidates, room)
         if self._prefix is not None:
-            rows = running + sum(len(group) for chunk, group in planned if chunk.slot is not None)
             longest = max([grown, *(len(group[0].context()) + 1 for _, group in planned)])
-            moves = self._prefix.make_room(rows, longest, frozenset(keep))
+            new_rows = any(not group[0].num_prefilled for _, group in planned)  # rows the planner checked
+            moves = self._prefix.make_room(
+                running + planned_rows(planned), longest, frozenset(keep), new_rows
+            )
             planned = follow_moves(planned, moves)  # a kept block may have moved: read it where it is
         for seq in (seq for _, group in planned for seq in group if not seq.num_prefilled):
             if not seq.generated:
@@ -393,6 +392,7 @@ class Scheduler:
                     self._runner.drop(seq.seq_id)
             self._chunking = None
         self._release(list(range(len(self._running))))
+        self._runner.clear_rows()  # rows the failed step laid out or began, beyond the released ones
         self._outbox = [item for item in self._outbox if item[0] not in failed]
         for seq in failed:
             self._metrics.finished("error")

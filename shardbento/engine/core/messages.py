@@ -23,6 +23,7 @@ MirroredMethod = Literal[
     "decode",
     "release",
     "drop",
+    "clear_rows",
     "store_prefix",
     "drop_prefix",
     "generate",
