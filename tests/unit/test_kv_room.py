@@ -144,3 +144,44 @@ def test_a_planned_step_whose_rows_do_not_fit_beside_its_blocks_is_refused(text_
     with pytest.raises(RuntimeError, match="do not fit the KV pool beside"):
         prefix.make_room(1, 256, every, strict=True)
     assert prefix.make_room(1, 256, every) == [] and kv.prefix_blocks == len(every)
+
+
+def test_cached_blocks_go_before_any_running_sequence_is_preempted(text_model) -> None:
+    """Eight short rows outgrow their width together in a pool that cannot hold them all: sequences
+    are preempted only while the rows would not fit even with every cached block evicted, and the
+    answers equal a roomy pool's."""
+    prompts = [[(37 * i + 11 * j) % 990 + 5 for j in range(40)] for i in range(8)]
+    stepper = Stepper(text_model, max_num_seqs=8, kv_cache_tokens=640)
+    kv, preempt = stepper.runner.kv, stepper.scheduler._preempt
+    needless: list[tuple[int, int]] = []
+    preempted = []
+
+    def checked() -> None:
+        before = len(stepper.scheduler._running)
+        longest = max(kv.lengths[:before], default=0) + 1
+        preempt()
+        after = len(stepper.scheduler._running)
+        if after < before:
+            preempted.append(before - after)
+            if kv.holds(after + 1, longest, prefix_blocks=0):  # one more row fit once blocks were gone
+                needless.append((before, after))
+
+    stepper.scheduler._preempt = checked
+    got = stepper.run(*prompts, max_tokens=40)
+    roomy = Stepper(text_model, max_num_seqs=8, kv_cache_tokens=8192).run(*prompts, max_tokens=40)
+    assert preempted and not needless, (preempted, needless)
+    assert got == roomy
+
+
+def test_a_lone_growing_sequence_makes_room_in_the_cache(text_model) -> None:
+    """One running sequence outgrows its row's width beside cached blocks: blocks are evicted for it
+    (rows never reach into the cache), and a later hit on what stays answers as without a cache."""
+    fresh = [(23 * i) % 971 + 9 for i in range(100)]
+    answers = []
+    for prefix_caching in (True, False):
+        stepper = Stepper(text_model, max_num_seqs=4, kv_cache_tokens=320, prefix_caching=prefix_caching)
+        seen = watch_layouts(stepper)
+        out = stepper.run(P) + stepper.run(fresh, max_tokens=150) + stepper.run(P)
+        answers.append(out)
+        assert not any(seen)
+    assert answers[0] == answers[1]

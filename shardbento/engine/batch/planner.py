@@ -268,6 +268,12 @@ def join_twins(planned: Planned, candidates: list[Sequence], room: Room) -> None
             rows += 1
 
 
+def prompt_budget(step_tokens: int, running: int, mixes: bool) -> int:
+    """Prompt tokens a step may compute: the step's budget less the running sequences' decode tokens
+    when they share its forward (at least MIN_CHUNK, so a newcomer always progresses)."""
+    return max(step_tokens - running, MIN_CHUNK) if running and mixes else step_tokens
+
+
 def planned_rows(planned: Planned) -> int:
     """Rows the planned chunks take: a completing chunk's group one each, a chunk of a prompt still
     being prefilled its own row (after the running ones) while its chunks come."""

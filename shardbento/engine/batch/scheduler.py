@@ -15,7 +15,14 @@ import torch
 from shardbento.catalog import ServingLimits
 from shardbento.engine.base import Delta, DeltaChannel
 from shardbento.engine.batch.adapters import NO_ADAPTERS
-from shardbento.engine.batch.planner import MIN_CHUNK, choose_chunks, join_twins, mixable, place, planned_rows
+from shardbento.engine.batch.planner import (
+    choose_chunks,
+    join_twins,
+    mixable,
+    place,
+    planned_rows,
+    prompt_budget,
+)
 from shardbento.engine.batch.prefix import PrefixCache, follow_moves
 from shardbento.engine.batch.runner import ModelRunner, PrefillChunk, release_moves
 from shardbento.engine.batch.sampler import prefetch_masks, select_tokens
@@ -186,15 +193,18 @@ class Scheduler:
 
     def _preempt(self) -> None:
         """Until the running set's next tokens fit the KV pool: the newest sequence leaves the batch (its
-        KV freed) for the front of the queue, to be prefilled again with what it generated."""
+        KV freed) for the front of the queue, to be prefilled again (with what it generated)."""
         kv = self._runner.kv
 
-        def fits() -> bool:
-            return kv.holds(len(self._running), max(kv.lengths[: len(self._running)]) + 1)
+        def fits() -> bool:  # after evicting cached blocks, if that is enough: they go first
+            rows, longest = len(self._running), max(kv.lengths[: len(self._running)]) + 1
+            if self._prefix is not None:
+                self._prefix.make_room(rows, longest)
+            return kv.holds(rows, longest)
 
-        if self._running and self._prefix is not None:  # cached prefixes go first
-            self._prefix.make_room(len(self._running), max(kv.lengths[: len(self._running)]) + 1)
-        if self._running and self._chunking is not None and not fits():
+        if not self._running:
+            return
+        if not fits() and self._chunking is not None:  # fits() runs first: a single row's room too
             self._abandon_chunking()  # then a partly prefilled prompt's row: it starts again later
         while len(self._running) > 1 and not fits():
             row = max(range(len(self._running)), key=lambda r: self._running[r].seq_id)
@@ -303,11 +313,10 @@ class Scheduler:
             return kv.holds(running + rows, max(grown, longest + 1), prefix_blocks=len(keep.union(blocks)))
 
         packs, images_free = self._runner.packs, self._runner.image_rows_free()
+        budget = prompt_budget(self._step_tokens, running, self._runner.can_mix())
         for head_hit in (hit, []) if hit else ([],):  # a head that fits only without its hit goes without
             hit_of = lambda i: head_hit if i == 0 else self._hit(candidates[i])  # noqa: E731, B023 - lazily
-            planned = choose_chunks(
-                candidates, hit_of, self._prompt_budget(), room, keep, packs, grown, images_free
-            )
+            planned = choose_chunks(candidates, hit_of, budget, room, keep, packs, grown, images_free)
             if planned:
                 break
         join_twins(planned, candidates, room)
@@ -322,14 +331,6 @@ class Scheduler:
             if not seq.generated:
                 self._metrics.queue.observe(time.monotonic() - seq.arrival_s)
         return place(planned, len(self._running)), [group for _, group in planned]
-
-    def _prompt_budget(self) -> int:
-        """Prompt tokens this step may compute: the step budget less the running sequences' decode
-        tokens when they share its forward (at least MIN_CHUNK, so a newcomer always progresses)."""
-        budget = self._step_tokens
-        if self._running and self._runner.can_mix():
-            return max(budget - len(self._running), MIN_CHUNK)
-        return budget
 
     def _hit(self, seq: Sequence) -> list[int]:
         return [] if self._prefix is None else self._prefix.start_of(seq)
