@@ -92,6 +92,11 @@ class SlotKVCache:
             return
         roomy = self._roomy_width()
         width = roomy if roomy >= need and self._fits(num_rows, roomy, self.prefix_blocks) else need
+        if not self._fits(num_rows, width, self.prefix_blocks):  # a planning error: fail, overwrite nothing
+            raise ValueError(
+                f"{self.rows_taken(num_rows)} rows of {longest} tokens do not fit a {self.pool_tokens}-token "
+                f"pool beside {self.prefix_blocks} cached blocks"
+            )
         if width != self.width:
             self._relayout(width, num_rows)
 

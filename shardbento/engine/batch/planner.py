@@ -29,6 +29,7 @@ def choose_chunks(
     packs: bool,
     grown: int,
     images_free: int | None = None,
+    least_budget: int | None = None,
 ) -> Planned:
     """This step's chunks, each with the sequences it serves (`hit_of(i)`: candidate i's cached blocks;
     `keep` collects the blocks read; `grown`: the running rows' longest after this step;
@@ -37,7 +38,9 @@ def choose_chunks(
     vision head alone (whole with its pixels, or its text past a cached prefix; it waits while the
     cross-attention state is full); else complete prompts packed together, then the next prompt's first
     chunk with what the budget has left. Prompts that ask for prompt
-    logprobs keep logits at every token: at most SCORED_STEP_TOKENS of those a step."""
+    logprobs keep logits at every token: at most SCORED_STEP_TOKENS of those a step. `least_budget`: the
+    smallest budget a later step can give a chunked prompt (the room it holds while its chunks come is
+    counted at that pace). Every room check counts the rows planned before it at their own length."""
     head = candidates[0]
     if head.num_prefilled:
         chunk = _chunk(head, head.num_prefilled, budget, ())
@@ -56,7 +59,7 @@ def choose_chunks(
         candidates[first:],
         lambda i: hit_of(i + first),
         left,
-        room,
+        _beside(room, planned),
         keep,
         packs,
         rows_before=len(planned),
@@ -70,10 +73,24 @@ def choose_chunks(
         if candidates[index].scoring is not None:
             left = min(left, scored_left)
         if left >= MIN_CHUNK:
+            later = budget if least_budget is None else min(budget, least_budget)
             planned += _first_chunk(
-                candidates[index], hit_of(index), left, budget, room, keep, grown, len(planned)
+                candidates[index],
+                hit_of(index),
+                left,
+                later,
+                _beside(room, planned),
+                keep,
+                grown,
+                len(planned),
             )
     return planned
+
+
+def _beside(room: Room, planned: Planned) -> Room:
+    """room() for rows joining after the planned ones: the pool holds them all at the longest's width."""
+    longest = max((len(group[0].context()) for _, group in planned), default=0)
+    return lambda rows, n, blocks: room(rows, max(n, longest), blocks)
 
 
 def _scored_tokens(chunk: PrefillChunk) -> int:
@@ -250,7 +267,10 @@ def plan_together(
 
 def join_twins(planned: Planned, candidates: list[Sequence], room: Room) -> None:
     """Add each waiting fresh text prompt equal to a prompt completed by a planned chunk to its group,
-    while the KV pool holds one more row."""
+    while the KV pool holds one more row; none while a prompt starts in chunks beside them (its row's
+    room was counted for the rows planned without twins, growing while its chunks come)."""
+    if any(chunk.slot is None and not group[0].num_prefilled for chunk, group in planned):
+        return
     completing = {
         twin_key(group[0]): group
         for chunk, group in planned
@@ -272,6 +292,12 @@ def prompt_budget(step_tokens: int, running: int, mixes: bool) -> int:
     """Prompt tokens a step may compute: the step's budget less the running sequences' decode tokens
     when they share its forward (at least MIN_CHUNK, so a newcomer always progresses)."""
     return max(step_tokens - running, MIN_CHUNK) if running and mixes else step_tokens
+
+
+def step_budgets(step_tokens: int, running: int, waiting: int, mixes: bool) -> tuple[int, int]:
+    """This step's prompt budget, and the least a later step can give (with every waiting candidate
+    running): a prompt started in chunks is counted at that pace."""
+    return prompt_budget(step_tokens, running, mixes), prompt_budget(step_tokens, running + waiting, mixes)
 
 
 def planned_rows(planned: Planned) -> int:

@@ -144,11 +144,11 @@ class PrefillPaths:
                 logits_to_keep=keep.to(self._hidden_device),
             )
         self.kv.advance(len(token_ids))  # the decode rows' new tokens are in their rows
+        if in_row:  # its length first: a load below may lay the pool out again, keeping known lengths
+            self._row_done(in_row[0])
         for n, chunk in enumerate(plain):
             self.kv.load(chunk.slot, cache, spans=rows.spans(n))
             self._copy(chunk)
-        if in_row:
-            self._row_done(in_row[0])
         logits = out.logits[0]
         at = len(last)
         for chunk, _ in scored:  # every position of these chunks, after the last tokens'
@@ -167,7 +167,9 @@ class PrefillPaths:
                 self.drop(self._partial[0])
             row = self.num_rows if chunk.slot is None else chunk.slot
             self._partial, self.kv.partial_row = (chunk.seq_id, row), row
-            longest = max([n + 1 for n in self.kv.lengths[: self.num_rows]] + [chunk.length + 1])
+            # the completing prompts' rows are not loaded yet: their lengths come from the step's layout
+            lengths = [n + 1 for n in self.kv.lengths[: self.num_rows]]
+            longest = max([*lengths, chunk.length + 1, self._laid_out])
             self.kv.fit(self.num_rows, longest)
             if chunk.prefix:
                 self.kv.load_prefix(row, list(chunk.prefix), chunk.start)

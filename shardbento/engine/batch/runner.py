@@ -47,6 +47,7 @@ class ModelRunner(PrefillPaths, AdapterCalls):
         self._device = input_device(model)  # input ids, positions and masks go here
         self._hidden_device = hidden_states_device(model)  # logits_to_keep's indices go here
         self._partial: tuple[int, int] | None = None  # (seq id, row) of a prompt prefilled in chunks
+        self._laid_out = 0  # the longest row this step's layout holds (its completing prompts included)
         self.num_rows = 0  # slots 0..num_rows-1 hold running sequences
         # Fresh prompts prefilled together go packed in one row (packed.py) once allocate_pool() has
         # checked the model packs right; each then computes only its tokens past its cached prefix.
@@ -97,6 +98,7 @@ class ModelRunner(PrefillPaths, AdapterCalls):
 
     def _lay_out(self, completing: list[PrefillChunk]) -> None:
         """Fit the pool to the rows and lengths after this step (the scheduler checked that they fit)."""
+        self._laid_out = 0
         if completing:
             rows = max(self.num_rows, *(c.slot + 1 + len(c.copies) for c in completing))
             longest = max(
@@ -104,6 +106,7 @@ class ModelRunner(PrefillPaths, AdapterCalls):
                 + [c.start + len(c.token_ids) + 1 for c in completing]
             )
             self.kv.fit(rows, longest)
+            self._laid_out = longest
         self.num_rows = max([self.num_rows, *(c.slot + 1 + len(c.copies) for c in completing)])
 
     def mixed(

@@ -21,7 +21,7 @@ from shardbento.engine.batch.planner import (
     mixable,
     place,
     planned_rows,
-    prompt_budget,
+    step_budgets,
 )
 from shardbento.engine.batch.prefix import PrefixCache, follow_moves
 from shardbento.engine.batch.runner import ModelRunner, PrefillChunk, release_moves
@@ -313,10 +313,10 @@ class Scheduler:
             return kv.holds(running + rows, max(grown, longest + 1), prefix_blocks=len(keep.union(blocks)))
 
         packs, images_free = self._runner.packs, self._runner.image_rows_free()
-        budget = prompt_budget(self._step_tokens, running, self._runner.can_mix())
+        budget, least = step_budgets(self._step_tokens, running, len(candidates), self._runner.can_mix())
         for head_hit in (hit, []) if hit else ([],):  # a head that fits only without its hit goes without
             hit_of = lambda i: head_hit if i == 0 else self._hit(candidates[i])  # noqa: E731, B023 - lazily
-            planned = choose_chunks(candidates, hit_of, budget, room, keep, packs, grown, images_free)
+            planned = choose_chunks(candidates, hit_of, budget, room, keep, packs, grown, images_free, least)
             if planned:
                 break
         join_twins(planned, candidates, room)
@@ -392,8 +392,8 @@ class Scheduler:
                     self._waiting.remove(seq)
                     self._runner.drop(seq.seq_id)
             self._chunking = None
-        self._release(list(range(len(self._running))))
-        self._runner.clear_rows()  # rows the failed step laid out or began, beyond the released ones
+        self._runner.clear_rows()  # every row, those the failed step laid out or began included
+        self._running.clear()
         self._outbox = [item for item in self._outbox if item[0] not in failed]
         for seq in failed:
             self._metrics.finished("error")
