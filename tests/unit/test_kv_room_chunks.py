@@ -43,6 +43,12 @@ def test_a_first_chunk_counts_the_complete_prompts_beside_it(text_model, prefix_
     assert got == want
 
 
+def six_rows(model, pool: int, caching: bool, budget: int) -> Stepper:
+    return Stepper(
+        model, max_num_seqs=6, kv_cache_tokens=pool, max_num_batched_tokens=budget, prefix_caching=caching
+    )
+
+
 X = [(5 * i) % 977 + 3 for i in range(200)]
 L = [(7 * i) % 997 + 3 for i in range(240)]
 SHORTS = [[11 * k + 1, 11 * k + 2] for k in range(4)]
@@ -56,13 +62,7 @@ def test_a_chunked_prompts_room_holds_while_rows_join_and_grow(text_model, prefi
     preempt)."""
 
     def run(pool: int, caching: bool):
-        stepper = Stepper(
-            text_model,
-            max_num_seqs=6,
-            kv_cache_tokens=pool,
-            max_num_batched_tokens=32,
-            prefix_caching=caching,
-        )
+        stepper = six_rows(text_model, pool, caching, budget=32)
         seqs = stepper.submit(X, max_tokens=60)
         for _ in range(100):  # X's prefill, then decode steps until its row holds 247 tokens
             if stepper.runner.kv.lengths[0] == 247:
@@ -90,13 +90,7 @@ def test_a_first_chunk_beside_a_longer_complete_prompt_keeps_its_kv(text_model, 
     KV and answers as in a roomy pool (it used to answer wrong, silently)."""
 
     def answers(pool: int, caching: bool):
-        stepper = Stepper(
-            text_model,
-            max_num_seqs=6,
-            kv_cache_tokens=pool,
-            max_num_batched_tokens=160,
-            prefix_caching=caching,
-        )
+        stepper = six_rows(text_model, pool, caching, budget=160)
         stepper.run(LONG, max_tokens=1)
         return stepper, stepper.run(P, Q, max_tokens=4)
 
