@@ -28,17 +28,13 @@ class Collected:
 class Stepper:
     def __init__(self, loaded: LoadedModel, max_len: int = 1024, **limits: Any) -> None:
         self.loaded = loaded
-        self.runner = ModelRunner(loaded.model, ServingLimits(**limits).max_num_seqs, max_len)
+        serving = ServingLimits(**limits)
+        self.runner = ModelRunner(loaded.model, serving.max_num_seqs, max_len)
         with torch.inference_mode():
-            self.runner.allocate_pool(ServingLimits(**limits))
+            self.runner.allocate_pool(serving)
         self.factory = SequenceFactory(loaded.prompts)
-        self.scheduler = Scheduler(
-            self.runner,
-            ServingLimits(**limits),
-            RequestMetrics(loaded.prompts.spec.name),
-            self._deliver,
-            False,
-        )
+        metrics = RequestMetrics(loaded.prompts.spec.name)
+        self.scheduler = Scheduler(self.runner, serving, metrics, self._deliver, False)
         self.errors: list[BaseException] = []
         self._submitted = 0
 
