@@ -126,8 +126,7 @@ class Scheduler:
 
         Running it on the thread that loaded the model matters on CPU: torch's OpenMP runtime keeps a
         worker pool per thread that ever ran a parallel op, and with more pool threads than cores it
-        stops spinning between ops, which made every forward of a second thread ~40% slower here.
-        """
+        stops spinning between ops, which made every forward of a second thread ~40% slower here."""
         self._thread = threading.current_thread()
         try:
             self._loop()
@@ -179,14 +178,15 @@ class Scheduler:
         if chunks and self._running and self._runner.can_mix() and all(map(mixable, chunks)):
             self._mixed(chunks, groups)
         else:
+            ran = len(self._running)  # rows joining after these got their token from the prefill
             self._prefill(chunks, groups)
             self._flush()  # first tokens go out now, not after this step's decode forward
             self._preempt()
-            if self._running:
-                masks = prefetch_masks([seq.sampler for seq in self._running])  # made during the forward
-                tokens = [seq.next_token for seq in self._running]
-                logits = self._forward("decode", tokens, *self.adapters.slots(self._running))
-                self._advance(list(range(len(self._running))), logits, masks)
+            if decoding := self._running[:ran]:  # one token a step, as vLLM: joiners keep in step
+                masks = prefetch_masks([seq.sampler for seq in decoding])  # made during the forward
+                tokens = [seq.next_token for seq in decoding]
+                logits = self._forward("decode", tokens, *self.adapters.slots(decoding))
+                self._advance(list(range(len(decoding))), logits, masks)
         self._metrics.running.set(len(self._running))
         self._metrics.waiting.set(len(self._waiting))
         self._metrics.kv_usage.set(self._runner.kv.usage())
