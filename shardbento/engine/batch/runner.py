@@ -166,7 +166,7 @@ class ModelRunner(PrefillPaths, AdapterCalls):
         in step) agree on the smallest. Returns the pool's tokens."""
         from shardbento.plan.kvpool import kv_pool
 
-        per_token = self._kv_bytes_per_token(min(limits.step_tokens(self.on_gpu), self.kv.max_len))
+        per_token = self._kv_bytes_per_token(min(limits.step_tokens(), self.kv.max_len))
         image = self._cross_shape.bytes_per_sequence() if self._cross_shape is not None else {}
         free = None
         if any(device.startswith("cuda") for device in per_token):

@@ -63,7 +63,7 @@ class Scheduler:
     ) -> None:
         self._runner = runner
         self._limits = limits
-        self._step_tokens = limits.step_tokens(runner.on_gpu)
+        self._step_tokens = limits.step_tokens()
         self._metrics = metrics
         self._prefix = PrefixCache(runner) if limits.prefix_caching else None
         self._deliver = deliver
