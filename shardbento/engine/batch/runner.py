@@ -57,10 +57,6 @@ class ModelRunner(PrefillPaths, AdapterCalls):
         self._scores = {}
         self._score_tails = {}
 
-    @property
-    def on_gpu(self) -> bool:
-        return self._device.type == "cuda"
-
     def _cross(self, num_slots: int, image_rows: int) -> CrossAttentionSlots | None:
         if self._cross_shape is None:
             return None
