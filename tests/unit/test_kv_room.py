@@ -54,11 +54,20 @@ def test_a_chunked_prompts_first_row_makes_room_in_the_cache(text_model) -> None
     evicted for that row, the cached ones stay right, and later hits answer as without a cache."""
 
     def after_long_prompt(prefix_caching: bool) -> tuple[Stepper, list, list[bool]]:
-        stepper = Stepper(text_model, max_num_seqs=16, kv_cache_tokens=1024, prefix_caching=prefix_caching)
+        stepper = Stepper(
+            text_model,
+            max_num_seqs=16,
+            kv_cache_tokens=1024,
+            prefix_caching=prefix_caching,
+            max_num_batched_tokens=256,
+        )
         seen = watch_layouts(stepper)
         for prompt in SHORT:
             stepper.run(prompt)
-        stepper.run(LONG)
+        long = stepper.submit(LONG)
+        stepper.step()
+        assert stepper.scheduler._chunking is long[0]  # the case: LONG starts in chunks
+        stepper.finish(long)
         return stepper, [stepper.run([*p[:50], 999, 998, 997])[0] for p in SHORT[-6:]], seen
 
     cached, answers, seen = after_long_prompt(True)
