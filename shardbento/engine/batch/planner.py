@@ -278,12 +278,12 @@ def join_twins(planned: Planned, candidates: list[Sequence], room: Room) -> None
     }
     taken = {id(group[0]) for _, group in planned}
     rows = planned_rows(planned)
-    longest = max((len(group[0].context()) for _, group in planned), default=0)
+    beside = _beside(room, planned)  # a twin's row is as wide as the longest planned
     for seq in candidates:
         if id(seq) in taken or not is_twin(seq):
             continue
         group = completing.get(twin_key(seq))
-        if group is not None and _scores_enough(group[0], seq) and room(rows + 1, longest, []):
+        if group is not None and _scores_enough(group[0], seq) and beside(rows + 1, 0, []):
             group.append(seq)
             rows += 1
 
