@@ -3,6 +3,7 @@ for work on their control queues, never inside a collective, so an idle world ou
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import pytest
 from reliability.scenarios import write_catalog
 from servers import Server, serve
 from test_openai_errors_vision import data_uri, image_message, png_bytes
+
+from shardbento.engine.core.affinity import USER_SETTINGS
 
 COLLECTIVE_TIMEOUT_S = 15
 
@@ -27,10 +30,34 @@ def test_engine_process_holds_the_weights_the_api_worker_does_not(text_server: S
     assert httpx.post(f"{text_server.url}/chat", json=body, timeout=60).status_code == 200
     children = psutil.Process(text_server.process.pid).children(recursive=True)
     workers = [p for p in children if "worker.service" in " ".join(p.cmdline())]
-    ranks = [p for p in children if "multiprocessing.spawn" in " ".join(p.cmdline())]
+    ranks = rank_processes(text_server)
     assert len(workers) == 1 and len(ranks) == 1
     assert mapped_shards(ranks[0].pid)  # the rank holds the model's shards
     assert not mapped_shards(workers[0].pid)  # the worker that serves HTTP holds none
+
+
+def rank_processes(server: Server) -> list[psutil.Process]:
+    children = psutil.Process(server.process.pid).children(recursive=True)
+    return [p for p in children if "multiprocessing.spawn" in " ".join(p.cmdline())]
+
+
+def main_thread_cpus(process: psutil.Process) -> set[int]:
+    return set(os.sched_getaffinity(process.pid))
+
+
+@pytest.mark.skipif(
+    len(os.sched_getaffinity(0)) < 2 or set(USER_SETTINGS) & set(os.environ),
+    reason="needs 2 CPUs and no OpenMP placement of the user's",
+)
+def test_served_cpu_rank_keeps_its_openmp_threads_on_cores_of_their_own(text_server: Server) -> None:
+    """The service's CPU rank was spawned bound: its main thread keeps to one core and an OpenMP
+    worker to another (the service process itself is not bound)."""
+    (rank,) = rank_processes(text_server)
+    main = main_thread_cpus(rank)
+    assert main < set(os.sched_getaffinity(0))
+    assert any(set(os.sched_getaffinity(t.id)).isdisjoint(main) for t in rank.threads())
+    workers = [p for p in psutil.Process(text_server.process.pid).children(recursive=True) if p not in [rank]]
+    assert all(set(os.sched_getaffinity(p.pid)) == set(os.sched_getaffinity(0)) for p in workers)
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +87,14 @@ def test_tensor_parallel_vision_idle_past_the_collective_timeout_is_served(visio
     second = httpx.post(url, json=body, timeout=120)
     assert second.status_code == 200, second.text
     assert second.json()["choices"][0]["message"] == first.json()["choices"][0]["message"]
+
+
+@pytest.mark.skipif(
+    len(os.sched_getaffinity(0)) < 2 or set(USER_SETTINGS) & set(os.environ),
+    reason="needs 2 CPUs and no OpenMP placement of the user's",
+)
+def test_tensor_parallel_cpu_ranks_each_keep_a_cpu_of_their_own(vision_tp_server: Server) -> None:
+    ranks = rank_processes(vision_tp_server)
+    assert len(ranks) == 2
+    first, second = (main_thread_cpus(rank) for rank in ranks)
+    assert len(first) == len(second) == 1 and first != second

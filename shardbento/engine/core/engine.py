@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import queue
 import socket
 import threading
@@ -15,6 +16,7 @@ from typing import Any
 from shardbento.catalog import ModelSpec
 from shardbento.engine.adapters import AdapterSet
 from shardbento.engine.base import Constraint, Delta, EngineInfo, Prompt, SamplingParams
+from shardbento.engine.core.affinity import child_environment, rank_binding, usable_cpus
 from shardbento.engine.core.client import StreamRouter
 from shardbento.engine.core.messages import (
     LoadAdapter,
@@ -127,7 +129,9 @@ class ProcessEngine(PreprocessorPrompts):
             process = context.Process(
                 target=run_rank, args=(config, channels), name=f"shardbento-rank{rank}", daemon=True
             )
-            process.start()
+            binding = rank_binding(plan.device, world, rank, usable_cpus(), os.environ)
+            with child_environment(binding):
+                process.start()
             ranks.append(process)
         ready = _wait_ready(ranks, channels.status)
         logger.info("model %s: engine ready on %s (%s)", spec.name, ready.devices, ready.parallel)

@@ -11,6 +11,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
+from shardbento.engine.core.affinity import describe_threads
 from shardbento.engine.core.messages import RankChannels, RankConfig, RankLoadFailed, RankReady
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ def run_rank(config: RankConfig, channels: RankChannels) -> None:
     logging.basicConfig(level=logging.INFO, format=f"rank {config.rank} %(levelname)s %(name)s: %(message)s")
     try:
         loaded = _load(config)
+        logger.info(describe_threads(config.plan.device, os.environ))  # torch is loaded: threads are placed
         runner, batches = _runner(loaded, config)
     except Exception:  # noqa: BLE001 - reported to the service, which fails startup with it
         channels.status.put(RankLoadFailed(config.rank, traceback.format_exc()))
