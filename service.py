@@ -11,6 +11,7 @@ from typing import Any
 import bentoml
 from pydantic import BaseModel
 
+from shardbento.api.disconnect import Receive, unless_client_leaves
 from shardbento.api.errors import ErrorShapeMiddleware, typed_errors, typed_stream_errors
 from shardbento.api.images import decode_image
 from shardbento.api.middleware.auth import ApiKeyMiddleware
@@ -111,16 +112,19 @@ class ShardBento:
         return self.serving.is_alive()
 
     async def _stream(self, request: GenerationRequest) -> AsyncGenerator[str, None]:
-        generation = await self.serving.stream(request)
+        generation = await unless_client_leaves(_receive(), self.serving.stream(request))
         async for delta in generation.deltas:
             if delta.text:
                 yield delta.text
+
+    async def _complete(self, request: GenerationRequest) -> TextOutput:
+        return text_output(SPEC.name, await unless_client_leaves(_receive(), self.serving.complete(request)))
 
     @bentoml.api(input_spec=ChatInput)
     @typed_errors
     async def chat(self, messages: list[Any], **sampling: Any) -> TextOutput:
         """Chat messages in, the assistant's whole answer out."""
-        return text_output(SPEC.name, await self.serving.complete(self._chat(messages, sampling)))
+        return await self._complete(self._chat(messages, sampling))
 
     @bentoml.api(input_spec=ChatInput)
     @typed_stream_errors
@@ -139,16 +143,13 @@ class ShardBento:
     @typed_errors
     async def generate(self, prompt: str, **sampling: Any) -> TextOutput:
         """Raw completion of a prompt, no chat template (for base models)."""
-        request = GenerationRequest(new_request_id(), sampling_of(sampling), prompt=prompt)
-        return text_output(SPEC.name, await self.serving.complete(request))
+        return await self._complete(GenerationRequest(new_request_id(), sampling_of(sampling), prompt=prompt))
 
     @bentoml.api(input_spec=VisionInput)
     @typed_errors
     async def vision(self, image: Path, prompt: str, **sampling: Any) -> TextOutput:
         """An image and a question in, the answer out."""
-        return text_output(
-            SPEC.name, await self.serving.complete(await self._vision(image, prompt, sampling))
-        )
+        return await self._complete(await self._vision(image, prompt, sampling))
 
     @bentoml.api(input_spec=VisionInput)
     @typed_stream_errors
@@ -197,3 +198,9 @@ ShardBento.add_asgi_middleware(BodySizeLimit)
 ShardBento.add_asgi_middleware(ErrorShapeMiddleware)
 ShardBento.add_asgi_middleware(OpenAPIErrorShapeMiddleware)
 ShardBento.add_asgi_middleware(FaultInjectionMiddleware)
+
+
+def _receive() -> Receive:
+    """The current typed API request's ASGI receive (BentoML keeps the request in a context variable
+    that every ServiceContext reads), to watch for the client leaving before its answer."""
+    return bentoml.Context().request.receive

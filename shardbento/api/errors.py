@@ -15,8 +15,9 @@ from http import HTTPStatus
 from typing import Any
 
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
+from shardbento.api.disconnect import CLIENT_CLOSED_REQUEST, ClientGone
 from shardbento.errors import HTTPError, InternalError, ShardbentoError, error_body, status_type
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ def typed_errors(func: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable
             return await func(*args, **kwargs)
         except ShardbentoError as exc:
             return error_response(exc)
+        except ClientGone:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     return wrapper
 
@@ -71,6 +74,8 @@ def typed_stream_errors(func: Callable[..., AsyncIterator[Any]]) -> Callable[...
         try:
             async for item in func(*args, **kwargs):
                 yield item
+        except ClientGone:
+            return  # nobody reads the answer
         except ShardbentoError as exc:
             failed = _FAILED_STREAM.get()
             if failed is not None:

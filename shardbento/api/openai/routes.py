@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pydantic import BaseModel
@@ -13,6 +14,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from shardbento import __version__
+from shardbento.api.disconnect import CLIENT_CLOSED_REQUEST, ClientGone, unless_client_leaves
 from shardbento.api.errors import error_response
 from shardbento.api.image_urls import ImageFetchConfig
 from shardbento.api.openai.responses import ResponsesServing
@@ -50,17 +52,26 @@ def _respond(result: Result) -> Response:
     return StreamingResponse(result, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
+async def _generate(request: Request, work: Callable[[Any], Awaitable[Result]]) -> Response:
+    """`work` on the request's body, cancelled if the client disconnects before its answer is ready."""
+    body = await _body(request)
+    try:
+        return _respond(await unless_client_leaves(request.receive, work(body)))
+    except ClientGone:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
 async def chat_completions(request: Request) -> Response:
-    return _respond(await _openai(request).chat(await _body(request)))
+    return await _generate(request, _openai(request).chat)
 
 
 async def responses(request: Request) -> Response:
     _openai(request)  # a 503 while the service starts, as the other routes answer
-    return _respond(await request.app.state.responses.create(await _body(request)))
+    return await _generate(request, request.app.state.responses.create)
 
 
 async def completions(request: Request) -> Response:
-    return _respond(await _openai(request).completion(await _body(request)))
+    return await _generate(request, _openai(request).completion)
 
 
 async def models(request: Request) -> Response:
