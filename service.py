@@ -11,7 +11,7 @@ from typing import Any
 import bentoml
 from pydantic import BaseModel
 
-from shardbento.api.disconnect import Receive, unless_client_leaves
+from shardbento.api.disconnect import unless_typed_client_leaves
 from shardbento.api.errors import ErrorShapeMiddleware, typed_errors, typed_stream_errors
 from shardbento.api.images import decode_image
 from shardbento.api.middleware.auth import ApiKeyMiddleware
@@ -112,13 +112,13 @@ class ShardBento:
         return self.serving.is_alive()
 
     async def _stream(self, request: GenerationRequest) -> AsyncGenerator[str, None]:
-        generation = await unless_client_leaves(_receive(), self.serving.stream(request))
+        generation = await unless_typed_client_leaves(self.serving.stream(request))
         async for delta in generation.deltas:
             if delta.text:
                 yield delta.text
 
     async def _complete(self, request: GenerationRequest) -> TextOutput:
-        return text_output(SPEC.name, await unless_client_leaves(_receive(), self.serving.complete(request)))
+        return text_output(SPEC.name, await unless_typed_client_leaves(self.serving.complete(request)))
 
     @bentoml.api(input_spec=ChatInput)
     @typed_errors
@@ -198,9 +198,3 @@ ShardBento.add_asgi_middleware(BodySizeLimit)
 ShardBento.add_asgi_middleware(ErrorShapeMiddleware)
 ShardBento.add_asgi_middleware(OpenAPIErrorShapeMiddleware)
 ShardBento.add_asgi_middleware(FaultInjectionMiddleware)
-
-
-def _receive() -> Receive:
-    """The current typed API request's ASGI receive (BentoML keeps the request in a context variable
-    that every ServiceContext reads), to watch for the client leaving before its answer."""
-    return bentoml.Context().request.receive

@@ -51,6 +51,14 @@ async def unless_client_leaves(receive: Receive, work: Awaitable[T]) -> T:
     raise ClientGone()
 
 
+async def unless_typed_client_leaves(work: Awaitable[T]) -> T:
+    """unless_client_leaves for the typed API request being served (BentoML keeps the request in a
+    context variable that every ServiceContext reads)."""
+    import bentoml
+
+    return await unless_client_leaves(bentoml.Context().request.receive, work)
+
+
 async def _disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
