@@ -36,8 +36,9 @@ async def unless_client_leaves(receive: Receive, work: Awaitable[T]) -> T:
     gone = asyncio.ensure_future(_disconnect(receive))
     try:
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
+    except asyncio.CancelledError:  # a timeout or shutdown: the work goes too, its cleanup in its own time
         task.cancel()
+        task.add_done_callback(_retrieve)
         gone.cancel()
         raise
     left = gone.done() and not gone.cancelled() and gone.exception() is None
@@ -57,6 +58,12 @@ async def unless_typed_client_leaves(work: Awaitable[T]) -> T:
     import bentoml
 
     return await unless_client_leaves(bentoml.Context().request.receive, work)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Take a cancelled work's last exception (a failed cleanup), so asyncio does not report it unretrieved."""
+    if not task.cancelled() and task.exception() is not None:
+        logger.debug("a cancelled request's work failed while stopping", exc_info=task.exception())
 
 
 async def _disconnect(receive: Receive) -> None:
