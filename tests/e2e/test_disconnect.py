@@ -15,14 +15,14 @@ from servers import Server, serve, wait_for
 from test_openai_chat import metric
 
 MODEL = "tiny-llama-one-slot"
-LONG = 900  # tokens the running request asks for: it is still running when the test closes it
+LONG = 2000  # tokens the running request asks for (~3 s here): still running when the test closes it
 ABORTS = ("request_success_total", 'finished_reason="abort"')
 
 
 @pytest.fixture(scope="module")
 def one_slot_server(log_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     limits = {"max_num_seqs": 1, "max_waiting": 8}
-    catalog = write_catalog(tmp_path_factory.mktemp("one-slot"), MODEL, limits=limits)
+    catalog = write_catalog(tmp_path_factory.mktemp("one-slot"), MODEL, max_model_len=2048, limits=limits)
     with serve(MODEL, log_dir, env={"SHARDBENTO_CATALOG": str(catalog)}) as server:
         yield server
 
@@ -73,8 +73,10 @@ def test_abandoned_request_leaves_queue_and_running_one_leaves_batch(
     queued.close()
     wait_for(lambda: metric(server, *ABORTS) == aborted + 1, "the queued request aborted")
     assert metric(server, "num_requests_waiting") == 0
+    still_running = metric(server, "num_requests_running") == 1  # on a stalled machine it may be done
     running.close()
-    wait_for(lambda: metric(server, *ABORTS) == aborted + 2, "the running request aborted")
     wait_for(lambda: metric(server, "num_requests_running") == 0, "the slot free")
     assert metric(server, "time_to_first_token_seconds_count") == started + 1  # the queued one never ran
-    assert metric(server, "generation_tokens_total") - generated < LONG
+    if still_running:  # a running non-streamed request whose client left stops early too
+        wait_for(lambda: metric(server, *ABORTS) == aborted + 2, "the running request aborted")
+        assert metric(server, "generation_tokens_total") - generated < LONG
