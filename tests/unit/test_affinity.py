@@ -13,6 +13,7 @@ from shardbento.engine.core.affinity import (
     child_environment,
     describe_threads,
     rank_binding,
+    spread_over_cores,
     usable_cpus,
 )
 
@@ -21,10 +22,26 @@ def test_one_cpu_rank_binds_a_thread_a_core() -> None:
     assert rank_binding("cpu", 1, 0, [0, 1, 2, 3], {}) == {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}
 
 
-def test_tensor_parallel_cpu_ranks_take_a_cpu_each_from_the_usable_ones() -> None:
-    cpus = [9, 3, 5]  # a cpuset need not start at 0 nor be listed in order
-    places = [rank_binding("cpu", 3, rank, cpus, {})["OMP_PLACES"] for rank in range(3)]
-    assert places == ["{3}", "{5}", "{9}"]
+def test_tensor_parallel_cpu_ranks_take_a_cpu_each_in_the_order_given() -> None:
+    places = [rank_binding("cpu", 3, rank, [3, 9, 5], {})["OMP_PLACES"] for rank in range(3)]
+    assert places == ["{3}", "{9}", "{5}"]
+
+
+@pytest.mark.parametrize(
+    ("core_of", "order"),
+    [
+        (lambda cpu: cpu // 2, [2, 4, 6, 3, 5, 7]),  # siblings numbered next to each other
+        (lambda cpu: cpu % 3, [2, 3, 4, 5, 6, 7]),  # siblings numbered a socket apart
+        (lambda cpu: cpu, [2, 3, 4, 5, 6, 7]),  # no hyperthreads
+    ],
+)
+def test_cpus_spread_over_cores_first(core_of, order: list[int]) -> None:
+    """A cpuset {2..7}: ranks given one CPU each share no core while there are cores enough."""
+    assert spread_over_cores([7, 6, 5, 4, 3, 2], core_of) == order
+
+
+def test_usable_cpus_are_the_affinity_mask() -> None:
+    assert sorted(usable_cpus()) == sorted(os.sched_getaffinity(0))
 
 
 @pytest.mark.parametrize(
@@ -86,8 +103,8 @@ def test_spawned_process_keeps_its_threads_apart(monkeypatch: pytest.MonkeyPatch
 
     main, threads, num_threads = spawn(rank_binding("cpu", 1, 0, cpus, os.environ))
     if len(cpus) > 1:
-        assert main[0] == cpus[0] and len(main) < len(cpus)
+        assert main[0] == min(cpus) and len(main) < len(cpus)
     if num_threads > 1:
         assert any(set(t).isdisjoint(main) for t in threads)  # a worker on a core of its own
     main, _, _ = spawn({"OMP_PROC_BIND": "false"})
-    assert main == cpus
+    assert main == sorted(cpus)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from pathlib import Path
 
 # A user's own placement wins: any of these in the environment and the engine binds nothing.
 USER_SETTINGS = ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY", "KMP_AFFINITY")
@@ -23,30 +24,58 @@ def rank_binding(
     device: str, world: int, rank: int, cpus: Sequence[int], environ: Mapping[str, str]
 ) -> dict[str, str]:
     """The OpenMP settings rank `rank` of `world` starts with: one thread a core over the cores this
-    process may use (`cpus`) for a single rank; CPU `cpus[rank]` for each of several one-thread ranks
-    (tensor parallelism on CPU). Nothing on GPU, where the host threads only launch kernels, nothing
-    when the user set their own placement, and nothing when the ranks outnumber the CPUs (they would
-    share cores whatever the binding)."""
+    process may use for a single rank; CPU `cpus[rank]` for each of several one-thread ranks (tensor
+    parallelism on CPU; `cpus` in usable_cpus' order). Nothing on GPU, where the host threads only
+    launch kernels, nothing when the user set their own placement, and nothing when the ranks outnumber
+    the CPUs (they would share cores whatever the binding)."""
     if device != "cpu" or any(name in environ for name in USER_SETTINGS) or not cpus:
         return {}
     if world == 1:
         return {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}
     if world > len(cpus):
         return {}
-    return {"OMP_PROC_BIND": "true", "OMP_PLACES": f"{{{sorted(cpus)[rank]}}}"}
+    return {"OMP_PROC_BIND": "true", "OMP_PLACES": f"{{{cpus[rank]}}}"}
 
 
 def usable_cpus() -> list[int]:
-    """The CPUs this process may run on (its affinity mask: a container's cpuset, taskset)."""
+    """The CPUs this process may run on (its affinity mask: a container's cpuset, taskset), one of each
+    physical core first, then their hyperthread siblings: ranks given one each share no core while
+    there are cores enough."""
+    return spread_over_cores(_allowed_cpus(), _core_of)
+
+
+def spread_over_cores(cpus: Sequence[int], core_of: Callable[[int], Hashable]) -> list[int]:
+    """`cpus` ordered by their rank among their core's CPUs, then by number: [0, 2, 1, 3] when CPUs 0
+    and 1 are one core's two hardware threads and 2 and 3 another's."""
+    seen: dict[Hashable, int] = {}
+    order = []
+    for cpu in sorted(cpus):
+        core = core_of(cpu)
+        order.append((seen.get(core, 0), cpu))
+        seen[core] = seen.get(core, 0) + 1
+    return [cpu for _, cpu in sorted(order)]
+
+
+def _allowed_cpus() -> list[int]:
     if hasattr(os, "sched_getaffinity"):
         return sorted(os.sched_getaffinity(0))
     return list(range(os.cpu_count() or 1))
 
 
+def _core_of(cpu: int) -> Hashable:
+    topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+    try:
+        return (topology / "physical_package_id").read_text().strip(), (
+            topology / "core_id"
+        ).read_text().strip()
+    except OSError:
+        return cpu  # no topology to read: each CPU its own core
+
+
 def describe_threads(device: str, environ: Mapping[str, str]) -> str:
     """How this rank's OpenMP threads are placed (its startup log; the variables it was spawned with)."""
     bind = environ.get("OMP_PROC_BIND", "")
-    where = f"the loop's thread on CPUs {usable_cpus()}"
+    where = f"the loop's thread on CPUs {_allowed_cpus()}"
     if bind and bind.lower() != "false":
         places = environ.get("OMP_PLACES", "unset")
         return f"OpenMP threads bound (OMP_PROC_BIND={bind}, OMP_PLACES={places}; {where}); OMP_PROC_BIND=false unbinds"
