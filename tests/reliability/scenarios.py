@@ -98,14 +98,17 @@ def _wait_status(server: Server, path: str, status: int, timeout_s: float) -> in
 
 
 def sigterm_drain(log_dir: Path, grace_s: int = 2, num_long: int = 16) -> dict[str, object]:
-    """SIGTERM with one short stream and `num_long` endless ones in flight (EOS ignored, 1,000 tokens
-    each: far more work than the grace period holds): the short one ends whole, the endless ones are
-    cut at the grace period, and the server exits cleanly soon after."""
+    """SIGTERM with one short stream and `num_long` endless ones in flight (EOS ignored, 2,000 tokens
+    each, the whole context: far more work than the grace period holds): the short one ends whole, the
+    endless ones are cut at the grace period, and the server exits cleanly soon after."""
     args = ["--timeout-graceful-shutdown", str(grace_s)]
     results: dict[str, object] = {}
     short = ("/chat_stream", {**CHAT, "max_tokens": 24})
-    endless = {"model": "tiny-llama", **CHAT, "max_tokens": 1000, "ignore_eos": True, "stream": True}
-    with serve("tiny-llama", log_dir, args=args) as server:
+    # 1,000 tokens were not always enough: the stream that started first once finished 1,000 while
+    # the others, begun later, were cut at 600-750
+    catalog = write_catalog(log_dir / f"drain-{secrets.token_hex(4)}", "tiny-llama", max_model_len=2048)
+    endless = {"model": "tiny-llama", **CHAT, "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    with serve("tiny-llama", log_dir, args=args, env={"SHARDBENTO_CATALOG": str(catalog)}) as server:
         started = {name: threading.Event() for name in ["short", *(f"long{i}" for i in range(num_long))]}
         threads = [
             threading.Thread(target=_stream, args=(server.url, *short, "short", results, started["short"]))
