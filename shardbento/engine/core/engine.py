@@ -113,7 +113,7 @@ class ProcessEngine(PreprocessorPrompts):
             control=tuple(context.SimpleQueue() for _ in range(world - 1)),
         )
         port = free_port()
-        ranks = []
+        ranks, cpus = [], usable_cpus()
         for rank in range(world):
             config = RankConfig(
                 rank,
@@ -129,7 +129,7 @@ class ProcessEngine(PreprocessorPrompts):
             process = context.Process(
                 target=run_rank, args=(config, channels), name=f"shardbento-rank{rank}", daemon=True
             )
-            binding = rank_binding(plan.device, world, rank, usable_cpus(), os.environ)
+            binding = rank_binding(plan.device, world, rank, cpus, os.environ)
             with child_environment(binding):
                 process.start()
             ranks.append(process)
