@@ -17,6 +17,10 @@ from test_openai_errors_vision import data_uri, image_message, png_bytes
 from shardbento.engine.core.affinity import USER_SETTINGS
 
 COLLECTIVE_TIMEOUT_S = 15
+BINDS = pytest.mark.skipif(  # where the service binds a CPU rank's threads
+    len(os.sched_getaffinity(0)) < 2 or bool(set(USER_SETTINGS) & set(os.environ)),
+    reason="needs 2 CPUs and no OpenMP placement of the user's",
+)
 
 
 def mapped_shards(pid: int) -> set[str]:
@@ -45,10 +49,7 @@ def main_thread_cpus(process: psutil.Process) -> set[int]:
     return set(os.sched_getaffinity(process.pid))
 
 
-@pytest.mark.skipif(
-    len(os.sched_getaffinity(0)) < 2 or set(USER_SETTINGS) & set(os.environ),
-    reason="needs 2 CPUs and no OpenMP placement of the user's",
-)
+@BINDS
 def test_served_cpu_rank_keeps_its_openmp_threads_on_cores_of_their_own(text_server: Server) -> None:
     """The service's CPU rank was spawned bound: its main thread keeps to one core and an OpenMP
     worker to another (the service process itself is not bound)."""
@@ -89,10 +90,7 @@ def test_tensor_parallel_vision_idle_past_the_collective_timeout_is_served(visio
     assert second.json()["choices"][0]["message"] == first.json()["choices"][0]["message"]
 
 
-@pytest.mark.skipif(
-    len(os.sched_getaffinity(0)) < 2 or set(USER_SETTINGS) & set(os.environ),
-    reason="needs 2 CPUs and no OpenMP placement of the user's",
-)
+@BINDS
 def test_tensor_parallel_cpu_ranks_each_keep_a_cpu_of_their_own(vision_tp_server: Server) -> None:
     ranks = rank_processes(vision_tp_server)
     assert len(ranks) == 2

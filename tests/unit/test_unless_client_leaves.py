@@ -16,12 +16,13 @@ class Connection:
     """An ASGI receive after the body: blocks until the test disconnects it (or makes it fail)."""
 
     def __init__(self) -> None:
-        self.lost = asyncio.Event()
+        self.lost, self.failed = asyncio.Event(), asyncio.Event()
         self.broken: Exception | None = None
 
     async def receive(self) -> dict[str, Any]:
         await self.lost.wait()
         if self.broken is not None:
+            self.failed.set()
             raise self.broken
         return {"type": "http.disconnect"}
 
@@ -76,7 +77,9 @@ def test_a_connection_that_cannot_be_watched_cancels_nothing() -> None:
         await work.started.wait()
         connection.broken = OSError("receive failed")
         connection.lost.set()
-        await asyncio.sleep(0.01)
+        await connection.failed.wait()
+        for _ in range(3):  # the watch's task ends and the call sees it, before the work answers
+            await asyncio.sleep(0)
         work.release.set()
         assert await call == "answer"
 
