@@ -1,7 +1,7 @@
 """Which CPU linear kernel a decode step should use, by the number of rows it multiplies: the engine's
 decode step on bench-llama (through ModelRunner, the pool as served) with every linear on the default
-BLAS call, on the packed oneDNN kernel, and as shipped (the default call up to
-cpu_kernels.PLAIN_MAX_ROWS rows, packed above). Each configuration runs in a fresh process (malloc's
+BLAS call, on the packed oneDNN kernel, and as shipped (the default call up to the crossover
+cpu_kernels.measure_kernels found at load, packed above; the load log says which). Each configuration runs in a fresh process (malloc's
 history and thread pools differ), the three alternate round by round, and the table shows each batch
 size's median step time over the rounds.
 
@@ -36,14 +36,15 @@ def measure(mode: str) -> dict[int, float]:
     from shardbento.engine.hf.loading import load_model
     from shardbento.plan.preflight import run_preflight
 
-    if mode == "packed":
-        cpu_kernels.PLAIN_MAX_ROWS = 0
-    kernels = "default" if mode == "default" else "onednn"
+    kernels = "onednn" if mode == "shipped" else "default"
     fields = {"name": "bench-llama", "source": "generated:bench-llama", "kind": "text", "dtype": "float32"}
     spec = ModelSpec.model_validate({**fields, "cpu_kernels": kernels})
-    if mode == "default":
+    model = load_model(spec, run_preflight(spec)).model
+    if mode != "shipped":
         cpu_kernels.keep_freed_memory()  # the same allocator settings in all three
-    runner = ModelRunner(load_model(spec, run_preflight(spec)).model, max(ROWS), 1024)
+    if mode == "packed":
+        cpu_kernels.pack_linear_weights(model, plain_max_rows=0)
+    runner = ModelRunner(model, max(ROWS), 1024)
     medians = {}
     with torch.inference_mode():
         runner.allocate_pool(ServingLimits())

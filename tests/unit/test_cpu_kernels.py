@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import subprocess
 import sys
 
@@ -44,7 +45,7 @@ def test_cpu_kernels_packed_linears_keep_logits() -> None:
 
 @torch.inference_mode()
 def test_cpu_kernels_a_few_rows_take_the_default_call_more_the_packed_kernel() -> None:
-    """Up to PLAIN_MAX_ROWS rows a packed linear is the default call on its own weight (the same
+    """Up to plain_max_rows rows a packed linear is the default call on its own weight (the same
     numbers to the bit); past it the packed kernel serves (siblings computed as one product)."""
     from shardbento.catalog import load_spec
     from shardbento.engine.hf.loading import load_model
@@ -54,14 +55,15 @@ def test_cpu_kernels_a_few_rows_take_the_default_call_more_the_packed_kernel() -
     model = load_model(spec, run_preflight(spec)).model
     attention = model.model.layers[0].self_attn
     weights = {name: getattr(attention, name).weight for name in ("q_proj", "k_proj", "v_proj")}
-    pack_linear_weights(model)
+    most = 4
+    pack_linear_weights(model, plain_max_rows=most)
     siblings = attention.q_proj.forward.args[2].func.__self__
     hidden = model.config.hidden_size
-    for rows in (1, cpu_kernels.PLAIN_MAX_ROWS):
+    for rows in (1, most):
         x = torch.randn(1, rows, hidden, generator=torch.Generator().manual_seed(rows))
         assert torch.equal(attention.q_proj(x), torch.nn.functional.linear(x, weights["q_proj"]))
         assert getattr(siblings._pending, "input", None) is None  # no fused product made
-    x = torch.randn(1, cpu_kernels.PLAIN_MAX_ROWS + 1, hidden, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, most + 1, hidden, generator=torch.Generator().manual_seed(0))
     q = attention.q_proj(x)
     assert siblings._pending.input is x  # the fused product, waiting for k and v
     for name, out in (("q_proj", q), ("k_proj", attention.k_proj(x)), ("v_proj", attention.v_proj(x))):
@@ -70,6 +72,48 @@ def test_cpu_kernels_a_few_rows_take_the_default_call_more_the_packed_kernel() -
     one = torch.tensor([[PROMPTS[0][0]]])
     reference = load_model(spec, run_preflight(spec)).model(input_ids=one).logits
     assert torch.equal(model(input_ids=one).logits, reference)  # a one-token forward: every linear plain
+
+
+def test_cpu_kernels_crossover_is_the_last_row_count_the_default_call_won_from_one_up() -> None:
+    assert cpu_kernels.crossover_rows({1: (1.0, 2.0), 2: (1.5, 2.0), 4: (3.0, 2.5), 8: (1.0, 9.0)}) == 2
+    assert cpu_kernels.crossover_rows({1: (2.0, 1.0), 2: (1.0, 2.0)}) == 0  # packed from one row on
+    assert cpu_kernels.crossover_rows({4: (1.0, 2.0), 1: (1.0, 2.0), 16: (1.0, 2.0)}) == 16
+    assert cpu_kernels.crossover_rows({1: (2.0, 2.0)}) == 0  # a tie: the packed kernel
+
+
+@torch.inference_mode()
+def test_cpu_kernels_crossover_is_measured_at_load_and_every_linear_uses_it(caplog, monkeypatch) -> None:
+    """Packing without a given crossover times the model's own linears on both calls at every
+    calibration row count and binds what that timing chose into every packed linear; the load log
+    names it with the figures."""
+    from shardbento.catalog import load_spec
+    from shardbento.engine.hf.loading import load_model
+    from shardbento.plan.preflight import run_preflight
+
+    spec = load_spec("tiny-llama").model_copy(update={"cpu_kernels": "default"})
+    model = load_model(spec, run_preflight(spec)).model
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    units = [cpu_kernels.PackedUnit.of([m]) for m in linears]
+    timings = cpu_kernels.measure_kernels(units, rows=(1, 3))
+    assert set(timings) == {1, 3} and all(d > 0 and p > 0 for d, p in timings.values())
+    measured, real = [], cpu_kernels.measure_kernels
+
+    def measure(units):  # the real timing, then a table whose crossover no fixed default gives
+        measured.append(real(units))
+        return {1: (1.0, 2.0), 2: (1.0, 2.0), 4: (3.0, 2.0), 8: (1.0, 2.0)}
+
+    monkeypatch.setattr(cpu_kernels, "measure_kernels", measure)
+    with caplog.at_level(logging.INFO, logger=cpu_kernels.__name__):
+        assert pack_linear_weights(model) == len(linears)
+    assert set(measured[0]) == set(cpu_kernels.CALIBRATION_ROWS)
+    assert {m.forward.args[3] for m in linears} == {2}
+    assert (
+        "the default call up to 2 rows" in caplog.text
+        and "default / packed ms: 1 rows 1000.00" in caplog.text
+    )
+    ids = torch.tensor([PROMPTS[1]])
+    reference = load_model(spec, run_preflight(spec)).model(input_ids=ids).logits
+    assert close(model(input_ids=ids).logits, reference)
 
 
 PREFILL_PAGE_FAULTS = """

@@ -7,7 +7,9 @@ import ctypes
 import logging
 import sys
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -18,11 +20,16 @@ logger = logging.getLogger(__name__)
 # Memory the packed copies may take, as a share of the memory available when the model is loaded.
 MAX_SHARE_OF_AVAILABLE = 0.25
 _BATCH_SIZE_HINT = 16  # oneDNN picks its blocking for about this many rows; any row count works
-# Inputs of at most this many rows (decode steps of a few sequences) go to the default BLAS call on the
-# original weight, which beats the packed kernel there. bench-llama's decode step on 2 cores (medians of
-# 3 rounds, benchmarks/linear_rows.py): 1 row 6.4 ms default against 10.2 packed, 4 rows 9.5 against
-# 10.8, 8 rows 12.3 against 13.0, 16 rows 18.9 against 16.8.
-PLAIN_MAX_ROWS = 4
+# Inputs of a few rows (decode steps of a few sequences) may run faster on the default BLAS call on the
+# original weight than on the packed kernel, or slower: it depends on the CPU and its BLAS. The crossover is
+# measured at load on the model's own linears (measure_kernels). bench-llama's decode step on 2 cores,
+# medians of 3 rounds of benchmarks/linear_rows.py: on an Intel Xeon 1 row 6.4 ms default against 10.2
+# packed, 4 rows 9.5 against 10.8, 16 rows 18.9 against 16.8; on an AMD EPYC (MKL's default call) 4 rows
+# 42.4 against 23.4 ms.
+CALIBRATION_ROWS = (1, 2, 4, 8, 16)
+CALIBRATION_ROUNDS = 5  # the fastest of these rounds counts (other load only ever slows a round)
+CALIBRATION_BUDGET_S = 2.0  # no further rounds after this long (large models), once two are done
+CALIBRATION_BYTES = 256 * 2**20  # weights one timed pass reads: past a CPU's caches
 
 # glibc mallopt() parameters and the values keep_freed_memory() sets (see its docstring).
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -63,15 +70,18 @@ def keep_freed_memory() -> bool:
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def pack_linear_weights(model: Any, available_bytes: int | None = None) -> int:
+def pack_linear_weights(
+    model: Any, available_bytes: int | None = None, plain_max_rows: int | None = None
+) -> int:
     """Run every float32 nn.Linear that lives on the CPU through oneDNN with a pre-packed weight.
 
     From a few rows up (decode steps of many sequences, prefills) packed weights are faster than the
-    default BLAS call on this kind of CPU; sibling projections (SIBLINGS) share one packed weight. Up to
-    PLAIN_MAX_ROWS rows the default call on the original weight is faster and serves. The packed copy
-    sits beside the original weight (tied and shared weights stay intact), so packing is skipped when
-    the copies would take more than a quarter of the available memory. Returns the number of layers
-    packed.
+    default BLAS call; sibling projections (SIBLINGS) share one packed weight. Inputs of at most
+    `plain_max_rows` rows take the default call on the original weight instead; None: the crossover is
+    measured now, on these linears (measure_kernels), since which call wins at a few rows depends on
+    the CPU. The packed copy sits beside the original weight (tied and shared weights stay intact), so
+    packing is skipped when the copies would take more than a quarter of the available memory. Returns
+    the number of layers packed.
     """
     if not _available():
         logger.info("oneDNN linear kernels are unavailable in this torch build; using the default ones")
@@ -87,15 +97,24 @@ def pack_linear_weights(model: Any, available_bytes: int | None = None) -> int:
         )  # fmt: skip
         return 0
     with torch.no_grad():
-        fused = {id(m) for group in _sibling_groups(model) for m in _fuse(group)}
-        for module in (m for m in linears if id(m) not in fused):
-            weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), _BATCH_SIZE_HINT)
-            module.forward = partial(
-                _by_rows, module.weight, module.bias, partial(_packed_linear, weight, module.bias)
-            )
+        units = _packed_units(model, linears)
+    if plain_max_rows is None:
+        timings = measure_kernels(units)
+        plain_max_rows = crossover_rows(timings)
+        measured = ", ".join(f"{n} rows {d * 1e3:.2f} / {p * 1e3:.2f}" for n, (d, p) in timings.items())
+        logger.info(
+            "CPU linear kernels: %s (measured, one pass over the linears, default / packed ms: %s)",
+            f"the default call up to {plain_max_rows} rows, packed oneDNN above"
+            if plain_max_rows
+            else "packed oneDNN at every row count",
+            measured,
+        )
+    for unit in units:
+        unit.bind(plain_max_rows)
+    fused = sum(len(u.linears) for u in units if u.siblings is not None)
     logger.info(
         "packed %d CPU linear layers for oneDNN (%d of them fused with their siblings, %.0f MiB)",
-        len(linears), len(fused), packed_bytes / 2**20,
+        len(linears), fused, packed_bytes / 2**20,
     )  # fmt: skip
     return len(linears)
 
@@ -108,12 +127,121 @@ def _by_rows(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     packed: Callable[[torch.Tensor], torch.Tensor],
+    plain_max_rows: int,
     x: torch.Tensor,
 ) -> torch.Tensor:
     """A few rows: the default call on the original weight; more: the packed kernel."""
-    if x.numel() <= PLAIN_MAX_ROWS * x.shape[-1]:
+    if x.numel() <= plain_max_rows * x.shape[-1]:
         return torch.nn.functional.linear(x, weight, bias)
     return packed(x)
+
+
+@dataclass(frozen=True, slots=True)
+class PackedUnit:
+    """One packed product, a linear's or a sibling group's (computed as one), and the linears it serves."""
+
+    linears: tuple[torch.nn.Linear, ...]
+    weight: torch.Tensor  # packed for oneDNN
+    bias: torch.Tensor | None
+    siblings: _Siblings | None
+
+    @classmethod
+    def of(cls, linears: list[torch.nn.Linear]) -> PackedUnit:
+        if len(linears) > 1:
+            siblings = _Siblings(linears)
+            return cls(tuple(linears), siblings.weight, siblings.bias, siblings)
+        module = linears[0]
+        weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), _BATCH_SIZE_HINT)
+        return cls((module,), weight, module.bias, None)
+
+    @property
+    def in_features(self) -> int:
+        return self.linears[0].in_features
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(m.weight.numel() * m.weight.element_size() for m in self.linears)
+
+    def run_plain(self, x: torch.Tensor) -> None:
+        for module in self.linears:
+            torch.nn.functional.linear(x, module.weight, module.bias)
+
+    def run_packed(self, x: torch.Tensor) -> None:
+        _packed_linear(self.weight, self.bias, x)
+
+    def bind(self, plain_max_rows: int) -> None:
+        """Serve each linear: the default call up to `plain_max_rows` rows, this product above (a
+        sibling group's product is made once and each sibling takes its slice)."""
+        for index, module in enumerate(self.linears):
+            if self.siblings is not None:
+                packed = partial(self.siblings.output, index)
+            else:
+                packed = partial(_packed_linear, self.weight, self.bias)
+            module.forward = partial(_by_rows, module.weight, module.bias, packed, plain_max_rows)
+
+
+def _packed_units(model: Any, linears: list[torch.nn.Linear]) -> list[PackedUnit]:
+    """The packed products for `linears`, in the model's order (a sibling group where its first is)."""
+    groups = {id(group[0]): group for group in _sibling_groups(model)}
+    fused = {id(m) for group in groups.values() for m in group}
+    units = []
+    for module in linears:
+        if id(module) in groups:
+            units.append(PackedUnit.of(groups[id(module)]))
+        elif id(module) not in fused:
+            units.append(PackedUnit.of([module]))
+    return units
+
+
+@torch.inference_mode()
+def measure_kernels(
+    units: list[PackedUnit], rows: tuple[int, ...] = CALIBRATION_ROWS
+) -> dict[int, tuple[float, float]]:
+    """Seconds one pass over the units takes at each row count, on the default calls and on the packed
+    kernels. A pass runs the units in the model's order up to CALIBRATION_BYTES of weights, more than a
+    CPU cache holds, so the weights are read from memory as in a forward (one weight timed again and
+    again would sit in the cache). The two kinds alternate; each figure is the fastest of
+    CALIBRATION_ROUNDS rounds (fewer once CALIBRATION_BUDGET_S is spent)."""
+    passed, total_bytes = [], 0
+    for unit in units:
+        if passed and total_bytes >= CALIBRATION_BYTES:
+            break
+        passed.append(unit)
+        total_bytes += unit.weight_bytes
+    generator = torch.Generator().manual_seed(0)
+    widths = {u.in_features for u in passed}
+    inputs = {(n, w): torch.randn(n, w, generator=generator) for n in rows for w in widths}
+
+    def one_pass(n: int, kind: int) -> float:
+        begin = time.perf_counter()
+        for unit in passed:
+            (unit.run_plain, unit.run_packed)[kind](inputs[n, unit.in_features])
+        return time.perf_counter() - begin
+
+    for n in rows:
+        for kind in (0, 1):
+            one_pass(n, kind)  # lazy set-up (oneDNN's primitives per shape) done before timing
+    best = {n: [float("inf"), float("inf")] for n in rows}
+    started = time.perf_counter()
+    for round_number in range(CALIBRATION_ROUNDS):
+        if round_number >= 2 and time.perf_counter() - started > CALIBRATION_BUDGET_S:
+            break
+        for n in rows:
+            for kind in ((0, 1), (1, 0))[round_number % 2]:
+                best[n][kind] = min(best[n][kind], one_pass(n, kind))
+    return {n: (plain, packed) for n, (plain, packed) in best.items()}
+
+
+def crossover_rows(timings: dict[int, tuple[float, float]]) -> int:
+    """The most rows up to which the default calls were faster at every measured row count (0: the
+    packed kernel from one row on)."""
+    most = 0
+    for rows in sorted(timings):
+        plain, packed = timings[rows]
+        if plain >= packed:
+            break
+        most = rows
+    return most
 
 
 class _Siblings:
@@ -156,13 +284,6 @@ def _sibling_groups(model: Any) -> list[list[torch.nn.Linear]]:
             if len({c.in_features for c in children}) == 1 and len({c.bias is None for c in children}) == 1:
                 groups.append(children)
     return groups
-
-
-def _fuse(linears: list[torch.nn.Linear]) -> list[torch.nn.Linear]:
-    siblings = _Siblings(linears)
-    for index, module in enumerate(linears):  # a few rows: each its own default call, no product kept
-        module.forward = partial(_by_rows, module.weight, module.bias, partial(siblings.output, index))
-    return linears
 
 
 def _packable(module: Any) -> bool:
