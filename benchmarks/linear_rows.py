@@ -1,9 +1,9 @@
 """Which CPU linear kernel a decode step should use, by the number of rows it multiplies: the engine's
 decode step on bench-llama (through ModelRunner, the pool as served) with every linear on the default
-BLAS call, on the packed oneDNN kernel, and as shipped (the default call up to the crossover
-cpu_kernels.measure_kernels found at load, packed above; the load log says which). Each configuration runs in a fresh process (malloc's
-history and thread pools differ), the three alternate round by round, and the table shows each batch
-size's median step time over the rounds.
+BLAS call, on the packed oneDNN kernel, and as shipped (the default call up to the crossover that
+cpu_kernels.measure_kernels found at load, packed above; the load log says which). Each configuration
+runs in a fresh process (malloc's history and thread pools differ), the three alternate round by round,
+and the table shows each batch size's median step time over the rounds.
 
     .venv/bin/python benchmarks/linear_rows.py [--rounds 3]
 """
