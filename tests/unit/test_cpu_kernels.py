@@ -166,3 +166,24 @@ def test_cpu_kernels_keep_freed_memory_stops_refaulting_prefill_pages() -> None:
         for mode in ("default", "keep")
     }
     assert faults["keep"] * 3 < faults["default"], faults
+
+
+@torch.inference_mode()
+def test_cpu_kernels_crossover_is_timed_on_the_decoders_linears_before_a_vision_towers(monkeypatch) -> None:
+    """A vision model's tower comes first in its module order but never sees a few-row input: the
+    timed pass starts with the text decoder's linears and the output projection, the tower's after."""
+    from shardbento.catalog import load_spec
+    from shardbento.engine.hf.loading import load_model
+    from shardbento.plan.preflight import run_preflight
+
+    spec = load_spec("tiny-llava").model_copy(update={"cpu_kernels": "default"})
+    model = load_model(spec, run_preflight(spec)).model
+    decoding = {id(m) for m in model.get_decoder().modules()} | {id(model.get_output_embeddings())}
+    order = [id(m) in decoding for m in model.modules() if type(m) is torch.nn.Linear]
+    assert not order[0] and any(order)  # the tower's linears first in the model's own order
+    timed = []
+    monkeypatch.setattr(cpu_kernels, "measure_kernels", lambda units: timed.extend(units) or {1: (2.0, 1.0)})
+    pack_linear_weights(model)
+    firsts = [id(unit.linears[0]) in decoding for unit in timed]
+    assert firsts == sorted(firsts, reverse=True) and firsts[0] and not firsts[-1]
+    assert id(model.get_output_embeddings()) in {id(u.linears[0]) for u in timed[: firsts.count(True)]}

@@ -99,7 +99,7 @@ def pack_linear_weights(
     with torch.no_grad():
         units = _packed_units(model, linears)
     if plain_max_rows is None:
-        timings = measure_kernels(units)
+        timings = measure_kernels(_decode_first(model, units))
         plain_max_rows = crossover_rows(timings)
         measured = ", ".join(f"{n} rows {d * 1e3:.2f} / {p * 1e3:.2f}" for n, (d, p) in timings.items())
         logger.info(
@@ -191,6 +191,20 @@ def _packed_units(model: Any, linears: list[torch.nn.Linear]) -> list[PackedUnit
         elif id(module) not in fused:
             units.append(PackedUnit.of([module]))
     return units
+
+
+def _decode_first(model: Any, units: list[PackedUnit]) -> list[PackedUnit]:
+    """`units` with those a decode step runs first (the text decoder's and the output projection's): an
+    input of a few rows only ever reaches them, never a vision tower's, which sees whole images."""
+    try:
+        decoder = model.get_decoder()
+    except (AttributeError, NotImplementedError):
+        return units
+    decoding = {id(m) for m in decoder.modules()}
+    output = getattr(model, "get_output_embeddings", lambda: None)()
+    if output is not None:
+        decoding.add(id(output))
+    return sorted(units, key=lambda unit: id(unit.linears[0]) not in decoding)
 
 
 @torch.inference_mode()
