@@ -1,9 +1,9 @@
 """Which CPU linear kernel a decode step should use, by the number of rows it multiplies: the engine's
 decode step on bench-llama (through ModelRunner, the pool as served) with every linear on the default
 BLAS call, on the packed oneDNN kernel, and as shipped (the default call up to the crossover that
-cpu_kernels.measure_kernels found at load, packed above; the load log says which). Each configuration
-runs in a fresh process (malloc's history and thread pools differ), the three alternate round by round,
-and the table shows each batch size's median step time over the rounds.
+cpu_kernels.measure_kernels found at load, packed above; each round prints the crossover). Each
+configuration runs in a fresh process (malloc's history and thread pools differ), the three alternate
+round by round, and the table shows each batch size's median step time over the rounds.
 
     .venv/bin/python benchmarks/linear_rows.py [--rounds 3]
 """
@@ -45,7 +45,8 @@ def measure(mode: str) -> dict[int, float]:
     if mode == "packed":
         cpu_kernels.pack_linear_weights(model, plain_max_rows=0)
     runner = ModelRunner(model, max(ROWS), 1024)
-    medians = {}
+    packed = getattr(model.lm_head.forward, "args", ())  # _by_rows' arguments where packed
+    medians = {"default call up to rows": packed[3]} if packed else {}
     with torch.inference_mode():
         runner.allocate_pool(ServingLimits())
         for rows in ROWS:

@@ -187,3 +187,42 @@ def test_cpu_kernels_crossover_is_timed_on_the_decoders_linears_before_a_vision_
     firsts = [id(unit.linears[0]) in decoding for unit in timed]
     assert firsts == sorted(firsts, reverse=True) and firsts[0] and not firsts[-1]
     assert id(model.get_output_embeddings()) in {id(u.linears[0]) for u in timed[: firsts.count(True)]}
+
+
+@torch.inference_mode()
+def test_cpu_kernels_a_cross_attentions_projections_are_packed_apart() -> None:
+    """Mllama's cross-attention queries read the text, its keys and values the image states: its q/k/v
+    are packed one by one (a decode step's query takes no key or value product), its self-attention's
+    together."""
+    from shardbento.catalog import load_spec
+    from shardbento.engine.hf.loading import load_model
+    from shardbento.plan.preflight import run_preflight
+
+    spec = load_spec("tiny-mllama").model_copy(update={"cpu_kernels": "default"})
+    model = load_model(spec, run_preflight(spec)).model
+    pack_linear_weights(model, plain_max_rows=0)
+
+    def shared(attention: torch.nn.Module) -> list[bool]:
+        products = [getattr(attention, n).forward.args[2].func for n in ("q_proj", "k_proj", "v_proj")]
+        return [isinstance(getattr(p, "__self__", None), cpu_kernels._Siblings) for p in products]
+
+    text = [m for m in model.modules() if hasattr(m, "q_proj") and "Text" in type(m).__name__]
+    cross = [m for m in text if "CrossAttention" in type(m).__name__]
+    own = [m for m in text if m not in cross]
+    assert cross and own
+    assert all(shared(m) == [False] * 3 for m in cross) and all(shared(m) == [True] * 3 for m in own)
+
+
+def test_cpu_kernels_nothing_to_pack_and_a_missing_decoder_are_no_trouble(caplog) -> None:
+    class Model(torch.nn.Module):
+        def get_decoder(self) -> None:  # transformers' lookup finds an attribute of that name set to None
+            return None
+
+    with caplog.at_level(logging.INFO, logger=cpu_kernels.__name__):
+        assert pack_linear_weights(torch.nn.Embedding(4, 8)) == 0
+    assert "CPU linear kernels" not in caplog.text  # nothing packable: nothing timed or chosen
+    units = [
+        cpu_kernels.PackedUnit.of([torch.nn.Linear(8, 4)]),
+        cpu_kernels.PackedUnit.of([torch.nn.Linear(4, 8)]),
+    ]
+    assert cpu_kernels._decode_first(Model(), units) == units

@@ -87,6 +87,8 @@ def pack_linear_weights(
         logger.info("oneDNN linear kernels are unavailable in this torch build; using the default ones")
         return 0
     linears = [m for m in model.modules() if _packable(m)]
+    if not linears:
+        return 0
     packed_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
     if available_bytes is None:
         available_bytes = _available_memory_bytes()
@@ -156,7 +158,7 @@ class PackedUnit:
 
     @property
     def in_features(self) -> int:
-        return self.linears[0].in_features
+        return self.linears[0].weight.shape[1]
 
     @property
     def weight_bytes(self) -> int:
@@ -200,6 +202,8 @@ def _decode_first(model: Any, units: list[PackedUnit]) -> list[PackedUnit]:
         decoder = model.get_decoder()
     except (AttributeError, NotImplementedError):
         return units
+    if not isinstance(decoder, torch.nn.Module):  # an attribute of that name set to None
+        return units
     decoding = {id(m) for m in decoder.modules()}
     output = getattr(model, "get_output_embeddings", lambda: None)()
     if output is not None:
@@ -212,7 +216,7 @@ def measure_kernels(
     units: list[PackedUnit], rows: tuple[int, ...] = CALIBRATION_ROWS
 ) -> dict[int, tuple[float, float]]:
     """Seconds one pass over the units takes at each row count, on the default calls and on the packed
-    kernels. A pass runs the units in the model's order up to CALIBRATION_BYTES of weights, more than a
+    kernels. A pass runs the units in the given order up to CALIBRATION_BYTES of weights, more than a
     CPU cache holds, so the weights are read from memory as in a forward (one weight timed again and
     again would sit in the cache). The two kinds alternate; each figure is the fastest of
     CALIBRATION_ROUNDS rounds (fewer once CALIBRATION_BUDGET_S is spent)."""
@@ -288,9 +292,12 @@ class _Siblings:
 
 def _sibling_groups(model: Any) -> list[list[torch.nn.Linear]]:
     """Each module's SIBLINGS children that can share a packed weight (same input width, all with or
-    all without a bias)."""
+    all without a bias). Not a cross-attention's (Mllama's): its keys and values read the image states,
+    its queries the text, so one product would compute keys and values a decode step throws away."""
     groups = []
     for module in model.modules():
+        if "CrossAttention" in type(module).__name__:
+            continue
         for names in SIBLINGS:
             children = [getattr(module, name, None) for name in names]
             if not all(isinstance(c, torch.nn.Linear) and _packable(c) for c in children):

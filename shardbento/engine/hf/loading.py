@@ -81,8 +81,8 @@ def load_model(spec: ModelSpec, plan: Plan) -> LoadedModel:
         and spec.cpu_kernels == "onednn"
         and any(p.device.type == "cpu" for p in model.parameters())
     ):
+        keep_freed_memory()  # first: the kernels' load-time timing runs under the allocator that serves
         pack_linear_weights(model)
-        keep_freed_memory()
     return LoadedModel(
         model=model,
         prompts=load_preprocessor(spec, path, model.config, getattr(model, "generation_config", None)),
