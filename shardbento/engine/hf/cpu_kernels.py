@@ -8,7 +8,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -89,7 +89,7 @@ def pack_linear_weights(
     linears = [m for m in model.modules() if _packable(m)]
     if not linears:
         return 0
-    packed_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    packed_bytes = _weight_bytes(linears)
     if available_bytes is None:
         available_bytes = _available_memory_bytes()
     if packed_bytes > MAX_SHARE_OF_AVAILABLE * available_bytes:
@@ -162,7 +162,7 @@ class PackedUnit:
 
     @property
     def weight_bytes(self) -> int:
-        return sum(m.weight.numel() * m.weight.element_size() for m in self.linears)
+        return _weight_bytes(self.linears)
 
     def run_plain(self, x: torch.Tensor) -> None:
         for module in self.linears:
@@ -305,6 +305,10 @@ def _sibling_groups(model: Any) -> list[list[torch.nn.Linear]]:
             if len({c.in_features for c in children}) == 1 and len({c.bias is None for c in children}) == 1:
                 groups.append(children)
     return groups
+
+
+def _weight_bytes(linears: Iterable[torch.nn.Linear]) -> int:
+    return sum(m.weight.numel() * m.weight.element_size() for m in linears)
 
 
 def _packable(module: Any) -> bool:
