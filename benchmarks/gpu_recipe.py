@@ -307,6 +307,7 @@ def main() -> None:
         "kv_pool_tokens_planned": planned_pool(shape, args.device, limits),
         "packs": runner.packs,
         "mixes": runner.mixes,
+        "lean_decode": runner.lean is not None,
         "self_checks": [line for line in checks.lines if "on this model" in line],
     }
     try:

@@ -104,8 +104,8 @@ def test_gpu_recipe_smoke_run_on_what_the_gpu_machine_has(tmp_path: Path) -> Non
     limit = report["hbm_limit_tok_s"]
     assert abs(limit - 20e9 / (report["weight_gib"] * 2**30)) / limit < 0.05  # weight_gib is rounded
     assert abs(report["fraction_of_limit"] - report["batch1_decode_tok_s"] / limit) < 0.002
-    assert report["packs"] and report["mixes"]  # the server's path: its fast paths passed their checks
-    assert len(report["self_checks"]) == 2 and all("best tokens agree" in c for c in report["self_checks"])
+    assert report["packs"] and report["mixes"] and report["lean_decode"]  # the fast paths passed their checks
+    assert len(report["self_checks"]) == 3 and all("best tokens agree" in c for c in report["self_checks"])
     assert report["kv_pool_tokens"] > 0
     mixed = report["mixed_step_vs_apart_ms"]
     assert mixed["mixed"] > 0 and mixed["decode_then_prefill"] > 0

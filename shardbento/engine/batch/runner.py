@@ -9,9 +9,10 @@ import torch
 
 from shardbento.engine.batch.crossattn import CrossAttentionSlots, cross_attention_shape
 from shardbento.engine.batch.kvslots import SlotKVCache
+from shardbento.engine.batch.lean import LeanDecode
 from shardbento.engine.batch.packed import DecodeRows
 from shardbento.engine.batch.prefill import PrefillChunk, PrefillPaths
-from shardbento.engine.batch.selfcheck import enable_packing, mixes_right
+from shardbento.engine.batch.selfcheck import decodes_lean, enable_packing, mixes_right
 from shardbento.engine.hf.placement import device_ints, hidden_states_device, input_device
 from shardbento.engine.lora.manager import AdapterCalls
 
@@ -54,6 +55,7 @@ class ModelRunner(PrefillPaths, AdapterCalls):
         self.packs = False
         self.mixes = False  # and the running rows' decode tokens go in that same forward (mixed steps)
         self.keeps_scores = True  # prompt logprobs (scoring.py); a follower rank sets it False
+        self.lean: LeanDecode | None = None  # decode steps without the modeling code's wrappers (lean.py)
         self._scores = {}
         self._score_tails = {}
 
@@ -129,17 +131,20 @@ class ModelRunner(PrefillPaths, AdapterCalls):
         ids, positions = device_ints([token_ids, self.kv.positions(num_rows)], self._device)
         mask = self._begin_decode(num_rows)
         with self.adapters_of(list(lora_slots)):
-            out = self.model(
-                input_ids=ids[:, None],
-                position_ids=positions[:, None],
-                attention_mask=self._attention_mask(mask)[:, None, None, :],
-                past_key_values=self.kv,
-                use_cache=True,
-                logits_to_keep=1,
-                **self._cross_inputs(num_rows),
-            )
+            if self.lean is not None:
+                logits = self.lean(ids[:, None], positions[:, None], mask[:, None, None, :], self.kv)
+            else:
+                logits = self.model(
+                    input_ids=ids[:, None],
+                    position_ids=positions[:, None],
+                    attention_mask=self._attention_mask(mask)[:, None, None, :],
+                    past_key_values=self.kv,
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **self._cross_inputs(num_rows),
+                ).logits[:, -1]
         self.kv.advance(num_rows)
-        return out.logits[:, -1]
+        return logits
 
     def _cross_inputs(self, num_rows: int) -> dict[str, torch.Tensor]:
         """The decode rows' image mask rows, when some row attends to an image (Mllama); else nothing
@@ -194,6 +199,8 @@ class ModelRunner(PrefillPaths, AdapterCalls):
         self.release([0])
         self.packs = _smallest_of_ranks(int(enable_packing(self.model)), self._device) == 1
         self.mixes = self.packs and _smallest_of_ranks(int(mixes_right(self)), self._device) == 1
+        if _smallest_of_ranks(int(decodes_lean(self)), self._device) != 1:
+            self.lean = None
         return tokens
 
     def batches_images(self) -> bool:

@@ -205,3 +205,39 @@ def mixes_right(runner: Any) -> bool:
         "against decode and prefill apart on this model: %s)",
         ("yes", "no"),
     )
+
+
+def decodes_lean(runner: Any) -> bool:
+    """Switch `runner` to the lean decode forward (lean.py) when the model is one it runs and, on this
+    model, three decode steps of two rows of different lengths give the plain forward's logits; else the
+    plain forward serves (runner.lean None). Logged at INFO with why or the measured difference."""
+    from shardbento.engine.batch.lean import LeanDecode, why_not_lean
+    from shardbento.engine.batch.prefill import PrefillChunk
+
+    runner.lean = None
+    why = why_not_lean(runner.model)
+    if why is not None:
+        logger.info("decode steps: the model's own forward (%s)", why)
+        return False
+    prompts = [PrefillChunk(-1, tuple(range(3, 12)), 0, 0), PrefillChunk(-2, tuple(range(20, 26)), 0, 1)]
+
+    def steps() -> torch.Tensor:
+        runner.prefill(prompts)
+        logits = torch.stack([runner.decode(tokens) for tokens in ([5, 6], [7, 8], [9, 10])])
+        runner.release([0, 1])
+        return logits
+
+    def compare() -> list[Agreement]:
+        plain = steps()
+        runner.lean = LeanDecode(runner.model)
+        return [agreement(steps(), plain)]
+
+    ok = checked_on(
+        runner,
+        compare,
+        "decode steps: %s (against the model's own forward on this model: %s)",
+        ("the lean forward, without the modeling code's wrappers", "the model's own forward"),
+    )
+    if not ok:
+        runner.lean = None
+    return ok
