@@ -102,5 +102,11 @@ def test_lean_decode_refuses_what_it_does_not_run() -> None:
     model.config._attn_implementation = "sdpa"
     model.config.layer_types = ["sliding_attention"] * model.config.num_hidden_layers
     assert lean.why_not_lean(model) == "sliding-window attention"
+    model.config.layer_types = ["full_attention"] * model.config.num_hidden_layers
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
+    try:
+        assert lean.why_not_lean(model) == "global module forward hooks"
+    finally:
+        handle.remove()
     glm = load_spec("tiny-glm4")
     assert "is not one of LlamaForCausalLM" in lean.why_not_lean(load_model(glm, run_preflight(glm)).model)

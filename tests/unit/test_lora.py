@@ -42,8 +42,10 @@ async def tokens_of(engine, prompt, sampling) -> list[int]:
 
 def test_lora_mixed_batches_equal_each_adapters_peft_answer(lora_engine) -> None:
     """Base and four adapters at once, then more arriving mid-decode: every answer equals PEFT's merged
-    model's; prompts of different adapters were prefilled packed together and joined in mixed steps."""
+    model's; prompts of different adapters were prefilled packed together and joined in mixed steps,
+    and their decode steps ran the lean forward (lean.py) through the adapters' wrapped projections."""
     runner = lora_engine.runner
+    assert runner.lean is not None
     prompts = [lora_engine.render_chat([ChatMessage(role="user", text=q)]) for q in QUESTIONS]
     adapters = [None, *ADAPTER_RECIPES]
     packed, mixed_slots = [], []

@@ -47,6 +47,9 @@ def why_not_lean(model: Any) -> str | None:
             return f"{type(layer.self_attn).__name__} lacks one of {', '.join(_ATTENTION_PARTS)}"
         if not all(hasattr(layer.mlp, part) for part in _MLP_PARTS):
             return f"{type(layer.mlp).__name__} lacks one of {', '.join(_MLP_PARTS)}"
+    modules = torch.nn.modules.module
+    if modules._global_forward_hooks or modules._global_forward_pre_hooks:
+        return "global module forward hooks"
     hooked = [n or type(model).__name__ for n, m in model.named_modules() if _hooked(m)]
     if hooked:  # an accelerate layer split, tensor parallelism, a user's hook: they run in __call__ only
         return f"forward hooks on {hooked[0]}" + (
