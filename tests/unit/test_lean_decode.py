@@ -62,7 +62,7 @@ def test_lean_decode_serves_the_plain_forwards_logits_to_the_bit(name: str, capl
 
 
 def test_lean_decode_leaves_a_hooked_model_on_its_own_forward(caplog) -> None:
-    """A forward hook (an accelerate split's, tensor parallelism's, a user's) runs only through
+    """A forward hook (an accelerate layer split's, a user's) runs only through
     nn.Module.__call__: the lean forward would skip it, so the model keeps its own forward, hook applied."""
 
     def hook(runner_model):

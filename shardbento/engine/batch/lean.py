@@ -51,7 +51,7 @@ def why_not_lean(model: Any) -> str | None:
     if modules._global_forward_hooks or modules._global_forward_pre_hooks:
         return "global module forward hooks"
     hooked = [n or type(model).__name__ for n, m in model.named_modules() if _hooked(m)]
-    if hooked:  # an accelerate layer split, tensor parallelism, a user's hook: they run in __call__ only
+    if hooked:  # an accelerate layer split's, a user's: hooks run in __call__ only
         return f"forward hooks on {hooked[0]}" + (
             f" and {len(hooked) - 1} more modules" if len(hooked) > 1 else ""
         )
