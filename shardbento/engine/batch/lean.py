@@ -59,12 +59,8 @@ def why_not_lean(model: Any) -> str | None:
 
 
 def _hooked(module: torch.nn.Module) -> bool:
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or getattr(module, "_forward_hooks_with_kwargs", None)
-        or getattr(module, "_forward_pre_hooks_with_kwargs", None)
-    )
+    # hooks registered with_kwargs=True sit in these same dicts (the *_with_kwargs ones only mark them)
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 class LeanDecode:
