@@ -18,7 +18,7 @@ from shardbento.api.middleware.auth import ApiKeyMiddleware
 from shardbento.api.middleware.faults import FaultInjectionMiddleware
 from shardbento.api.middleware.limits import BodySizeLimit, InFlightLimit, RequestIdMiddleware
 from shardbento.api.middleware.openapi_doc import OpenAPIErrorShapeMiddleware
-from shardbento.api.middleware.timeout import replace_bentoml_timeout
+from shardbento.api.middleware.stack import adjust_bentoml_stack
 from shardbento.api.openai.routes import attach_serving, create_openai_app, create_root_app
 from shardbento.api.protocol import (
     ChatInput,
@@ -50,7 +50,7 @@ SPEC = select_spec(bentoml.use_arguments(ServiceArgs).model)
 HUB_WEIGHTS = deploy.hub_weights(SPEC)
 OPENAI_APP = create_openai_app()
 ROOT_APP = create_root_app()  # vLLM's root endpoints: /health, /version, /tokenize, /detokenize
-replace_bentoml_timeout()  # BentoML's own keeps every request's context alive for traffic.timeout
+adjust_bentoml_stack()  # our timeout middleware; no tracing span per streamed chunk
 
 
 @bentoml.service(
