@@ -27,7 +27,7 @@ def adjusted() -> Iterator[type]:
     original_tracing, original_timeout = asgi.OpenTelemetryMiddleware, traffic.TimeoutMiddleware
     try:
         adjust_bentoml_stack()
-        adjust_bentoml_stack()  # twice is once: no subclass of the subclass
+        adjust_bentoml_stack()  # a second call changes nothing more
         yield original_tracing
     finally:
         asgi.OpenTelemetryMiddleware, traffic.TimeoutMiddleware = original_tracing, original_timeout
@@ -61,6 +61,7 @@ def test_middleware_stack_bentoml_builds_our_timeout_and_quiet_tracing(adjusted:
     tracing = [layer for layer in stack if isinstance(layer, adjusted)]
     assert len(tracing) == 1 and tracing[0].exclude_send_span and not tracing[0].exclude_receive_span
     assert any(isinstance(layer, FirstByteTimeout) for layer in stack)
+    assert asgi.OpenTelemetryMiddleware.__bases__ == (adjusted,)  # adjusting twice subclassed once
 
 
 async def streaming(scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -5,7 +5,7 @@ swap here must happen before the server starts (service.py makes them at import)
 - `traffic.timeout`'s middleware becomes FirstByteTimeout (timeout.py says why);
 - OpenTelemetry's ASGI middleware opens no span per body chunk sent. Its default opens an "http send"
   span for every message the app sends: one per streamed token, which cost the service worker about a
-  fifth of its CPU at 16 streams on 2 cores (a CPU the engine's threads need). The request's server
+  quarter of its CPU at 16 streams on 2 cores (a CPU the engine's threads need). The request's server
   span is kept, with its status code and duration; its "http receive" spans too.
 """
 
