@@ -4,6 +4,7 @@ serves: rank 0 runs the loop and samples, the others replay its runner calls."""
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import logging
 import os
 import sys
@@ -43,6 +44,7 @@ def run_rank(config: RankConfig, channels: RankChannels) -> None:
     """Entry point of a rank process: load, report ready, serve until Stop, leave the group together.
     A fatal engine failure (ranks out of step) exits with code 1 without the barrier."""
     logging.basicConfig(level=logging.INFO, format=f"rank {config.rank} %(levelname)s %(name)s: %(message)s")
+    report_crashes()
     try:
         loaded = _load(config)
         logger.info(describe_threads(config.plan.device, os.environ))  # torch is loaded: threads are placed
@@ -74,6 +76,12 @@ def run_rank(config: RankConfig, channels: RankChannels) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def report_crashes() -> None:
+    """A crash in native code (a segfault in a kernel or an extension) prints every thread's Python stack
+    to stderr, the server's log, before the process dies: the service only sees the exit code."""
+    faulthandler.enable(file=sys.stderr, all_threads=True)
 
 
 def _lead(loaded: Loaded, runner: Any, batches: bool, config: RankConfig, channels: RankChannels) -> None:
