@@ -33,9 +33,8 @@ from side_by_side import peers  # noqa: E402
 
 from shardbento.tiny.models import ensure_generated  # noqa: E402
 
-WORKER_MARK = (
-    "_bentoml_impl.worker.service"  # the BentoML worker that serves HTTP (its parent only supervises)
-)
+# The BentoML worker that serves HTTP (its parent, `bentoml serve`, only supervises).
+WORKER_MARK = "_bentoml_impl.worker.service"
 
 
 def http_process(running: Running) -> psutil.Process:
