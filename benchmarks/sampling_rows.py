@@ -3,9 +3,9 @@ logits of a bench-llama decode step (16 rows, its whole vocabulary), greedy, at 
 top_p and with top_k, each as shipped (top_p: drawn from the whole distribution and kept when the
 nucleus holds it; top_k: among each row's own k best) and forced through the sorted vocabulary (what
 such rows did before). One process; the ways alternate round by round and the table shows each way's
-median time over the rounds.
+median time over the rounds. `--vocab 128256` times the same ways at a real model's vocabulary width.
 
-    .venv/bin/python benchmarks/sampling_rows.py [--rounds 5]
+    .venv/bin/python benchmarks/sampling_rows.py [--rounds 5] [--vocab N]
 """
 
 from __future__ import annotations
@@ -77,10 +77,21 @@ def time_way(logits, fields: dict, settings: dict[str, int]) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--vocab",
+        type=int,
+        help="a vocabulary this wide instead (128256: Llama 3's), random logits of the step's mean and spread",
+    )
     args = parser.parse_args()
     import torch
 
+    from shardbento.engine.hf.cpu_kernels import keep_freed_memory
+
+    keep_freed_memory()  # as the engine process does: wide vocabularies' buffers are not re-faulted
     logits = step_logits()
+    if args.vocab:
+        spread = torch.randn(ROWS, args.vocab, generator=torch.Generator().manual_seed(0))
+        logits = logits.mean() + logits.std() * spread
     results: dict[str, list[float]] = {label: [] for label in WAYS}
     with torch.inference_mode():
         for number in range(args.rounds):

@@ -235,8 +235,8 @@ def test_sampler_prompt_ids_past_the_logits_never_index_them() -> None:
 
 
 def test_sampler_seeded_rows_never_draw_what_their_filters_removed(monkeypatch) -> None:
-    """Sorted-vocabulary rows of different nucleus sizes in one batch (a seeded row draws only as many
-    noise values as its own filters keep): every pick lies inside its own row's nucleus."""
+    """Sorted-vocabulary rows of different nucleus sizes in one batch (each row's draw by its own
+    cumulative weight, the removed tokens' weight 0): every pick lies inside its own row's nucleus."""
     monkeypatch.setattr(sampling, "CANDIDATES", 2)  # every row falls back to the sorted vocabulary
     monkeypatch.setattr(sampling, "CANDIDATE_VOCAB", 0)
     logits = torch.tensor([[4.0, 3.9, 3.8, -9.0, -9.0, -9.0], [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
@@ -326,8 +326,8 @@ def test_sampler_a_constraint_with_no_producible_token_fails_its_row_alone(sampl
 def test_filter_sorted_orders_ties_by_id_and_leaves_rows_without_top_p_whole() -> None:
     """The sorted way (every GPU row, a CPU's last resort): equal logits come by token id, the order
     the other ways assume; a row with top_p 1 keeps every token beside a row with top_p 0.9 (float
-    rounding of the cumulative sum reaches 1 before a peaked row's tail, and cut tokens would change
-    how much noise a seeded row draws)."""
+    rounding of the cumulative sum reaches 1 before a peaked row's tail, and cut tokens would move
+    where a seeded row's uniform lands)."""
     logits = (torch.randn(2, 3000, generator=torch.Generator().manual_seed(6)) * 6).bfloat16().float()
     flat = torch.zeros(2)
     used = sampling.Used(min_p=False, top_k=False, top_p=True)
@@ -359,3 +359,38 @@ def test_filter_candidates_leaves_rows_without_top_p_whole() -> None:
     filtered, _, exact = sampling.filter_candidates(logits, none.long(), torch.ones(64), none, 512)
     assert bool(torch.isfinite(filtered).all())
     assert not bool(exact.any())  # nothing cut: the tokens past the candidates may be kept too
+
+
+def test_draw_picks_by_cumulative_weight_and_never_a_column_of_weight_zero() -> None:
+    """Inverse transform: a uniform u picks the first column whose cumulative weight passes u x the
+    row's total. A column of weight 0 is never picked, at the edges either: a uniform of exactly 1 (the
+    bound some generators include) takes the last column with weight; a row of zeros takes its first
+    column and a row of NaN (a softmax of nothing) its last, never a column past the end."""
+    weights = torch.tensor([[0.0, 1.0, 0.0, 3.0, 0.0]] * 5 + [[0.0] * 5, [float("nan")] * 5])
+    uniforms = torch.tensor([0.0, 0.2499, 0.25, 0.9, 1.0, 0.5, 0.5], dtype=torch.float64)
+    assert sampling.draw(weights, None, uniforms).tolist() == [1, 1, 3, 3, 3, 0, 4]
+    ids = torch.tensor([[10, 11, 12, 13, 14]] * 7)
+    assert sampling.draw(weights, ids, uniforms).tolist() == [11, 11, 13, 13, 13, 10, 14]
+    filtered = torch.tensor(
+        [[float("-inf"), 0.0, float("-inf"), 3.0**0.5, float("-inf")], [float("-inf")] * 5]
+    )
+    assert sampling.weights_of(filtered).tolist()[1] == [0.0] * 5  # nothing left: all 0, not NaN
+    assert sampling.weights_of(filtered)[0].nonzero().flatten().tolist() == [1, 3]
+
+
+def test_draw_gives_each_token_of_a_long_tail_of_tiny_probabilities_its_own_share() -> None:
+    """1,000 tokens of weight 1e-8 behind one of weight 1: a uniform landing in that tail picks exactly
+    the token whose share it lands in (the exact sums of math.fsum say which). Cumulative sums stored in
+    float32 step by 1.2e-7 there, a dozen of those tokens at a time, and would pick another."""
+    import math
+
+    weights = torch.tensor([1.0] + [1e-8] * 1000)
+    values = weights.double().tolist()
+    total = math.fsum(values)
+    for share in (0.123, 0.5, 0.777):  # where in the tail the draws land, as a share of the tail
+        u = (values[0] + share * (total - values[0])) / total
+        target = u * total
+        expected = next(i for i in range(len(values)) if math.fsum(values[: i + 1]) > target)
+        assert expected > 100  # well inside the tail
+        uniform = torch.tensor([u], dtype=torch.float64)
+        assert sampling.draw(weights[None, :], None, uniform).item() == expected, share

@@ -145,12 +145,24 @@ def in_nucleus(kept: torch.Tensor, picks: torch.Tensor, bound: torch.Tensor) -> 
     return (ahead < bound) & (chance[:, 0] > 0)
 
 
-def race(filtered: torch.Tensor, ids: torch.Tensor | None, noise: torch.Tensor) -> torch.Tensor:
-    """The token drawn from the filtered logits' distribution by the exponential race: argmax of
-    probs / noise (noise ~ Exp(1)) is argmax of logits - log(noise), no softmax needed; the same
-    distribution as multinomial, from noise drawn before (each row from its own generator if seeded).
+def weights_of(filtered: torch.Tensor) -> torch.Tensor:
+    """Unnormalised probabilities of filtered logits: exp(logit - the row's best), 0 at -inf (a row
+    with nothing left is all 0)."""
+    return (filtered - filtered.amax(dim=-1, keepdim=True)).exp_().nan_to_num_(0.0)
+
+
+def draw(weights: torch.Tensor, ids: torch.Tensor | None, uniforms: torch.Tensor) -> torch.Tensor:
+    """The token drawn from each row's `weights` (unnormalised probabilities, 0 where a filter removed
+    the token) by inverse transform: the first column whose cumulative weight passes the row's uniform
+    (in [0, 1]) times its total. One uniform a row; a column of weight 0 is never chosen (a row of
+    zeros takes its first column, a row of NaN its last: it has nothing to draw). The sums are in
+    float64: in float32 a long tail of tiny probabilities would vanish into the running total.
     `ids`: the token of each column (None: the columns are the vocabulary)."""
-    pick = (filtered - noise.log()).argmax(dim=-1, keepdim=True)
+    cumulative = weights.cumsum(dim=-1, dtype=torch.float64)
+    total = cumulative[:, -1:]
+    below = total.nextafter(torch.full_like(total, NEG_INF))  # u x total may round up to the total
+    pick = torch.searchsorted(cumulative, torch.minimum(uniforms[:, None] * total, below), side="right")
+    pick.clamp_(max=weights.shape[-1] - 1)  # NaN weights (a softmax of nothing) sort past the end
     return pick[:, 0] if ids is None else ids.gather(-1, pick)[:, 0]
 
 
@@ -240,8 +252,10 @@ class BatchSampling:
                 torch.stack([self._states[i].prompt_seen for i in penalised]),
                 *values.unbind(dim=1),
             )
-        chosen = self.logits.argmax(dim=-1)
         sampled = [i for i, s in enumerate(self.samplers) if not s.params.greedy]
+        if len(sampled) == len(self.samplers):  # no greedy row: no argmax to take
+            return self._sample(sampled)
+        chosen = self.logits.argmax(dim=-1)
         if sampled:
             chosen[self._rows(sampled)] = self._sample(sampled)
         return chosen
@@ -268,10 +282,10 @@ class BatchSampling:
             any(p.top_k > 0 for p in params),
             any(p.top_p < 1 for p in params),
         )
-        scaled = self.logits[self._rows(rows)] / temperature[:, None]
+        scaled = _taker(rows, len(self.samplers), self.device)(self.logits) / temperature[:, None]
         if self.device.type != "cpu" or not (used.top_k or used.top_p):
             filtered, ids = filter_sorted(scaled, top_k, top_p, min_p, used)
-            return race(filtered, ids, self._noise(rows, self.width))
+            return draw(weights_of(filtered), ids, self._uniforms(rows))
         chosen = torch.zeros(len(rows), dtype=torch.long, device=self.device)
         pending = list(range(len(rows)))
         filtering = [j for j in pending if params[j].top_k > 0 or params[j].top_p < 1]
@@ -287,7 +301,7 @@ class BatchSampling:
             filtered, ids, exact = filter_candidates(
                 scaled[index], top_k[index], top_p[index], min_p[index], width
             )
-            chosen[index] = race(filtered, ids, self._noise([rows[j] for j in among], width))
+            chosen[index] = draw(weights_of(filtered), ids, self._uniforms([rows[j] for j in among]))
             settled = {j for j, ok in zip(among, exact.tolist(), strict=True) if ok}
             pending = [j for j in pending if j not in settled]
         drawn = [j for j in pending if params[j].top_k == 0]
@@ -300,10 +314,7 @@ class BatchSampling:
         if pending:
             index = self._rows(pending)
             ordered, order = filter_sorted(scaled[index], top_k[index], top_p[index], min_p[index], used)
-            kept = torch.isfinite(ordered).sum(dim=-1).tolist()  # noise only for what the filters kept
-            width = max(1, *kept)  # a row with nothing left (every logit -inf) still gets a token
-            noise = self._noise([rows[j] for j in pending], width, kept)
-            chosen[index] = race(ordered[:, :width], order[:, :width], noise)
+            chosen[index] = draw(weights_of(ordered), order, self._uniforms([rows[j] for j in pending]))
         return chosen
 
     def _draw_in_nucleus(
@@ -320,14 +331,14 @@ class BatchSampling:
         probability at least top_p, and a kept draw follows the nucleus' distribution exactly). Writes
         the kept draws into `chosen` at `places`; returns the places drawn (the others still need one)."""
         if bool(min_p.any()):  # on a CPU: no device to wait for
-            filtered, kept = min_p_filter(scaled, min_p)
+            _, kept = min_p_filter(scaled, min_p)
         else:
-            filtered, kept = scaled, scaled.softmax(dim=-1)
+            kept = scaled.softmax(dim=-1)
         bound = top_p * kept.sum(dim=-1)
         waiting = list(range(len(rows)))
         for _ in range(NUCLEUS_DRAWS):
             of = _taker(waiting, len(rows), self.device)  # the first round takes every row: no copies
-            picks = race(of(filtered), None, self._noise([rows[j] for j in waiting], self.width))
+            picks = draw(of(kept), None, self._uniforms([rows[j] for j in waiting]))
             inside = in_nucleus(of(kept), picks, of(bound)) | (of(top_p) >= 1)
             held = inside.tolist()  # on a CPU: no device to wait for
             into = [places[j] for j, ok in zip(waiting, held, strict=True) if ok]
@@ -338,19 +349,19 @@ class BatchSampling:
         missing = set(waiting)
         return {places[j] for j in range(len(rows)) if j not in missing}
 
-    def _noise(self, rows: list[int], width: int, kept: list[int] | None = None) -> torch.Tensor:
-        """Exp(1) noise for the race, [rows, width], as -log(uniform) (several times faster than
-        exponential_ on a CPU): a seeded request's row from its own generator, `kept[j]` draws (the
-        same draws for the same logits whatever its batch), the others from the shared one."""
-        noise = torch.empty((len(rows), width), device=self.device)
-        noise.uniform_(generator=shared_generator(self.device))
+    def _uniforms(self, rows: list[int]) -> torch.Tensor:
+        """One uniform in [0, 1) (float64) for each of `rows`' draws: a seeded request's from its own
+        generator (one a draw, whatever its batch), the others' from the shared one."""
+        uniforms = torch.rand(
+            len(rows), dtype=torch.float64, device=self.device, generator=shared_generator(self.device)
+        )
         for j, i in enumerate(rows):
             generator = self._states[i].generator
             if generator is not None:
-                drawn = width if kept is None else kept[j]
-                noise[j, drawn:] = 0.0  # -log(0) = inf: never drawn (the filters removed those tokens)
-                noise[j, :drawn].uniform_(generator=generator)
-        return noise.log_().neg_()
+                uniforms[j : j + 1] = torch.rand(
+                    1, dtype=torch.float64, device=self.device, generator=generator
+                )
+        return uniforms
 
     def record(self, chosen: torch.Tensor, tokens: list[int]) -> None:
         """Each request's state after the step: the grammar advanced, penalty counts (on the device),
