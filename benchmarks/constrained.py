@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -21,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peers import Peer, bench_level, replace_section, start_peer, stop  # noqa: E402
+from peers import Peer, bench_level, cpu_name, replace_section, start_peer, stop  # noqa: E402
 from side_by_side import CATALOG_YAML, shardbento_peer  # noqa: E402
 
 from shardbento.engine.base import Constraint  # noqa: E402
@@ -147,7 +146,7 @@ def main() -> int:
     )
     section = f"""## Constrained decoding{"" if args.model == "tiny-llama" else f" ({args.model})"}
 
-`benchmarks/constrained.py` on {platform.processor() or platform.machine()} ({os.cpu_count()} cores), {args.model}
+`benchmarks/constrained.py` on {cpu_name()} ({os.cpu_count()} cores), {args.model}
 served by `bentoml serve`, {args.input_tokens}-token prompts, concurrency {args.concurrency}; unconstrained requests
 run {3 * ITEMS} tokens (EOS ignored), constrained ones answer a {ITEMS}-item enum array under a JSON schema (about as
 many tokens; output tok/s counts the tokens actually generated). {args.rounds} rounds, the order alternating

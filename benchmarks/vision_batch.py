@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import REPO, Peer, bench_level, replace_section, start_peer, stop  # noqa: E402
+from peers import REPO, Peer, bench_level, cpu_name, replace_section, start_peer, stop  # noqa: E402
 from side_by_side import BIN  # noqa: E402
 
 FAMILIES = ("tiny-mllama", "tiny-qwen2.5-vl")
@@ -103,7 +102,7 @@ def markdown(results: dict[str, dict], args: argparse.Namespace, load: tuple[str
         "## Vision models in the batch",
         "",
         f"`benchmarks/vision_batch.py` on {time.strftime('%Y-%m-%d', time.gmtime())}, "
-        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), load average "
+        f"{os.cpu_count()} CPU cores ({cpu_name()}), load average "
         f"{load[0]} before and {load[1]} after. Each tiny vision model served twice by `bentoml serve`: "
         "batched (image prompts prefilled alone, then decoded with every other row) and with "
         "`SHARDBENTO_FORCE_GENERATE=1` (every request alone through `generate()`, the path these families "
